@@ -1,0 +1,77 @@
+"""Train a GPT-2-family causal LM on WikiText-2 (or any text) with the Hugging Face Trainer.
+
+    python train.py --preset tiny --train_file wiki.valid.raw --validation_file wiki.test.raw \
+        --tokenizer_name path/to/gpt2-tokenizer --output_dir out/tiny --max_steps 30
+    python train.py configs/some_recipe.yaml --learning_rate 3e-4      # config file + overrides
+
+Every TrainingArguments flag works (see --help). Multi-GPU: accelerate launch --config_file accelerate_config.yaml train.py ...
+"""
+
+import logging
+import time
+
+from transformers import Trainer, default_data_collator, set_seed
+
+from wikigpt import __version__
+from wikigpt.cli import parse_args
+from wikigpt.data import DataArguments, check_data_args, load_raw_splits, prepare_lm_splits, resolve_block_size
+from wikigpt.errors import run_main
+from wikigpt.model import ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer
+from wikigpt.results import write_json_atomic
+from wikigpt.training import WikiTrainingArguments, check_output_dir, perplexity, tokens_per_step
+
+logger = logging.getLogger("wikigpt.train")
+
+
+def main() -> None:
+    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, WikiTrainingArguments),
+                                                      description=__doc__)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if training_args.should_log else logging.WARNING)
+    check_model_args(model_args)
+    check_data_args(data_args)
+    check_output_dir(training_args)
+    set_seed(training_args.seed)
+
+    tokenizer = load_tokenizer(model_args)
+    model, source = load_model(model_args, tokenizer)
+    block_size = resolve_block_size(data_args.block_size, context_length(model.config))
+    logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)
+
+    # Rank 0 tokenizes first and writes the datasets cache; the other ranks then read it.
+    with training_args.main_process_first(desc="tokenize and group"):
+        raw = load_raw_splits(data_args, training_args.seed, required=("train", "validation"))
+        blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
+
+    trainer = Trainer(model=model, args=training_args, train_dataset=blocks["train"],
+                      eval_dataset=blocks["validation"], processing_class=tokenizer,
+                      data_collator=default_data_collator)
+    start = time.time()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_seconds = time.time() - start
+    trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
+    trainer.save_state()
+
+    results = {
+        "wikigpt_version": __version__,
+        "model": {**source, "description": describe_source(source)},
+        "block_size": block_size,
+        "data": counts,
+        "train": {**train_result.metrics, "global_step": train_result.global_step,
+                  "tokens_seen": train_result.global_step * tokens_per_step(training_args, block_size),
+                  "wall_time_s": round(train_seconds, 2)},
+    }
+    for split in ("validation", "test"):
+        if split in blocks:
+            prefix = "eval" if split == "validation" else split
+            metrics = trainer.evaluate(blocks[split], metric_key_prefix=prefix)
+            metrics[f"{prefix}_perplexity"] = perplexity(metrics[f"{prefix}_loss"])
+            results[split] = metrics
+            logger.info("%s perplexity = %.4f (exp of mean token loss over %d blocks of %d)",
+                        split, metrics[f"{prefix}_perplexity"], counts[split]["blocks"], block_size)
+    if trainer.is_world_process_zero():
+        write_json_atomic(f"{training_args.output_dir}/results.json", results)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,155 @@
+"""Model and tokenizer: GPT-2 presets built locally from GPT2Config, config overrides, or a checkpoint."""
+
+import ast
+import os
+from dataclasses import dataclass, field
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from .errors import UsageError, loading
+
+# Sizes from the GPT-2 paper (Radford et al., 2019); `tiny` is a CPU smoke model (< 1M non-embedding params).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+DEFAULT_PRESET = "gpt2"
+# Bookkeeping fields of the config file, not architecture.
+NOT_OVERRIDABLE = {"transformers_version", "architectures", "model_type", "dtype", "vocab_size", "id2label", "label2id"}
+DEFAULT_TOKENIZER = "gpt2"
+TOKENIZER_HINT = "to run offline pass --tokenizer_name DIR, a local folder holding the GPT-2 tokenizer files"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from this checkpoint (Hub id or local folder) instead of from scratch."}
+    )
+    preset: str | None = field(
+        default=None, metadata={"help": f"From-scratch model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET})."}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": 'From scratch only: GPT2Config fields, e.g. "n_layer=6,n_embd=384,resid_pdrop=0.2".'}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer (Hub id or local folder). Default: the checkpoint's, else gpt2."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the checkpoint's repo to run."})
+
+
+def _check_type(key: str, value, default):
+    """Overrides take the type of GPT2Config's default; ints are accepted for float fields."""
+    if default is None:
+        return value  # optional fields such as n_inner: any literal
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise UsageError(f"--config_overrides {key}={value!r} has the wrong type: {key} takes "
+                         f"{type(default).__name__} (default {default!r})")
+    return value
+
+
+def parse_config_overrides(text: str) -> dict:
+    """Parse "key=value,key=value" into typed GPT2Config fields; unknown keys and wrong types are errors."""
+    defaults = {k: v for k, v in GPT2Config().to_dict().items() if k not in NOT_OVERRIDABLE and not k.startswith("_")}
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw_value = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise UsageError(f'--config_overrides item {item!r} is not key=value; write e.g. "n_layer=6,n_embd=384"')
+        if key not in defaults:
+            raise UsageError(f"--config_overrides key {key!r} is not a GPT2Config field; check the spelling "
+                             f"(e.g. n_layer, n_head, n_embd, n_positions, resid_pdrop)")
+        try:
+            value = ast.literal_eval(raw_value)
+        except (ValueError, SyntaxError):
+            value = raw_value  # a bare word, e.g. activation_function=gelu_new
+        overrides[key] = _check_type(key, value, defaults[key])
+    return overrides
+
+
+def build_config(preset: str | None, config_overrides: str | None, vocab_size: int, eos_token_id: int) -> GPT2Config:
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise UsageError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    fields = dict(PRESETS[name])
+    if config_overrides:
+        fields.update(parse_config_overrides(config_overrides))
+    config = GPT2Config(vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id, **fields)
+    if config.n_embd % config.n_head:
+        raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
+                         f"fix --preset/--config_overrides")
+    return config
+
+
+def load_tokenizer(args: ModelArguments):
+    name = args.tokenizer_name or args.model_name_or_path or DEFAULT_TOKENIZER
+    with loading("--tokenizer_name", name, TOKENIZER_HINT):
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+
+
+def check_model_args(args: ModelArguments) -> None:
+    """Argument combinations that cannot work, before anything is loaded."""
+    if args.model_name_or_path and args.config_overrides:
+        raise UsageError("--config_overrides only applies to a model built from scratch; drop it, "
+                         "or drop --model_name_or_path to train a new model")
+    if args.model_name_or_path and args.preset:
+        raise UsageError("--preset builds a new model and --model_name_or_path loads one; pass only one of them")
+    if args.model_name_or_path and os.path.isfile(args.model_name_or_path):
+        raise UsageError(f"--model_name_or_path {args.model_name_or_path!r} is a file; pass the checkpoint folder")
+
+
+def load_model(args: ModelArguments, tokenizer):
+    """Returns (model, source) where `source` says truthfully where the weights came from."""
+    check_model_args(args)
+    if args.model_name_or_path:
+        with loading("--model_name_or_path", args.model_name_or_path,
+                     "to run offline pass a local checkpoint folder (config.json + model.safetensors)"):
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise UsageError(
+                f"--tokenizer_name has {len(tokenizer)} tokens but the checkpoint's vocabulary has "
+                f"{model.get_input_embeddings().num_embeddings}; use the checkpoint's own tokenizer"
+            )
+        source = {"kind": "pretrained", "base_model": args.model_name_or_path}
+    else:
+        config = build_config(args.preset, args.config_overrides, len(tokenizer), tokenizer.eos_token_id)
+        model = GPT2LMHeadModel(config)
+        source = {"kind": "from_scratch", "preset": args.preset or DEFAULT_PRESET,
+                  "config_overrides": args.config_overrides}
+    source["parameters"] = model.num_parameters()
+    source["non_embedding_parameters"] = non_embedding_parameters(model)
+    return model, source
+
+
+def non_embedding_parameters(model) -> int:
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+    position = getattr(getattr(model, "transformer", None), "wpe", None)
+    if position is not None:
+        embeddings |= {id(p) for p in position.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def describe_source(source: dict) -> str:
+    if source["kind"] == "pretrained":
+        return f"fine-tuned from {source['base_model']}"
+    extra = f" with overrides {source['config_overrides']}" if source.get("config_overrides") else ""
+    return f"trained from scratch (preset {source['preset']}{extra}; random initialisation, not gpt2 weights)"
+
+
+def context_length(config) -> int:
+    """Longest sequence the model takes (GPT-2: n_positions; most other causal LMs: max_position_embeddings)."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1024

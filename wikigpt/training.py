@@ -1,0 +1,53 @@
+"""TrainingArguments with language-modelling defaults, and the output-directory rules of a run."""
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .errors import UsageError
+
+
+@dataclass
+class WikiTrainingArguments(TrainingArguments):
+    """HF TrainingArguments; only the defaults differ (GPT-2/nanoGPT-style LM pre-training settings)."""
+
+    output_dir: str | None = field(default="out/wikigpt", metadata={"help": "Where the model and results go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty --output_dir (its files may be replaced)."}
+    )
+    learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate (6e-4: GPT-2 small from scratch)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warmup."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction (< 1) of all steps."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 is steadier than 0.999 for LMs)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Blocks per device per step."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Blocks per device per eval step."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training blocks."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on validation: no/steps/epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint: no/steps/epoch/best."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss."})
+
+
+def check_output_dir(args: WikiTrainingArguments) -> None:
+    """Refuse to write into a non-empty output dir unless the user resumes or allows overwriting."""
+    out = args.output_dir
+    if os.path.isfile(out):
+        raise UsageError(f"--output_dir {out!r} is a file; pass a directory path")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        raise UsageError(f"--output_dir {out!r} is not empty; pass --overwrite_output_dir to write into it, "
+                         f"--resume_from_checkpoint to continue its run, or choose a new --output_dir")
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def tokens_per_step(args: WikiTrainingArguments, block_size: int) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * block_size
