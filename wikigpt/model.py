@@ -4,6 +4,7 @@ import ast
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from .errors import UsageError, loading
@@ -21,6 +22,8 @@ DEFAULT_PRESET = "gpt2"
 NOT_OVERRIDABLE = {"transformers_version", "architectures", "model_type", "dtype", "vocab_size", "id2label", "label2id"}
 DEFAULT_TOKENIZER = "gpt2"
 TOKENIZER_HINT = "to run offline pass --tokenizer_name DIR, a local folder holding the GPT-2 tokenizer files"
+CHECKPOINT_HINT = "to run offline pass a local checkpoint folder (config.json + model.safetensors)"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -111,9 +114,8 @@ def load_model(args: ModelArguments, tokenizer):
     """Returns (model, source) where `source` says truthfully where the weights came from."""
     check_model_args(args)
     if args.model_name_or_path:
-        with loading("--model_name_or_path", args.model_name_or_path,
-                     "to run offline pass a local checkpoint folder (config.json + model.safetensors)"):
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        model = load_causal_lm(args.model_name_or_path, flag="--model_name_or_path",
+                               trust_remote_code=args.trust_remote_code)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             raise UsageError(
                 f"--tokenizer_name has {len(tokenizer)} tokens but the checkpoint's vocabulary has "
@@ -153,3 +155,31 @@ def context_length(config) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 1024
+
+
+def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    """Any causal-LM checkpoint (Hub id or local folder); a failed load becomes one line naming `flag`."""
+    if os.path.isfile(name):
+        raise UsageError(f"{flag} {name!r} is a file; pass the checkpoint folder (config.json + model.safetensors)")
+    with loading(flag, name, CHECKPOINT_HINT):
+        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype)
+
+
+def pick_device() -> torch.device:
+    """CUDA > MPS > CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str | None, device: torch.device, flag: str = "--dtype") -> torch.dtype:
+    """`auto`/None: bfloat16 on a GPU that supports it, else float32; otherwise one of DTYPES."""
+    if name in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"{flag} {name!r} is unknown; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
