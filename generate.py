@@ -13,6 +13,7 @@ import os
 import sys
 
 from transformers import set_seed
+from transformers.utils import logging as hf_logging
 
 from wikigpt.cli import parse_args
 from wikigpt.errors import run_main
@@ -28,6 +29,7 @@ def main() -> None:
     (args,) = parse_args((GenerateArguments,), description=__doc__)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)
+    hf_logging.disable_progress_bar()  # a weights-loading bar would sit between the samples and any error line
     check_arguments(args)
     prompts = read_prompts(args, sys.stdin)
     device = resolve_device(args.device)

@@ -32,6 +32,12 @@ def _flag(help_text: str, **argparse_kwargs) -> dict:
     return {"help": help_text, **argparse_kwargs}
 
 
+def _knob(help_text: str, key: str, **argparse_kwargs) -> dict:
+    """A decoding setting: unset (None) means the checkpoint's generation_config value, else FALLBACKS[key]."""
+    return _flag(f"{help_text}. Unset: the checkpoint's generation_config value, else {FALLBACKS[key]}.",
+                 **argparse_kwargs)
+
+
 @dataclass
 class GenerateArguments:
     model: str = field(default="gpt2", metadata=_flag(
@@ -44,20 +50,23 @@ class GenerateArguments:
         'Prompts, one per line (blank lines skipped), or a .jsonl file with a "prompt" field per line.'))
     output_file: str | None = field(default=None, metadata=_flag(
         "Write one JSON record per sample to this .jsonl file (an existing file is never overwritten)."))
-    max_new_tokens: int | None = field(default=None, metadata=_flag(
-        f"Tokens to generate per sample (default {FALLBACKS['max_new_tokens']})."))
-    do_sample: bool | None = field(default=None, metadata=_flag(
-        "Sample (default) or, with --do_sample false, decode greedily / by beam search.", nargs="?", const=True))
+    max_new_tokens: int | None = field(default=None, metadata=_knob("Tokens to generate per sample", "max_new_tokens"))
+    do_sample: bool | None = field(default=None, metadata=_knob(
+        "Sample; --do_sample false decodes greedily (or by beam search)", "do_sample", nargs="?", const=True))
     greedy: bool = field(default=False, metadata=_flag("Shortcut for --do_sample false."))
-    temperature: float | None = field(default=None, metadata=_flag("Sampling temperature > 0 (default 1.0)."))
-    top_k: int | None = field(default=None, metadata=_flag("Keep the k most likely tokens (default 50; 0 = off)."))
-    top_p: float | None = field(default=None, metadata=_flag("Nucleus sampling mass in (0, 1] (default 1.0 = off)."))
-    typical_p: float | None = field(default=None, metadata=_flag("Typical sampling mass in (0, 1] (default 1.0 = off)."))
-    repetition_penalty: float | None = field(default=None, metadata=_flag("> 1 discourages repeats (default 1.0 = off)."))
-    no_repeat_ngram_size: int | None = field(default=None, metadata=_flag("Never repeat an n-gram of this size (0 = off)."))
-    num_beams: int | None = field(default=None, metadata=_flag(
-        "Beam search with this many beams (default 1); greedy beam search unless --do_sample is given."))
-    num_return_sequences: int | None = field(default=None, metadata=_flag("Samples per prompt (default 1)."))
+    temperature: float | None = field(default=None, metadata=_knob("Sampling temperature, > 0", "temperature"))
+    top_k: int | None = field(default=None, metadata=_knob("Sample from the k likeliest tokens (0 = all)", "top_k"))
+    top_p: float | None = field(default=None, metadata=_knob("Nucleus sampling mass in (0, 1] (1 = off)", "top_p"))
+    typical_p: float | None = field(default=None, metadata=_knob("Typical sampling mass in (0, 1] (1 = off)",
+                                                                  "typical_p"))
+    repetition_penalty: float | None = field(default=None, metadata=_knob(
+        "> 1 discourages repeated tokens (1 = off)", "repetition_penalty"))
+    no_repeat_ngram_size: int | None = field(default=None, metadata=_knob(
+        "Never repeat an n-gram of this size (0 = off)", "no_repeat_ngram_size"))
+    num_beams: int | None = field(default=None, metadata=_knob(
+        "Beam search with this many beams; greedy beam search unless --do_sample is given", "num_beams"))
+    num_return_sequences: int | None = field(default=None, metadata=_knob("Sequences per prompt",
+                                                                          "num_return_sequences"))
     stop: list[str] = field(default_factory=list, metadata=_flag(
         r"Stop at this string and cut it off; repeat for several. \n and \t are understood, e.g. --stop '\n\n'.",
         action="append"))
@@ -126,7 +135,7 @@ def check_arguments(args: GenerateArguments) -> None:
 
 
 def resolve_settings(args: GenerateArguments, saved: GenerationConfig | None) -> tuple[dict, set]:
-    """Flags > the checkpoint's generation_config.json > FALLBACKS. Returns (settings, keys taken from the checkpoint)."""
+    """Flags > the checkpoint's generation_config.json > FALLBACKS; returns (settings, keys from the checkpoint)."""
     settings, from_checkpoint = {}, set()
     for key, fallback in FALLBACKS.items():
         user, stored = getattr(args, key), getattr(saved, key, None)
@@ -268,7 +277,8 @@ def build_generation_config(settings: dict, stop: list[str], tokenizer, eos_ids:
                             eos_token_id=eos_ids or None, use_cache=True)
 
 
-def generate_batch(model, tokenizer, batch: list[list[int]], config: GenerationConfig, streamer=None) -> list[list[int]]:
+def generate_batch(model, tokenizer, batch: list[list[int]], config: GenerationConfig,
+                   streamer=None) -> list[list[int]]:
     """New token ids of every sample, prompt-major (prompt 0's sequences first), padding included."""
     inputs = tokenizer.pad({"input_ids": batch}, padding=True, padding_side="left", return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}

@@ -1,0 +1,334 @@
+"""generate.py / wikigpt/generation.py: batching, seeds, prompts, stop strings, JSONL records, settings, errors."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+import generate
+from wikigpt.cli import parse_args
+from wikigpt.errors import UsageError, run_main
+from wikigpt.generation import (FALLBACKS, GenerateArguments, StopStringStreamer, build_generation_config,
+                                check_arguments, check_settings, encode_prompts, finish_sample, generate_batch,
+                                load_generation_tokenizer, read_prompts, resolve_settings)
+
+PROMPTS = ["Hello world, this is a long prompt with many words", "Hi", "The capital of France is"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    """Tiny GPT-2 (context 128) whose random weights are large enough that greedy text varies token to token."""
+    d = tmp_path_factory.mktemp("varied-checkpoint")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tokenizer),
+                        initializer_range=0.5)
+    GPT2LMHeadModel(config).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tokenizer = load_generation_tokenizer(GenerateArguments(model=str(checkpoint)), model)
+    return model, tokenizer
+
+
+def args_for(*argv) -> GenerateArguments:
+    (args,) = parse_args((GenerateArguments,), [str(a) for a in argv])
+    return args
+
+
+def call_generate(monkeypatch, capsys, *argv, stdin=""):
+    """generate.py in-process (no interpreter start-up): (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["generate.py", *map(str, argv)])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        run_main(generate.main)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_cli(*argv, input=""):
+    """generate.py as a user runs it; stdin is always given so the child never waits on the terminal."""
+    return subprocess.run([sys.executable, str(REPO / "generate.py"), *map(str, argv)], cwd=REPO, input=input,
+                          capture_output=True, text=True, timeout=300)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# --- batching and seeds -------------------------------------------------------------------------------------
+
+def test_greedy_batch_equals_each_prompt_alone(loaded):
+    model, tokenizer = loaded
+    settings, _ = resolve_settings(args_for("--greedy", "--max_new_tokens", 12), model.generation_config)
+    config = build_generation_config(settings, [], tokenizer, [tokenizer.eos_token_id])
+    config.eos_token_id = None  # the random model may emit <|endoftext|>; compare all 12 tokens of every prompt
+    encoded = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    assert len({len(ids) for ids in encoded}) == 3  # prompts of different lengths: the batch is padded
+
+    batch = generate_batch(model, tokenizer, encoded, config)
+    alone = [generate_batch(model, tokenizer, [ids], config)[0] for ids in encoded]
+    assert batch == alone
+    assert all(len(ids) == 12 for ids in batch) and len({tuple(ids) for ids in batch}) == 3
+
+    # The same batch padded on the right (the classic GPT-2 trap) changes a short prompt's continuation,
+    # so the equality above does depend on left padding and the attention mask.
+    tokenizer.padding_side = "right"
+    try:
+        inputs = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+        wrong = model.generate(**inputs, generation_config=config)[:, inputs["input_ids"].shape[1]:].tolist()
+    finally:
+        tokenizer.padding_side = "left"
+    assert wrong != alone
+
+
+def test_same_seed_same_samples(monkeypatch, capsys, checkpoint, tmp_path):
+    def run(seed, name):
+        out = tmp_path / name
+        code, _, err = call_generate(monkeypatch, capsys, "--model", checkpoint, "--prompt", "The", "--prompt", "A",
+                                     "--num_return_sequences", 2, "--max_new_tokens", 8, "--seed", seed,
+                                     "--output_file", out)
+        assert code == 0, err
+        return [r["completion"] for r in read_jsonl(out)]
+
+    first, again, other = run(7, "a.jsonl"), run(7, "b.jsonl"), run(8, "c.jsonl")
+    assert first == again and len(first) == 4
+    assert first != other
+    assert first[0] != first[1]  # two samples of one prompt differ: it is sampling
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+def test_cli_streams_from_stdin_and_reports_speed(tiny_checkpoint, tmp_path):
+    """A real process: prompt piped on stdin, streamed to stdout, tokens/s on stderr, record in the JSONL."""
+    out = tmp_path / "one.jsonl"
+    proc = run_cli("--model", tiny_checkpoint, "--max_new_tokens", 6, "--seed", 3, "--output_file", out,
+                   input="Valkyria Chronicles III is\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (record,) = read_jsonl(out)
+    assert record["prompt"] == "Valkyria Chronicles III is"
+    assert proc.stdout == record["prompt"] + record["completion"] + "\n"
+    assert record["new_tokens"] == 6 and record["finish_reason"] == "length" and record["seconds"] > 0
+    assert record["settings"]["seed"] == 3 and record["settings"]["device"] == "cpu"
+    assert "tokens/s" in proc.stderr and "error" not in proc.stderr
+
+
+def test_records_stop_strings_and_unconditional_sample(monkeypatch, capsys, loaded, checkpoint, tmp_path):
+    model, tokenizer = loaded
+    prompt = "The capital of France is"
+    # Greedy text of this random model, to pick a stop string it is sure to produce.
+    greedy = tokenizer.decode(generate_batch(model, tokenizer, [tokenizer(prompt)["input_ids"]], GenerationConfig(
+        max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id))[0])
+    words = greedy.split(" ")
+    stop = " " + words[3]
+    expected = greedy[:greedy.index(stop)]
+    assert expected
+
+    out = tmp_path / "records.jsonl"
+    code, stdout, err = call_generate(monkeypatch, capsys, "--model", checkpoint, "--greedy", "--prompt", prompt,
+                                      "--prompt", "", "--max_new_tokens", 12, "--stop", stop, "--output_file", out)
+    assert code == 0, err
+    records = read_jsonl(out)
+    assert [r["prompt"] for r in records] == [prompt, ""]
+    assert records[0]["completion"] == expected and records[0]["finish_reason"] == "stop_string"
+    assert records[0]["new_tokens"] == len(tokenizer(expected + stop)["input_ids"])
+    assert records[1]["prompt_tokens"] == 1  # "" -> <|endoftext|>
+    assert records[1]["new_tokens"] <= 12 and records[1]["finish_reason"] in ("stop_string", "eos", "length")
+    for record in records:
+        assert set(record) == {"prompt_index", "sample_index", "prompt", "completion", "new_tokens",
+                               "finish_reason", "prompt_tokens", "seconds", "settings"}
+        assert record["settings"]["do_sample"] is False and "temperature" not in record["settings"]
+        assert record["settings"]["stop"] == [stop]
+    assert f"=== prompt 1, sample 1 ===\n{prompt}{expected}\n=== prompt 2, sample 1 ===\n" in stdout
+    assert not (tmp_path / "records.jsonl.partial").exists()
+
+
+def test_long_prompt_is_left_truncated(monkeypatch, capsys, checkpoint, tmp_path, caplog):
+    prompt = " ".join(f"w{i}" for i in range(150))  # > 128-token context
+    out = tmp_path / "long.jsonl"
+    code, stdout, err = call_generate(monkeypatch, capsys, "--model", checkpoint, "--prompt", prompt,
+                                      "--max_new_tokens", 8, "--output_file", out, "--no_stream", "--no_echo_prompt")
+    assert code == 0, err
+    (record,) = read_jsonl(out)
+    assert record["prompt"] == prompt and record["prompt_tokens"] == 120
+    assert stdout == record["completion"] + "\n"
+    assert "keeping its last 120 so that prompt + --max_new_tokens fits the model's context of 128" in caplog.text
+
+
+def test_beam_search(monkeypatch, capsys, checkpoint, tmp_path):
+    out = tmp_path / "beams.jsonl"
+    code, _, err = call_generate(monkeypatch, capsys, "--model", checkpoint, "--prompt", "Hi", "--num_beams", 3,
+                                 "--num_return_sequences", 2, "--max_new_tokens", 5, "--output_file", out)
+    assert code == 0, err
+    records = read_jsonl(out)
+    assert [r["sample_index"] for r in records] == [0, 1]
+    assert records[0]["completion"] != records[1]["completion"]
+    assert records[0]["settings"]["num_beams"] == 3 and records[0]["settings"]["do_sample"] is False
+
+
+def test_checkpoint_generation_config_gives_defaults_flags_override(monkeypatch, capsys, checkpoint, tmp_path):
+    own = tmp_path / "with-generation-config"
+    shutil.copytree(checkpoint, own)
+    GenerationConfig(do_sample=False, max_new_tokens=7, bos_token_id=50256, eos_token_id=50256).save_pretrained(own)
+    for extra, expected_tokens in (((), 7), (("--max_new_tokens", 4), 4)):
+        out = tmp_path / f"gc-{expected_tokens}.jsonl"
+        code, _, err = call_generate(monkeypatch, capsys, "--model", own, "--prompt", "Hi", "--output_file", out,
+                                     *extra)
+        assert code == 0, err
+        (record,) = read_jsonl(out)
+        assert record["settings"]["do_sample"] is False and record["settings"]["max_new_tokens"] == expected_tokens
+
+
+def test_resolve_settings_layers():
+    saved = GenerationConfig(do_sample=False, max_new_tokens=7, top_k=5)
+    settings, from_checkpoint = resolve_settings(args_for("--top_k", 9), saved)
+    assert settings == {**FALLBACKS, "do_sample": False, "max_new_tokens": 7, "top_k": 9}
+    assert from_checkpoint == {"do_sample", "max_new_tokens"}
+    assert resolve_settings(args_for(), None)[0] == FALLBACKS  # sampling, top_k 50, 100 new tokens
+    assert resolve_settings(args_for("--num_beams", 4), None)[0]["do_sample"] is False
+    assert resolve_settings(args_for("--num_beams", 4, "--do_sample"), None)[0]["do_sample"] is True
+    assert resolve_settings(args_for("--greedy"), GenerationConfig(do_sample=True))[0]["do_sample"] is False
+
+
+# --- pieces -------------------------------------------------------------------------------------------------
+
+def test_finish_reasons(loaded):
+    _, tokenizer = loaded  # pad = eos
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(" one two\n\nthree four")["input_ids"]
+    kw = dict(eos_ids=[eos], max_new_tokens=len(ids) + 2)
+    assert finish_sample(ids + [eos, eos], tokenizer, stops=[], **kw) == (" one two\n\nthree four", len(ids) + 1, "eos")
+    assert finish_sample(ids, tokenizer, stops=[], **{**kw, "max_new_tokens": len(ids)}) == (
+        " one two\n\nthree four", len(ids), "length")
+    # Stopped at "\n\n": the eos after it is padding, not a generated token.
+    stop_ids = tokenizer(" one two\n\n")["input_ids"]
+    assert finish_sample(stop_ids + [eos], tokenizer, stops=["\n\n", "zzz"], **kw) == (
+        " one two", len(stop_ids), "stop_string")
+    # A stop string that begins in the prompt ("...A:\n" + "\n") cuts the completion to "".
+    newline = tokenizer("\nB")["input_ids"]
+    assert finish_sample(newline, tokenizer, stops=["\n\n"], prompt="Q: x\nA:\n", **kw) == ("", 2, "stop_string")
+
+
+def test_streamer_holds_back_a_possible_stop_string(tokenizer):
+    out = io.StringIO()
+    streamer = StopStringStreamer(tokenizer, ["\n\n"], out)
+    written = []
+    for chunk in ("Hello", " wor", "ld\n", "\nmore"):
+        streamer.on_finalized_text(chunk)
+        written.append(out.getvalue())
+    streamer.on_finalized_text("", stream_end=True)
+    assert written == ["Hell", "Hello wo", "Hello world", "Hello world"]
+    assert out.getvalue() == "Hello world"
+
+    plain = io.StringIO()
+    streamer = StopStringStreamer(tokenizer, [], plain)
+    streamer.on_finalized_text("a\n\nb")
+    streamer.on_finalized_text("c", stream_end=True)
+    assert plain.getvalue() == "a\n\nbc"
+
+
+def test_prompt_sources(tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_text("first prompt\n\n  \nsecond: with {braces}\n", encoding="utf-8")
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "a\\nb", "id": 1}\n\n{"prompt": ""}\n', encoding="utf-8")
+
+    assert read_prompts(args_for("--prompt", "x", "--prompt_file", text)) == [
+        "x", "first prompt", "second: with {braces}"]
+    assert read_prompts(args_for("--prompt_file", jsonl)) == ["a\nb", ""]
+    assert read_prompts(args_for(), io.StringIO("TL;DR:\n")) == ["TL;DR:"]
+    assert read_prompts(args_for("--prompt", "given"), io.StringIO("ignored")) == ["given"]
+    assert read_prompts(args_for(), io.StringIO("")) == [""]  # nothing at all: one unconditional sample
+
+    tty = io.StringIO("never read")
+    tty.isatty = lambda: True
+    assert read_prompts(args_for(), tty) == [""]
+
+
+def test_repeated_flags_and_escapes():
+    args = args_for("--prompt", "Q: Who?", "--prompt", "two", "words", "--prompt", "", "--stop", r"\n\n",
+                    "--stop", "A:", "--do_sample")
+    assert args.prompt == ["Q: Who?", "two words", ""]
+    assert args.stop == ["\n\n", "A:"] and args.do_sample is True
+    assert args_for("--do_sample", "false").do_sample is False and args_for().do_sample is None
+
+
+def test_empty_prompt_starts_from_endoftext(tokenizer):
+    assert encode_prompts(tokenizer, ["", "Hello world"], 100, 128) == [[50256], [15496, 995]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--temperature", 0), "--temperature 0.0 must be > 0 when sampling; for greedy decoding pass --greedy"),
+    (("--do_sample", "--temperature", -1), "--temperature -1.0 must be > 0 when sampling"),
+    (("--top_p", 0), "--top_p 0.0 must be in (0, 1] (1 turns nucleus sampling off)"),
+    (("--top_p", 1.5), "--top_p 1.5 must be in (0, 1]"),
+    (("--top_k", -1), "--top_k -1 must be >= 0 (0 turns top-k filtering off)"),
+    (("--typical_p", 2), "--typical_p 2.0 must be in (0, 1]"),
+    (("--max_new_tokens", 0), "--max_new_tokens 0 must be >= 1"),
+    (("--num_beams", 0), "--num_beams 0 must be >= 1"),
+    (("--greedy", "--do_sample"), "--greedy and --do_sample contradict each other"),
+    (("--prompt_file", "/no/such/prompts.txt"), "--prompt_file '/no/such/prompts.txt' does not exist"),
+    (("--stop", ""), '--stop "" would stop at once'),
+])
+def test_argument_errors(argv, message):
+    with pytest.raises(UsageError) as err:
+        check_arguments(args_for(*argv))
+    assert str(err.value).startswith(message)
+
+
+def test_greedy_ignores_temperature():
+    check_arguments(args_for("--greedy", "--temperature", 0))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--num_beams", 2, "--num_return_sequences", 3),
+     "--num_return_sequences 3 is more than --num_beams 2; beam search returns at most one sequence per beam"),
+    (("--greedy", "--num_return_sequences", 2),
+     "--num_return_sequences 2 with greedy decoding would repeat one sequence; add --do_sample, or --num_beams 2"),
+    (("--max_new_tokens", 128), "--max_new_tokens 128 leaves no room for a prompt in the model's context of 128 "
+                                "tokens; use at most 127"),
+])
+def test_setting_errors(argv, message):
+    settings, from_checkpoint = resolve_settings(args_for(*argv), None)
+    with pytest.raises(UsageError) as err:
+        check_settings(settings, from_checkpoint, context=128)
+    assert str(err.value).startswith(message)
+
+
+def test_bad_value_from_checkpoint_says_so():
+    settings, from_checkpoint = resolve_settings(args_for(), GenerationConfig(do_sample=True, temperature=0.0))
+    with pytest.raises(UsageError, match=r"--temperature 0.0 must be > 0 .* comes from the checkpoint's "
+                                         r"generation_config.json"):
+        check_settings(settings, from_checkpoint, context=128)
+
+
+def test_errors_end_to_end(monkeypatch, capsys, checkpoint, tmp_path):
+    missing = tmp_path / "no-model"
+    code, out, err = call_generate(monkeypatch, capsys, "--model", missing, "--prompt", "x")
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: --model '{missing}' is not a local path") and err.count("\n") == 1
+
+    code, _, err = call_generate(monkeypatch, capsys, "--model", checkpoint, "--dtype", "float8")
+    assert (code, err) == (2, "error: --dtype 'float8' is unknown; choose auto, float32, bfloat16, float16\n")
+
+    code, _, err = call_generate(monkeypatch, capsys, "--model", checkpoint, "--prompt", "x", "--num_beams", 2,
+                                 "--num_return_sequences", 3)  # checked after loading: no progress bar before it
+    assert code == 2 and err.startswith("error: --num_return_sequences 3 is more than --num_beams 2")
+    assert err.count("\n") == 1
+
+    existing = tmp_path / "taken.jsonl"
+    existing.write_text("keep me\n")
+    code, _, err = call_generate(monkeypatch, capsys, "--model", checkpoint, "--output_file", existing)
+    assert code == 2 and "--output_file" in err and existing.read_text() == "keep me\n"
