@@ -132,7 +132,7 @@ def test_records_stop_strings_and_unconditional_sample(monkeypatch, capsys, load
     greedy = tokenizer.decode(generate_batch(model, tokenizer, [tokenizer(prompt)["input_ids"]], GenerationConfig(
         max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id))[0])
     words = greedy.split(" ")
-    stop = " " + words[3]
+    stop = " " + words[3] + " " + words[4]  # several tokens long: the streamer must hold back a partial match
     expected = greedy[:greedy.index(stop)]
     assert expected
 
@@ -153,6 +153,12 @@ def test_records_stop_strings_and_unconditional_sample(monkeypatch, capsys, load
         assert record["settings"]["stop"] == [stop]
     assert f"=== prompt 1, sample 1 ===\n{prompt}{expected}\n=== prompt 2, sample 1 ===\n" in stdout
     assert not (tmp_path / "records.jsonl.partial").exists()
+
+    # One prompt streams; the stop string is never printed, not even in part.
+    code, stdout, err = call_generate(monkeypatch, capsys, "--model", checkpoint, "--greedy", "--prompt", prompt,
+                                      "--max_new_tokens", 12, "--stop", stop)
+    assert code == 0, err
+    assert stdout == prompt + expected + "\n"
 
 
 def test_long_prompt_is_left_truncated(monkeypatch, capsys, checkpoint, tmp_path, caplog):
@@ -231,6 +237,14 @@ def test_streamer_holds_back_a_possible_stop_string(tokenizer):
     streamer.on_finalized_text("", stream_end=True)
     assert written == ["Hell", "Hello wo", "Hello world", "Hello world"]
     assert out.getvalue() == "Hello world"
+
+    out = io.StringIO()
+    streamer = StopStringStreamer(tokenizer, ["STOP HERE"], out)
+    for chunk in ("a", " STOP", " HE", "RE after"):
+        streamer.on_finalized_text(chunk)
+        assert "S" not in out.getvalue()
+    streamer.on_finalized_text(" more", stream_end=True)
+    assert out.getvalue() == "a "
 
     plain = io.StringIO()
     streamer = StopStringStreamer(tokenizer, [], plain)

@@ -271,8 +271,10 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 def build_generation_config(settings: dict, stop: list[str], tokenizer, eos_ids: list[int]) -> GenerationConfig:
     """Unset fields fall back to the model's own generation_config inside generate()."""
-    values = {k: v for k, v in settings.items()
-              if k in FALLBACKS and (settings["do_sample"] or k not in SAMPLING_ONLY)}
+    values = {k: v for k, v in settings.items() if k in FALLBACKS}
+    if not settings["do_sample"]:
+        # transformers' neutral values: otherwise generate() merges in the checkpoint's sampling knobs and warns.
+        values.update({k: FALLBACKS[k] for k in SAMPLING_ONLY})
     return GenerationConfig(**values, stop_strings=stop or None, pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=eos_ids or None, use_cache=True)
 
@@ -334,7 +336,8 @@ class StopStringStreamer(TextStreamer):
         if cut is not None:
             self.pending, self.stopped = self.pending[:cut], True
         keep = 0 if (stream_end or self.stopped) else self.hold
-        ready, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        split = max(0, len(self.pending) - keep)
+        ready, self.pending = self.pending[:split], self.pending[split:]
         self.out.write(ready)
         self.out.flush()
 
