@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from wikigpt.cli import parse_args
 from wikigpt.errors import UsageError, run_main
 from wikigpt.generation import (FALLBACKS, GenerateArguments, StopStringStreamer, build_generation_config,
                                 check_arguments, check_settings, encode_prompts, finish_sample, generate_batch,
-                                load_generation_tokenizer, read_prompts, resolve_settings)
+                                load_generation_tokenizer, public_settings, read_prompts, resolve_settings)
 
 PROMPTS = ["Hello world, this is a long prompt with many words", "Hi", "The capital of France is"]
 
@@ -205,7 +206,10 @@ def test_resolve_settings_layers():
     assert resolve_settings(args_for(), None)[0] == FALLBACKS  # sampling, top_k 50, 100 new tokens
     assert resolve_settings(args_for("--num_beams", 4), None)[0]["do_sample"] is False
     assert resolve_settings(args_for("--num_beams", 4, "--do_sample"), None)[0]["do_sample"] is True
-    assert resolve_settings(args_for("--greedy"), GenerationConfig(do_sample=True))[0]["do_sample"] is False
+    settings, _ = resolve_settings(args_for("--greedy"), GenerationConfig(do_sample=True, temperature=0.7))
+    assert settings["do_sample"] is False and "temperature" not in public_settings(settings)
+    # The checkpoint's sampling knobs are not merged into greedy decoding (generate() would warn about them).
+    assert build_generation_config(settings, [], SimpleNamespace(pad_token_id=50256), [50256]).temperature == 1.0
 
 
 # --- pieces -------------------------------------------------------------------------------------------------
