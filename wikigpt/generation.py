@@ -142,7 +142,8 @@ def resolve_settings(args: GenerateArguments, saved: GenerationConfig | None) ->
         if user is not None:
             settings[key] = user
         elif stored is not None:
-            settings[key], _ = stored, from_checkpoint.add(key)
+            settings[key] = stored
+            from_checkpoint.add(key)
         else:
             settings[key] = fallback
     if args.greedy:
