@@ -16,9 +16,10 @@ from wikigpt import __version__
 from wikigpt.cli import parse_args
 from wikigpt.data import DataArguments, check_data_args, load_raw_splits, prepare_lm_splits, resolve_block_size
 from wikigpt.errors import run_main
+from wikigpt.metrics import compute_perplexity, nll_and_count
 from wikigpt.model import ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer
 from wikigpt.results import write_json_atomic
-from wikigpt.training import WikiTrainingArguments, check_output_dir, perplexity, tokens_per_step
+from wikigpt.training import WikiTrainingArguments, check_output_dir, tokens_per_step
 
 logger = logging.getLogger("wikigpt.train")
 
@@ -45,7 +46,9 @@ def main() -> None:
 
     trainer = Trainer(model=model, args=training_args, train_dataset=blocks["train"],
                       eval_dataset=blocks["validation"], processing_class=tokenizer,
-                      data_collator=default_data_collator)
+                      data_collator=default_data_collator,
+                      # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
+                      compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count)
     start = time.time()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_seconds = time.time() - start
@@ -65,9 +68,8 @@ def main() -> None:
         if split in blocks:
             prefix = "eval" if split == "validation" else split
             metrics = trainer.evaluate(blocks[split], metric_key_prefix=prefix)
-            metrics[f"{prefix}_perplexity"] = perplexity(metrics[f"{prefix}_loss"])
             results[split] = metrics
-            logger.info("%s perplexity = %.4f (exp of mean token loss over %d blocks of %d)",
+            logger.info("%s perplexity = %.4f (corpus-level exp(sum NLL / tokens) over %d blocks of %d)",
                         split, metrics[f"{prefix}_perplexity"], counts[split]["blocks"], block_size)
     if trainer.is_world_process_zero():
         write_json_atomic(f"{training_args.output_dir}/results.json", results)

@@ -1,0 +1,43 @@
+"""Evaluate any causal LM on a WikiText split (or any text file): perplexity numbers you can cite.
+
+    python eval.py --model out/tiny --tokenizer_name path/to/gpt2-tokenizer --test_file wiki.test.raw
+    accelerate launch --num_processes 2 eval.py --model out/tiny ...      # same numbers, sharded
+
+Reports, each with its method: `perplexity` (disjoint blocks, = exp(train.py eval_loss)),
+`sliding_window_perplexity` (HF guide), and lm-evaluation-harness's `word_perplexity`, `byte_perplexity`,
+`bits_per_byte` (document-level WikiText, rolling windows). Data flags are train.py's (see --help).
+"""
+
+import json
+import logging
+
+from accelerate import Accelerator
+
+from wikigpt.cli import parse_args
+from wikigpt.data import DataArguments
+from wikigpt.errors import run_main
+from wikigpt.evaluation import EvalArguments, evaluate_split
+from wikigpt.results import write_json_atomic
+
+logger = logging.getLogger("wikigpt.eval")
+
+
+def main() -> None:
+    eval_args, data_args = parse_args((EvalArguments, DataArguments), description=__doc__)
+    accelerator = Accelerator()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    report = evaluate_split(eval_args, data_args, accelerator)
+    if accelerator.is_main_process:
+        for name, metric in report["metrics"].items():
+            logger.info("%s = %.4f", name, metric["value"])
+        for method, counts in report["counts"].items():
+            if isinstance(counts, dict) and "tokens_per_second" in counts:
+                logger.info("%s: %.0f tokens/s", method, counts["tokens_per_second"])
+        if eval_args.output_file:
+            write_json_atomic(eval_args.output_file, report)
+        print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    run_main(main)

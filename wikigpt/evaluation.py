@@ -1,0 +1,160 @@
+"""eval.py's work: load a causal LM and one split, score it three ways, report every number with its method."""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from . import __version__
+from .data import SPLITS, DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size
+from .errors import UsageError
+from .metrics import load_corpus_perplexity
+from .model import ModelArguments, context_length, load_causal_lm, load_tokenizer, resolve_dtype
+from .scoring import block_windows, rolling_windows, score_windows, sliding_windows
+from .wikitext import byte_count, detokenize, split_documents, word_count
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("blocks", "sliding_window", "documents")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass
+class EvalArguments:
+    model: str = field(metadata={"help": "Model to evaluate: a local folder (e.g. train.py's --output_dir) or a Hub id."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's own)."})
+    split: str = field(default="test", metadata={"help": f"Split to score: {', '.join(SPLITS)}."})
+    methods: str = field(
+        default="blocks,sliding_window,documents",
+        metadata={"help": "Comma-separated: blocks (perplexity as train.py), sliding_window (HF guide), "
+                          "documents (lm-evaluation-harness word/byte perplexity, bits per byte)."},
+    )
+    stride: int | None = field(
+        default=None, metadata={"help": "Sliding-window stride in tokens (default: half the context; = context "
+                                        "gives disjoint windows)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Windows per forward pass (per process)."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16, float16 or auto."})
+    output_file: str | None = field(default=None, metadata={"help": "Also write the JSON report here."})
+    seed: int = field(default=42, metadata={"help": "Seed of the validation hold-out when only train is given."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repo to run."})
+
+
+def check_eval_args(args: EvalArguments) -> list[str]:
+    """Fail fast on arguments that cannot work; returns the list of methods."""
+    if args.split not in SPLITS:
+        raise UsageError(f"--split {args.split!r} is unknown; choose one of {', '.join(SPLITS)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"--methods {args.methods!r} has unknown entries {unknown}; choose from {', '.join(METHODS)}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1; got {args.batch_size}")
+    if args.output_file and os.path.isdir(args.output_file):
+        raise UsageError(f"--output_file {args.output_file!r} is a directory; pass a file path such as results.json")
+    if os.path.isdir(args.model) and not args.tokenizer_name:
+        if not any(os.path.exists(os.path.join(args.model, f)) for f in TOKENIZER_FILES):
+            raise UsageError(f"--model {args.model!r} holds no tokenizer files; pass --tokenizer_name DIR "
+                             f"(the tokenizer the model was trained with)")
+    # A Hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
+    looks_local = args.model.startswith((".", "/", "~")) or args.model.count("/") > 1
+    if looks_local and not os.path.exists(args.model):
+        raise UsageError(f"--model {args.model!r} does not exist; pass a model folder (config.json + "
+                         f"model.safetensors, e.g. train.py's --output_dir) or a Hub id")
+    return methods
+
+
+def resolve_stride(stride: int | None, context: int) -> int:
+    if stride is None:
+        return max(1, context // 2)
+    if stride <= 0 or stride > context:
+        raise UsageError(f"--stride must be between 1 and the model's context ({context}); got {stride}. "
+                         f"Pass --stride {context // 2} (half overlap) or {context} (disjoint windows)")
+    return stride
+
+
+def load_for_eval(args: EvalArguments, accelerator):
+    dtype = resolve_dtype(args.dtype, accelerator.device)
+    model = load_causal_lm(args.model, flag="--model", trust_remote_code=args.trust_remote_code, dtype=dtype)
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.model, tokenizer_name=args.tokenizer_name,
+                                              trust_remote_code=args.trust_remote_code))
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UsageError(f"--tokenizer_name has {len(tokenizer)} tokens but the model's vocabulary has "
+                         f"{model.get_input_embeddings().num_embeddings}; pass the tokenizer the model was trained with")
+    return tokenizer, model.to(accelerator.device).eval(), dtype
+
+
+def _encode_long(tokenizer, text: str) -> list[int]:
+    # A whole split is far longer than model_max_length; that warning is about feeding it to the model at
+    # once, which never happens here (it is cut into windows).
+    tok_logger = logging.getLogger("transformers.tokenization_utils_base")
+    level = tok_logger.level
+    tok_logger.setLevel(logging.ERROR)
+    try:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        tok_logger.setLevel(level)
+
+
+def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -> dict:
+    """Score one split with every requested method; returns the report (the same on every process)."""
+    methods = check_eval_args(args)
+    tokenizer, model, dtype = load_for_eval(args, accelerator)
+    context = context_length(model.config)
+    stride = resolve_stride(args.stride, context)
+    block_size = resolve_block_size(data_args.block_size, context)
+    with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
+        raw = load_raw_splits(data_args, args.seed, required=(args.split,))
+        rows = raw[args.split]
+        blocks, counts = prepare_lm_splits({args.split: rows}, tokenizer, block_size) if "blocks" in methods else ({}, {})
+    rows = rows["text"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    def score(windows, desc):
+        return score_windows(model, windows, load_corpus_perplexity(), accelerator, args.batch_size, pad_id, desc)
+
+    metrics, details = {}, {}
+    if "blocks" in methods:
+        r = score(block_windows(blocks[args.split]["input_ids"]), "blocks")
+        metrics["perplexity"] = {
+            "value": r["perplexity"],
+            "method": f"disjoint blocks of {block_size} tokens as train.py groups them (split concatenated, final "
+                      f"remainder dropped); every token but each block's first is predicted; exp(sum NLL / tokens) "
+                      f"= exp(Trainer eval_loss)"}
+        details["blocks"] = {**counts[args.split], "scored_tokens": r["tokens"], "tokens_per_second": r["tokens_per_second"]}
+    if "sliding_window" in methods:
+        ids = _encode_long(tokenizer, "\n\n".join(rows))
+        r = score(sliding_windows(ids, context, stride), "sliding windows")
+        metrics["sliding_window_perplexity"] = {
+            "value": r["perplexity"],
+            "method": f"HF guide 'Perplexity of fixed-length models': '\\n\\n'.join(rows), windows of {context} tokens, "
+                      f"stride {stride}, only tokens not scored before are scored; exp(sum NLL / tokens)"}
+        details["sliding_window"] = {"tokens": len(ids), "scored_tokens": r["tokens"], "context": context,
+                                     "stride": stride, "tokens_per_second": r["tokens_per_second"]}
+    if "documents" in methods:
+        windows, pages = [], split_documents(rows)
+        for page in pages:
+            doc_windows = rolling_windows(_encode_long(tokenizer, detokenize(page)), context, prefix)
+            if doc_windows:  # words and bytes ride on the document's first window
+                doc_windows[0].update(word_count=word_count(page), byte_count=byte_count(page))
+            windows += doc_windows
+        r = score(windows, "documents")
+        harness = (f"lm-evaluation-harness 'wikitext' task: {len(pages)} documents split at top-level headings, "
+                   f"wikitext detokenizer, rolling windows of {context} tokens (first predicted from token {prefix})")
+        metrics["word_perplexity"] = {"value": r["word_perplexity"],
+                                      "method": f"{harness}; exp(sum NLL / words of the original pages)"}
+        metrics["byte_perplexity"] = {"value": r["byte_perplexity"],
+                                      "method": f"{harness}; exp(sum NLL / UTF-8 bytes of the original pages)"}
+        metrics["bits_per_byte"] = {"value": r["bits_per_byte"],
+                                    "method": f"{harness}; sum NLL / bytes / ln 2"}
+        metrics["document_token_perplexity"] = {"value": r["perplexity"],
+                                                "method": f"{harness}; exp(sum NLL / tokens of the detokenized pages)"}
+        details["documents"] = {"documents": len(pages), "tokens": r["tokens"], "words": r["words"],
+                                "bytes": r["bytes"], "tokens_per_second": r["tokens_per_second"]}
+    source = data_args.dataset_dir or getattr(data_args, f"{args.split}_file") or \
+        f"{data_args.dataset_name}/{data_args.dataset_config_name}"
+    return {
+        "wikigpt_version": __version__, "model": args.model, "split": args.split, "dataset": source,
+        "dtype": str(dtype).replace("torch.", ""), "context": context, "block_size": block_size, "stride": stride,
+        "processes": accelerator.num_processes, "metrics": metrics, "counts": {"rows": len(rows), **details},
+    }
