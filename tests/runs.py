@@ -64,3 +64,19 @@ def start_paused(argv, markers, pause_at_step) -> subprocess.Popen:
             pytest.fail(f"run never reached step {pause_at_step}:\n{proc.communicate()[0][-3000:]}")
         time.sleep(0.1)
     return proc
+
+
+def make_checkpoint(path, step: int, n_embd: int = 8):
+    """A complete checkpoint-N folder with every file the Trainer writes, built without training (milliseconds)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import GPT2Config
+
+    path.mkdir(parents=True)
+    GPT2Config(n_layer=1, n_head=1, n_embd=n_embd, vocab_size=100, n_positions=32).save_pretrained(path)
+    save_file({"wte": torch.zeros(100, n_embd), "wpe": torch.ones(32, n_embd)}, path / "model.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"state": torch.arange(64)}, path / name)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    return path
