@@ -56,8 +56,13 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
     parser.error = error
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except ValueError as err:  # TrainingArguments.__post_init__ rejects some flag combinations
-        raise UsageError(f"{' '.join(str(err).split())} (fix the flags named here; {help_hint})") from err
+    except ValueError as err:  # TrainingArguments.__post_init__ rejects some values and flag combinations
+        message = " ".join(str(err).split())
+        # "weekly is not a valid IntervalStrategy": name the flag that was given the value.
+        given = [f"{argv[i - 1]} {argv[i]}: " for i in range(1, len(argv))
+                 if argv[i - 1].startswith("--") and argv[i] and message.startswith(argv[i] + " ")]
+        prefix = given[-1] if given else ""
+        raise UsageError(f"{prefix}{message} (fix the flags named here; {help_hint})") from err
     if remaining:
         unknown = next((a for a in remaining if a.startswith("-")), remaining[0])
         flag = unknown.split("=")[0]
