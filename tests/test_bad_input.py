@@ -9,7 +9,6 @@ traceback reaches the terminal.
 """
 
 import importlib
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import TOKENIZER_DIR, run_script
+from conftest import run_script
 from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 from transformers import GPT2Config, GPT2LMHeadModel
 

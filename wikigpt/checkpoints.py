@@ -56,7 +56,8 @@ def _torch_file_problem(path: str) -> str | None:
     return None
 
 
-def _weights_problem(path: str) -> str | None:
+def weights_problem(path: str) -> str | None:
+    """Why the weights in model folder `path` are missing or truncated, or None (also usable for a final model)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
@@ -96,7 +97,7 @@ def checkpoint_problem(path: str) -> str | None:
     match = CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(path)))
     if match and int(match.group(1)) != step:
         return f"trainer_state.json says step {step}, the folder name says {match.group(1)}"
-    if problem := _weights_problem(path):
+    if problem := weights_problem(path):
         return problem
     for name in ("optimizer.pt", "scheduler.pt"):
         file = os.path.join(path, name)

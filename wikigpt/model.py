@@ -174,8 +174,9 @@ def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dty
     if not allow_pickle and os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")):
         pickles = sorted(os.path.basename(p) for p in glob.glob(os.path.join(name, "pytorch_model*.bin")))
         if pickles:
-            raise UsageError(f"{flag} {name!r} holds only pickle weights ({', '.join(pickles)}), which can run code "
-                             f"when loaded; convert them to safetensors, or pass --allow_pickle if you trust the source")
+            raise UsageError(f"{flag} {name!r} holds only pickle weights ({', '.join(pickles)}), which can run "
+                             f"code when loaded; convert them to safetensors, or pass --allow_pickle if you trust "
+                             f"the source")
     with loading(flag, name, CHECKPOINT_HINT):
         return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype,
                                                     use_safetensors=None if allow_pickle else True)
