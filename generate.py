@@ -35,7 +35,8 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
 
-    model = load_causal_lm(args.model, flag="--model", trust_remote_code=args.trust_remote_code, dtype=dtype)
+    model = load_causal_lm(args.model, flag="--model", trust_remote_code=args.trust_remote_code, dtype=dtype,
+                           allow_pickle=args.allow_pickle)
     model.to(device).eval()
     tokenizer = load_generation_tokenizer(args, model)
     settings, from_checkpoint = resolve_settings(args, model.generation_config)

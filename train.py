@@ -13,11 +13,14 @@ import time
 from transformers import Trainer, default_data_collator, set_seed
 
 from wikigpt import __version__
+from wikigpt.checkpoints import plan_resume
 from wikigpt.cli import parse_args
 from wikigpt.data import DataArguments, check_data_args, load_raw_splits, prepare_lm_splits, resolve_block_size
 from wikigpt.errors import run_main
 from wikigpt.metrics import compute_perplexity, nll_and_count
 from wikigpt.model import ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer
+from wikigpt.numerics import NonFiniteGuard, check_numerics_args
+from wikigpt.preemption import PreemptionCallback
 from wikigpt.results import write_json_atomic
 from wikigpt.training import WikiTrainingArguments, check_output_dir, tokens_per_step
 
@@ -31,6 +34,9 @@ def main() -> None:
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     check_model_args(model_args)
     check_data_args(data_args)
+    check_numerics_args(training_args)
+    resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    training_args.resume_from_checkpoint = resume.path
     check_output_dir(training_args)
     set_seed(training_args.seed)
 
@@ -38,6 +44,7 @@ def main() -> None:
     model, source = load_model(model_args, tokenizer)
     block_size = resolve_block_size(data_args.block_size, context_length(model.config))
     logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)
+    resume.check_model(model.config)
 
     # Rank 0 tokenizes first and writes the datasets cache; the other ranks then read it.
     with training_args.main_process_first(desc="tokenize and group"):
@@ -48,10 +55,14 @@ def main() -> None:
                       eval_dataset=blocks["validation"], processing_class=tokenizer,
                       data_collator=default_data_collator,
                       # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
-                      compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count)
+                      compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
+                      callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard()])
+    resume.set_aside_skipped(trainer.is_world_process_zero())
     start = time.time()
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=resume.path)
     train_seconds = time.time() - start
+    nan_guard.raise_if_diverged(training_args)  # before anything below saves the broken model
+    preemption.exit_if_interrupted(training_args.output_dir, trainer.is_world_process_zero())
     trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
     trainer.save_state()
 

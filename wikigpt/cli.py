@@ -4,6 +4,7 @@
 command line override them; an unknown key in the file is an error that names it.
 """
 
+import difflib
 import json
 import os
 import sys
@@ -47,4 +48,25 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    help_hint = f"python {parser.prog} --help lists every flag with its type and choices"
+
+    def error(message):  # argparse's own error() prints the whole usage block and exits
+        raise UsageError(f"{message}; fix the value ({help_hint})")
+
+    parser.error = error
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as err:  # TrainingArguments.__post_init__ rejects some values and flag combinations
+        message = " ".join(str(err).split())
+        # "weekly is not a valid IntervalStrategy": name the flag that was given the value.
+        given = [f"{argv[i - 1]} {argv[i]}: " for i in range(1, len(argv))
+                 if argv[i - 1].startswith("--") and argv[i] and message.startswith(argv[i] + " ")]
+        prefix = given[-1] if given else ""
+        raise UsageError(f"{prefix}{message} (fix the flags named here; {help_hint})") from err
+    if remaining:
+        unknown = next((a for a in remaining if a.startswith("-")), remaining[0])
+        flag = unknown.split("=")[0]
+        close = difflib.get_close_matches(flag, [o for a in parser._actions for o in a.option_strings], n=1)
+        fix = f"did you mean {close[0]}?" if close else "check the spelling"
+        raise UsageError(f"unrecognized argument {flag!r}; {fix} ({help_hint})")
+    return tuple(parsed)

@@ -94,11 +94,23 @@ def _hub_rows(batch):
     return {"text": [line if line.strip() else "" for line in batch["text"]]}
 
 
+def _caused_by(err: BaseException, kind: type) -> BaseException | None:
+    while err is not None and not isinstance(err, kind):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def _load_local_split(flag: str, path: str, text_column: str) -> datasets.Dataset:
     builder = BUILDER_BY_EXTENSION[os.path.splitext(path)[1].lower()]
     kwargs = {"keep_linebreaks": True} if builder == "text" else {}
     with loading(flag, path, "pass a readable UTF-8 file"):
-        ds = datasets.load_dataset(builder, data_files={"data": os.path.abspath(path)}, split="data", **kwargs)
+        try:
+            ds = datasets.load_dataset(builder, data_files={"data": os.path.abspath(path)}, split="data", **kwargs)
+        except Exception as err:  # noqa: BLE001 - datasets wraps the decode error in its own
+            if decode_error := _caused_by(err, UnicodeDecodeError):
+                raise UsageError(f"{flag} {path!r} is not UTF-8 text ({decode_error.reason}); "
+                                 f"convert it, e.g. iconv -f latin1 -t utf-8 IN > OUT") from err
+            raise
     if builder == "text":
         ds = ds.map(_hub_rows, batched=True, desc=f"Hub-format rows of {os.path.basename(path)}")
     elif text_column not in ds.column_names:

@@ -26,7 +26,7 @@ def run_main(main) -> None:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        sys.exit(getattr(err, "exit_code", EXIT_USAGE))
 
 
 def _first_line(err: BaseException) -> str:

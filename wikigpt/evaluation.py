@@ -37,6 +37,8 @@ class EvalArguments:
     output_file: str | None = field(default=None, metadata={"help": "Also write the JSON report here."})
     seed: int = field(default=42, metadata={"help": "Seed of the validation hold-out when only train is given."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repo to run."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Allow pickle weights (pytorch_model.bin); they can "
+                                                                "run code when loaded. Default: safetensors only."})
 
 
 def check_eval_args(args: EvalArguments) -> list[str]:
@@ -74,7 +76,8 @@ def resolve_stride(stride: int | None, context: int) -> int:
 
 def load_for_eval(args: EvalArguments, accelerator):
     dtype = resolve_dtype(args.dtype, accelerator.device)
-    model = load_causal_lm(args.model, flag="--model", trust_remote_code=args.trust_remote_code, dtype=dtype)
+    model = load_causal_lm(args.model, flag="--model", trust_remote_code=args.trust_remote_code, dtype=dtype,
+                           allow_pickle=args.allow_pickle)
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.model, tokenizer_name=args.tokenizer_name,
                                               trust_remote_code=args.trust_remote_code))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -81,6 +81,8 @@ class GenerateArguments:
     echo_prompt: bool = field(default=True, metadata=_flag(
         "Print the prompt before its continuation; --no_echo_prompt prints the continuation only."))
     trust_remote_code: bool = field(default=False, metadata=_flag("Allow code from the checkpoint's repo to run."))
+    allow_pickle: bool = field(default=False, metadata=_flag("Allow pickle weights (pytorch_model.bin); they can run "
+                                                             "code when loaded. Default: safetensors only."))
 
     def __post_init__(self):
         # action="append" with nargs="+" gives one list per flag; unquoted words of one flag form one prompt.

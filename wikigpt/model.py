@@ -1,6 +1,7 @@
 """Model and tokenizer: GPT-2 presets built locally from GPT2Config, config overrides, or a checkpoint."""
 
 import ast
+import glob
 import os
 from dataclasses import dataclass, field
 
@@ -41,6 +42,11 @@ class ModelArguments:
         default=None, metadata={"help": "Tokenizer (Hub id or local folder). Default: the checkpoint's, else gpt2."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the checkpoint's repo to run."})
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "Also load pickle weights (pytorch_model.bin), which can run code when loaded; "
+                          "default: safetensors only."},
+    )
 
 
 def _check_type(key: str, value, default):
@@ -115,7 +121,7 @@ def load_model(args: ModelArguments, tokenizer):
     check_model_args(args)
     if args.model_name_or_path:
         model = load_causal_lm(args.model_name_or_path, flag="--model_name_or_path",
-                               trust_remote_code=args.trust_remote_code)
+                               trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             raise UsageError(
                 f"--tokenizer_name has {len(tokenizer)} tokens but the checkpoint's vocabulary has "
@@ -157,12 +163,23 @@ def context_length(config) -> int:
     return 1024
 
 
-def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
-    """Any causal-LM checkpoint (Hub id or local folder); a failed load becomes one line naming `flag`."""
+def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+                   allow_pickle: bool = False):
+    """Any causal-LM checkpoint (Hub id or local folder); a failed load becomes one line naming `flag`.
+
+    Safetensors only unless `allow_pickle`: unpickling a pytorch_model.bin can run arbitrary code.
+    """
     if os.path.isfile(name):
         raise UsageError(f"{flag} {name!r} is a file; pass the checkpoint folder (config.json + model.safetensors)")
+    if not allow_pickle and os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")):
+        pickles = sorted(os.path.basename(p) for p in glob.glob(os.path.join(name, "pytorch_model*.bin")))
+        if pickles:
+            raise UsageError(f"{flag} {name!r} holds only pickle weights ({', '.join(pickles)}), which can run "
+                             f"code when loaded; convert them to safetensors, or pass --allow_pickle if you trust "
+                             f"the source")
     with loading(flag, name, CHECKPOINT_HINT):
-        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype,
+                                                    use_safetensors=None if allow_pickle else True)
 
 
 def pick_device() -> torch.device:

@@ -30,6 +30,21 @@ class WikiTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "Continue a run: a checkpoint-N folder, or 'latest' (also the bare flag) for the newest "
+                          "complete checkpoint in --output_dir; incomplete ones are skipped.",
+                  "nargs": "?", "const": "latest"},
+    )
+
+    def __getstate__(self):
+        # The Trainer pickles these arguments into training_args.bin in every checkpoint and in the final
+        # model folder; a --hub_token must not travel with them (to_dict/to_json already mask it).
+        state = dict(self.__dict__)
+        for key in state:
+            if key.endswith("_token") and isinstance(state[key], str):
+                state[key] = None
+        return state
 
 
 def check_output_dir(args: WikiTrainingArguments) -> None:

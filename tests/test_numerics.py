@@ -1,0 +1,106 @@
+"""wikigpt/numerics.py: the first NaN/inf stops training with one line; no checkpoint of broken weights is saved."""
+
+import functools
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from runs import make_checkpoint, micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
+from safetensors.torch import load_file
+from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+
+from wikigpt.errors import UsageError
+from wikigpt.numerics import EXIT_DIVERGED, NonFiniteGuard, TrainingDiverged, check_numerics_args
+
+
+def error_lines(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def all_finite(checkpoint) -> bool:
+    return all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+
+
+def test_huge_learning_rate_stops_before_saving_nan_weights(tmp_path, micro_files, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code = train_in_process(micro_args(micro_files, out, "--learning_rate", 1e38, max_steps=6, save_steps=1),
+                            monkeypatch)
+    errors = error_lines(capsys)
+    assert code == EXIT_DIVERGED and len(errors) == 1, errors
+    # Step 1 is warmup (lr 0); step 2's update at lr 1e38 overflows the weights.
+    assert errors[0] == (
+        f"error: the weights became NaN/inf at step 2; training stopped and nothing from that step was saved. "
+        f"Likely cause: a too high --learning_rate (now 1e+38): lower it, or raise --warmup_steps; keep "
+        f"--max_grad_norm at 1.0 (now 1.0). The last good checkpoint, {out / 'checkpoint-1'}, is kept (resume "
+        f"with --resume_from_checkpoint {out / 'checkpoint-1'} after the fix)")
+    assert sorted(os.listdir(out)) == ["checkpoint-1"] and all_finite(out / "checkpoint-1")
+    # Nothing after the last good step, no final model or results that would pass for a trained model.
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
+
+
+def test_nan_loss_at_a_known_step(tmp_path, micro_files, monkeypatch, capsys):
+    """A NaN training loss at step 3 (injected into the model's forward): checkpoints 1-2 stay, all finite."""
+    forward = GPT2LMHeadModel.forward
+    calls = {"train": 0}
+
+    @functools.wraps(forward)  # the Trainer reads forward's signature to pick dataset columns
+    def forward_with_nan_at_step_3(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 3:
+                output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(GPT2LMHeadModel, "forward", forward_with_nan_at_step_3)
+    out = tmp_path / "run"
+    code = train_in_process(micro_args(micro_files, out, max_steps=6, save_steps=1), monkeypatch)
+    errors = error_lines(capsys)
+    assert code == EXIT_DIVERGED and len(errors) == 1
+    assert errors[0].startswith("error: the training loss became NaN/inf at step 3; training stopped")
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2"]
+    assert all_finite(out / "checkpoint-1") and all_finite(out / "checkpoint-2")
+
+
+def test_fp16_message_points_to_bf16(tmp_path):
+    make_checkpoint(tmp_path / "checkpoint-40", 40)
+    guard = NonFiniteGuard()
+    guard.bad_step, guard.what = 41, "the training loss"
+    args = SimpleNamespace(fp16=True, learning_rate=6e-4, max_grad_norm=1.0, output_dir=str(tmp_path))
+    with pytest.raises(TrainingDiverged) as err:
+        guard.raise_if_diverged(args)
+    assert str(err.value) == (
+        f"the training loss became NaN/inf at step 41; training stopped and nothing from that step was saved. "
+        f"Likely cause: fp16 overflow (fp16 tops out at 65504): use --bf16 instead of --fp16, or lower "
+        f"--learning_rate (now 0.0006). The last good checkpoint, {tmp_path / 'checkpoint-40'}, is kept "
+        f"(resume with --resume_from_checkpoint {tmp_path / 'checkpoint-40'} after the fix)")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(learning_rate=-1.0), "--learning_rate must be a positive number; got -1.0"),
+    (dict(learning_rate=math.nan), "--learning_rate must be a positive number; got nan"),
+    (dict(max_grad_norm=-1.0), "--max_grad_norm must be >= 0"),
+])
+def test_numeric_flags_out_of_range(change, message):
+    args = SimpleNamespace(**{**dict(learning_rate=6e-4, max_grad_norm=1.0, fp16=False, bf16=False), **change})
+    with pytest.raises(UsageError, match=message):
+        check_numerics_args(args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fp16_on_cpu_is_refused():
+    args = SimpleNamespace(learning_rate=6e-4, max_grad_norm=1.0, fp16=True, bf16=False, device=torch.device("cpu"))
+    with pytest.raises(UsageError, match=r"--fp16 needs a GPU: on CPU accelerate applies neither"):
+        check_numerics_args(args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling exists only on GPU (CPU has no scaler)")
+def test_fp16_uses_dynamic_loss_scaling(tmp_path):
+    from transformers import GPT2Config
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=100, n_positions=32))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), fp16=True, report_to="none"))
+    scaler = trainer.accelerator.scaler
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() and scaler.get_scale() == 2.0**16
