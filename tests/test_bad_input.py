@@ -52,6 +52,16 @@ class Inputs:
         shutil.copytree(self._trained_checkpoint, self.out / "checkpoint-2")
         return self.out / "checkpoint-2"
 
+    def eval(self, *extra) -> list:
+        """An eval.py command line that works (tiny model, small slice, one method); `extra` flags override."""
+        return ["--model", self.tiny_checkpoint, "--test_file", self.files["validation"], "--methods", "blocks",
+                "--output_file", self.out / "report.json", *extra]
+
+    def generate(self, *extra) -> list:
+        """A generate.py command line that works; `extra` flags override."""
+        return ["--model", self.tiny_checkpoint, "--prompt", "Hello", "--max_new_tokens", 4, "--no_stream",
+                "--output_file", self.out / "samples.jsonl", *extra]
+
     def train(self, *extra, drop=()) -> list:
         """A train.py command line that works; `extra` flags come last and so override; `drop` removes flags."""
         argv = micro_args(self.files, self.out, *extra, max_steps=2, save_steps=2)
@@ -156,6 +166,47 @@ CASES = [
     Case("train.py", "resume_another_architecture",
          lambda i: i.train("--resume_from_checkpoint", i.run_with_checkpoint(), "--config_overrides", "n_embd=32"),
          ("--resume_from_checkpoint", "holds a different model (n_embd 16 there, 32 here)", "--config_overrides")),
+    # eval.py
+    Case("eval.py", "missing_model_dir", lambda i: i.eval("--model", i.tmp / "no-model"),
+         ("--model", "does not exist", "pass a model folder")),
+    Case("eval.py", "model_without_tokenizer", lambda i: i.eval("--model", i.checkpoint("no-tokenizer")),
+         ("--model", "holds no tokenizer files", "pass --tokenizer_name DIR"), subprocess=True),
+    Case("eval.py", "stride_zero", lambda i: i.eval("--methods", "sliding_window", "--stride", 0),
+         ("--stride must be between 1 and the model's context (128)", "got 0")),
+    Case("eval.py", "stride_over_context", lambda i: i.eval("--methods", "sliding_window", "--stride", 129),
+         ("--stride must be between 1 and the model's context (128)", "Pass --stride 64")),
+    Case("eval.py", "empty_test_file", lambda i: i.eval("--test_file", i.file("empty.raw", "")),
+         ("--test_file", "is empty", "pass a file with text")),
+    Case("eval.py", "unknown_split", lambda i: i.eval("--split", "dev"),
+         ("--split 'dev' is unknown", "choose one of train, validation, test")),
+    Case("eval.py", "split_not_given", lambda i: i.eval("--split", "validation"),
+         ("no validation split", "pass --validation_file")),
+    Case("eval.py", "unknown_method", lambda i: i.eval("--methods", "blocks,bleu"),
+         ("--methods", "['bleu']", "choose from blocks, sliding_window, documents")),
+    Case("eval.py", "batch_size_zero", lambda i: i.eval("--batch_size", 0), ("--batch_size must be at least 1",)),
+    Case("eval.py", "unknown_dtype", lambda i: i.eval("--dtype", "float8"), ("--dtype 'float8' is unknown", "choose")),
+    Case("eval.py", "pickle_only_model", lambda i: i.eval("--model", i.checkpoint("pickled", pickle_only=True),
+                                                          "--tokenizer_name", i.tiny_checkpoint),
+         ("--model", "only pickle weights", "--allow_pickle")),
+    Case("eval.py", "tokenizer_larger_than_model", lambda i: i.eval("--model", i.checkpoint("small", vocab_size=1000),
+                                                                   "--tokenizer_name", i.tiny_checkpoint),
+         ("--tokenizer_name has 50257 tokens but the model's vocabulary has 1000", "pass the tokenizer")),
+    # generate.py
+    Case("generate.py", "missing_model_dir", lambda i: i.generate("--model", i.tmp / "no-model"),
+         ("--model", "does not exist")),
+    Case("generate.py", "zero_temperature_when_sampling", lambda i: i.generate("--do_sample", "--temperature", 0),
+         ("--temperature 0", "must be > 0 when sampling", "--greedy")),
+    Case("generate.py", "top_p_over_one", lambda i: i.generate("--top_p", 1.5), ("--top_p 1.5", "must be in (0, 1]")),
+    Case("generate.py", "no_new_tokens", lambda i: i.generate("--max_new_tokens", 0),
+         ("--max_new_tokens 0", "must be >= 1")),
+    Case("generate.py", "more_sequences_than_beams",
+         lambda i: i.generate("--num_beams", 2, "--num_return_sequences", 3),
+         ("--num_return_sequences 3 is more than --num_beams 2", "raise --num_beams")),
+    Case("generate.py", "missing_prompt_file", lambda i: i.generate("--prompt_file", i.tmp / "prompts.txt"),
+         ("--prompt_file", "does not exist")),
+    Case("generate.py", "existing_output_file",
+         lambda i: (i.out.mkdir(), (i.out / "samples.jsonl").write_text("precious"), i.generate())[-1],
+         ("--output_file", "already exists", "nothing is overwritten"), subprocess=True),
 ]
 
 
@@ -207,6 +258,7 @@ def test_bad_input(case, inputs, monkeypatch, capsys):
 
 def test_table_covers_every_kind_of_bad_input():
     assert len([c for c in CASES if c.script == "train.py"]) >= 20
+    assert {c.script for c in CASES} == {"train.py", "eval.py", "generate.py"} and len(CASES) >= 25
     assert len({(c.script, c.name) for c in CASES}) == len(CASES)
 
 

@@ -336,7 +336,7 @@ def test_errors_end_to_end(monkeypatch, capsys, checkpoint, tmp_path):
     missing = tmp_path / "no-model"
     code, out, err = call_generate(monkeypatch, capsys, "--model", missing, "--prompt", "x")
     assert code == 2 and out == ""
-    assert err.startswith(f"error: --model '{missing}' is not a local path") and err.count("\n") == 1
+    assert err.startswith(f"error: --model '{missing}' does not exist") and err.count("\n") == 1
 
     code, _, err = call_generate(monkeypatch, capsys, "--model", checkpoint, "--dtype", "float8")
     assert (code, err) == (2, "error: --dtype 'float8' is unknown; choose auto, float32, bfloat16, float16\n")

@@ -70,7 +70,7 @@ def test_load_checkpoint(tiny_checkpoint, tokenizer):
 @pytest.mark.parametrize("args, message", [
     (dict(model_name_or_path="x", config_overrides="n_layer=2"), r"--config_overrides only applies to a model built from scratch"),
     (dict(model_name_or_path="x", preset="tiny"), r"pass only one of them"),
-    (dict(model_name_or_path="/definitely/not/here"), r"--model_name_or_path '/definitely/not/here' is not a local path"),
+    (dict(model_name_or_path="/definitely/not/here"), r"--model_name_or_path '/definitely/not/here' does not exist; pass a checkpoint folder"),
 ])
 def test_bad_model_arguments(args, message, tokenizer):
     with pytest.raises(UsageError, match=message):

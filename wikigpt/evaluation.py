@@ -57,11 +57,6 @@ def check_eval_args(args: EvalArguments) -> list[str]:
         if not any(os.path.exists(os.path.join(args.model, f)) for f in TOKENIZER_FILES):
             raise UsageError(f"--model {args.model!r} holds no tokenizer files; pass --tokenizer_name DIR "
                              f"(the tokenizer the model was trained with)")
-    # A Hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
-    looks_local = args.model.startswith((".", "/", "~")) or args.model.count("/") > 1
-    if looks_local and not os.path.exists(args.model):
-        raise UsageError(f"--model {args.model!r} does not exist; pass a model folder (config.json + "
-                         f"model.safetensors, e.g. train.py's --output_dir) or a Hub id")
     return methods
 
 

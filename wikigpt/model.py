@@ -130,7 +130,7 @@ def load_model(args: ModelArguments, tokenizer):
         source = {"kind": "pretrained", "base_model": args.model_name_or_path}
     else:
         config = build_config(args.preset, args.config_overrides, len(tokenizer), tokenizer.eos_token_id)
-        model = GPT2LMHeadModel(config)
+        model = mark_causal_lm_loss(GPT2LMHeadModel(config))
         source = {"kind": "from_scratch", "preset": args.preset or DEFAULT_PRESET,
                   "config_overrides": args.config_overrides}
     source["parameters"] = model.num_parameters()
@@ -171,6 +171,10 @@ def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dty
     """
     if os.path.isfile(name):
         raise UsageError(f"{flag} {name!r} is a file; pass the checkpoint folder (config.json + model.safetensors)")
+    # A Hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise UsageError(f"{flag} {name!r} does not exist; pass a checkpoint folder (config.json + "
+                         f"model.safetensors, e.g. train.py's --output_dir) or a Hub id")
     if not allow_pickle and os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")):
         pickles = sorted(os.path.basename(p) for p in glob.glob(os.path.join(name, "pytorch_model*.bin")))
         if pickles:
@@ -178,8 +182,21 @@ def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dty
                              f"code when loaded; convert them to safetensors, or pass --allow_pickle if you trust "
                              f"the source")
     with loading(flag, name, CHECKPOINT_HINT):
-        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype,
-                                                    use_safetensors=None if allow_pickle else True)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype,
+                                                     use_safetensors=None if allow_pickle else True)
+    return mark_causal_lm_loss(model)
+
+
+def mark_causal_lm_loss(model):
+    """Name the loss of classes such as GPT2LMHeadModel, whose names transformers cannot map to one.
+
+    With `loss_type` None the Trainer counts a batch's tokens without the causal shift (B*T instead of
+    B*(T-1)), so its loss and eval_loss come out (T-1)/T too low: 1.6% at block 64, 0.1% at 1024 (seen with
+    transformers 5.23). The model itself already uses the causal-LM loss.
+    """
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def pick_device() -> torch.device:

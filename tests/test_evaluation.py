@@ -1,0 +1,92 @@
+"""eval.py end to end: perplexity = exp(Trainer eval_loss), the JSON report, and 1 vs 2 processes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from accelerate import Accelerator
+from conftest import REPO, WT2, run_script, write_lines
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits
+from wikigpt.evaluation import EvalArguments, evaluate_split
+from wikigpt.metrics import compute_perplexity, nll_and_count
+from wikigpt.model import load_causal_lm
+
+
+@pytest.fixture(scope="module")
+def three_documents(tmp_path_factory):
+    """WikiText-2 test lines 265-330: the 'Dick Rifenburg', '1933 Treasure Coast hurricane' and (the start of)
+    'Second Battle of Naktong Bulge' articles, ~4k tokens."""
+    return write_lines(tmp_path_factory.mktemp("docs") / "three.raw", WT2 / "wiki.test.raw", 264, 330)
+
+
+def test_perplexity_equals_exp_of_trainer_eval_loss(tmp_path, tiny_checkpoint, tokenizer, small_files):
+    data_args = DataArguments(test_file=str(small_files["test"]), block_size=64)
+    report = evaluate_split(EvalArguments(model=str(tiny_checkpoint), methods="blocks", batch_size=5), data_args,
+                            Accelerator(cpu=True))
+    blocks, counts = prepare_lm_splits(load_raw_splits(data_args, 0, ("test",)), tokenizer, 64)
+    trainer = Trainer(model=load_causal_lm(str(tiny_checkpoint), flag="--model"),  # as train.py loads it
+                      args=TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none",
+                                             use_cpu=True),
+                      data_collator=default_data_collator, compute_metrics=compute_perplexity,
+                      preprocess_logits_for_metrics=nll_and_count)
+    metrics = trainer.evaluate(blocks["test"])
+    value = report["metrics"]["perplexity"]["value"]
+    assert value == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-4)
+    assert value == pytest.approx(metrics["eval_perplexity"], rel=1e-6)
+    assert report["counts"]["blocks"]["scored_tokens"] == counts["test"]["blocks"] * 63 == metrics["eval_tokens"]
+
+
+@pytest.fixture(scope="module")
+def one_process_report(tmp_path_factory, tiny_checkpoint, three_documents):
+    out = tmp_path_factory.mktemp("eval") / "report.json"
+    proc = run_script("eval.py", "--model", tiny_checkpoint, "--test_file", three_documents, "--block_size", 64,
+                      "--stride", 32, "--batch_size", 3, "--output_file", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == json.loads(out.read_text())
+    assert "tokens/s" in proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_report_has_every_metric_with_its_method(one_process_report, tokenizer, three_documents):
+    report = one_process_report
+    assert set(report["metrics"]) == {"perplexity", "sliding_window_perplexity", "word_perplexity", "byte_perplexity",
+                                      "bits_per_byte", "document_token_perplexity"}
+    assert all(m["method"] and math.isfinite(m["value"]) and m["value"] > 0 for m in report["metrics"].values())
+    assert "stride 32" in report["metrics"]["sliding_window_perplexity"]["method"]
+    assert (report["context"], report["stride"], report["block_size"], report["dtype"]) == (128, 32, 64, "float32")
+    docs = report["counts"]["documents"]
+    text = three_documents.read_text(encoding="utf-8")
+    # The pages are the file's lines; the 2 newlines that join the 3 pages belong to none of them.
+    assert docs["documents"] == 3 and docs["bytes"] == len(text.encode("utf-8")) - 2
+    m = report["metrics"]
+    assert m["bits_per_byte"]["value"] == pytest.approx(math.log2(m["byte_perplexity"]["value"]))
+    # word perplexity = token perplexity ** (tokens / words)
+    assert math.log(m["word_perplexity"]["value"]) == pytest.approx(
+        math.log(m["document_token_perplexity"]["value"]) * docs["tokens"] / docs["words"])
+
+
+def test_two_processes_give_the_one_process_numbers(one_process_report, tiny_checkpoint, three_documents, tmp_path):
+    out = tmp_path / "report.json"
+    # accelerate 1.15 starts one process for `--cpu --num_processes 2` (without MPI); --multi_gpu on a machine
+    # without GPUs starts 2 CPU processes over gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = ["--model", tiny_checkpoint, "--test_file", three_documents, "--block_size", 64, "--stride", 32,
+            "--batch_size", 3, "--output_file", out]
+    proc = subprocess.run([*launch, str(REPO / "eval.py"), *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["processes"] == 2 and one_process_report["processes"] == 1
+    # Same windows scored once each (even batching's repeated samples dropped): counts equal exactly, values to
+    # float rounding of differently composed batches.
+    for method in ("blocks", "sliding_window", "documents"):
+        one_counts = {k: v for k, v in one_process_report["counts"][method].items() if k != "tokens_per_second"}
+        assert {k: v for k, v in two["counts"][method].items() if k != "tokens_per_second"} == one_counts
+    for name, metric in one_process_report["metrics"].items():
+        assert two["metrics"][name]["value"] == pytest.approx(metric["value"], rel=1e-6), name
