@@ -127,6 +127,10 @@ def load_model(args: ModelArguments, tokenizer):
         model = GPT2LMHeadModel(config)
         source = {"kind": "from_scratch", "preset": args.preset or DEFAULT_PRESET,
                   "config_overrides": args.config_overrides}
+    # transformers 5.23 leaves GPT-2's loss_type None, so Trainer counts labels unshifted (T per block, not T-1)
+    # and every reported loss comes out (T-1)/T too small. Naming the loss it already uses fixes the count.
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
     source["parameters"] = model.num_parameters()
     source["non_embedding_parameters"] = non_embedding_parameters(model)
     return model, source

@@ -30,6 +30,10 @@ class WikiTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss."})
+    peak_flops: float | None = field(
+        default=None, metadata={"help": "Peak FLOP/s of one device for the logged MFU (default: looked up from the GPU "
+                                        "name, e.g. 989e12 for an H100 SXM; no MFU on CPU or an unknown GPU)."}
+    )
 
 
 def check_output_dir(args: WikiTrainingArguments) -> None:
