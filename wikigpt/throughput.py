@@ -115,7 +115,7 @@ class ThroughputCallback(TrainerCallback):
         rates = {"tokens_per_second": round(tps, 1)}
         mfu = self._mfu(tps, world_size)
         if mfu is not None:
-            rates["mfu"] = round(mfu, 4)
+            rates["mfu"] = float(f"{mfu:.4g}")  # 4 significant digits: CPU runs give tiny fractions
         return rates
 
     def on_train_begin(self, args, state, control, **kwargs):
