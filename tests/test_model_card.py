@@ -115,3 +115,13 @@ def test_rewriting_the_card_replaces_it_whole(tmp_path, kind):
     text = (tmp_path / "README.md").read_text()
     assert text.startswith("---\n") and "old card" not in text
     assert not (tmp_path / "README.md.tmp").exists()
+
+
+def test_precision_includes_what_accelerate_launch_set(monkeypatch):
+    from wikigpt.model_card import precision
+    from wikigpt.training import WikiTrainingArguments
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert precision(WikiTrainingArguments(output_dir="unused")) == "fp32"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch with mixed_precision: bf16
+    assert precision(WikiTrainingArguments(output_dir="unused")) == "bf16 mixed"

@@ -49,3 +49,20 @@ def test_trainer_evaluate_with_an_uneven_last_batch_counts_every_block_once(tmp_
     assert metrics["eval_blocks"] == 11 and metrics["eval_tokens"] == 11 * 15
     assert metrics["eval_token_loss"] == pytest.approx(np.mean(per_block), rel=1e-6)
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(np.mean(per_block)), rel=1e-6)
+
+
+def test_trainer_loss_counts_shifted_labels_for_a_wikigpt_model(tmp_path, tokenizer):
+    """transformers 5.23 leaves GPT-2's loss_type None and Trainer then divides by T tokens per block instead of
+    T-1; load_model names the loss so Trainer's own eval_loss is the model's mean token loss."""
+    from wikigpt.model import ModelArguments, load_model
+
+    torch.manual_seed(0)
+    model, _ = load_model(ModelArguments(preset="tiny"), tokenizer)
+    ids = torch.randint(0, len(tokenizer), (8, 16))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=4, report_to="none", use_cpu=True)
+    metrics = Trainer(model=model, args=args, data_collator=default_data_collator).evaluate(dataset)
+    model.eval()
+    with torch.no_grad():
+        per_block = [model(input_ids=r[None], labels=r[None]).loss.item() for r in ids]
+    assert metrics["eval_loss"] == pytest.approx(np.mean(per_block), rel=1e-5)  # not x 15/16

@@ -44,7 +44,11 @@ def dataset_info(data_args) -> dict:
 
 
 def precision(training_args) -> str:
-    return "bf16 mixed" if training_args.bf16 else "fp16 mixed" if training_args.fp16 else "fp32"
+    # mixed_precision also holds what `accelerate launch` set (ACCELERATE_MIXED_PRECISION) without --bf16
+    mixed = getattr(training_args, "mixed_precision", None)
+    if mixed not in ("bf16", "fp16"):
+        mixed = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
+    return f"{mixed} mixed" if mixed else "fp32"
 
 
 def describe_run(data_args, training_args, model, block_size: int) -> dict:
