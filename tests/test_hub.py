@@ -11,9 +11,8 @@ from conftest import run_script, tiny_train_args
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
-from wikigpt.training import WikiTrainingArguments
-
 from wikigpt.hub import defer_push
+from wikigpt.training import WikiTrainingArguments
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ are started the way a GPU run is (`--multi_gpu`: torchrun) and train.py's `--use
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,9 +29,7 @@ def train_args(small_files, validation, out, per_device_train, per_device_eval):
             "--use_cpu"]
 
 
-def run(cmd, cache_dir, tmp_path):
-    import os
-
+def run(cmd, cache_dir):
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache_dir), "DATASETS_VERBOSITY": "info"}
     return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -41,10 +40,10 @@ def runs(tmp_path_factory, small_files):
     # 36 lines of WT2 test -> an odd number of 64-token blocks, so the last eval batch is uneven
     validation = write_lines(d / "valid.raw", WT2 / "wiki.test.raw", 0, 36)
     one = run([sys.executable, REPO / "train.py", *train_args(small_files, validation, d / "one", 4, 8)],
-              d / "cache-one", d)
+              d / "cache-one")
     two = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2,
                "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", 0,
-               REPO / "train.py", *train_args(small_files, validation, d / "two", 2, 4)], d / "cache-two", d)
+               REPO / "train.py", *train_args(small_files, validation, d / "two", 2, 4)], d / "cache-two")
     return d, one, two
 
 
