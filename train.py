@@ -17,11 +17,15 @@ from wikigpt.checkpoints import plan_resume
 from wikigpt.cli import parse_args
 from wikigpt.data import DataArguments, check_data_args, load_raw_splits, prepare_lm_splits, resolve_block_size
 from wikigpt.errors import run_main
+from wikigpt.hub import defer_push, push_after_local_save
 from wikigpt.metrics import compute_perplexity, nll_and_count
 from wikigpt.model import ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer
+from wikigpt.model_card import describe_run, write_model_card
 from wikigpt.numerics import NonFiniteGuard, check_numerics_args
+from wikigpt.plots import check_report_to, plot_training_curves
 from wikigpt.preemption import PreemptionCallback
 from wikigpt.results import write_json_atomic
+from wikigpt.throughput import add_throughput_callback
 from wikigpt.training import WikiTrainingArguments, check_output_dir, tokens_per_step
 
 logger = logging.getLogger("wikigpt.train")
@@ -38,6 +42,7 @@ def main() -> None:
     resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     training_args.resume_from_checkpoint = resume.path
     check_output_dir(training_args)
+    check_report_to(training_args)
     set_seed(training_args.seed)
 
     tokenizer = load_tokenizer(model_args)
@@ -51,6 +56,7 @@ def main() -> None:
         raw = load_raw_splits(data_args, training_args.seed, required=("train", "validation"))
         blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
 
+    push = defer_push(training_args)  # push once at the end, after the local save
     trainer = Trainer(model=model, args=training_args, train_dataset=blocks["train"],
                       eval_dataset=blocks["validation"], processing_class=tokenizer,
                       data_collator=default_data_collator,
@@ -58,6 +64,8 @@ def main() -> None:
                       compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
                       callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard()])
     resume.set_aside_skipped(trainer.is_world_process_zero())
+    throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
+                                         training_args.peak_flops)
     start = time.time()
     train_result = trainer.train(resume_from_checkpoint=resume.path)
     train_seconds = time.time() - start
@@ -74,16 +82,26 @@ def main() -> None:
         "train": {**train_result.metrics, "global_step": train_result.global_step,
                   "tokens_seen": train_result.global_step * tokens_per_step(training_args, block_size),
                   "wall_time_s": round(train_seconds, 2)},
+        "throughput": throughput.summary,
+        **describe_run(data_args, training_args, model, block_size),
     }
+    if push:
+        results["hub_model_id"] = training_args.hub_model_id
     for split in ("validation", "test"):
         if split in blocks:
             prefix = "eval" if split == "validation" else split
+            # {prefix}_perplexity = exp({prefix}_token_loss), every block once (wikigpt.metrics, corpus_perplexity)
             metrics = trainer.evaluate(blocks[split], metric_key_prefix=prefix)
             results[split] = metrics
             logger.info("%s perplexity = %.4f (corpus-level exp(sum NLL / tokens) over %d blocks of %d)",
                         split, metrics[f"{prefix}_perplexity"], counts[split]["blocks"], block_size)
     if trainer.is_world_process_zero():
         write_json_atomic(f"{training_args.output_dir}/results.json", results)
+        plot_training_curves(trainer.state.log_history, f"{training_args.output_dir}/training_curves.png",
+                             tokens_per_step(training_args, block_size), describe_source(source))
+        write_model_card(training_args.output_dir, results)
+    if push:
+        push_after_local_save(trainer)
 
 
 if __name__ == "__main__":

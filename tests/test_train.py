@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from conftest import TOKENIZER_DIR, WT2, run_script, tiny_train_args
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
@@ -23,11 +24,12 @@ def test_tiny_run_writes_a_reloadable_model_and_results(tmp_path, small_files):
     for split in ("train", "validation", "test"):
         c = results["data"][split]
         assert c["tokens_in_blocks"] == c["blocks"] * 64 and 0 <= c["tokens_dropped"] < 64
-    # Perplexity comes from the corpus_perplexity module (sum NLL / tokens); the Trainer's eval_loss is a mean
-    # of batch means over equal-length blocks: the same number up to float rounding.
-    assert math.isclose(results["validation"]["eval_perplexity"], math.exp(results["validation"]["eval_loss"]),
-                        rel_tol=1e-4)
-    assert math.isclose(results["test"]["test_perplexity"], math.exp(results["test"]["test_loss"]), rel_tol=1e-4)
+    # Perplexity comes from the corpus_perplexity module: exp(sum NLL / tokens), every block counted once; the
+    # Trainer's eval_loss (mean of batch means) agrees to float rounding on equal-length blocks.
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        metrics = results[split]
+        assert math.isclose(metrics[f"{prefix}_perplexity"], math.exp(metrics[f"{prefix}_token_loss"]))
+        assert math.isclose(metrics[f"{prefix}_perplexity"], math.exp(metrics[f"{prefix}_loss"]), rel_tol=1e-4)
     assert results["test"]["test_tokens"] == results["data"]["test"]["blocks"] * 63
     assert "validation perplexity = " in proc.stderr
     assert (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
@@ -48,6 +50,7 @@ def test_from_checkpoint_and_yaml_config(tmp_path, small_files, tiny_checkpoint)
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["kind"] == "pretrained" and results["model"]["base_model"] == str(tiny_checkpoint)
     assert results["block_size"] == 32
+    assert ModelCard.load(out / "README.md").data.base_model == str(tiny_checkpoint)  # fine-tuned: names its base
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["log_history"][0]["learning_rate"] < 1e-4 + 1e-12  # the file's learning rate, warmed up
 

@@ -1,6 +1,7 @@
 """Perplexity through the repo's `evaluate` module (wikigpt/corpus_perplexity), for eval.py and the Trainer.
 
-The Trainer hook reduces each eval batch's logits to (summed NLL, token count) per sequence right away
+`Trainer(..., compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count)` adds
+{prefix}_perplexity, _token_loss, _tokens and _blocks to evaluate()'s metrics. The Trainer hook reduces each eval batch's logits to (summed NLL, token count) per sequence right away
 (`preprocess_logits_for_metrics`), so evaluation never keeps full-vocabulary logits beyond one batch, and
 `compute_metrics` turns the gathered sums into one corpus-level perplexity.
 """
@@ -46,4 +47,7 @@ def compute_perplexity(eval_pred) -> dict:
     metric.add_batch(nll_sum=stats[:, 0].tolist(), token_count=stats[:, 1].astype(np.int64).tolist(),
                      word_count=zeros, byte_count=zeros)
     result = metric.compute()
-    return {"perplexity": result["perplexity"], "tokens": result["tokens"]}
+    # token_loss: mean NLL over real tokens, every sequence once (the Trainer's eval_loss is a mean of batch
+    # means and, on several processes, includes the copies that pad the last batch).
+    return {"perplexity": result["perplexity"], "token_loss": result["mean_nll"], "tokens": result["tokens"],
+            "blocks": len(stats)}

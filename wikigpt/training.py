@@ -1,6 +1,5 @@
 """TrainingArguments with language-modelling defaults, and the output-directory rules of a run."""
 
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -30,6 +29,10 @@ class WikiTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss."})
+    peak_flops: float | None = field(
+        default=None, metadata={"help": "Peak FLOP/s of one device for the logged MFU (default: looked up from the GPU "
+                                        "name, e.g. 989e12 for an H100 SXM; no MFU on CPU or an unknown GPU)."}
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "Continue a run: a checkpoint-N folder, or 'latest' (also the bare flag) for the newest "
@@ -55,13 +58,6 @@ def check_output_dir(args: WikiTrainingArguments) -> None:
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
         raise UsageError(f"--output_dir {out!r} is not empty; pass --overwrite_output_dir to write into it, "
                          f"--resume_from_checkpoint to continue its run, or choose a new --output_dir")
-
-
-def perplexity(loss: float) -> float:
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return float("inf")
 
 
 def tokens_per_step(args: WikiTrainingArguments, block_size: int) -> int:

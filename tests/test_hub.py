@@ -1,0 +1,84 @@
+"""--push_to_hub offline: training finishes, everything is saved locally, then one error line and a non-zero exit.
+
+The same run checks what every run leaves in its output dir: model card, training-curve PNG, throughput totals.
+"""
+
+import json
+import math
+
+import pytest
+from conftest import run_script, tiny_train_args
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
+
+from wikigpt.hub import defer_push
+from wikigpt.training import WikiTrainingArguments
+
+
+@pytest.fixture(scope="module")
+def offline_push_run(tmp_path_factory, small_files):
+    out = tmp_path_factory.mktemp("push") / "run"
+    proc = run_script("train.py", *tiny_train_args(small_files, out, "--test_file", small_files["test"],
+                                                   "--push_to_hub", "--hub_model_id", "someone/wikigpt-tiny",
+                                                   "--hub_private_repo", "true", "--peak_flops", "1e12"))
+    return out, proc
+
+
+def test_push_fails_offline_with_one_line_after_the_local_save(offline_push_run):
+    out, proc = offline_push_run
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert errors[0].startswith("error: --push_to_hub could not upload to the Hub repo 'someone/wikigpt-tiny' "
+                                "(OfflineModeIsEnabled: ")
+    assert f"nothing is lost: the model, results.json and README.md are saved in '{out}'" in errors[0]
+    assert f"`hf upload someone/wikigpt-tiny {out}`" in errors[0]
+    # nothing lost: the model loads, results and card are complete
+    assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["hub_model_id"] == "someone/wikigpt-tiny"
+    assert results["test"]["test_perplexity"] == pytest.approx(math.exp(results["test"]["test_token_loss"]))
+
+
+def test_every_run_writes_a_model_card_with_its_perplexities(offline_push_run):
+    out, _ = offline_push_run
+    results = json.loads((out / "results.json").read_text())
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model is None  # trained from scratch
+    assert card.data.model_name == "someone/wikigpt-tiny"
+    by_split = {r.dataset_split: r for r in card.data.eval_results}
+    assert set(by_split) == {"validation", "test"}
+    assert by_split["validation"].metric_value == round(results["validation"]["eval_perplexity"], 4)
+    assert by_split["test"].metric_value == round(results["test"]["test_perplexity"], 4)
+    assert by_split["test"].metric_args["block_size"] == 64
+    assert by_split["test"].metric_args["tokens"] == results["test"]["test_tokens"]
+    assert results["test"]["test_blocks"] == results["data"]["test"]["blocks"]
+    assert results["test"]["test_tokens"] == results["data"]["test"]["blocks"] * 63
+    assert "from_pretrained(\"someone/wikigpt-tiny\")" in card.text
+    assert f"{6 * 4 * 64:,} (6 optimizer steps of 256 tokens)" in card.text
+
+
+def test_every_run_writes_training_curves_png(offline_push_run):
+    out, _ = offline_push_run
+    assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_tokens_per_second_and_mfu_are_logged_and_totalled(offline_push_run):
+    out, proc = offline_push_run
+    results = json.loads((out / "results.json").read_text())
+    t = results["throughput"]
+    assert t["tokens"] == 6 * 4 * 64 and t["devices"] == 1 and t["device_name"] == "cpu"
+    assert t["peak_flops_per_device"] == 1e12 and t["peak_flops_source"] == "--peak_flops"
+    assert t["tokens_per_second"] > 0
+    assert t["mfu"] == pytest.approx(t["tokens_per_second"] * t["flops_per_token"] / 1e12, rel=1e-3)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    train_logs = [h for h in history if "loss" in h]
+    assert len(train_logs) == 4  # steps 1, 2, 4, 6
+    assert all(h["tokens_per_second"] > 0 and h["mfu"] > 0 for h in train_logs)
+    assert "'tokens_per_second'" in proc.stdout  # the printed log lines show it too
+
+
+def test_defer_push_turns_the_trainer_push_off():
+    args = WikiTrainingArguments(output_dir="unused", push_to_hub=True, hub_model_id="a/b")
+    assert defer_push(args) is True and args.push_to_hub is False
+    assert defer_push(WikiTrainingArguments(output_dir="unused")) is False
