@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from wikigpt.cli import parse_args
 from wikigpt.data import DataArguments
 from wikigpt.errors import run_main
-from wikigpt.evaluation import EvalArguments, evaluate_split
+from wikigpt.evaluation import EvalArguments, evaluate_split, update_model_card
 from wikigpt.results import write_json_atomic
 
 logger = logging.getLogger("wikigpt.eval")
@@ -36,6 +36,8 @@ def main() -> None:
                 logger.info("%s: %.0f tokens/s", method, counts["tokens_per_second"])
         if eval_args.output_file:
             write_json_atomic(eval_args.output_file, report)
+        if eval_args.update_model_card and (card := update_model_card(eval_args.model, report)):
+            logger.info("added these metrics to the model card %s (and eval_%s.json)", card, eval_args.split)
         print(json.dumps(report, indent=2))
 
 

@@ -168,7 +168,7 @@ CASES = [
          ("--resume_from_checkpoint", "holds a different model (n_embd 16 there, 32 here)", "--config_overrides")),
     # eval.py
     Case("eval.py", "missing_model_dir", lambda i: i.eval("--model", i.tmp / "no-model"),
-         ("--model", "does not exist", "pass a model folder")),
+         ("--model", "does not exist", "pass a checkpoint folder")),
     Case("eval.py", "model_without_tokenizer", lambda i: i.eval("--model", i.checkpoint("no-tokenizer")),
          ("--model", "holds no tokenizer files", "pass --tokenizer_name DIR"), subprocess=True),
     Case("eval.py", "stride_zero", lambda i: i.eval("--methods", "sliding_window", "--stride", 0),

@@ -90,3 +90,22 @@ def test_two_processes_give_the_one_process_numbers(one_process_report, tiny_che
         assert {k: v for k, v in two["counts"][method].items() if k != "tokens_per_second"} == one_counts
     for name, metric in one_process_report["metrics"].items():
         assert two["metrics"][name]["value"] == pytest.approx(metric["value"], rel=1e-6), name
+
+
+def test_eval_adds_its_metrics_to_a_train_run_model_card(tmp_path, one_process_report):
+    from huggingface_hub import ModelCard
+    from test_model_card import results_for
+
+    from wikigpt.evaluation import update_model_card
+
+    assert update_model_card(str(tmp_path), one_process_report) is None  # not a train.py run: left alone
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "results.json").write_text(json.dumps(results_for("from_scratch")))
+    card = ModelCard.load(update_model_card(str(tmp_path), one_process_report))
+    values = {(r.dataset_split, r.metric_name): r.metric_value for r in card.data.eval_results}
+    metrics = one_process_report["metrics"]
+    assert values[("test", "Perplexity (token-level)")] == round(metrics["perplexity"]["value"], 4)  # eval.py's
+    assert ("validation", "Perplexity (token-level)") in values  # train.py's validation number stays
+    assert values[("test", "Word-level perplexity")] == round(metrics["word_perplexity"]["value"], 4)
+    assert values[("test", "Bits per byte")] == round(metrics["bits_per_byte"]["value"], 4)
+    assert json.loads((tmp_path / "eval_test.json").read_text()) == one_process_report

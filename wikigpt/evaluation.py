@@ -1,5 +1,6 @@
 """eval.py's work: load a causal LM and one split, score it three ways, report every number with its method."""
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from .data import SPLITS, DataArguments, load_raw_splits, prepare_lm_splits, res
 from .errors import UsageError
 from .metrics import load_corpus_perplexity
 from .model import ModelArguments, context_length, load_causal_lm, load_tokenizer, resolve_dtype
+from .results import write_json_atomic
 from .scoring import block_windows, rolling_windows, score_windows, sliding_windows
 from .wikitext import byte_count, detokenize, split_documents, word_count
 
@@ -35,6 +37,11 @@ class EvalArguments:
     batch_size: int = field(default=8, metadata={"help": "Windows per forward pass (per process)."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16, float16 or auto."})
     output_file: str | None = field(default=None, metadata={"help": "Also write the JSON report here."})
+    update_model_card: bool = field(
+        default=True, metadata={"help": "When --model is a train.py output folder (it has results.json), save the "
+                                        "report there as eval_<split>.json and add its metrics to the model card "
+                                        "(README.md). --no_update_model_card leaves the folder untouched."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed of the validation hold-out when only train is given."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repo to run."})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow pickle weights (pytorch_model.bin); they can "
@@ -156,3 +163,16 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
         "dtype": str(dtype).replace("torch.", ""), "context": context, "block_size": block_size, "stride": stride,
         "processes": accelerator.num_processes, "metrics": metrics, "counts": {"rows": len(rows), **details},
     }
+
+
+def update_model_card(model_dir: str, report: dict) -> str | None:
+    """Add eval.py's metrics to a train.py run's model card; returns the card's path, None if not a run folder."""
+    from .model_card import write_model_card  # huggingface_hub's card machinery, only when needed
+
+    results_path = os.path.join(model_dir, "results.json")
+    if not os.path.isfile(results_path):
+        return None
+    write_json_atomic(os.path.join(model_dir, f"eval_{report['split']}.json"), report)
+    with open(results_path, encoding="utf-8") as f:
+        results = json.load(f)
+    return write_model_card(model_dir, results, report)
