@@ -155,7 +155,7 @@ class ResumePlan:
         if differences:
             raise UsageError(
                 f"{RESUME_FLAG} {self.path!r} holds a different model ({'; '.join(differences)}); resume with the "
-                f"original run's --preset/--config_overrides/--model_name_or_path/--tokenizer_name, "
+                f"original run's --preset/--config_overrides/--pad_vocab_multiple/--model_name_or_path/--tokenizer_name, "
                 f"or start a new run in a new --output_dir")
 
     def set_aside_skipped(self, is_main_process: bool) -> None:

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from .errors import UsageError, loading
+from .padded_vocab import check_pad_vocab_args, pad_vocab, use_real_vocab
 
 # Sizes from the GPT-2 paper (Radford et al., 2019); `tiny` is a CPU smoke model (< 1M non-embedding params).
 PRESETS: dict[str, dict] = {
@@ -46,6 +47,11 @@ class ModelArguments:
         default=False,
         metadata={"help": "Also load pickle weights (pytorch_model.bin), which can run code when loaded; "
                           "default: safetensors only."},
+    )
+    pad_vocab_multiple: int | None = field(
+        default=None,
+        metadata={"help": "From scratch only: pad the embedding/LM head to a multiple of this (64: 50257 -> 50304) "
+                          "for faster GPU matmuls; the tokenizer, loss and perplexity keep the real vocabulary."},
     )
 
 
@@ -114,6 +120,7 @@ def check_model_args(args: ModelArguments) -> None:
         raise UsageError("--preset builds a new model and --model_name_or_path loads one; pass only one of them")
     if args.model_name_or_path and os.path.isfile(args.model_name_or_path):
         raise UsageError(f"--model_name_or_path {args.model_name_or_path!r} is a file; pass the checkpoint folder")
+    check_pad_vocab_args(args.pad_vocab_multiple, args.model_name_or_path)
 
 
 def load_model(args: ModelArguments, tokenizer):
@@ -131,8 +138,12 @@ def load_model(args: ModelArguments, tokenizer):
     else:
         config = build_config(args.preset, args.config_overrides, len(tokenizer), tokenizer.eos_token_id)
         model = mark_causal_lm_loss(GPT2LMHeadModel(config))
+        if args.pad_vocab_multiple:
+            pad_vocab(model, args.pad_vocab_multiple)
         source = {"kind": "from_scratch", "preset": args.preset or DEFAULT_PRESET,
                   "config_overrides": args.config_overrides}
+        if args.pad_vocab_multiple:
+            source["vocab_padded_to"] = model.config.vocab_size
     source["parameters"] = model.num_parameters()
     source["non_embedding_parameters"] = non_embedding_parameters(model)
     return model, source
@@ -184,7 +195,7 @@ def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dty
     with loading(flag, name, CHECKPOINT_HINT):
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype,
                                                      use_safetensors=None if allow_pickle else True)
-    return mark_causal_lm_loss(model)
+    return use_real_vocab(mark_causal_lm_loss(model))  # a padded vocabulary (wikigpt.padded_vocab) stays sliced
 
 
 def mark_causal_lm_loss(model):
