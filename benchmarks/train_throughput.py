@@ -36,6 +36,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, Trainer, TrainerCall
                           default_data_collator, set_seed)
 
 from wikigpt.cli import parse_args  # noqa: E402
+from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size  # noqa: E402
 from wikigpt.metrics import compute_perplexity, nll_and_count  # noqa: E402
 from wikigpt.model import PRESETS, ModelArguments, check_model_args, context_length, load_model  # noqa: E402
@@ -246,7 +247,7 @@ def wikigpt_argv(bench: BenchmarkArguments, on_gpu: bool, out_dir: str) -> list[
     extra = bench.wikigpt_args if bench.wikigpt_args is not None else ("" if on_gpu else CPU_WIKIGPT_ARGS)
     return [*([config] if config else []),
             "--preset", bench.preset, "--tokenizer_name", bench.tokenizer_name, "--train_file", bench.train_file,
-            "--validation_split_percentage", "1", "--block_size", str(bench.block_size),
+            "--validation_file", bench.test_file, "--block_size", str(bench.block_size),
             "--per_device_train_batch_size", str(bench.batch_size), "--gradient_accumulation_steps", "1",
             "--max_steps", str(bench.steps), "--logging_steps", str(bench.logging_steps), "--eval_strategy", "no",
             "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", str(bench.seed),
@@ -341,7 +342,7 @@ def main() -> None:
     logger.setLevel(logging.INFO)
     datasets.disable_progress_bars()
     if bench.warmup_steps < 0 or bench.steps < bench.warmup_steps + 2:
-        raise SystemExit("error: --steps must be at least --warmup_steps + 2 (two timed step ends)")
+        raise UsageError("--steps must be at least --warmup_steps + 2 (two timed step ends); raise --steps")
     on_gpu = torch.cuda.is_available()
     tokenizer = load_tokenizer(ModelArguments(tokenizer_name=bench.tokenizer_name))
     report: dict = {"version": JSON_VERSION, "environment": environment(), "settings": asdict(bench)}
@@ -388,4 +389,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
