@@ -81,6 +81,8 @@ class BenchmarkArguments:
     peak_flops: float | None = field(default=None, metadata={"help": "Peak FLOP/s of the device for MFU "
                                                                     "(default: wikigpt.throughput's table)."})
     output_json: str | None = field(default=None, metadata={"help": "Write the results here as JSON."})
+    repeats: int = field(default=1, metadata={"help": "Run every setup this many times (round-robin); report the "
+                                                      "median ms/step."})
     seed: int = field(default=42, metadata={"help": "Seed for model init and data order."})
 
 
@@ -318,6 +320,13 @@ def time_preprocessing(bench: BenchmarkArguments, tokenizer) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median ms/step (lower middle for an even count), with every repeat's ms/step beside it."""
+    ordered = sorted(runs, key=lambda r: r["ms_per_step"])
+    return {**ordered[(len(ordered) - 1) // 2], "ms_per_step_repeats": [r["ms_per_step"] for r in runs],
+            "peak_memory_mib": max(r["peak_memory_mib"] for r in runs)}
+
+
 def table(rows: list[dict], baseline: dict) -> str:
     head = f"{'setup':<20} {'ms/step':>10} {'tokens/s':>12} {'MFU':>7} {'peak MiB':>10} {'vs plain':>9}  what"
     lines = [head, "-" * len(head)]
@@ -341,6 +350,8 @@ def main() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)
     datasets.disable_progress_bars()
+    if bench.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1; got {bench.repeats}")
     if bench.warmup_steps < 0 or bench.steps < bench.warmup_steps + 2:
         raise UsageError("--steps must be at least --warmup_steps + 2 (two timed step ends); raise --steps")
     on_gpu = torch.cuda.is_available()
@@ -363,24 +374,29 @@ def main() -> None:
     report.update(flops_per_token=flops, peak_flops_per_device=peak, peak_flops_source=peak_source,
                   tokens_per_step=bench.batch_size * bench.block_size)
 
+    chosen = set(filter(None, (bench.lever_names or "").split(",")))
+    levers = [s for s in lever_setups(on_gpu) if bench.levers and (not chosen or s.name in chosen)]
+    measured: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="wikigpt-bench-") as out_dir:
-        plain = run_plain(PlainSetup(), bench, tokenizer, blocks["train"], out_dir, on_gpu, flops, peak)
-        print(table([plain], plain), flush=True)
-        wiki = run_wikigpt(bench, wikigpt_argv(bench, on_gpu, out_dir), flops, peak)
-        report["runs"] = [plain, wiki]
-        report["wikigpt_vs_plain"] = round(wiki["tokens_per_second"] / plain["tokens_per_second"], 3)
-        print("\n" + table([plain, wiki], plain), flush=True)
-        print(f"wikigpt / plain tokens/s: {report['wikigpt_vs_plain']:.2f}x", flush=True)
-        if bench.levers:
-            chosen = set(filter(None, (bench.lever_names or "").split(",")))
-            report["levers"] = []
-            for setup in lever_setups(on_gpu):
-                if chosen and setup.name not in chosen:
-                    continue
-                report["levers"].append(run_plain(setup, bench, tokenizer, blocks["train"], out_dir, on_gpu,
-                                                  flops, peak))
-                print(f"  {setup.name}: {report['levers'][-1]['tokens_per_second']:,.0f} tokens/s", flush=True)
-            print("\none lever at a time on top of plain:\n" + table([plain, *report["levers"]], plain), flush=True)
+        # Round-robin over the setups, --repeats times: slow drifts of a shared machine hit every setup alike.
+        for repeat in range(bench.repeats):
+            for setup in [PlainSetup(), "wikigpt", *levers]:
+                if setup == "wikigpt":
+                    result = run_wikigpt(bench, wikigpt_argv(bench, on_gpu, out_dir), flops, peak)
+                else:
+                    result = run_plain(setup, bench, tokenizer, blocks["train"], out_dir, on_gpu, flops, peak)
+                measured.setdefault(result["name"], []).append(result)
+                print(f"  [{repeat + 1}/{bench.repeats}] {result['name']}: {result['ms_per_step']:.1f} ms/step, "
+                      f"{result['tokens_per_second']:,.0f} tokens/s", flush=True)
+    median = {name: median_run(runs) for name, runs in measured.items()}
+    plain, wiki = median["plain"], median["wikigpt"]
+    report["runs"] = [plain, wiki]
+    report["wikigpt_vs_plain"] = round(wiki["tokens_per_second"] / plain["tokens_per_second"], 3)
+    print("\n" + table([plain, wiki], plain), flush=True)
+    print(f"wikigpt / plain tokens/s: {report['wikigpt_vs_plain']:.2f}x", flush=True)
+    if levers:
+        report["levers"] = [median[s.name] for s in levers]
+        print("\none lever at a time on top of plain:\n" + table([plain, *report["levers"]], plain), flush=True)
     if bench.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(bench.output_json)), exist_ok=True)
         with open(bench.output_json, "w", encoding="utf-8") as f:
