@@ -139,6 +139,7 @@ class StepTimer(TrainerCallback):
 
 
 def reset_peak_memory() -> None:
+    gc.collect()  # the previous setup's model and optimizer state
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -199,11 +200,7 @@ def timed_train(trainer: Trainer, bench: BenchmarkArguments, tokens_per_step: in
     }
 
 
-def release(*objects) -> None:
-    del objects
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def forget_compiled() -> None:
     torch._dynamo.reset()  # compiled graphs of one setup must not serve the next
 
 
@@ -240,7 +237,7 @@ def run_plain(setup: PlainSetup, bench, tokenizer, train_blocks, out_dir, on_gpu
     result.update(name=setup.name, lever=setup.lever, attn_implementation=model.config._attn_implementation,
                   optim=str(args.optim.value), vocab_size=model.config.vocab_size, bf16=args.bf16,
                   torch_compile=args.torch_compile)
-    release(trainer, model)
+    forget_compiled()
     return result
 
 
@@ -285,10 +282,10 @@ def run_wikigpt(bench, argv, flops, peak) -> dict:
         result = timed_train(trainer, bench, tokens_per_step(training_args, block_size), flops, peak)
     finally:
         restore_float32_matmul_state(fp32_state)
-    result.update(name="wikigpt", lever=describe_wikigpt(bench, argv), train_py_args=argv, attn_implementation=model.config._attn_implementation,
-                  optim=str(training_args.optim.value), vocab_size=model.config.vocab_size, bf16=training_args.bf16,
+    result.update(name="wikigpt", lever=describe_wikigpt(bench, argv), train_py_args=argv,
+                  attn_implementation=model.config._attn_implementation, optim=str(training_args.optim.value), vocab_size=model.config.vocab_size, bf16=training_args.bf16,
                   torch_compile=training_args.torch_compile)
-    release(trainer, model)
+    forget_compiled()
     return result
 
 
@@ -360,9 +357,9 @@ def main() -> None:
     if bench.preprocessing:
         report["preprocessing"] = time_preprocessing(bench, tokenizer)
         p = report["preprocessing"]
-        print(f"preprocessing (tokenize + group WT2 validation+test, {p['tokens']:,} tokens, num_proc {p['num_proc']}): "
-              f"{p['cold_cache_seconds']:.2f} s from an empty datasets cache, {p['cached_seconds']:.2f} s from the cache",
-              flush=True)
+        print(f"preprocessing (tokenize + group WT2 validation+test, {p['tokens']:,} tokens, num_proc "
+              f"{p['num_proc']}): {p['cold_cache_seconds']:.2f} s from an empty datasets cache, "
+              f"{p['cached_seconds']:.2f} s from the cache", flush=True)
 
     # Same training blocks for the plain setup (wikigpt prepares its own through train.py's path: a cache hit).
     raw = load_raw_splits(DataArguments(train_file=bench.train_file), bench.seed, required=("train",))
