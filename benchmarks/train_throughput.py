@@ -165,14 +165,19 @@ def peak_memory() -> tuple[float, str]:
 
 
 def float32_matmul_state():
-    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            torch.get_float32_matmul_precision())
+    # torch >= 2.9 (which transformers' tf32=True then uses): reading the legacy allow_tf32 flags after the new
+    # fp32_precision API has been set raises, so save whichever API is there.
+    if hasattr(torch.backends, "fp32_precision"):
+        return ("new", torch.backends.fp32_precision)
+    return ("legacy", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 
 
 def restore_float32_matmul_state(state) -> None:
     # TrainingArguments(tf32=True) flips process-wide flags; later setups must not inherit them.
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, precision = state
-    torch.set_float32_matmul_precision(precision)
+    if state[0] == "new":
+        torch.backends.fp32_precision = state[1]
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = state[1:]
 
 
 def timed_train(trainer: Trainer, bench: BenchmarkArguments, tokens_per_step: int, flops_per_token: int,
