@@ -40,6 +40,29 @@ def test_huge_learning_rate_stops_before_saving_nan_weights(tmp_path, micro_file
     assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
 
 
+def test_weights_between_saves_are_caught_by_the_next_loss(tmp_path, micro_files, monkeypatch, capsys):
+    """The weights are read only before a save/evaluation/the end; in between, the next step's loss shows the NaN."""
+    out = tmp_path / "run"
+    code = train_in_process(micro_args(micro_files, out, "--learning_rate", 1e38, max_steps=6, save_steps=4),
+                            monkeypatch)
+    errors = error_lines(capsys)
+    assert code == EXIT_DIVERGED and len(errors) == 1, errors
+    # Step 2 overflows the weights (not a save step: not read); step 3's forward on them gives a NaN loss.
+    assert errors[0].startswith("error: the training loss became NaN/inf at step 3; training stopped"), errors[0]
+    assert errors[0].endswith("No checkpoint had been saved before it.")
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_weights_broken_by_the_last_step_are_not_saved(tmp_path, micro_files, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code = train_in_process(micro_args(micro_files, out, "--learning_rate", 1e38, "--save_strategy", "no",
+                                       max_steps=2), monkeypatch)
+    errors = error_lines(capsys)
+    assert code == EXIT_DIVERGED and len(errors) == 1, errors
+    assert errors[0].startswith("error: the weights became NaN/inf at step 2; training stopped"), errors[0]
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
+
+
 def test_nan_loss_at_a_known_step(tmp_path, micro_files, monkeypatch, capsys):
     """A NaN training loss at step 3 (injected into the model's forward): checkpoints 1-2 stay, all finite."""
     forward = GPT2LMHeadModel.forward
