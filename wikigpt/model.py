@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from .chunked_loss import check_chunked_loss_args, use_chunked_loss
 from .errors import UsageError, loading
 from .padded_vocab import check_pad_vocab_args, pad_vocab, use_real_vocab
 
@@ -52,6 +53,11 @@ class ModelArguments:
         default=None,
         metadata={"help": "From scratch only: pad the embedding/LM head to a multiple of this (64: 50257 -> 50304) "
                           "for faster GPU matmuls; the tokenizer, loss and perplexity keep the real vocabulary."},
+    )
+    chunked_loss_size: int | None = field(
+        default=None,
+        metadata={"help": "Compute the training loss from the hidden states this many tokens at a time (e.g. 4096), "
+                          "so the fp32 logits of the whole batch never exist; same loss. GPT-2 models only."},
     )
 
 
@@ -121,6 +127,7 @@ def check_model_args(args: ModelArguments) -> None:
     if args.model_name_or_path and os.path.isfile(args.model_name_or_path):
         raise UsageError(f"--model_name_or_path {args.model_name_or_path!r} is a file; pass the checkpoint folder")
     check_pad_vocab_args(args.pad_vocab_multiple, args.model_name_or_path)
+    check_chunked_loss_args(args.chunked_loss_size)
 
 
 def load_model(args: ModelArguments, tokenizer):
@@ -144,6 +151,8 @@ def load_model(args: ModelArguments, tokenizer):
                   "config_overrides": args.config_overrides}
         if args.pad_vocab_multiple:
             source["vocab_padded_to"] = model.config.vocab_size
+    if args.chunked_loss_size:
+        use_chunked_loss(model, args.chunked_loss_size)
     source["parameters"] = model.num_parameters()
     source["non_embedding_parameters"] = non_embedding_parameters(model)
     return model, source

@@ -1,0 +1,123 @@
+"""Chunked LM-head loss: training never materialises the fp32 logits of the whole batch.
+
+GPT-2's training loss goes hidden states -> logits (batch x block x 50257) -> fp32 upcast -> log-softmax -> CE,
+and autograd keeps the logits, their fp32 copy and the log-softmax for the backward pass: at 16 x 1024 tokens each
+fp32 copy is 3.3 GB. With `--chunked_loss_size N` the training forward computes the loss from the final hidden
+states N tokens at a time, and computes each chunk's gradients right there (softmax - one-hot, then the two LM-head
+matmuls), so only one chunk's logits are ever alive and nothing is recomputed in the backward pass (the same
+FLOPs as the plain path; a Liger-style fused linear cross-entropy written with plain torch ops).
+
+Only the training forward with labels changes (model.training and labels given): it returns the loss and
+`logits=None`, which the Trainer's training step does not read. Evaluation, generation and anything else go
+through the unchanged GPT2LMHeadModel.forward. The wrap is on the instance's `forward` (no new class, no new
+weights), so checkpoints stay plain GPT2LMHeadModel folders.
+"""
+
+from types import MethodType
+
+import torch
+from transformers import GPT2LMHeadModel
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+from .errors import UsageError
+from .padded_vocab import real_vocab_size
+
+FLAG = "--chunked_loss_size"
+IGNORE_INDEX = -100  # transformers' ForCausalLMLoss default, and what the Trainer pads labels with
+
+
+def check_chunked_loss_args(size: int | None) -> None:
+    if size is not None and size <= 0:
+        raise UsageError(f"{FLAG} must be a positive number of tokens such as 4096; got {size}. "
+                         f"Pass e.g. {FLAG} 4096, or leave it out to compute the loss over the whole batch at once")
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum over tokens of CE(hidden @ weight.T, targets) and its gradients, computed chunk by chunk in forward.
+
+    `real_vocab` < weight rows (a padded vocabulary): the padded columns are set to -inf before the softmax, so
+    they get no probability and no gradient, while the matmuls keep the padded, tile-friendly width.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = (h @ weight.T).float()  # the LM head (autocast applies), upcast like ForCausalLMLoss
+            if real_vocab < logits.shape[-1]:
+                logits[:, real_vocab:] = float("-inf")
+            valid = t != IGNORE_INDEX
+            safe_t = torch.where(valid, t, 0).unsqueeze(1)
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += ((log_norm - logits.gather(1, safe_t)).squeeze(1) * valid).sum()
+            # d(sum of CE)/d(logits) = softmax - one-hot, zero for ignored tokens; reuses the logits' memory.
+            grad = logits.sub_(log_norm).exp_()
+            grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad.dtype))
+            grad = grad.mul_(valid.unsqueeze(1)).to(weight.dtype)  # as autograd casts back through .float()
+            grad_hidden[start:start + chunk_size] = grad @ weight
+            grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype),
+                None, None, None)
+
+
+def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_vocab: int,
+                           num_items_in_batch=None, ignore_index: int = IGNORE_INDEX, shift_labels=None):
+    """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) without the whole batch's logits.
+
+    Same shift (position i predicts label i+1, the last position predicts nothing), same -100 handling, mean over
+    real label tokens, or sum / num_items_in_batch when the Trainer passes it (gradient accumulation).
+    """
+    if ignore_index != IGNORE_INDEX:
+        labels = labels.masked_fill(labels == ignore_index, IGNORE_INDEX)
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden_states.device)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab)
+    if num_items_in_batch is None:
+        return total / (targets != IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _chunked_forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
+                     position_ids=None, inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                     labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """GPT2LMHeadModel.forward's signature (the Trainer reads it: input columns, **kwargs for num_items_in_batch)."""
+    args = dict(input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                use_cache=use_cache)
+    if not (self.training and labels is not None) or logits_to_keep or kwargs.get("return_dict") is False:
+        return type(self).forward(self, **args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+    # As GPT2LMHeadModel.forward, with the LM head and loss replaced by the chunked loss.
+    outputs = self.transformer(**args, **kwargs)
+    loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+    loss = chunked_causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels, self._chunked_loss_size,
+                                  real_vocab_size(self.config) or self.config.vocab_size, **loss_kwargs)
+    return CausalLMOutputWithCrossAttentions(
+        loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions, cross_attentions=outputs.cross_attentions)
+
+
+def use_chunked_loss(model, chunk_size: int):
+    """Compute this model's training loss in chunks of `chunk_size` tokens (GPT-2 models only)."""
+    check_chunked_loss_args(chunk_size)
+    if not isinstance(model, GPT2LMHeadModel) or model.lm_head.bias is not None:
+        raise UsageError(f"{FLAG} supports GPT-2 models (GPT2LMHeadModel); this model is "
+                         f"{type(model).__name__}: drop {FLAG}")
+    model._chunked_loss_size = chunk_size
+    # A bound method, as accelerate's mixed-precision wrapper expects of model.forward.
+    model.forward = MethodType(_chunked_forward, model)
+    return model
