@@ -35,6 +35,7 @@ import transformers  # noqa: E402
 from transformers import (AutoModelForCausalLM, GPT2Config, Trainer, TrainerCallback, TrainingArguments,  # noqa: E402
                           default_data_collator, set_seed)
 
+from wikigpt.chunked_loss import check_chunked_loss_args, use_chunked_loss  # noqa: E402
 from wikigpt.cli import parse_args  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size  # noqa: E402
@@ -74,6 +75,8 @@ class BenchmarkArguments:
     wikigpt_args: str | None = field(
         default=None, metadata={"help": f"Extra train.py flags for the wikigpt setup (default on CPU: "
                                         f"'{CPU_WIKIGPT_ARGS}')."})
+    chunked_loss_size: int = field(default=4096, metadata={"help": "Tokens per chunk for the chunked_loss lever "
+                                                                 "(a batch of 16 x 1024 is 4 chunks)."})
     levers: bool = field(default=False, metadata={"help": "Also time each lever alone on top of the plain setup."})
     lever_names: str | None = field(default=None, metadata={"help": "Comma-separated subset of levers to time."})
     preprocessing: bool = field(default=True, metadata={"help": "Time tokenize+group of WT2 valid+test (cold/cached)."})
@@ -97,17 +100,20 @@ class PlainSetup:
     name: str = "plain"
     lever: str = "run_clm defaults (transformers " + transformers.__version__ + ")"
     pad_vocab_multiple: int | None = None
+    chunked_loss_size: int | None = None
     attn_implementation: str | None = None  # None: transformers' default (sdpa in 5.x)
     dropout: float | None = None  # None: GPT2Config's 0.1
     training: dict = field(default_factory=dict)  # TrainingArguments overrides
 
 
-def lever_setups(on_gpu: bool) -> list[PlainSetup]:
+def lever_setups(on_gpu: bool, chunked_loss_size: int = 4096) -> list[PlainSetup]:
     """One lever at a time on top of the plain setup. Levers that transformers already turns on by default
     (fused AdamW, SDPA, pinned memory) are turned *off* instead: their row shows what the default buys."""
     setups = [
         PlainSetup("pad_vocab_64", "vocab padded to a multiple of 64 (50257 -> 50304)", pad_vocab_multiple=64),
         PlainSetup("torch_compile", "torch_compile=True", training={"torch_compile": True}),
+        PlainSetup("chunked_loss", f"loss from hidden states in chunks of {chunked_loss_size} tokens (no full-batch "
+                   f"logits)", chunked_loss_size=chunked_loss_size),
         PlainSetup("unfused_adamw", "OFF: optim=adamw_torch (default is adamw_torch_fused)",
                    training={"optim": "adamw_torch"}),
         PlainSetup("eager_attention", "OFF: attn_implementation=eager (default is sdpa)", attn_implementation="eager"),
@@ -228,6 +234,8 @@ def run_plain(setup: PlainSetup, bench, tokenizer, train_blocks, out_dir, on_gpu
     model = AutoModelForCausalLM.from_config(config, **kwargs)
     if setup.pad_vocab_multiple:
         pad_vocab(model, setup.pad_vocab_multiple)
+    if setup.chunked_loss_size:
+        use_chunked_loss(model, setup.chunked_loss_size)
     args = TrainingArguments(
         output_dir=os.path.join(out_dir, setup.name), per_device_train_batch_size=bench.batch_size, bf16=on_gpu,
         max_steps=bench.steps, logging_steps=bench.logging_steps, save_strategy="no", eval_strategy="no",
@@ -356,6 +364,7 @@ def main() -> None:
         raise UsageError(f"--repeats must be at least 1; got {bench.repeats}")
     if bench.warmup_steps < 0 or bench.steps < bench.warmup_steps + 2:
         raise UsageError("--steps must be at least --warmup_steps + 2 (two timed step ends); raise --steps")
+    check_chunked_loss_args(bench.chunked_loss_size)
     on_gpu = torch.cuda.is_available()
     tokenizer = load_tokenizer(ModelArguments(tokenizer_name=bench.tokenizer_name))
     report: dict = {"version": JSON_VERSION, "environment": environment(), "settings": asdict(bench)}
@@ -377,7 +386,7 @@ def main() -> None:
                   tokens_per_step=bench.batch_size * bench.block_size)
 
     chosen = set(filter(None, (bench.lever_names or "").split(",")))
-    levers = [s for s in lever_setups(on_gpu) if bench.levers and (not chosen or s.name in chosen)]
+    levers = [s for s in lever_setups(on_gpu, bench.chunked_loss_size) if bench.levers and (not chosen or s.name in chosen)]
     measured: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="wikigpt-bench-") as out_dir:
         # Round-robin over the setups, --repeats times: slow drifts of a shared machine hit every setup alike.
