@@ -53,6 +53,7 @@ def test_threshold_counts_only_large_improvements(micro_files, tmp_path, monkeyp
 def test_flags_turn_on_the_trainers_best_model_machinery():
     (args,) = parse_args((WikiTrainingArguments,), ["--early_stopping_patience", "3"])
     assert (args.load_best_model_at_end, args.metric_for_best_model, args.greater_is_better) == (True, "perplexity", False)
+    assert args.restore_callback_states_from_checkpoint  # the patience counter survives --resume_from_checkpoint
     (args,) = parse_args((WikiTrainingArguments,), ["--early_stopping_patience", "3", "--metric_for_best_model", "loss"])
     assert (args.metric_for_best_model, args.greater_is_better) == ("loss", False)
     (args,) = parse_args((WikiTrainingArguments,), [])

@@ -54,3 +54,14 @@ def test_trainer_sets_a_new_offset_each_epoch(micro_files, tmp_path, monkeypatch
     blocks = len(seen) // 2
     assert seen == [(0, offsets[0])] * blocks + [(1, offsets[1])] * blocks and offsets[0] != offsets[1]
     assert json.loads((out / "results.json").read_text())["train"]["global_step"] == 2 * -(-blocks // 2)
+
+
+def test_persistent_workers_are_refused(micro_files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = micro_args(micro_files, out) + ["--random_block_offset", "--dataloader_num_workers", 1,
+                                           "--dataloader_persistent_workers", "true"]
+    assert train_in_process(argv, monkeypatch) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --random_block_offset changes the training blocks every epoch, which persistent dataloader workers "
+        "would not see: drop --dataloader_persistent_workers")
+    assert not (out / "results.json").exists()

@@ -4,7 +4,8 @@
 is kept through `--save_total_limit` rotation and loaded after training, so train.py's final save and its
 validation/test numbers are the best model's), `metric_for_best_model` = validation `perplexity` (lower is better)
 unless given, and `EarlyStoppingCallback` (stops after N evaluations without an improvement larger than
-`--early_stopping_threshold`). Its counter is saved in checkpoints and restored on resume.
+`--early_stopping_threshold`). Its counter is saved in checkpoints and restored on resume
+(`restore_callback_states_from_checkpoint`, turned on with it).
 """
 
 from transformers import EarlyStoppingCallback
@@ -45,6 +46,8 @@ def configure_early_stopping(args) -> None:
             raise UsageError(f"--early_stopping_patience with --eval_strategy steps needs --save_steps equal to "
                              f"--eval_steps (now {args.save_steps:g} and {eval_steps:g}): pass --save_steps {eval_steps:g}")
     args.load_best_model_at_end = True
+    # The patience counter lives in the callback; without this a resumed run would start counting from 0 again.
+    args.restore_callback_states_from_checkpoint = True
     if args.metric_for_best_model is None:
         args.metric_for_best_model = DEFAULT_METRIC
         if args.greater_is_better is None:
