@@ -97,3 +97,17 @@ def test_refused_by_train_py_with_nothing_written(micro_files, tmp_path, monkeyp
     assert train_in_process(argv, monkeypatch) == 2
     assert "error: --early_stopping_patience needs validation evaluations to compare" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resume_keeps_counting_patience(micro_files, tmp_path, monkeypatch):
+    # As in the first test, higher perplexity ranks best, so every evaluation after step 2 counts against patience.
+    # Run 1 stops at max_steps 4 with one miss counted; resumed with room for 20 steps, the second miss (step 6)
+    # ends it. Counting from 0 again would run to step 8.
+    out = tmp_path / "run"
+    flags = _every_2_steps("--early_stopping_patience", 2, "--metric_for_best_model", "perplexity",
+                           "--greater_is_better", "true")
+    assert train_in_process(micro_args(micro_files, out, max_steps=4) + flags, monkeypatch) == 0
+    argv = micro_args(micro_files, out, max_steps=20) + flags + ["--resume_from_checkpoint", out / "checkpoint-4"]
+    assert train_in_process(argv, monkeypatch) == 0
+    best = json.loads((out / "results.json").read_text())["best_model"]
+    assert (best["stopped_at_step"], best["best_global_step"]) == (6, 2)
