@@ -16,6 +16,7 @@ from wikigpt import __version__
 from wikigpt.checkpoints import plan_resume
 from wikigpt.cli import parse_args
 from wikigpt.data import DataArguments, check_data_args, load_raw_splits, prepare_lm_splits, resolve_block_size
+from wikigpt.early_stopping import best_model_summary, early_stopping_callbacks
 from wikigpt.errors import run_main
 from wikigpt.hub import defer_push, push_after_local_save
 from wikigpt.metrics import compute_perplexity, nll_and_count
@@ -24,6 +25,7 @@ from wikigpt.model_card import describe_run, write_model_card
 from wikigpt.numerics import NonFiniteGuard, check_numerics_args
 from wikigpt.plots import check_report_to, plot_training_curves
 from wikigpt.preemption import PreemptionCallback
+from wikigpt.reblocking import random_offset_training
 from wikigpt.results import write_json_atomic
 from wikigpt.throughput import add_throughput_callback
 from wikigpt.training import WikiTrainingArguments, check_output_dir, tokens_per_step
@@ -55,14 +57,17 @@ def main() -> None:
     with training_args.main_process_first(desc="tokenize and group"):
         raw = load_raw_splits(data_args, training_args.seed, required=("train", "validation"))
         blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
+        train_set, reblocking = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
+                                                       block_size, training_args)
 
     push = defer_push(training_args)  # push once at the end, after the local save
-    trainer = Trainer(model=model, args=training_args, train_dataset=blocks["train"],
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                       eval_dataset=blocks["validation"], processing_class=tokenizer,
                       data_collator=default_data_collator,
                       # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
                       compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
-                      callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard()])
+                      callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
+                                 *early_stopping_callbacks(training_args), *reblocking])
     resume.set_aside_skipped(trainer.is_world_process_zero())
     throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
                                          training_args.peak_flops)
@@ -83,6 +88,7 @@ def main() -> None:
                   "tokens_seen": train_result.global_step * tokens_per_step(training_args, block_size),
                   "wall_time_s": round(train_seconds, 2)},
         "throughput": throughput.summary,
+        **best_model_summary(trainer),  # best checkpoint and metric, step training stopped at (early stopping)
         **describe_run(data_args, training_args, model, block_size),
     }
     if push:

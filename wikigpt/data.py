@@ -56,6 +56,12 @@ class DataArguments:
         default=None, metadata={"help": "Tokens per training block. Default: min(1024, model n_positions)."}
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    random_block_offset: bool = field(
+        default=False,
+        metadata={"help": "Re-cut the training tokens into blocks at a new random offset in [0, block_size) every "
+                          "epoch (drawn from --seed and the epoch), so epochs see different block boundaries; "
+                          "validation and test blocks are unchanged."},
+    )
 
     @property
     def uses_local_files(self) -> bool:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .early_stopping import configure_early_stopping
 from .errors import UsageError
 
 
@@ -39,6 +40,21 @@ class WikiTrainingArguments(TrainingArguments):
                           "complete checkpoint in --output_dir; incomplete ones are skipped.",
                   "nargs": "?", "const": "latest"},
     )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop after this many evaluations without a better validation perplexity, and end with "
+                          "the best checkpoint (turns on --load_best_model_at_end; --metric_for_best_model defaults "
+                          "to perplexity). Needs --eval_strategy and --save_strategy equal (epoch or steps)."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={"help": "With --early_stopping_patience: the smallest improvement of the metric that counts "
+                          "(perplexity units by default)."},
+    )
+
+    def __post_init__(self):
+        configure_early_stopping(self)  # before the Trainer's own checks of load_best_model_at_end
+        super().__post_init__()
 
     def __getstate__(self):
         # The Trainer pickles these arguments into training_args.bin in every checkpoint and in the final

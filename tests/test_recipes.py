@@ -1,0 +1,57 @@
+"""The recipes in configs/*.yaml (not configs/accelerate/): each parses with train.py's dataclasses and trains a
+few CPU steps with micro-size overrides (tokenizer, files, width, block, steps), the rest of the recipe as written."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TOKENIZER_DIR
+from runs import micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
+
+from wikigpt.cli import parse_args
+from wikigpt.data import DataArguments
+from wikigpt.model import ModelArguments
+from wikigpt.training import WikiTrainingArguments
+
+RECIPES = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+
+
+def test_the_recipes_are_there():
+    assert RECIPES == ["cpu_smoke.yaml", "gpt2_finetune.yaml", "wikitext_scratch.yaml", "wikitext_scratch_cpu.yaml"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_parses(name):
+    model, data, training = parse_args((ModelArguments, DataArguments, WikiTrainingArguments), [str(REPO / "configs" / name)])
+    assert (data.dataset_name, data.dataset_config_name) == ("wikitext", "wikitext-2-raw-v1")  # Hub data by default
+    assert not data.uses_local_files
+    if name.startswith("wikitext_scratch"):
+        assert model.preset and model.model_name_or_path is None
+        assert data.random_block_offset and training.early_stopping_patience >= 2
+        assert training.load_best_model_at_end and training.metric_for_best_model == "perplexity"
+        assert training.greater_is_better is False
+    if name == "wikitext_scratch.yaml":
+        assert data.block_size == 1024 and "n_positions=1024" in model.config_overrides  # the protocol's eval blocks
+    if name == "gpt2_finetune.yaml":
+        assert model.model_name_or_path == "gpt2" and model.preset is None
+        assert (training.learning_rate, training.num_train_epochs, training.per_device_train_batch_size) == (5e-5, 3, 8)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_trains_a_few_cpu_steps(name, micro_files, tiny_checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    config = REPO / "configs" / name
+    model, *_ = parse_args((ModelArguments, DataArguments, WikiTrainingArguments), [str(config)])
+    # Micro size: the recipe's model is narrowed (a from-scratch one) or swapped for a tiny local checkpoint.
+    model_flags = (["--model_name_or_path", tiny_checkpoint] if model.model_name_or_path
+                   else ["--config_overrides", "n_layer=1,n_head=2,n_embd=16"])
+    argv = [config, *model_flags, "--tokenizer_name", TOKENIZER_DIR,
+            "--train_file", micro_files["train"], "--validation_file", micro_files["validation"],
+            "--block_size", 32, "--per_device_train_batch_size", 2, "--per_device_eval_batch_size", 16,
+            "--max_steps", 4, "--eval_strategy", "steps", "--eval_steps", 2, "--save_strategy", "steps",
+            "--save_steps", 2, "--logging_steps", 1, "--output_dir", out, "--disable_tqdm", "true",
+            "--report_to", "none", "--use_cpu", "true"]
+    assert train_in_process(argv, monkeypatch) == 0
+    results = json.loads(Path(out / "results.json").read_text())
+    assert results["train"]["global_step"] == 4 and results["validation"]["eval_perplexity"] > 1
+    assert (out / "model.safetensors").exists()
