@@ -52,6 +52,11 @@ class NgramArguments:
                              metadata={"help": "Write the results here as JSON."})
 
 
+def display_path(path: str) -> str:
+    """Local paths relative to the repository (so the committed JSON names no machine), Hub ids as given."""
+    return os.path.relpath(path, REPO) if os.path.exists(path) else path
+
+
 def load_token_streams(args: NgramArguments):
     """wikigpt.data's loading and tokenization, each split's rows concatenated into one stream."""
     data_args = DataArguments(train_file=args.train_file, test_file=args.test_file)
@@ -96,7 +101,8 @@ def main() -> None:
         "version": JSON_VERSION,
         "method": "interpolated modified Kneser-Ney (Chen & Goodman), order 1 interpolated with uniform",
         "command": "python " + shlex.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
-        "train_file": args.train_file, "test_file": args.test_file, "tokenizer": args.tokenizer_name,
+        "train_file": display_path(args.train_file), "test_file": display_path(args.test_file),
+        "tokenizer": display_path(args.tokenizer_name),
         "vocab_size": vocab_size, "train_tokens": len(train), "test_tokens": len(test),
         "first_token": FIRST_TOKEN, "results": results,
     }
