@@ -109,3 +109,25 @@ def test_eval_adds_its_metrics_to_a_train_run_model_card(tmp_path, one_process_r
     assert values[("test", "Word-level perplexity")] == round(metrics["word_perplexity"]["value"], 4)
     assert values[("test", "Bits per byte")] == round(metrics["bits_per_byte"]["value"], 4)
     assert json.loads((tmp_path / "eval_test.json").read_text()) == one_process_report
+
+
+def test_a_bos_adding_tokenizer_gives_every_method_the_same_stream(tmp_path, tiny_checkpoint, three_documents):
+    """No special tokens inside the text stream, whatever the tokenizer adds: train.py's blocks, the sliding
+    window and the documents score the same tokens with a tokenizer that adds BOS as with one that does not."""
+    from transformers import AutoTokenizer
+
+    bos_dir = tmp_path / "bos-tokenizer"
+    AutoTokenizer.from_pretrained(tiny_checkpoint, add_bos_token=True).save_pretrained(bos_dir)
+    bos_tokenizer = AutoTokenizer.from_pretrained(bos_dir)
+    assert bos_tokenizer("Hello")["input_ids"][0] == bos_tokenizer.bos_token_id  # it really adds BOS
+    data_args = DataArguments(test_file=str(three_documents), block_size=64)
+    reports = [evaluate_split(EvalArguments(model=str(tiny_checkpoint), tokenizer_name=name, stride=64, batch_size=4),
+                              data_args, Accelerator(cpu=True)) for name in (None, str(bos_dir))]
+    for report in reports:
+        for counts in report["counts"].values():
+            if isinstance(counts, dict):
+                counts.pop("tokens_per_second")
+    assert reports[1]["metrics"] == reports[0]["metrics"]
+    assert reports[1]["counts"] == reports[0]["counts"]
+    blocks, _ = prepare_lm_splits(load_raw_splits(data_args, 0, ("test",)), bos_tokenizer, 64)
+    assert bos_tokenizer.bos_token_id not in {t for block in blocks["test"]["input_ids"] for t in block}
