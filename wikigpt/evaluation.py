@@ -9,7 +9,7 @@ from . import __version__
 from .data import SPLITS, DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size
 from .errors import UsageError
 from .metrics import load_corpus_perplexity
-from .model_card import split_dataset_info
+from .model_card import split_dataset_info, write_model_card
 from .model import ModelArguments, context_length, load_causal_lm, load_tokenizer, resolve_dtype
 from .results import write_json_atomic
 from .scoring import block_windows, rolling_windows, score_windows, sliding_windows
@@ -181,8 +181,6 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
 
 def update_model_card(model_dir: str, report: dict) -> str | None:
     """Add eval.py's metrics to a train.py run's model card; returns the card's path, None if not a run folder."""
-    from .model_card import write_model_card  # huggingface_hub's card machinery, only when needed
-
     results_path = os.path.join(model_dir, "results.json")
     if not os.path.isfile(results_path):
         return None
