@@ -40,6 +40,12 @@ def head_weight(head: torch.nn.Linear) -> torch.Tensor:
     return F.pad(head.weight, (0, 0, 0, extra)) if extra else head.weight
 
 
+def head_width(model) -> int:
+    """Columns of the LM head's matmul: the padded vocabulary when padded, else the vocabulary."""
+    head = model.get_output_embeddings()
+    return head.out_features + getattr(head, "_padded_rows", 0)
+
+
 def _padded_head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     # The matmul is padded-width (full GPU tiles); the padded columns are dropped before anyone sees them.
     return F.linear(hidden, head_weight(self), self.bias)[..., : self.out_features]
