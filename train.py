@@ -5,6 +5,7 @@
     python train.py configs/some_recipe.yaml --learning_rate 3e-4      # config file + overrides
 
 Every TrainingArguments flag works (see --help). Multi-GPU: accelerate launch --config_file accelerate_config.yaml train.py ...
+Exit status: 0 done, 2 bad input, 3 diverged (NaN/inf), 4 a write failed (disk full, quota), 128+N signal N.
 """
 
 import logging
@@ -29,6 +30,7 @@ from wikigpt.reblocking import random_offset_training
 from wikigpt.results import write_json_atomic
 from wikigpt.throughput import add_throughput_callback
 from wikigpt.training import WikiTrainingArguments, check_output_dir, tokens_per_step
+from wikigpt.write_failures import CHECKPOINTS, writing
 
 logger = logging.getLogger("wikigpt.train")
 
@@ -72,12 +74,15 @@ def main() -> None:
     throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
                                          training_args.peak_flops)
     start = time.time()
-    train_result = trainer.train(resume_from_checkpoint=resume.path)
+    output_dir, is_main = training_args.output_dir, trainer.is_world_process_zero()
+    with writing(output_dir, CHECKPOINTS, is_main):  # full disk, quota: one line, exit 4 (wikigpt.write_failures)
+        train_result = trainer.train(resume_from_checkpoint=resume.path)
     train_seconds = time.time() - start
     nan_guard.raise_if_diverged(training_args)  # before anything below saves the broken model
     preemption.exit_if_interrupted(training_args.output_dir, trainer.is_world_process_zero())
-    trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
-    trainer.save_state()
+    with writing(output_dir, "the final model", is_main):
+        trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
+        trainer.save_state()
 
     results = {
         "wikigpt_version": __version__,
@@ -101,11 +106,14 @@ def main() -> None:
             results[split] = metrics
             logger.info("%s perplexity = %.4f (corpus-level exp(sum NLL / tokens) over %d blocks of %d)",
                         split, metrics[f"{prefix}_perplexity"], counts[split]["blocks"], block_size)
-    if trainer.is_world_process_zero():
-        write_json_atomic(f"{training_args.output_dir}/results.json", results)
-        plot_training_curves(trainer.state.log_history, f"{training_args.output_dir}/training_curves.png",
-                             tokens_per_step(training_args, block_size), describe_source(source))
-        write_model_card(training_args.output_dir, results)
+    if is_main:
+        with writing(output_dir, "results.json"):
+            write_json_atomic(f"{output_dir}/results.json", results)
+        with writing(output_dir, "training_curves.png"):
+            plot_training_curves(trainer.state.log_history, f"{output_dir}/training_curves.png",
+                                 tokens_per_step(training_args, block_size), describe_source(source))
+        with writing(output_dir, "README.md (the model card)"):
+            write_model_card(output_dir, results)
     if push:
         push_after_local_save(trainer)
 

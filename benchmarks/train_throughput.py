@@ -43,7 +43,7 @@ from wikigpt.metrics import compute_perplexity, nll_and_count  # noqa: E402
 from wikigpt.model import PRESETS, ModelArguments, check_model_args, context_length, load_model  # noqa: E402
 from wikigpt.model import load_tokenizer  # noqa: E402
 from wikigpt.numerics import NonFiniteGuard  # noqa: E402
-from wikigpt.padded_vocab import pad_vocab  # noqa: E402
+from wikigpt.padded_vocab import head_width, pad_vocab  # noqa: E402
 from wikigpt.preemption import PreemptionCallback  # noqa: E402
 from wikigpt.throughput import add_throughput_callback, current_device_name, model_flops_per_token  # noqa: E402
 from wikigpt.throughput import resolve_peak_flops  # noqa: E402
@@ -248,7 +248,7 @@ def run_plain(setup: PlainSetup, bench, tokenizer, train_blocks, out_dir, on_gpu
     finally:
         restore_float32_matmul_state(fp32_state)
     result.update(name=setup.name, lever=setup.lever, attn_implementation=model.config._attn_implementation,
-                  optim=str(args.optim.value), vocab_size=model.config.vocab_size, bf16=args.bf16,
+                  optim=str(args.optim.value), vocab_size=head_width(model), bf16=args.bf16,
                   torch_compile=args.torch_compile)
     forget_compiled()
     return result
@@ -296,7 +296,7 @@ def run_wikigpt(bench, argv, flops, peak) -> dict:
     finally:
         restore_float32_matmul_state(fp32_state)
     result.update(name="wikigpt", lever=describe_wikigpt(bench, argv), train_py_args=argv,
-                  attn_implementation=model.config._attn_implementation, optim=str(training_args.optim.value), vocab_size=model.config.vocab_size, bf16=training_args.bf16,
+                  attn_implementation=model.config._attn_implementation, optim=str(training_args.optim.value), vocab_size=head_width(model), bf16=training_args.bf16,
                   torch_compile=training_args.torch_compile)
     forget_compiled()
     return result

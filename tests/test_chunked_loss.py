@@ -103,7 +103,7 @@ def test_training_forward_has_no_logits_and_eval_is_unchanged():
     trained = model.train()(ids, labels=ids)
     assert trained.logits is None and trained.loss.item() == pytest.approx(expected.loss.item(), rel=1e-6)
     trained.loss.backward()
-    assert model.lm_head.weight.grad[100:].abs().max() == 0  # padded rows: no gradient
+    assert model.lm_head.weight.grad.shape[0] == 100  # the padding exists only inside the head's matmul
 
 
 def test_bf16_autocast_matches_the_plain_path_to_bf16_rounding():

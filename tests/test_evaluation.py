@@ -102,10 +102,69 @@ def test_eval_adds_its_metrics_to_a_train_run_model_card(tmp_path, one_process_r
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "results.json").write_text(json.dumps(results_for("from_scratch")))
     card = ModelCard.load(update_model_card(str(tmp_path), one_process_report))
-    values = {(r.dataset_split, r.metric_name): r.metric_value for r in card.data.eval_results}
+    values = {(r.dataset_type, r.dataset_split, r.metric_name): r.metric_value for r in card.data.eval_results}
     metrics = one_process_report["metrics"]
-    assert values[("test", "Perplexity (token-level)")] == round(metrics["perplexity"]["value"], 4)  # eval.py's
-    assert ("validation", "Perplexity (token-level)") in values  # train.py's validation number stays
-    assert values[("test", "Word-level perplexity")] == round(metrics["word_perplexity"]["value"], 4)
-    assert values[("test", "Bits per byte")] == round(metrics["bits_per_byte"]["value"], 4)
+    # eval.py scored three.raw, not WikiText's test split: its numbers are labelled with that file
+    assert values[("custom", "test", "Perplexity (token-level)")] == round(metrics["perplexity"]["value"], 4)
+    assert ("wikitext", "validation", "Perplexity (token-level)") in values  # train.py's numbers stay
+    assert ("wikitext", "test", "Perplexity (token-level)") in values
+    assert values[("custom", "test", "Word-level perplexity")] == round(metrics["word_perplexity"]["value"], 4)
+    assert values[("custom", "test", "Bits per byte")] == round(metrics["bits_per_byte"]["value"], 4)
     assert json.loads((tmp_path / "eval_test.json").read_text()) == one_process_report
+
+
+def test_a_bos_adding_tokenizer_gives_every_method_the_same_stream(tmp_path, tiny_checkpoint, three_documents):
+    """No special tokens inside the text stream, whatever the tokenizer adds: train.py's blocks, the sliding
+    window and the documents score the same tokens with a tokenizer that adds BOS as with one that does not."""
+    from transformers import AutoTokenizer
+
+    bos_dir = tmp_path / "bos-tokenizer"
+    AutoTokenizer.from_pretrained(tiny_checkpoint, add_bos_token=True).save_pretrained(bos_dir)
+    bos_tokenizer = AutoTokenizer.from_pretrained(bos_dir)
+    assert bos_tokenizer("Hello")["input_ids"][0] == bos_tokenizer.bos_token_id  # it really adds BOS
+    data_args = DataArguments(test_file=str(three_documents), block_size=64)
+    reports = [evaluate_split(EvalArguments(model=str(tiny_checkpoint), tokenizer_name=name, stride=64, batch_size=4),
+                              data_args, Accelerator(cpu=True)) for name in (None, str(bos_dir))]
+    for report in reports:
+        for counts in report["counts"].values():
+            if isinstance(counts, dict):
+                counts.pop("tokens_per_second")
+    assert reports[1]["metrics"] == reports[0]["metrics"]
+    assert reports[1]["counts"] == reports[0]["counts"]
+    blocks, _ = prepare_lm_splits(load_raw_splits(data_args, 0, ("test",)), bos_tokenizer, 64)
+    assert bos_tokenizer.bos_token_id not in {t for block in blocks["test"]["input_ids"] for t in block}
+
+
+def eval_py_in_process(monkeypatch, *argv) -> None:
+    """eval.py's main as the command line runs it (the report goes to stdout)."""
+    import importlib
+
+    eval_py = importlib.import_module("eval")
+    monkeypatch.setattr(sys, "argv", ["eval.py", *map(str, argv)])
+    from wikigpt.errors import run_main
+
+    run_main(eval_py.main)
+
+
+def test_eval_of_a_train_run_folder_uses_its_block_size_and_leaves_the_card(tmp_path, tiny_checkpoint, small_files,
+                                                                           monkeypatch, capsys):
+    import shutil
+
+    from test_model_card import results_for
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run)
+    (run / "results.json").write_text(json.dumps({**results_for("from_scratch"), "block_size": 48}))
+    (run / "README.md").write_text("the run's own card\n")
+    args = ["--model", run, "--test_file", small_files["test"], "--methods", "blocks"]
+    eval_py_in_process(monkeypatch, *args)
+    report = json.loads(capsys.readouterr().out)
+    assert report["block_size"] == 48 and "blocks of 48 tokens" in report["metrics"]["perplexity"]["method"]
+    assert (run / "README.md").read_text() == "the run's own card\n"  # not asked to update it
+    assert not (run / "eval_test.json").exists()
+    eval_py_in_process(monkeypatch, *args, "--update_model_card")
+    assert "Perplexity (token-level)" in (run / "README.md").read_text()
+    assert json.loads((run / "eval_test.json").read_text())["block_size"] == 48
+    capsys.readouterr()
+    eval_py_in_process(monkeypatch, *args, "--block_size", 32)  # an explicit --block_size wins
+    assert json.loads(capsys.readouterr().out)["block_size"] == 32

@@ -6,7 +6,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from wikigpt.data import DataArguments
-from wikigpt.model_card import TOKEN_PPL_METHOD, dataset_info, write_model_card
+from wikigpt.model_card import TOKEN_PPL_METHOD, dataset_info, split_dataset_info, write_model_card
 
 
 def results_for(kind: str) -> dict:
@@ -34,6 +34,7 @@ def results_for(kind: str) -> dict:
 
 EVAL_PY = {
     "model": "out/gpt2-wt2", "split": "test", "dataset": "wikitext/wikitext-2-raw-v1",
+    "data": {"id": "wikitext", "config": "wikitext-2-raw-v1", "source": "hub"},
     "metrics": {
         "perplexity": {"value": 28.41, "method": "non-overlapping 1024-token blocks"},
         "sliding_window_perplexity": {"value": 25.12, "method": "stride 512, context 1024"},
@@ -106,6 +107,30 @@ def test_local_files_are_named_as_wikitext_only_when_they_are_wikitext_raw_files
     card = ModelCard.load(write_model_card(tmp_path, results))
     assert card.data.datasets is None
     assert {r.dataset_type for r in card.data.eval_results} == {"custom"}
+
+
+def test_eval_py_metrics_on_another_file_keep_their_own_label(tmp_path):
+    """A model trained on WikiText, scored by eval.py on some other file: its numbers are labelled with that file,
+    and train.py's WikiText test perplexity stays."""
+    on_notes = {**EVAL_PY, "data": {"id": None, "config": None, "source": "local files", "files": {"test": "notes.txt"}}}
+    card = ModelCard.load(write_model_card(tmp_path, results_for("from_scratch"), on_notes))
+    by_data = {(r.dataset_type, r.dataset_name, r.metric_name): r.metric_value for r in card.data.eval_results
+               if r.dataset_split == "test"}
+    assert by_data[("custom", "local text files (notes.txt)", "Perplexity (token-level)")] == 28.41
+    assert by_data[("custom", "local text files (notes.txt)", "Word-level perplexity")] == 71.3
+    assert by_data[("wikitext", "wikitext (wikitext-2-raw-v1)", "Perplexity (token-level)")] == round(math.exp(3.35), 4)
+    assert not any(t == "wikitext" and name != "Perplexity (token-level)" for t, _, name in by_data)
+
+
+def test_eval_splits_are_wikitext_only_as_that_splits_wikitext_file(tmp_path):
+    for name in ("wiki.test.raw", "wiki.valid.raw", "notes.raw"):
+        (tmp_path / name).write_text("text\n")
+    test_file = split_dataset_info(DataArguments(test_file=str(tmp_path / "wiki.test.raw")), "test")
+    assert (test_file["id"], test_file["config"]) == ("wikitext", "wikitext-2-raw-v1")
+    for name in ("wiki.valid.raw", "notes.raw"):  # another split's file, or another file, passed as --test_file
+        info = split_dataset_info(DataArguments(test_file=str(tmp_path / name)), "test")
+        assert info["id"] is None and info["files"] == {"test": name}
+    assert split_dataset_info(DataArguments(), "test")["id"] == "wikitext"  # the Hub dataset
 
 
 @pytest.mark.parametrize("kind", ["from_scratch", "pretrained"])

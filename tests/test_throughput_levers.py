@@ -1,5 +1,6 @@
 """Correctness guard for the speed levers that run on CPU (--pad_vocab_multiple): same losses as the plain path,
-perplexity and sampling over the real vocabulary only, padded checkpoints reload and resume, bad values refused.
+the padded width only inside the LM head's matmul, a saved model and checkpoints with the real vocabulary (what a plain
+from_pretrained scores is what eval.py and train.py report), exact resume, bad values refused.
 
 Tolerance: float32 on CPU, per-step training loss and final validation perplexity within relative 1e-5 of the
 unpadded run (measured on CPU: identical; the padded LM head is a wider matmul, whose rounding could differ elsewhere).
@@ -9,14 +10,16 @@ import json
 
 import pytest
 import torch
+from accelerate import Accelerator
 from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM
 
 from wikigpt.cli import parse_args
-from wikigpt.data import DataArguments
+from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits
 from wikigpt.metrics import compute_perplexity, nll_and_count
-from wikigpt.model import ModelArguments, load_causal_lm
-from wikigpt.padded_vocab import REAL_VOCAB_KEY
+from wikigpt.evaluation import EvalArguments, evaluate_split
+from wikigpt.model import ModelArguments, load_model
 from wikigpt.training import WikiTrainingArguments
 from conftest import REPO
 
@@ -55,8 +58,6 @@ def test_padded_vocab_trains_with_the_same_losses(runs):
         results["plain"]["validation"]["eval_perplexity"], rel=LOSS_RTOL)
     assert results["padded"]["validation"]["eval_tokens"] == results["plain"]["validation"]["eval_tokens"]
     assert results["padded"]["model"]["vocab_padded_to"] == PADDED_VOCAB
-    config = json.loads((runs["padded"] / "config.json").read_text())
-    assert config["vocab_size"] == PADDED_VOCAB and config[REAL_VOCAB_KEY] == REAL_VOCAB
 
 
 def blocks_of(micro_files, tokenizer, n=4, length=32):
@@ -75,40 +76,46 @@ def perplexity(model, ids) -> float:
     return compute_perplexity(Pred)["perplexity"]
 
 
-def make_padded_rows_huge(model):
+def test_padded_head_multiplies_at_the_padded_width(micro_files, tokenizer):
+    """The padding is real in memory: the LM head's matmul is 50304 wide, its output and its weight 50257."""
+    model, _ = load_model(ModelArguments(preset="tiny", config_overrides="n_embd=16", pad_vocab_multiple=64),
+                          tokenizer)
+    widths = []
+
+    class LinearWidths(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear:
+                widths.append(args[1].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), LinearWidths():
+        logits = model.eval()(blocks_of(micro_files, tokenizer, n=1)).logits
+    assert PADDED_VOCAB in widths and logits.shape[-1] == REAL_VOCAB
+    assert model.lm_head.weight.shape[0] == REAL_VOCAB
+
+
+def test_saved_padded_model_is_a_plain_real_vocabulary_model(runs, micro_files, tokenizer):
+    """lm-eval, pipelines and the Hub load the output folder with plain from_pretrained: 50257 logits, and the
+    perplexity eval.py and train.py report."""
+    out = runs["padded"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == REAL_VOCAB and "real_vocab_size" not in config
+    assert json.loads((out / "checkpoint-10" / "config.json").read_text())["vocab_size"] == REAL_VOCAB
+    data_args = DataArguments(validation_file=str(micro_files["validation"]), block_size=32)
+    blocks, _ = prepare_lm_splits(load_raw_splits(data_args, 0, ("validation",)), tokenizer, 32)
+    ids = torch.tensor(blocks["validation"]["input_ids"])
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert plain.config.vocab_size == REAL_VOCAB and not getattr(plain.generation_config, "suppress_tokens", None)
     with torch.no_grad():
-        model.get_input_embeddings().weight[REAL_VOCAB:] = 1e4  # a plain head would give them huge logits
+        assert plain(ids[:1]).logits.shape[-1] == REAL_VOCAB
+    report = evaluate_split(EvalArguments(model=str(out), split="validation", methods="blocks"), data_args,
+                            Accelerator(cpu=True))
+    assert perplexity(plain, ids) == pytest.approx(report["metrics"]["perplexity"]["value"], rel=1e-5)
+    train_py = json.loads((out / "results.json").read_text())["validation"]["eval_perplexity"]
+    assert report["metrics"]["perplexity"]["value"] == pytest.approx(train_py, rel=1e-5)
 
 
-def test_eval_perplexity_counts_only_the_real_vocabulary(runs, micro_files, tokenizer):
-    model = load_causal_lm(str(runs["padded"]), flag="--model").eval()
-    ids = blocks_of(micro_files, tokenizer)
-    with torch.no_grad():
-        assert model(ids).logits.shape[-1] == REAL_VOCAB
-    before = perplexity(model, ids)
-    make_padded_rows_huge(model)
-    assert perplexity(model, ids) == before
-    # The same weights without the slice (plain from_pretrained) would put the mass on the padded ids.
-    plain = AutoModelForCausalLM.from_pretrained(runs["padded"]).eval()
-    make_padded_rows_huge(plain)
-    assert perplexity(plain, ids) > 100 * before
-
-
-def test_padded_checkpoint_reloads_and_never_samples_a_padded_id(runs, micro_files, tokenizer):
-    prompt = blocks_of(micro_files, tokenizer, n=2, length=4)
-    wikigpt_model = load_causal_lm(str(runs["padded"] / "checkpoint-10"), flag="--model").eval()
-    plain = AutoModelForCausalLM.from_pretrained(runs["padded"]).eval()  # extra config key ignored
-    assert plain.config.vocab_size == PADDED_VOCAB
-    assert plain.generation_config.suppress_tokens == list(range(REAL_VOCAB, PADDED_VOCAB))
-    for model in (wikigpt_model, plain):
-        make_padded_rows_huge(model)
-        torch.manual_seed(0)
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
-                             max_new_tokens=12, pad_token_id=tokenizer.eos_token_id)
-        assert out.shape[1] == 16 and int(out.max()) < REAL_VOCAB
-
-
-def test_padded_run_resumes(runs, micro_files, monkeypatch, capsys):
+def test_padded_run_resumes(runs, micro_files, monkeypatch):
     out = runs["padded"]
     resumed_args = micro_args(micro_files, out, "--pad_vocab_multiple", 64, max_steps=STEPS, save_steps=10)
     original = losses(out)
@@ -116,12 +123,6 @@ def test_padded_run_resumes(runs, micro_files, monkeypatch, capsys):
     resumed = losses(out)
     for step in range(11, STEPS + 1):
         assert resumed[step] == pytest.approx(original[step], rel=LOSS_RTOL), step
-    # Without the flag the model does not fit the checkpoint: one line naming the flag to add.
-    unpadded_args = micro_args(micro_files, out, max_steps=STEPS, save_steps=10)
-    capsys.readouterr()
-    assert train_in_process([*unpadded_args, "--resume_from_checkpoint", out / "checkpoint-10"], monkeypatch) == 2
-    err = capsys.readouterr().err
-    assert "vocab_size 50304 there, 50257 here" in err and "--pad_vocab_multiple" in err
 
 
 @pytest.mark.parametrize("extra, message", [

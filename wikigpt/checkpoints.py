@@ -164,14 +164,20 @@ class ResumePlan:
         if not is_main_process:
             return
         for path, _ in self.skipped:
-            parent, name = os.path.split(os.path.normpath(path))
-            target = os.path.join(parent, CORRUPT_PREFIX + name)
-            suffix = 1
-            while os.path.exists(target):
-                suffix += 1
-                target = os.path.join(parent, f"{CORRUPT_PREFIX}{suffix}-{name}")
-            os.rename(path, target)
-            logger.warning("moved incomplete %s to %s", path, target)
+            set_aside(path)
+
+
+def set_aside(path: str) -> str:
+    """Rename a checkpoint folder (or file) to corrupt-NAME (corrupt-2-NAME, ... if taken); returns the new path."""
+    parent, name = os.path.split(os.path.normpath(path))
+    target = os.path.join(parent, CORRUPT_PREFIX + name)
+    suffix = 1
+    while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(parent, f"{CORRUPT_PREFIX}{suffix}-{name}")
+    os.rename(path, target)
+    logger.warning("moved incomplete %s to %s", path, target)
+    return target
 
 
 def normalize_resume_value(value) -> str | None:

@@ -20,7 +20,7 @@ from transformers import GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from .errors import UsageError
-from .padded_vocab import real_vocab_size
+from .padded_vocab import head_weight
 
 FLAG = "--chunked_loss_size"
 IGNORE_INDEX = -100  # transformers' ForCausalLMLoss default, and what the Trainer pads labels with
@@ -104,8 +104,9 @@ def _chunked_forward(self, input_ids=None, past_key_values=None, attention_mask=
     # As GPT2LMHeadModel.forward, with the LM head and loss replaced by the chunked loss.
     outputs = self.transformer(**args, **kwargs)
     loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
-    loss = chunked_causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels, self._chunked_loss_size,
-                                  real_vocab_size(self.config) or self.config.vocab_size, **loss_kwargs)
+    # head_weight: the padded-width weight when --pad_vocab_multiple is on (wikigpt.padded_vocab)
+    loss = chunked_causal_lm_loss(outputs.last_hidden_state, head_weight(self.lm_head), labels,
+                                  self._chunked_loss_size, self.lm_head.out_features, **loss_kwargs)
     return CausalLMOutputWithCrossAttentions(
         loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
         attentions=outputs.attentions, cross_attentions=outputs.cross_attentions)

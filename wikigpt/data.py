@@ -232,10 +232,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tokenize(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -> datasets.Dataset:
-    fingerprint = Hasher.hash(["tokenize-v1", ds._fingerprint, tokenizer_fingerprint(tokenizer)])
+    """Token ids of every row, without special tokens: one text stream, as every evaluation method reads it.
+
+    A tokenizer that adds BOS/EOS (add_special_tokens) would otherwise put one inside the stream per row, i.e.
+    per WikiText line; the sliding-window and document methods of eval.py tokenize without them too.
+    """
+    fingerprint = Hasher.hash(["tokenize-v2", ds._fingerprint, tokenizer_fingerprint(tokenizer)])
 
     def encode(batch):
-        return {"input_ids": tokenizer(batch["text"], return_attention_mask=False)["input_ids"]}
+        return {"input_ids": tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False)["input_ids"]}
 
     # Rows are longer than model_max_length only before grouping; the warning would be noise.
     tok_logger = logging.getLogger("transformers.tokenization_utils_base")

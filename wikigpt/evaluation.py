@@ -9,6 +9,7 @@ from . import __version__
 from .data import SPLITS, DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size
 from .errors import UsageError
 from .metrics import load_corpus_perplexity
+from .model_card import split_dataset_info, write_model_card
 from .model import ModelArguments, context_length, load_causal_lm, load_tokenizer, resolve_dtype
 from .results import write_json_atomic
 from .scoring import block_windows, rolling_windows, score_windows, sliding_windows
@@ -38,9 +39,10 @@ class EvalArguments:
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16, float16 or auto."})
     output_file: str | None = field(default=None, metadata={"help": "Also write the JSON report here."})
     update_model_card: bool = field(
-        default=True, metadata={"help": "When --model is a train.py output folder (it has results.json), save the "
-                                        "report there as eval_<split>.json and add its metrics to the model card "
-                                        "(README.md). --no_update_model_card leaves the folder untouched."}
+        default=False, metadata={"help": "When --model is a train.py output folder (it has results.json), save the "
+                                         "report there as eval_<split>.json and add its metrics to the model card "
+                                         "(README.md), labelled with the data scored. Default: the folder is left "
+                                         "untouched."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of the validation hold-out when only train is given."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repo to run."})
@@ -65,6 +67,16 @@ def check_eval_args(args: EvalArguments) -> list[str]:
             raise UsageError(f"--model {args.model!r} holds no tokenizer files; pass --tokenizer_name DIR "
                              f"(the tokenizer the model was trained with)")
     return methods
+
+
+def run_block_size(model: str) -> int | None:
+    """The block size a train.py run recorded in its output folder (results.json), or None for any other model."""
+    try:
+        with open(os.path.join(model, "results.json"), encoding="utf-8") as f:
+            block_size = json.load(f).get("block_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return block_size if isinstance(block_size, int) and block_size > 0 else None
 
 
 def resolve_stride(stride: int | None, context: int) -> int:
@@ -106,7 +118,8 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
     tokenizer, model, dtype = load_for_eval(args, accelerator)
     context = context_length(model.config)
     stride = resolve_stride(args.stride, context)
-    block_size = resolve_block_size(data_args.block_size, context)
+    # A train.py run folder defaults to the run's own block size, so `perplexity` is train.py's number.
+    block_size = resolve_block_size(data_args.block_size or run_block_size(args.model), context)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
         raw = load_raw_splits(data_args, args.seed, required=(args.split,))
         rows = raw[args.split]
@@ -160,6 +173,7 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
         f"{data_args.dataset_name}/{data_args.dataset_config_name}"
     return {
         "wikigpt_version": __version__, "model": args.model, "split": args.split, "dataset": source,
+        "data": split_dataset_info(data_args, args.split),
         "dtype": str(dtype).replace("torch.", ""), "context": context, "block_size": block_size, "stride": stride,
         "processes": accelerator.num_processes, "metrics": metrics, "counts": {"rows": len(rows), **details},
     }
@@ -167,8 +181,6 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
 
 def update_model_card(model_dir: str, report: dict) -> str | None:
     """Add eval.py's metrics to a train.py run's model card; returns the card's path, None if not a run folder."""
-    from .model_card import write_model_card  # huggingface_hub's card machinery, only when needed
-
     results_path = os.path.join(model_dir, "results.json")
     if not os.path.isfile(results_path):
         return None

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from .chunked_loss import check_chunked_loss_args, use_chunked_loss
 from .errors import UsageError, loading
-from .padded_vocab import check_pad_vocab_args, pad_vocab, use_real_vocab
+from .padded_vocab import check_pad_vocab_args, pad_vocab, padded_size
 
 # Sizes from the GPT-2 paper (Radford et al., 2019); `tiny` is a CPU smoke model (< 1M non-embedding params).
 PRESETS: dict[str, dict] = {
@@ -150,7 +150,7 @@ def load_model(args: ModelArguments, tokenizer):
         source = {"kind": "from_scratch", "preset": args.preset or DEFAULT_PRESET,
                   "config_overrides": args.config_overrides}
         if args.pad_vocab_multiple:
-            source["vocab_padded_to"] = model.config.vocab_size
+            source["vocab_padded_to"] = padded_size(model.config.vocab_size, args.pad_vocab_multiple)
     if args.chunked_loss_size:
         use_chunked_loss(model, args.chunked_loss_size)
     source["parameters"] = model.num_parameters()
@@ -204,7 +204,7 @@ def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dty
     with loading(flag, name, CHECKPOINT_HINT):
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype,
                                                      use_safetensors=None if allow_pickle else True)
-    return use_real_vocab(mark_causal_lm_loss(model))  # a padded vocabulary (wikigpt.padded_vocab) stays sliced
+    return mark_causal_lm_loss(model)
 
 
 def mark_causal_lm_loss(model):

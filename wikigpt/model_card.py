@@ -43,6 +43,20 @@ def dataset_info(data_args) -> dict:
             "files": {s: os.path.basename(p) for s, p in files.items()}}
 
 
+def split_dataset_info(data_args, split: str) -> dict:
+    """Which dataset eval.py's `split` came from, as the card names it: the Hub dataset, or a local file named as
+    WikiText's file of that split (wiki.test.raw for test); any other file is "custom", whatever the model was
+    trained on."""
+    files = _local_files(data_args)
+    if not files:
+        return {"id": data_args.dataset_name, "config": data_args.dataset_config_name, "source": "hub"}
+    name = os.path.basename(files[split][1]) if split in files else None
+    if name == WIKITEXT_RAW_NAMES[split]:
+        return {"id": data_args.dataset_name, "config": data_args.dataset_config_name, "source": "local files",
+                "files": {split: name}}
+    return {"id": None, "config": None, "source": "local files", "files": {split: name}}
+
+
 def precision(training_args) -> str:
     # mixed_precision also holds what `accelerate launch` set (ACCELERATE_MIXED_PRECISION) without --bf16
     mixed = getattr(training_args, "mixed_precision", None)
@@ -99,10 +113,10 @@ def _split_label(dataset: dict) -> tuple[str, str]:
 def eval_results_list(results: dict, eval_results: dict | None = None) -> list[EvalResult]:
     """Token-level perplexity on validation/test from train.py; plus every metric of eval.py's results."""
     dataset = results.get("dataset", {})
-    dataset_type, dataset_name = _split_label(dataset)
     block_size = results.get("block_size")
 
-    def entry(split, metric_type, value, name, args):
+    def entry(dataset, split, metric_type, value, name, args):
+        dataset_type, dataset_name = _split_label(dataset)
         return EvalResult(task_type=TASK, task_name="Causal language modeling", dataset_type=dataset_type,
                           dataset_name=dataset_name, dataset_config=dataset.get("config"), dataset_split=split,
                           metric_type=metric_type, metric_value=round(float(value), 4), metric_name=name,
@@ -114,17 +128,20 @@ def eval_results_list(results: dict, eval_results: dict | None = None) -> list[E
         if f"{prefix}_perplexity" in metrics:
             args = {"method": TOKEN_PPL_METHOD.format(block_size=block_size), "block_size": block_size,
                     "tokens": metrics.get(f"{prefix}_tokens"), "source": "train.py"}
-            entries[(split, "perplexity")] = entry(split, "perplexity", metrics[f"{prefix}_perplexity"],
-                                                   "Perplexity (token-level)", args)
+            entries[(_split_label(dataset), split, "perplexity")] = entry(
+                dataset, split, "perplexity", metrics[f"{prefix}_perplexity"], "Perplexity (token-level)", args)
     if eval_results:
         split = eval_results.get("split", "test")
+        # eval.py's data is labelled as itself (split_dataset_info), never as the training dataset
+        eval_dataset = eval_results.get("data") or {"id": None, "files": {split: str(eval_results.get("dataset"))}}
         for key, metric in eval_results.get("metrics", {}).items():
             if not isinstance(metric, dict) or not isinstance(metric.get("value"), (int, float)):
                 continue
             metric_type, name = EVAL_METRICS.get(key, (key, key.replace("_", " ").capitalize()))
             args = {"method": metric.get("method"), "source": "eval.py"}
-            # eval.py's numbers replace train.py's for the same split and metric key
-            entries[(split, key)] = entry(split, metric_type, metric["value"], name, args)
+            # eval.py's numbers replace train.py's for the same dataset, split and metric key
+            entries[(_split_label(eval_dataset), split, key)] = entry(eval_dataset, split, metric_type,
+                                                                      metric["value"], name, args)
     return list(entries.values())
 
 

@@ -1,23 +1,21 @@
-"""Vocabulary padding: the embedding and LM head rounded up to a multiple of N (e.g. 64); the tokenizer is unchanged.
+"""Vocabulary padding: the LM head's matmul runs N-wide (e.g. 64), the weights and the tokenizer keep their size.
 
 GPT-2's LM head (768 x 50257) is the largest matmul in the model, and 50257 is odd: GPU matmul kernels run on
-full tiles only when the width is a multiple of 64/128, so nanoGPT pads it to 50304. The padded ids are never
-produced by the tokenizer, and here they are sliced off the logits right after the LM head: the loss, perplexity
-and sampling see exactly the real vocabulary, padded ids get no probability mass and no gradient (their weight
-rows start at zero and stay zero).
-
-A saved folder keeps the padded shapes and records `real_vocab_size` in config.json; `wikigpt.model.load_causal_lm`
-(train.py, eval.py, generate.py) puts the slice back. A plain `AutoModelForCausalLM.from_pretrained` loads the folder
-too (it ignores the extra key): its logits then have the padded width with 0 in the padded columns, and the saved
-generation_config.json suppresses the padded ids, so its `generate` never emits one either.
+full tiles only when the width is a multiple of 64/128, so nanoGPT pads it to 50304. Here the padding exists only
+inside the head's forward: the (tied) weight is zero-padded to 50304 rows for the matmul and the logits are sliced
+back to 50257 right after it. The parameters, config.json, checkpoints and the saved model keep the real
+vocabulary, so a plain `AutoModelForCausalLM.from_pretrained` (lm-eval, pipelines, the Hub widget) sees exactly
+the model train.py and eval.py score, and resuming needs nothing special. The loss, perplexity and sampling see
+the real vocabulary only; the padded ids do not exist outside the matmul.
 """
 
+from types import MethodType
+
 import torch
-from transformers.loss.loss_utils import ForCausalLMLoss
+import torch.nn.functional as F
 
 from .errors import UsageError
 
-REAL_VOCAB_KEY = "real_vocab_size"  # config.json field: tokenizer-sized vocabulary inside the padded matrices
 FLAG = "--pad_vocab_multiple"
 
 
@@ -36,48 +34,33 @@ def padded_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def real_vocab_size(config) -> int | None:
-    """The tokenizer-sized vocabulary of a padded model, or None when the model is not padded."""
-    real = getattr(config, REAL_VOCAB_KEY, None)
-    return real if isinstance(real, int) and 0 < real < config.vocab_size else None
+def head_weight(head: torch.nn.Linear) -> torch.Tensor:
+    """The LM head's weight as its matmul uses it: zero-padded to the padded width when the model is padded."""
+    extra = getattr(head, "_padded_rows", 0)
+    return F.pad(head.weight, (0, 0, 0, extra)) if extra else head.weight
+
+
+def head_width(model) -> int:
+    """Columns of the LM head's matmul: the padded vocabulary when padded, else the vocabulary."""
+    head = model.get_output_embeddings()
+    return head.out_features + getattr(head, "_padded_rows", 0)
+
+
+def _padded_head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    # The matmul is padded-width (full GPU tiles); the padded columns are dropped before anyone sees them.
+    return F.linear(hidden, head_weight(self), self.bias)[..., : self.out_features]
 
 
 def pad_vocab(model, multiple: int):
-    """Pad a freshly built model's token embedding (and tied LM head) with zero rows to a multiple of `multiple`.
+    """Run the model's LM-head matmul at the vocabulary rounded up to a multiple of `multiple` (in memory only).
 
-    The real rows keep their initial values, so a padded model starts from the same weights as an unpadded one.
+    Nothing about the weights changes: the model computes the same logits, and saves and loads as before.
     """
-    real = model.config.vocab_size
-    padded = padded_size(real, multiple)
-    if padded == real:
-        return model  # already a multiple: nothing to slice
-    model.resize_token_embeddings(padded, mean_resizing=False)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[real:].zero_()
-        head = model.get_output_embeddings()
-        if head is not None and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-            head.weight[real:].zero_()  # untied head
-    setattr(model.config, REAL_VOCAB_KEY, real)
-    # For plain from_pretrained + generate, which cannot know about the slice.
-    model.generation_config.suppress_tokens = list(range(real, padded))
-    return use_real_vocab(model)
-
-
-def real_vocab_loss(logits, labels, vocab_size=None, **kwargs):
-    """The model's causal-LM loss over the logits it returns (real vocabulary), not config.vocab_size columns."""
-    return ForCausalLMLoss(logits.float().contiguous(), labels, vocab_size=logits.shape[-1], **kwargs)
-
-
-def use_real_vocab(model):
-    """If the config says the vocabulary is padded, slice the LM head's output to the real vocabulary (idempotent)."""
-    real = real_vocab_size(model.config)
     head = model.get_output_embeddings()
-    if real is None or head is None or getattr(model, "_real_vocab_hook", None) is not None:
-        return model
-
-    def keep_real_columns(module, inputs, logits):
-        return logits[..., :real]
-
-    model._real_vocab_hook = head.register_forward_hook(keep_real_columns)
-    model.loss_function = real_vocab_loss
+    if head is None or not isinstance(head, torch.nn.Linear):
+        raise UsageError(f"{FLAG} needs a model whose LM head is a plain linear layer (GPT-2); drop {FLAG}")
+    extra = padded_size(head.out_features, multiple) - head.out_features
+    if extra:
+        head._padded_rows = extra
+        head.forward = MethodType(_padded_head_forward, head)
     return model
