@@ -2,10 +2,14 @@
 
 `--early_stopping_patience N` turns on the Trainer's own machinery: `load_best_model_at_end` (the best checkpoint
 is kept through `--save_total_limit` rotation and loaded after training, so train.py's final save and its
-validation/test numbers are the best model's), `metric_for_best_model` = validation `perplexity` (lower is better)
-unless given, and `EarlyStoppingCallback` (stops after N evaluations without an improvement larger than
+validation/test numbers are the best model's), `metric_for_best_model` = validation `perplexity` unless given,
+and `EarlyStoppingCallback` (stops after N evaluations without an improvement larger than
 `--early_stopping_threshold`). Its counter is saved in checkpoints and restored on resume
 (`restore_callback_states_from_checkpoint`, turned on with it).
+
+Perplexities and losses are lower-is-better, with or without early stopping (`--load_best_model_at_end` alone),
+unless --greater_is_better says otherwise. The callback is removed after training: the final validation and test
+evaluations are reports, not patience steps.
 """
 
 from transformers import EarlyStoppingCallback

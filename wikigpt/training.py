@@ -16,7 +16,9 @@ class WikiTrainingArguments(TrainingArguments):
 
     output_dir: str | None = field(default="out/wikigpt", metadata={"help": "Where the model and results go."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into a non-empty --output_dir (its files may be replaced)."}
+        default=False, metadata={"help": "Allow writing into a non-empty --output_dir (its files may be replaced). A new run there "
+                          "renames the earlier run's checkpoint-N folders to previous-run-checkpoint-N, so it never "
+                          "resumes from, rotates or names them."}
     )
     learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate (6e-4: GPT-2 small from scratch)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warmup."})
