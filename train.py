@@ -17,7 +17,7 @@ from wikigpt import __version__
 from wikigpt.checkpoints import plan_resume
 from wikigpt.cli import parse_args
 from wikigpt.data import DataArguments, check_data_args, load_raw_splits, prepare_lm_splits, resolve_block_size
-from wikigpt.early_stopping import best_model_summary, early_stopping_callbacks
+from wikigpt.early_stopping import best_model_summary, early_stopping_callbacks, end_early_stopping
 from wikigpt.errors import run_main
 from wikigpt.hub import defer_push, push_after_local_save
 from wikigpt.metrics import compute_perplexity, nll_and_count
@@ -43,7 +43,8 @@ def main() -> None:
     check_model_args(model_args)
     check_data_args(data_args)
     check_numerics_args(training_args)
-    resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                         training_args.overwrite_output_dir)
     training_args.resume_from_checkpoint = resume.path
     check_output_dir(training_args)
     check_report_to(training_args)
@@ -70,7 +71,7 @@ def main() -> None:
                       compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
                       callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
                                  *early_stopping_callbacks(training_args), *reblocking])
-    resume.set_aside_skipped(trainer.is_world_process_zero())
+    resume.set_aside(trainer.is_world_process_zero())  # skipped checkpoints, an overwritten run's
     throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
                                          training_args.peak_flops)
     start = time.time()
@@ -80,6 +81,7 @@ def main() -> None:
     train_seconds = time.time() - start
     nan_guard.raise_if_diverged(training_args)  # before anything below saves the broken model
     preemption.exit_if_interrupted(training_args.output_dir, trainer.is_world_process_zero())
+    end_early_stopping(trainer)  # the evaluations below are reports, not patience steps
     with writing(output_dir, "the final model", is_main):
         trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
         trainer.save_state()

@@ -1,11 +1,13 @@
 """Early stopping and best-checkpoint selection from the command line (wikigpt/early_stopping.py)."""
 
 import json
+import logging
 
 import pytest
 import torch
 from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer
 
 from wikigpt.cli import parse_args
 from wikigpt.errors import UsageError
@@ -41,13 +43,44 @@ def test_stops_after_patience_evaluations_and_ends_with_the_best_checkpoint(micr
 
 def test_threshold_counts_only_large_improvements(micro_files, tmp_path, monkeypatch):
     # No improvement is larger than 1e9 perplexity: the first evaluation sets the best, two more end the run.
+    # The run also reports a test split: its evaluation must not reach EarlyStoppingCallback, which would warn that
+    # it "did not find eval_perplexity" (and count the final validation evaluation as one more patience step).
     out = tmp_path / "run"
     argv = micro_args(micro_files, out, max_steps=20) + _every_2_steps(
-        "--early_stopping_patience", 2, "--early_stopping_threshold", 1e9)
-    assert train_in_process(argv, monkeypatch) == 0
-    best = json.loads((out / "results.json").read_text())["best_model"]
+        "--early_stopping_patience", 2, "--early_stopping_threshold", 1e9, "--test_file", micro_files["validation"])
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        assert train_in_process(argv, monkeypatch) == 0
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    results = json.loads((out / "results.json").read_text())
+    best = results["best_model"]
     assert best["stopped_at_step"] == 6 and best["metric"] == "perplexity" and best["greater_is_better"] is False
     assert best["best_global_step"] == 6  # lower perplexity is still the better checkpoint
+    assert results["test"]["test_perplexity"] == pytest.approx(results["validation"]["eval_perplexity"])
+    assert [w for w in warnings if "early stopping" in w] == []
+
+
+@pytest.mark.parametrize("argv, greater_is_better", [
+    (["--load_best_model_at_end", "--metric_for_best_model", "perplexity"], False),
+    (["--early_stopping_patience", "2", "--metric_for_best_model", "perplexity"], False),
+    (["--early_stopping_patience", "2", "--metric_for_best_model", "eval_perplexity"], False),
+    (["--early_stopping_patience", "2", "--metric_for_best_model", "token_loss"], False),
+    (["--early_stopping_patience", "2", "--metric_for_best_model", "perplexity", "--greater_is_better", "true"], True),
+])
+def test_a_named_perplexity_or_loss_keeps_the_lowest(argv, greater_is_better, tmp_path):
+    (args,) = parse_args((WikiTrainingArguments,), ["--output_dir", str(tmp_path), "--report_to", "none", *argv])
+    assert args.greater_is_better is greater_is_better
+    # The Trainer's own choice of the best checkpoint over three validation perplexities.
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=50, n_positions=16))
+    trainer = Trainer(model=model, args=args, eval_dataset=[{"input_ids": torch.zeros(4, dtype=torch.long)}])
+    for step, perplexity in ((2, 30.0), (4, 20.0), (6, 25.0)):
+        trainer.state.global_step = step
+        trainer._determine_best_metric({"eval_perplexity": perplexity, "eval_token_loss": perplexity / 10}, None)
+    assert trainer.state.best_global_step == (2 if greater_is_better else 4)
 
 
 def test_flags_turn_on_the_trainers_best_model_machinery():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from runs import make_checkpoint, micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 from safetensors.torch import load_file
-from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import GPT2LMHeadModel
 
 from wikigpt.errors import UsageError
 from wikigpt.numerics import EXIT_DIVERGED, NonFiniteGuard, TrainingDiverged, check_numerics_args
@@ -117,13 +117,3 @@ def test_fp16_on_cpu_is_refused():
     args = SimpleNamespace(learning_rate=6e-4, max_grad_norm=1.0, fp16=True, bf16=False, device=torch.device("cpu"))
     with pytest.raises(UsageError, match=r"--fp16 needs a GPU: on CPU accelerate applies neither"):
         check_numerics_args(args)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling exists only on GPU (CPU has no scaler)")
-def test_fp16_uses_dynamic_loss_scaling(tmp_path):
-    from transformers import GPT2Config
-
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=100, n_positions=32))
-    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), fp16=True, report_to="none"))
-    scaler = trainer.accelerator.scaler
-    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() and scaler.get_scale() == 2.0**16

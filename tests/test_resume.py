@@ -85,3 +85,20 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes(tmp_path, micro_files,
 
     assert train_in_process([*micro_args(micro_files, out), "--resume_from_checkpoint", "latest"], monkeypatch) == 0
     assert_same_run(out, reference, resumed_after=7)
+
+
+def test_overwrite_output_dir_never_resumes_or_names_the_earlier_run(tmp_path, micro_files, monkeypatch):
+    # Run A leaves checkpoint-4 and checkpoint-6; run B, with --overwrite_output_dir, saves only checkpoint-2.
+    from wikigpt.checkpoints import last_good_checkpoint, plan_resume
+
+    out = tmp_path / "run"
+    assert train_in_process(micro_args(micro_files, out, max_steps=6, save_steps=2), monkeypatch) == 0
+    argv = micro_args(micro_files, out, "--overwrite_output_dir", "--seed", 7, max_steps=2, save_steps=2)
+    assert train_in_process(argv, monkeypatch) == 0
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == [
+        "checkpoint-2", "previous-run-checkpoint-4", "previous-run-checkpoint-6"]
+    # `latest` and the preemption/NaN messages (last_good_checkpoint) see run B's checkpoint only.
+    assert plan_resume("latest", str(out)).path == str(out / "checkpoint-2")
+    assert last_good_checkpoint(str(out)) == str(out / "checkpoint-2")
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["max_steps"] == 2

@@ -1,10 +1,18 @@
 """Trainer checkpoints: is a checkpoint-N folder complete, which one to resume from, does it fit the model.
 
-The Trainer saves a checkpoint in this order: weights, optimizer.pt, scheduler.pt, rng_state.pth, and
+The Trainer saves a checkpoint in this order: the model, the optimizer and scheduler, rng_state*.pth, and
 trainer_state.json last, each file written in place. A save killed half-way therefore lacks
 trainer_state.json or has a truncated file; `checkpoint_problem` finds both without loading anything
-(safetensors: header vs file size; torch files: the zip directory at their end), so a half-written
-checkpoint never passes for a complete one.
+(safetensors: header vs file size; torch files: the zip directory at their end; torch.distributed.checkpoint
+folders: their .metadata, written after every shard), so a half-written checkpoint never passes for a complete one.
+
+Three layouts, as Trainer._save_checkpoint writes them (transformers 5.24, accelerate's FSDP savers):
+- plain (one device, DDP): model.safetensors (or shards, or pytorch_model.bin), optimizer.pt, scheduler.pt;
+- FSDP: pytorch_model_fsdp*.bin or pytorch_model_fsdp_N/ (sharded: no model.safetensors), optimizer*.bin or
+  optimizer_N/, scheduler.pt;
+- DeepSpeed: a global_stepN/ folder holding the model, optimizer and scheduler states (scheduler.pt only with
+  a scheduler DeepSpeed does not manage).
+All of them: rng_state.pth (rng_state_R.pth per process), then trainer_state.json.
 """
 
 import json
@@ -15,12 +23,20 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 
+from accelerate.utils.constants import FSDP_MODEL_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # what the Trainer writes and rotates
-CORRUPT_PREFIX = "corrupt-"  # set-aside name; the Trainer's rotation globs "checkpoint-*" and never sees it
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # what the Trainer writes and rotates
+# Set-aside names: the Trainer's rotation, `latest` and the Hub upload all skip them (wikigpt.hub).
+CORRUPT_PREFIX = "corrupt-"  # an incomplete checkpoint skipped by `latest`, kept for inspection
+PREVIOUS_RUN_PREFIX = "previous-run-"  # a checkpoint of the run an --overwrite_output_dir run replaced
+SET_ASIDE_PREFIXES = (CORRUPT_PREFIX, PREVIOUS_RUN_PREFIX)
+FSDP_OPTIMIZER = re.compile(r"^optimizer(_\d+)?(_rank\d+)?\.bin$")  # accelerate's save_fsdp_optimizer files
+FSDP_OPTIMIZER_DIR = re.compile(r"^optimizer_\d+$")  # ... and its torch.distributed.checkpoint folders
 LATEST = "latest"
 # Values of --resume_from_checkpoint that mean "the newest complete checkpoint in --output_dir".
 LATEST_WORDS = {LATEST, "last", "true", "yes"}
@@ -56,6 +72,12 @@ def _torch_file_problem(path: str) -> str | None:
     return None
 
 
+def weights_present(path: str) -> bool:
+    """Whether model folder `path` holds weights from_pretrained can load (complete or not)."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in
+               ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"))
+
+
 def weights_problem(path: str) -> str | None:
     """Why the weights in model folder `path` are missing or truncated, or None (also usable for a final model)."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -81,8 +103,49 @@ def weights_problem(path: str) -> str | None:
     return "model.safetensors is missing"
 
 
+def _dcp_problem(path: str) -> str | None:
+    # torch.distributed.checkpoint writes every shard, then .metadata: without it the save did not finish.
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        return f"{os.path.basename(path)}/.metadata is missing (the sharded save did not finish)"
+    return None
+
+
+def _torch_files_problem(path: str, names: list[str]) -> str | None:
+    for name in names:
+        if problem := _torch_file_problem(os.path.join(path, name)):
+            return problem
+    return None
+
+
+def _deepspeed_problem(path: str, folders: list[str]) -> str | None:
+    """DeepSpeed's engine.save_checkpoint: global_stepN/ with *model_states.pt and *optim_states.pt."""
+    for folder in folders:
+        names = sorted(os.listdir(os.path.join(path, folder)))
+        for kind in ("model_states.pt", "optim_states.pt"):
+            if not any(n.endswith(kind) for n in names):
+                return f"{folder} has no *{kind} (the DeepSpeed save did not finish)"
+        if problem := _torch_files_problem(os.path.join(path, folder), [n for n in names if n.endswith(".pt")]):
+            return f"{folder}/{problem}"
+    return None
+
+
+def _fsdp_problem(path: str, names: list[str]) -> str | None:
+    """accelerate's save_fsdp_model/save_fsdp_optimizer: .bin files (full or per-rank) or DCP folders (sharded)."""
+    is_dir = {n: os.path.isdir(os.path.join(path, n)) for n in names}
+    model_files = [n for n in names if n.startswith(FSDP_MODEL_NAME) and n.endswith(".bin") and not is_dir[n]]
+    model_dirs = [n for n in names if n.startswith(FSDP_MODEL_NAME) and is_dir[n]]
+    optimizer_files = [n for n in names if FSDP_OPTIMIZER.match(n) and not is_dir[n]]
+    optimizer_dirs = [n for n in names if FSDP_OPTIMIZER_DIR.match(n) and is_dir[n]]
+    if not (optimizer_files or optimizer_dirs):
+        return "optimizer.bin is missing (FSDP optimizer state)"
+    for name in model_dirs + optimizer_dirs:
+        if problem := _dcp_problem(os.path.join(path, name)):
+            return problem
+    return _torch_files_problem(path, model_files + optimizer_files)
+
+
 def checkpoint_problem(path: str) -> str | None:
-    """Why `path` is not a complete Trainer checkpoint to resume from, or None when it is."""
+    """Why `path` is not a complete Trainer checkpoint to resume from (any layout above), or None when it is."""
     if not os.path.isdir(path):
         return "not a directory"
     state_file = os.path.join(path, "trainer_state.json")
@@ -97,21 +160,27 @@ def checkpoint_problem(path: str) -> str | None:
     match = CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(path)))
     if match and int(match.group(1)) != step:
         return f"trainer_state.json says step {step}, the folder name says {match.group(1)}"
-    if problem := weights_problem(path):
+    names = sorted(os.listdir(path))
+    deepspeed = [n for n in names if n.startswith("global_step") and os.path.isdir(os.path.join(path, n))]
+    fsdp = any(n.startswith(FSDP_MODEL_NAME) for n in names)
+    # FSDP (sharded) and DeepSpeed ZeRO-3 keep the weights in their own files; model.safetensors is then absent.
+    if (not (fsdp or deepspeed) or weights_present(path)) and (problem := weights_problem(path)):
         return problem
-    for name in ("optimizer.pt", "scheduler.pt"):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return f"{name} is missing"
-        if problem := _torch_file_problem(file):
-            return problem
-    rng_files = [n for n in os.listdir(path) if n.startswith("rng_state") and n.endswith(".pth")]
+    if deepspeed:
+        problem = _deepspeed_problem(path, deepspeed)
+    elif fsdp:
+        problem = _fsdp_problem(path, names)
+    else:
+        problem = None if os.path.isfile(os.path.join(path, "optimizer.pt")) else "optimizer.pt is missing"
+        problem = problem or _torch_file_problem(os.path.join(path, "optimizer.pt"))
+    if problem:
+        return problem
+    if not deepspeed and "scheduler.pt" not in names:  # DeepSpeed keeps the scheduler in global_stepN/
+        return "scheduler.pt is missing"
+    rng_files = [n for n in names if n.startswith("rng_state") and n.endswith(".pth")]
     if not rng_files:
         return "rng_state.pth is missing (resuming would change dropout and data order)"
-    for name in sorted(rng_files) + (["scaler.pt"] if os.path.isfile(os.path.join(path, "scaler.pt")) else []):
-        if problem := _torch_file_problem(os.path.join(path, name)):
-            return problem
-    return None
+    return _torch_files_problem(path, [n for n in names if n in ("scheduler.pt", "scaler.pt")] + rng_files)
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -132,19 +201,41 @@ def last_good_checkpoint(output_dir: str, before_step: int | None = None) -> str
     return None
 
 
+def set_aside(path: str, prefix: str = CORRUPT_PREFIX) -> str:
+    """Rename a folder (or file) to PREFIX+NAME (PREFIX2-NAME, ... if taken); returns the new path."""
+    parent, name = os.path.split(os.path.normpath(path))
+    target = os.path.join(parent, prefix + name)
+    suffix = 1
+    while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(parent, f"{prefix}{suffix}-{name}")
+    os.rename(path, target)
+    return target
+
+
+def in_output_dir(checkpoint: str, output_dir: str) -> bool:
+    """Whether `checkpoint` is one of `output_dir`'s own checkpoint folders."""
+    return os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) == os.path.realpath(output_dir)
+
+
 @dataclass
 class ResumePlan:
-    """Where training resumes from (None: a fresh run), and the incomplete checkpoints skipped to get there."""
+    """Where training resumes from (None: a fresh run), the incomplete checkpoints skipped to get there, and the
+    checkpoints of an earlier run in --output_dir that this run replaces (--overwrite_output_dir)."""
 
     path: str | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    previous_run: list[str] = field(default_factory=list)
 
     def check_model(self, config) -> None:
         """The checkpoint's weights must fit `config`; otherwise loading them fails with a shape error."""
         if self.path is None:
             return
+        config_file = os.path.join(self.path, "config.json")
+        if not os.path.exists(config_file) and not weights_present(self.path):
+            return  # FSDP sharded state (pytorch_model_fsdp_0/): the Trainer saves no config.json beside it
         try:
-            with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
+            with open(config_file, encoding="utf-8") as f:
                 saved = json.load(f)
         except (OSError, ValueError) as err:
             raise UsageError(f"{RESUME_FLAG} {self.path!r} has no readable config.json ({err}); "
@@ -158,26 +249,17 @@ class ResumePlan:
                 f"original run's --preset/--config_overrides/--pad_vocab_multiple/--model_name_or_path/--tokenizer_name, "
                 f"or start a new run in a new --output_dir")
 
-    def set_aside_skipped(self, is_main_process: bool) -> None:
-        """Rename skipped checkpoints to corrupt-checkpoint-N: kept for inspection, but out of the Trainer's
-        rotation (they would count against --save_total_limit) and out of the way of the re-save of step N."""
+    def set_aside(self, is_main_process: bool) -> None:
+        """Rename skipped checkpoints to corrupt-checkpoint-N and an earlier run's to previous-run-checkpoint-N:
+        kept for inspection, but out of the Trainer's rotation (they would count against --save_total_limit), out
+        of `latest` and of the preemption and NaN messages, and out of the way of this run's own saves."""
         if not is_main_process:
             return
         for path, _ in self.skipped:
-            set_aside(path)
-
-
-def set_aside(path: str) -> str:
-    """Rename a checkpoint folder (or file) to corrupt-NAME (corrupt-2-NAME, ... if taken); returns the new path."""
-    parent, name = os.path.split(os.path.normpath(path))
-    target = os.path.join(parent, CORRUPT_PREFIX + name)
-    suffix = 1
-    while os.path.exists(target):
-        suffix += 1
-        target = os.path.join(parent, f"{CORRUPT_PREFIX}{suffix}-{name}")
-    os.rename(path, target)
-    logger.warning("moved incomplete %s to %s", path, target)
-    return target
+            logger.warning("moved incomplete %s to %s", path, set_aside(path, CORRUPT_PREFIX))
+        for path in self.previous_run:
+            logger.warning("--overwrite_output_dir: moved %s of the earlier run to %s", path,
+                           set_aside(path, PREVIOUS_RUN_PREFIX))
 
 
 def normalize_resume_value(value) -> str | None:
@@ -194,9 +276,20 @@ def normalize_resume_value(value) -> str | None:
     return text
 
 
-def plan_resume(value, output_dir: str) -> ResumePlan:
-    """Pick the checkpoint to resume from; incomplete ones are skipped for the previous good one (one log line each)."""
-    choice = normalize_resume_value(value)
+def plan_resume(value, output_dir: str, overwrite_output_dir: bool = False) -> ResumePlan:
+    """Pick the checkpoint to resume from; incomplete ones are skipped for the previous good one (one log line each).
+
+    A run that does not continue one of --output_dir's own checkpoints (a fresh start, or a checkpoint from
+    elsewhere) with --overwrite_output_dir replaces the earlier run there: its checkpoints are set aside, so that
+    this run never resumes from, rotates or names them.
+    """
+    plan = _choose_checkpoint(normalize_resume_value(value), output_dir)
+    if overwrite_output_dir and not (plan.path and in_output_dir(plan.path, output_dir)):
+        plan.previous_run = list_checkpoints(output_dir)
+    return plan
+
+
+def _choose_checkpoint(choice: str | None, output_dir: str) -> ResumePlan:
     if choice is None:
         return ResumePlan()
     if choice != LATEST:

@@ -2,10 +2,14 @@
 
 `--early_stopping_patience N` turns on the Trainer's own machinery: `load_best_model_at_end` (the best checkpoint
 is kept through `--save_total_limit` rotation and loaded after training, so train.py's final save and its
-validation/test numbers are the best model's), `metric_for_best_model` = validation `perplexity` (lower is better)
-unless given, and `EarlyStoppingCallback` (stops after N evaluations without an improvement larger than
+validation/test numbers are the best model's), `metric_for_best_model` = validation `perplexity` unless given,
+and `EarlyStoppingCallback` (stops after N evaluations without an improvement larger than
 `--early_stopping_threshold`). Its counter is saved in checkpoints and restored on resume
 (`restore_callback_states_from_checkpoint`, turned on with it).
+
+Perplexities and losses are lower-is-better, with or without early stopping (`--load_best_model_at_end` alone),
+unless --greater_is_better says otherwise. The callback is removed after training: the final validation and test
+evaluations are reports, not patience steps.
 """
 
 from transformers import EarlyStoppingCallback
@@ -15,8 +19,23 @@ from .errors import UsageError
 DEFAULT_METRIC = "perplexity"  # eval_perplexity from wikigpt.metrics: exp(summed NLL / tokens) on validation
 
 
+def lower_is_better(metric: str) -> bool:
+    """Perplexities and losses (wikigpt.metrics: perplexity, token_loss; the Trainer's loss) improve downwards."""
+    name = metric.removeprefix("eval_")
+    return name.endswith("perplexity") or name.endswith("loss")
+
+
 def configure_early_stopping(args) -> None:
     """Check the flags and turn on load_best_model_at_end; called before TrainingArguments.__post_init__."""
+    _turn_on_early_stopping(args)
+    # Also without early stopping (--load_best_model_at_end --metric_for_best_model perplexity): transformers sets
+    # greater_is_better for any name not ending in "loss", so it would keep the highest-perplexity checkpoint.
+    # An explicit --greater_is_better still wins.
+    if args.metric_for_best_model is not None and args.greater_is_better is None:
+        args.greater_is_better = not lower_is_better(args.metric_for_best_model)
+
+
+def _turn_on_early_stopping(args) -> None:
     patience, threshold = args.early_stopping_patience, args.early_stopping_threshold
     if patience is None:
         if threshold:
@@ -50,8 +69,6 @@ def configure_early_stopping(args) -> None:
     args.restore_callback_states_from_checkpoint = True
     if args.metric_for_best_model is None:
         args.metric_for_best_model = DEFAULT_METRIC
-        if args.greater_is_better is None:
-            args.greater_is_better = False
 
 
 def early_stopping_callbacks(args) -> list:
@@ -59,6 +76,12 @@ def early_stopping_callbacks(args) -> list:
     if args.early_stopping_patience is None:
         return []
     return [EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold)]
+
+
+def end_early_stopping(trainer) -> None:
+    """After training: the final validation and test evaluations run through the callbacks too, and
+    EarlyStoppingCallback would count them as patience steps, or warn that a test split has no eval_ metric."""
+    trainer.remove_callback(EarlyStoppingCallback)
 
 
 def best_model_summary(trainer) -> dict:

@@ -9,6 +9,10 @@ files are and how to upload them later.
 import logging
 import os
 
+from huggingface_hub import upload_folder
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .checkpoints import SET_ASIDE_PREFIXES
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -28,23 +32,32 @@ def hub_repo_name(training_args) -> str:
     return training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
 
 
-def push_after_local_save(trainer, commit_message: str = "wikigpt: model, results.json, model card") -> None:
-    """Upload output_dir (model, tokenizer, results.json, README.md card, plot) through Trainer.push_to_hub.
+# What Trainer.push_to_hub leaves out of the upload (hard-coded there in transformers 5.24: "_*" and checkpoints),
+# plus the folders wikigpt sets aside (corrupt-checkpoint-N, previous-run-checkpoint-N: pickles of runs or
+# saves that are not this model).
+UPLOAD_IGNORE_PATTERNS = ("_*", f"{PREFIX_CHECKPOINT_DIR}-*", *(f"{prefix}*" for prefix in SET_ASIDE_PREFIXES))
 
-    Called on every process (saving may be collective under FSDP); Trainer uploads from the main process only.
+
+def push_after_local_save(trainer, commit_message: str = "wikigpt: model, results.json, model card") -> None:
+    """Upload output_dir (model, tokenizer, results.json, README.md card, plot), as Trainer.push_to_hub does but
+    with UPLOAD_IGNORE_PATTERNS (Trainer.push_to_hub takes no patterns). The model is already saved (train.py),
+    so only the main process has work to do: create the repo, upload the folder.
     """
+    if not trainer.is_world_process_zero():
+        return
     args = trainer.args
-    # Trainer would overwrite README.md with its own draft card; ours (wikigpt.model_card) is already there.
-    trainer.create_model_card = lambda *a, **k: None
     repo = hub_repo_name(args)
     try:
-        trainer.push_to_hub(commit_message=commit_message, private=args.hub_private_repo)
+        trainer.init_hf_repo(token=args.hub_token, private=args.hub_private_repo)
+        upload_folder(repo_id=trainer.hub_model_id, folder_path=args.output_dir, commit_message=commit_message,
+                      token=args.hub_token, revision=args.hub_revision,
+                      ignore_patterns=list(UPLOAD_IGNORE_PATTERNS))  # a copy: upload_folder appends to it
     except Exception as err:  # noqa: BLE001 - offline, no token, no rights: all end the same way
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        exclude = " ".join(f"--exclude '{pattern}'" for pattern in UPLOAD_IGNORE_PATTERNS)
         raise UsageError(
             f"--push_to_hub could not upload to the Hub repo {repo!r} ({type(err).__name__}: {reason}); nothing is "
             f"lost: the model, results.json and README.md are saved in {args.output_dir!r}. Upload them later with "
-            f"`hf upload {repo} {args.output_dir}` (check network access, `hf auth login` and --hub_model_id)"
+            f"`hf upload {repo} {args.output_dir} {exclude}` (check network access, `hf auth login` and --hub_model_id)"
         ) from err
-    if trainer.is_world_process_zero():
-        logger.info("pushed %s to the Hub repo %s", args.output_dir, trainer.hub_model_id or repo)
+    logger.info("pushed %s to the Hub repo %s", args.output_dir, trainer.hub_model_id or repo)

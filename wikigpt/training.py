@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .checkpoints import RESUME_FLAG, in_output_dir
 from .early_stopping import configure_early_stopping
 from .errors import UsageError
 
@@ -15,7 +16,9 @@ class WikiTrainingArguments(TrainingArguments):
 
     output_dir: str | None = field(default="out/wikigpt", metadata={"help": "Where the model and results go."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into a non-empty --output_dir (its files may be replaced)."}
+        default=False, metadata={"help": "Allow writing into a non-empty --output_dir (its files may be replaced). A new run there "
+                          "renames the earlier run's checkpoint-N folders to previous-run-checkpoint-N, so it never "
+                          "resumes from, rotates or names them."}
     )
     learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate (6e-4: GPT-2 small from scratch)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warmup."})
@@ -67,13 +70,24 @@ class WikiTrainingArguments(TrainingArguments):
 
 
 def check_output_dir(args: WikiTrainingArguments) -> None:
-    """Refuse to write into a non-empty output dir unless the user resumes or allows overwriting."""
-    out = args.output_dir
+    """Refuse to write into a non-empty output dir unless the user continues its own run or allows overwriting.
+
+    Called with --resume_from_checkpoint already resolved to a folder: a checkpoint from another folder does not
+    make a non-empty --output_dir safe to write into.
+    """
+    out, resume = args.output_dir, args.resume_from_checkpoint
     if os.path.isfile(out):
         raise UsageError(f"--output_dir {out!r} is a file; pass a directory path")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
-        raise UsageError(f"--output_dir {out!r} is not empty; pass --overwrite_output_dir to write into it, "
-                         f"--resume_from_checkpoint to continue its run, or choose a new --output_dir")
+    if not (os.path.isdir(out) and os.listdir(out)) or args.overwrite_output_dir:
+        return
+    if resume and in_output_dir(resume, out):
+        return
+    if resume:
+        raise UsageError(f"--output_dir {out!r} is not empty and {RESUME_FLAG} {resume!r} is not one of its "
+                         f"checkpoints; continue that run in its own folder or a new (empty) --output_dir, or pass "
+                         f"--overwrite_output_dir to write into {out!r}")
+    raise UsageError(f"--output_dir {out!r} is not empty; pass --overwrite_output_dir to write into it, "
+                     f"{RESUME_FLAG} to continue its run, or choose a new --output_dir")
 
 
 def tokens_per_step(args: WikiTrainingArguments, block_size: int) -> int:
