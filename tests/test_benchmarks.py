@@ -18,7 +18,7 @@ def test_benchmark_writes_the_documented_json(tmp_path):
                       "--steps", 3, "--warmup_steps", 1, "--logging_steps", 1, "--tokenizer_name", TOKENIZER_DIR,
                       "--train_file", train, "--test_file", test, "--levers", "true", "--wikigpt_levers", "true",
                       "--lever_names", "pad_vocab_64,chunked_loss,wikigpt+chunked_loss,hand_loop,nanogpt_eager",
-                      "--chunked_loss_size", 24, "--output_json", out, env=env, timeout=600)
+                      "--chunked_loss_size", 24, "--output_json", out, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["runs"]] == ["plain", "wikigpt"]
