@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
@@ -39,26 +40,27 @@ from wikigpt.chunked_loss import check_chunked_loss_args, use_chunked_loss  # no
 from wikigpt.cli import parse_args  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size  # noqa: E402
-from wikigpt.metrics import compute_perplexity, nll_and_count  # noqa: E402
-from wikigpt.model import PRESETS, ModelArguments, check_model_args, context_length, load_model  # noqa: E402
-from wikigpt.model import load_tokenizer  # noqa: E402
-from wikigpt.numerics import NonFiniteGuard  # noqa: E402
+from wikigpt.model import PRESETS, ModelArguments, load_model, load_tokenizer, parse_config_overrides  # noqa: E402
 from wikigpt.padded_vocab import head_width, pad_vocab  # noqa: E402
-from wikigpt.preemption import PreemptionCallback  # noqa: E402
-from wikigpt.throughput import add_throughput_callback, current_device_name, model_flops_per_token  # noqa: E402
-from wikigpt.throughput import resolve_peak_flops  # noqa: E402
-from wikigpt.training import WikiTrainingArguments, tokens_per_step  # noqa: E402
+from wikigpt.precision import cpu_has_native_bf16  # noqa: E402
+from wikigpt.run import build_run, parse_run_args, train_run  # noqa: E402
+from wikigpt.throughput import current_device_name, model_flops_per_token, resolve_peak_flops  # noqa: E402
+
+from nanogpt_model import GPT, GPTConfig  # noqa: E402
 
 logger = logging.getLogger("wikigpt.benchmark")
 SHARED = REPO.parent / "shared" / "data"
 GPU_CONFIG = REPO / "configs" / "gpu_fast.yaml"
 CPU_WIKIGPT_ARGS = "--pad_vocab_multiple 64"  # the CPU-runnable levers (gpu_fast.yaml needs CUDA: bf16, tf32)
-JSON_VERSION = 1
+JSON_VERSION = 2
 
 
 @dataclass
 class BenchmarkArguments:
-    preset: str = field(default="gpt2", metadata={"help": "Model size (wikigpt preset) for both setups."})
+    preset: str = field(default="gpt2", metadata={"help": "Model size (wikigpt preset) for every setup."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": 'GPT2Config fields on top of the preset for every setup (nanoGPT too), e.g. '
+                                        '"n_layer=4,n_head=4,n_embd=256,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0".'})
     block_size: int = field(default=1024, metadata={"help": "Tokens per block."})
     batch_size: int = field(default=16, metadata={"help": "Blocks per optimizer step (one device)."})
     steps: int = field(default=30, metadata={"help": "Optimizer steps per setup, warm-up included."})
@@ -78,7 +80,17 @@ class BenchmarkArguments:
     chunked_loss_size: int = field(default=4096, metadata={"help": "Tokens per chunk for the chunked_loss lever "
                                                                  "(a batch of 16 x 1024 is 4 chunks)."})
     levers: bool = field(default=False, metadata={"help": "Also time each lever alone on top of the plain setup."})
-    lever_names: str | None = field(default=None, metadata={"help": "Comma-separated subset of levers to time."})
+    wikigpt_levers: bool = field(default=False, metadata={"help": "Also time train.py's path with one flag changed "
+                                                                  "at a time (compile, bf16/fp32, chunked loss, ...)."})
+    references: bool = field(default=True, metadata={"help": "Also time a hand-written PyTorch loop over the wikigpt "
+                                                             "model and nanoGPT's model and loop at the same shape."})
+    bf16_rows: bool | None = field(
+        default=None, metadata={"help": "Time the bf16 variants on CPU (default: only where the CPU multiplies bf16 "
+                                        "natively; elsewhere bf16 matmuls are many times slower than fp32)."})
+    probe_seconds: float = field(default=5.0, metadata={"help": "Matmul probe: skip a shape whose one call would "
+                                                                "take longer than this (estimated from smaller ones)."})
+    lever_names: str | None = field(default=None, metadata={"help": "Comma-separated subset of the optional rows "
+                                                                    "(levers, wikigpt levers, references) to time."})
     preprocessing: bool = field(default=True, metadata={"help": "Time tokenize+group of WT2 valid+test (cold/cached)."})
     preprocessing_num_workers: int = field(default=2, metadata={"help": "Processes for the preprocessing timing."})
     peak_flops: float | None = field(default=None, metadata={"help": "Peak FLOP/s of the device for MFU "
@@ -187,12 +199,12 @@ def restore_float32_matmul_state(state) -> None:
 
 
 def timed_train(trainer: Trainer, bench: BenchmarkArguments, tokens_per_step: int, flops_per_token: int,
-                peak_flops: float | None) -> dict:
+                peak_flops: float | None, train=None) -> dict:
     timer = StepTimer()
     trainer.add_callback(timer)
     reset_peak_memory()
     start = time.perf_counter()
-    trainer.train()
+    (train or trainer.train)()
     total = time.perf_counter() - start
     memory, memory_kind = peak_memory()
     timed = timer.times[bench.warmup_steps - 1:] if bench.warmup_steps > 0 else [start, *timer.times]
@@ -221,13 +233,14 @@ def forget_compiled() -> None:
 
 def plain_config(bench: BenchmarkArguments, tokenizer, dropout: float | None) -> GPT2Config:
     fields = dict(PRESETS[bench.preset])
+    fields.update(parse_config_overrides(bench.config_overrides or ""))
     if dropout is not None:
         fields.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     return GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
                       eos_token_id=tokenizer.eos_token_id, **fields)
 
 
-def run_plain(setup: PlainSetup, bench, tokenizer, train_blocks, out_dir, on_gpu, flops, peak) -> dict:
+def run_plain(setup: PlainSetup, bench, tokenizer, train_blocks, out_dir, on_gpu, flops, peaks) -> dict:
     set_seed(bench.seed)
     config = plain_config(bench, tokenizer, setup.dropout)
     kwargs = {"attn_implementation": setup.attn_implementation} if setup.attn_implementation else {}
@@ -240,6 +253,7 @@ def run_plain(setup: PlainSetup, bench, tokenizer, train_blocks, out_dir, on_gpu
         output_dir=os.path.join(out_dir, setup.name), per_device_train_batch_size=bench.batch_size, bf16=on_gpu,
         max_steps=bench.steps, logging_steps=bench.logging_steps, save_strategy="no", eval_strategy="no",
         report_to="none", disable_tqdm=True, seed=bench.seed, **setup.training)
+    peak = peaks.get("bf16" if args.bf16 else "fp32")
     fp32_state = float32_matmul_state()
     try:
         trainer = Trainer(model=model, args=args, train_dataset=train_blocks, processing_class=tokenizer,
@@ -249,7 +263,7 @@ def run_plain(setup: PlainSetup, bench, tokenizer, train_blocks, out_dir, on_gpu
         restore_float32_matmul_state(fp32_state)
     result.update(name=setup.name, lever=setup.lever, attn_implementation=model.config._attn_implementation,
                   optim=str(args.optim.value), vocab_size=head_width(model), bf16=args.bf16,
-                  torch_compile=args.torch_compile)
+                  torch_compile=args.torch_compile, peak_flops=peak)
     forget_compiled()
     return result
 
@@ -258,7 +272,8 @@ def wikigpt_argv(bench: BenchmarkArguments, on_gpu: bool, out_dir: str) -> list[
     config = bench.wikigpt_config if bench.wikigpt_config is not None else (str(GPU_CONFIG) if on_gpu else "")
     extra = bench.wikigpt_args if bench.wikigpt_args is not None else ("" if on_gpu else CPU_WIKIGPT_ARGS)
     return [*([config] if config else []),
-            "--preset", bench.preset, "--tokenizer_name", bench.tokenizer_name, "--train_file", bench.train_file,
+            "--preset", bench.preset,
+            *(["--config_overrides", bench.config_overrides] if bench.config_overrides else []), "--tokenizer_name", bench.tokenizer_name, "--train_file", bench.train_file,
             "--validation_file", bench.test_file, "--block_size", str(bench.block_size),
             "--per_device_train_batch_size", str(bench.batch_size), "--gradient_accumulation_steps", "1",
             "--max_steps", str(bench.steps), "--logging_steps", str(bench.logging_steps), "--eval_strategy", "no",
@@ -273,33 +288,202 @@ def describe_wikigpt(bench: BenchmarkArguments, argv: list[str]) -> str:
     return f"train.py {config} {extra}".strip()
 
 
-def run_wikigpt(bench, argv, flops, peak) -> dict:
-    """train.py's components, in train.py's order (no final save/eval: only training is timed)."""
-    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, WikiTrainingArguments), argv)
-    check_model_args(model_args)
-    set_seed(training_args.seed)
-    tokenizer = load_tokenizer(model_args)
-    model, _ = load_model(model_args, tokenizer)
-    block_size = resolve_block_size(data_args.block_size, context_length(model.config))
-    raw = load_raw_splits(data_args, training_args.seed, required=("train", "validation"))
-    blocks, _ = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
+def run_wikigpt(bench, argv, flops, peaks, name: str = "wikigpt") -> dict:
+    """train.py's own path: wikigpt.run's build_run and train_run (no final save/eval: only training is timed)."""
+    run = build_run(*parse_run_args(argv))
+    peak = peaks.get("bf16" if run.training_args.bf16 else "fp32")
     fp32_state = float32_matmul_state()
     try:
-        trainer = Trainer(model=model, args=training_args, train_dataset=blocks["train"],
-                          eval_dataset=blocks["validation"], processing_class=tokenizer,
-                          data_collator=default_data_collator, compute_metrics=compute_perplexity,
-                          preprocess_logits_for_metrics=nll_and_count,
-                          callbacks=[PreemptionCallback(), NonFiniteGuard()])
-        add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
-                                training_args.peak_flops)
-        result = timed_train(trainer, bench, tokens_per_step(training_args, block_size), flops, peak)
+        result = timed_train(run.trainer, bench, run.tokens_per_step, flops, peak, train=lambda: train_run(run))
     finally:
         restore_float32_matmul_state(fp32_state)
-    result.update(name="wikigpt", lever=describe_wikigpt(bench, argv), train_py_args=argv,
-                  attn_implementation=model.config._attn_implementation, optim=str(training_args.optim.value), vocab_size=head_width(model), bf16=training_args.bf16,
-                  torch_compile=training_args.torch_compile)
+    model, training_args = run.model, run.training_args
+    result.update(name=name, lever=describe_wikigpt(bench, argv), train_py_args=argv,
+                  attn_implementation=model.config._attn_implementation, optim=str(training_args.optim.value),
+                  vocab_size=head_width(model), bf16=training_args.bf16, torch_compile=training_args.torch_compile,
+                  peak_flops=peak)
     forget_compiled()
     return result
+
+
+def wikigpt_lever_flags(bench: BenchmarkArguments, default_bf16: bool, bf16_rows: bool) -> list[tuple[str, str]]:
+    """(row name, train.py flags): train.py's path with one flag changed at a time."""
+    flags = [("wikigpt+compile", "--torch_compile true"),
+             ("wikigpt+chunked_loss", f"--chunked_loss_size {bench.chunked_loss_size}"),
+             ("wikigpt-unfused_adamw", "--optim adamw_torch")]
+    if default_bf16:
+        flags.insert(0, ("wikigpt-bf16", "--bf16 false"))
+    elif bf16_rows:
+        flags[1:1] = [("wikigpt+bf16", "--bf16 true"), ("wikigpt+bf16+compile", "--bf16 true --torch_compile true")]
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References outside the Trainer: a hand-written loop over wikigpt's model, and nanoGPT
+
+
+def timed_loop(step, batches, bench: BenchmarkArguments, tokens_per_step: int, flops: int, peak) -> dict:
+    """`step(batch) -> loss tensor` for --steps batches, timed as timed_train times the Trainer."""
+    reset_peak_memory()
+    times, start, loss = [], time.perf_counter(), None
+    for _, batch in zip(range(bench.steps), batches):
+        loss = step(batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    total = time.perf_counter() - start
+    memory, memory_kind = peak_memory()
+    timed = times[bench.warmup_steps - 1:] if bench.warmup_steps > 0 else [start, *times]
+    ms_per_step = 1000 * (timed[-1] - timed[0]) / (len(timed) - 1)
+    tokens_per_second = tokens_per_step * 1000 / ms_per_step
+    return {"ms_per_step": round(ms_per_step, 3), "tokens_per_second": round(tokens_per_second, 1),
+            "mfu": float(f"{tokens_per_second * flops / peak:.4g}") if peak else None,
+            "peak_memory_mib": round(memory, 1), "peak_memory_kind": memory_kind, "timed_steps": len(timed) - 1,
+            "total_seconds_with_warmup": round(total, 2), "last_logged_loss": round(float(loss), 4)}
+
+
+def endless_batches(blocks, batch_size: int, seed: int):
+    """Shuffled batches of the training blocks, epoch after epoch (as the Trainer's sampler draws them)."""
+    blocks = blocks.with_format("torch")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, shuffle=True, generator=generator,
+                                             collate_fn=default_data_collator, drop_last=True)
+        yield from loader
+
+
+def autocast(bf16: bool):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+
+
+def run_hand_loop(bench, argv, tokenizer, train_blocks, flops, peaks) -> dict:
+    """wikigpt's model and optimizer settings (from train.py's flags), trained by a plain PyTorch loop: no Trainer."""
+    model_args, _, training_args = parse_run_args(argv)
+    set_seed(training_args.seed)
+    model, _ = load_model(model_args, tokenizer)
+    device = training_args.device
+    model.to(device).train()
+    compiled = torch.compile(model) if training_args.torch_compile else model
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    fused = str(training_args.optim.value) == "adamw_torch_fused"
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": training_args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=training_args.learning_rate,
+                                  betas=(training_args.adam_beta1, training_args.adam_beta2),
+                                  eps=training_args.adam_epsilon, fused=fused)
+
+    def step(batch):
+        with autocast(training_args.bf16):
+            loss = compiled(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    peak = peaks.get("bf16" if training_args.bf16 else "fp32")
+    result = timed_loop(step, endless_batches(train_blocks, bench.batch_size, bench.seed), bench,
+                        bench.batch_size * bench.block_size, flops, peak)
+    result.update(name="hand_loop", lever="PyTorch loop over the wikigpt model: AdamW (same settings), clipping, "
+                  f"{'bf16 autocast' if training_args.bf16 else 'fp32'}"
+                  f"{', torch.compile' if training_args.torch_compile else ''}; no Trainer",
+                  vocab_size=model.config.vocab_size, optim="torch.optim.AdamW" + (" fused" if fused else ""),
+                  bf16=training_args.bf16, torch_compile=training_args.torch_compile, peak_flops=peak)
+    forget_compiled()
+    return result
+
+
+@dataclass
+class NanoGPTSetup:
+    name: str
+    lever: str
+    bf16: bool
+    compile: bool
+
+
+def nanogpt_setups(on_gpu: bool, bf16_rows: bool) -> list[NanoGPTSetup]:
+    # nanoGPT's train.py: compile=True; on CPU no autocast (fp32); on a bf16 GPU bf16 autocast.
+    setups = [NanoGPTSetup("nanogpt", "nanoGPT model + train.py loop, its defaults here: "
+                           + ("bf16 autocast" if on_gpu else "fp32") + ", torch.compile", on_gpu, True),
+              NanoGPTSetup("nanogpt_eager", "nanoGPT, " + ("bf16 autocast" if on_gpu else "fp32")
+                           + ", no compile", on_gpu, False)]
+    if bf16_rows and not on_gpu:
+        setups.append(NanoGPTSetup("nanogpt_bf16", "nanoGPT, bf16 autocast, torch.compile", True, True))
+    return setups
+
+
+def run_nanogpt(setup: NanoGPTSetup, bench, config, train_blocks, flops, peaks) -> dict:
+    """nanoGPT's model at the same shape, trained by its train.py loop (AdamW 6e-4, betas 0.9/0.95, wd 0.1, clip 1)."""
+    set_seed(bench.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = GPT(GPTConfig(block_size=bench.block_size, n_layer=config.n_layer, n_head=config.n_head,
+                          n_embd=config.n_embd, dropout=config.resid_pdrop, bias=False)).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
+    compiled = torch.compile(model) if setup.compile else model
+
+    def step(batch):
+        ids = batch["input_ids"].to(device)
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1)  # next token; last: ignored
+        with autocast(setup.bf16):
+            _, loss = compiled(ids, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    peak = peaks.get("bf16" if setup.bf16 else "fp32")
+    result = timed_loop(step, endless_batches(train_blocks, bench.batch_size, bench.seed), bench,
+                        bench.batch_size * bench.block_size, flops, peak)
+    result.update(name=setup.name, lever=setup.lever, vocab_size=model.config.vocab_size, bf16=setup.bf16,
+                  torch_compile=setup.compile, optim="torch.optim.AdamW" + (" fused" if device == "cuda" else ""),
+                  peak_flops=peak)
+    forget_compiled()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matmul probe: the device's measured peak, for MFU where no data-sheet peak applies (CPU)
+
+
+def matmul_probe(shapes: list[tuple[str, int, int, int]], dtypes: list[str], budget_s: float) -> list[dict]:
+    """GFLOP/s of [M x K] @ [K x N] per shape and dtype, best of a few calls; a shape whose single call would take
+    more than `budget_s` (estimated from the smaller shapes' rate) is skipped and marked so."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    results = []
+    for dtype_name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        rate = None
+        for label, m, k, n in sorted(shapes, key=lambda s: s[1] * s[2] * s[3]):
+            flop = 2 * m * k * n
+            row = {"shape": label, "m": m, "k": k, "n": n, "dtype": dtype_name}
+            if rate is not None and flop / rate > budget_s:
+                results.append({**row, "gflops": None, "skipped": f"one call estimated at {flop / rate:.0f} s"})
+                continue
+            a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+            best, spent = float("inf"), 0.0
+            for i in range(6):
+                sync()
+                start = time.perf_counter()
+                a @ b
+                sync()
+                took = time.perf_counter() - start
+                spent += took
+                best = min(best, took) if i else best  # the first call warms up
+                if i and (spent > budget_s or i >= 5):
+                    break
+            best = best if best != float("inf") else took
+            rate = flop / best
+            results.append({**row, "gflops": round(rate / 1e9, 2)})
+    return results
+
+
+def probe_shapes(config, bench: BenchmarkArguments) -> list[tuple[str, int, int, int]]:
+    rows, c = bench.batch_size * bench.block_size, config.n_embd
+    return [("attention out [BT x C] @ [C x C]", rows, c, c), ("MLP up [BT x C] @ [C x 4C]", rows, c, 4 * c),
+            ("LM head [BT x C] @ [C x V]", rows, c, config.vocab_size)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,13 +522,14 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def table(rows: list[dict], baseline: dict) -> str:
-    head = f"{'setup':<20} {'ms/step':>10} {'tokens/s':>12} {'MFU':>7} {'peak MiB':>10} {'vs plain':>9}  what"
+    head = (f"{'setup':<22} {'ms/step':>10} {'tokens/s':>10} {'MFU':>7} {'peak MiB':>9} "
+            f"{'vs ' + baseline['name']:>11}  what")
     lines = [head, "-" * len(head)]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         ratio = r["tokens_per_second"] / baseline["tokens_per_second"]
-        lines.append(f"{r['name']:<20} {r['ms_per_step']:>10.1f} {r['tokens_per_second']:>12,.0f} {mfu:>7} "
-                     f"{r['peak_memory_mib']:>10,.0f} {ratio:>8.2f}x  {r['lever']}")
+        lines.append(f"{r['name']:<22} {r['ms_per_step']:>10.1f} {r['tokens_per_second']:>10,.0f} {mfu:>7} "
+                     f"{r['peak_memory_mib']:>9,.0f} {ratio:>10.2f}x  {r['lever']}")
     return "\n".join(lines)
 
 
@@ -378,24 +563,52 @@ def main() -> None:
     # Same training blocks for the plain setup (wikigpt prepares its own through train.py's path: a cache hit).
     raw = load_raw_splits(DataArguments(train_file=bench.train_file), bench.seed, required=("train",))
     blocks, _ = prepare_lm_splits(raw, tokenizer, resolve_block_size(bench.block_size, 1 << 30))
+    config = plain_config(bench, tokenizer, None)
     with torch.device("meta"):
-        reference = AutoModelForCausalLM.from_config(plain_config(bench, tokenizer, None))
+        reference = AutoModelForCausalLM.from_config(config)
     flops = model_flops_per_token(reference, bench.block_size)  # unpadded model: the useful work
+    bf16_rows = bench.bf16_rows if bench.bf16_rows is not None else (on_gpu or cpu_has_native_bf16())
+    report["matmul_probe"] = matmul_probe(probe_shapes(config, bench), ["fp32", "bf16"] if bf16_rows else ["fp32"],
+                                          bench.probe_seconds)
+    for row in report["matmul_probe"]:
+        rate = f"{row['gflops']:,.1f} GFLOP/s" if row["gflops"] is not None else f"skipped ({row['skipped']})"
+        print(f"matmul {row['dtype']} {row['shape']} = [{row['m']} x {row['k']}] @ [{row['k']} x {row['n']}]: {rate}",
+              flush=True)
+    # Peak per precision: --peak_flops, else the GPU data sheet, else (CPU) the best measured matmul of that dtype.
     peak, peak_source = resolve_peak_flops(bench.peak_flops, current_device_name())
+    measured_peaks = {d: max((r["gflops"] * 1e9 for r in report["matmul_probe"] if r["dtype"] == d and r["gflops"]),
+                             default=None) for d in ("fp32", "bf16")}
+    if peak is not None:
+        peaks = {"fp32": peak, "bf16": peak}
+    else:
+        peaks, peak_source = measured_peaks, "best matmul of the row's precision measured in this run"
     report.update(flops_per_token=flops, peak_flops_per_device=peak, peak_flops_source=peak_source,
-                  tokens_per_step=bench.batch_size * bench.block_size)
+                  measured_peak_flops=measured_peaks, tokens_per_step=bench.batch_size * bench.block_size)
 
     chosen = set(filter(None, (bench.lever_names or "").split(",")))
     levers = [s for s in lever_setups(on_gpu, bench.chunked_loss_size) if bench.levers and (not chosen or s.name in chosen)]
-    measured: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="wikigpt-bench-") as out_dir:
+        argv = wikigpt_argv(bench, on_gpu, out_dir)
+        default_bf16 = parse_run_args(argv)[2].bf16
+        wiki_levers = [(name, flags) for name, flags in wikigpt_lever_flags(bench, default_bf16, bf16_rows)
+                       if bench.wikigpt_levers and (not chosen or name in chosen)]
+        nano = [s for s in nanogpt_setups(on_gpu, bf16_rows) if bench.references and (not chosen or s.name in chosen)]
+        hand = ["hand_loop"] if bench.references and (not chosen or "hand_loop" in chosen) else []
+        setups = [PlainSetup(), "wikigpt", *wiki_levers, *hand, *nano, *levers]
+        measured: dict[str, list[dict]] = {}
         # Round-robin over the setups, --repeats times: slow drifts of a shared machine hit every setup alike.
         for repeat in range(bench.repeats):
-            for setup in [PlainSetup(), "wikigpt", *levers]:
+            for setup in setups:
                 if setup == "wikigpt":
-                    result = run_wikigpt(bench, wikigpt_argv(bench, on_gpu, out_dir), flops, peak)
+                    result = run_wikigpt(bench, argv, flops, peaks)
+                elif setup == "hand_loop":
+                    result = run_hand_loop(bench, argv, tokenizer, blocks["train"], flops, peaks)
+                elif isinstance(setup, tuple):
+                    result = run_wikigpt(bench, [*argv, *shlex.split(setup[1])], flops, peaks, name=setup[0])
+                elif isinstance(setup, NanoGPTSetup):
+                    result = run_nanogpt(setup, bench, config, blocks["train"], flops, peaks)
                 else:
-                    result = run_plain(setup, bench, tokenizer, blocks["train"], out_dir, on_gpu, flops, peak)
+                    result = run_plain(setup, bench, tokenizer, blocks["train"], out_dir, on_gpu, flops, peaks)
                 measured.setdefault(result["name"], []).append(result)
                 print(f"  [{repeat + 1}/{bench.repeats}] {result['name']}: {result['ms_per_step']:.1f} ms/step, "
                       f"{result['tokens_per_second']:,.0f} tokens/s", flush=True)
@@ -403,8 +616,22 @@ def main() -> None:
     plain, wiki = median["plain"], median["wikigpt"]
     report["runs"] = [plain, wiki]
     report["wikigpt_vs_plain"] = round(wiki["tokens_per_second"] / plain["tokens_per_second"], 3)
-    print("\n" + table([plain, wiki], plain), flush=True)
+    baseline = median[nano[0].name] if nano else plain  # nanoGPT with its own defaults when it ran
+    main_rows = [plain, wiki]
+    if wiki_levers:
+        report["wikigpt_levers"] = [median[name] for name, _ in wiki_levers]
+        main_rows += report["wikigpt_levers"]
+    if hand or nano:
+        report["references"] = [median[name] for name in [*hand, *(s.name for s in nano)]]
+        main_rows += report["references"]
+    if nano:
+        report["wikigpt_vs_nanogpt"] = round(wiki["tokens_per_second"] / baseline["tokens_per_second"], 3)
+    for row in main_rows:
+        row["vs_" + baseline["name"]] = round(row["tokens_per_second"] / baseline["tokens_per_second"], 3)
+    print("\n" + table(main_rows, baseline), flush=True)
     print(f"wikigpt / plain tokens/s: {report['wikigpt_vs_plain']:.2f}x", flush=True)
+    if "wikigpt_vs_nanogpt" in report:
+        print(f"wikigpt / {baseline['name']} tokens/s: {report['wikigpt_vs_nanogpt']:.2f}x", flush=True)
     if levers:
         report["levers"] = [median[s.name] for s in levers]
         print("\none lever at a time on top of plain:\n" + table([plain, *report["levers"]], plain), flush=True)

@@ -1,4 +1,4 @@
-"""benchmarks/train_throughput.py runs a few tiny CPU steps of both setups and two levers, and writes its JSON."""
+"""benchmarks/train_throughput.py runs a few tiny CPU steps of every kind of row and writes its JSON."""
 
 import json
 
@@ -6,38 +6,52 @@ import pytest
 from conftest import TOKENIZER_DIR, WT2, run_script, write_lines
 
 RUN_KEYS = {"name", "lever", "ms_per_step", "tokens_per_second", "mfu", "peak_memory_mib", "peak_memory_kind",
-            "timed_steps", "last_logged_loss", "vocab_size", "attn_implementation", "optim", "bf16", "torch_compile"}
+            "timed_steps", "last_logged_loss", "vocab_size", "optim", "bf16", "torch_compile", "peak_flops"}
 
 
 def test_benchmark_writes_the_documented_json(tmp_path):
     train = write_lines(tmp_path / "train.raw", WT2 / "wiki.valid.raw", 0, 120)
     test = write_lines(tmp_path / "test.raw", WT2 / "wiki.test.raw", 0, 40)
     out = tmp_path / "bench.json"
+    env = {"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
     proc = run_script("benchmarks/train_throughput.py", "--preset", "tiny", "--block_size", 32, "--batch_size", 2,
                       "--steps", 3, "--warmup_steps", 1, "--logging_steps", 1, "--tokenizer_name", TOKENIZER_DIR,
-                      "--train_file", train, "--test_file", test, "--levers", "true", "--lever_names",
-                      "pad_vocab_64,chunked_loss", "--chunked_loss_size", 24, "--peak_flops", 1e12, "--output_json", out,
-                      env={"OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}, timeout=300)
+                      "--train_file", train, "--test_file", test, "--levers", "true", "--wikigpt_levers", "true",
+                      "--lever_names", "pad_vocab_64,chunked_loss,wikigpt+chunked_loss,hand_loop,nanogpt_eager",
+                      "--chunked_loss_size", 24, "--output_json", out, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["runs"]] == ["plain", "wikigpt"]
     assert [r["name"] for r in report["levers"]] == ["pad_vocab_64", "chunked_loss"]
-    for run in report["runs"] + report["levers"]:
+    assert [r["name"] for r in report["wikigpt_levers"]] == ["wikigpt+chunked_loss"]
+    assert [r["name"] for r in report["references"]] == ["hand_loop", "nanogpt_eager"]
+    rows = report["runs"] + report["levers"] + report["wikigpt_levers"] + report["references"]
+    # CPU, no --peak_flops: MFU against the best fp32 matmul this run measured (the probe's own rows).
+    fp32_probe = [r["gflops"] for r in report["matmul_probe"] if r["dtype"] == "fp32"]
+    assert len(fp32_probe) == 3 and all(g > 0 for g in fp32_probe)
+    assert report["measured_peak_flops"]["fp32"] == pytest.approx(max(fp32_probe) * 1e9)
+    assert report["peak_flops_source"] == "best matmul of the row's precision measured in this run"
+    for run in rows:
         assert RUN_KEYS <= set(run), RUN_KEYS - set(run)
         assert run["timed_steps"] == 2 and run["ms_per_step"] > 0 and run["peak_memory_mib"] > 0
-        assert run["tokens_per_second"] == pytest.approx(2 * 32 * 1000 / run["ms_per_step"], rel=1e-3)
-        # MFU with --peak_flops: tokens/s x FLOPs per token (unpadded model) / peak
-        assert run["mfu"] == pytest.approx(run["tokens_per_second"] * report["flops_per_token"] / 1e12, rel=1e-3)
+        assert run["peak_flops"] == report["measured_peak_flops"]["fp32"] and 0 < run["mfu"] < 1
         assert run["peak_memory_kind"].startswith("process peak RSS")  # CPU: labelled as such
-    assert report["runs"][1]["vocab_size"] == report["levers"][0]["vocab_size"] == 50304  # CPU wikigpt: padded
+        assert 9 < run["last_logged_loss"] < 12  # a real loss of an untrained model: ln(50257) = 10.8
+    wiki = report["runs"][1]
+    assert wiki["vocab_size"] == report["levers"][0]["vocab_size"] == 50304  # CPU wikigpt: padded
     assert report["runs"][0]["vocab_size"] == 50257
     # Same seed, same dropout masks: the chunked loss trains to the plain loss (tests/test_chunked_loss.py).
     assert report["levers"][1]["last_logged_loss"] == pytest.approx(report["runs"][0]["last_logged_loss"], rel=1e-5)
-    assert report["wikigpt_vs_plain"] == pytest.approx(
-        report["runs"][1]["tokens_per_second"] / report["runs"][0]["tokens_per_second"], rel=1e-2)
-    assert report["peak_flops_source"] == "--peak_flops" and report["tokens_per_step"] == 64
+    assert report["wikigpt_levers"][0]["last_logged_loss"] == pytest.approx(wiki["last_logged_loss"], rel=1e-5)
+    assert report["wikigpt_vs_nanogpt"] > 0 and "vs_nanogpt_eager" in wiki
+    # The wikigpt row is train.py's path: train.py with the row's flags logs the same loss at the same step.
+    argv = wiki["train_py_args"]
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "train_py")
+    proc = run_script("train.py", *argv, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((tmp_path / "train_py" / "trainer_state.json").read_text())["log_history"]
+    assert [e["loss"] for e in history if "loss" in e][-1] == wiki["last_logged_loss"]
     pre = report["preprocessing"]
     assert pre["num_proc"] == 2 and pre["cold_cache_seconds"] > 0 and pre["cached_seconds"] > 0
     assert pre["tokens"] > 0 and pre["blocks"] > 0
     assert report["environment"]["device_name"] == "cpu"
-    assert "wikigpt / plain tokens/s" in proc.stdout and "preprocessing (tokenize + group" in proc.stdout

@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 from .checkpoints import RESUME_FLAG, in_output_dir
 from .early_stopping import configure_early_stopping
 from .errors import UsageError
+from .precision import resolve_cpu_precision
 
 
 @dataclass
@@ -33,6 +34,12 @@ class WikiTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast (mixed precision). Default: on when training on a CPU with native bf16 "
+                          "matmuls (AVX512-BF16 or AMX), off elsewhere; --bf16 false trains in exact fp32.",
+                  "nargs": "?", "const": True},
+    )
     peak_flops: float | None = field(
         default=None, metadata={"help": "Peak FLOP/s of one device for the logged MFU (default: looked up from the GPU "
                                         "name, e.g. 989e12 for an H100 SXM; no MFU on CPU or an unknown GPU)."}
@@ -57,6 +64,7 @@ class WikiTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         configure_early_stopping(self)  # before the Trainer's own checks of load_best_model_at_end
+        resolve_cpu_precision(self)  # bf16 auto; bf16 on a CPU-only machine without --use_cpu
         super().__post_init__()
 
     def __getstate__(self):

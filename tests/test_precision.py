@@ -1,0 +1,70 @@
+"""wikigpt/precision.py: bf16 where the CPU multiplies bf16 natively, fp32 one flag away; the bf16 and compiled
+paths train to the fp32 eager losses."""
+
+import json
+
+import pytest
+import torch
+from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
+
+import wikigpt.precision
+from wikigpt.cli import parse_args
+from wikigpt.training import WikiTrainingArguments
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+# Largest relative gap between a bf16-autocast and an fp32 logged loss over the same 20 steps from the same seed.
+BF16_LOSS_RTOL = 5e-3
+
+
+def training_args(*argv, flags=None, monkeypatch=None):
+    if flags is not None:
+        monkeypatch.setattr(wikigpt.precision, "cpu_flags", lambda: frozenset(flags))
+    (args,) = parse_args((WikiTrainingArguments,), [*argv, "--output_dir", "unused"])
+    return args
+
+
+@cpu_only
+def test_bf16_on_a_cpu_needs_no_use_cpu():
+    args = training_args("--bf16")
+    assert args.bf16 and args.use_cpu and args.device.type == "cpu" and args.mixed_precision == "bf16"
+
+
+@cpu_only
+@pytest.mark.parametrize("flags, bf16", [({"avx2", "avx512_bf16"}, True), ({"avx2", "amx_bf16"}, True),
+                                         ({"avx2", "avx512f"}, False), (set(), False)])
+def test_default_precision_follows_the_cpu(flags, bf16, monkeypatch):
+    args = training_args(flags=flags, monkeypatch=monkeypatch)
+    assert args.bf16 is bf16 and args.mixed_precision == ("bf16" if bf16 else "no")
+
+
+@cpu_only
+def test_fp32_is_one_flag_away_on_a_bf16_cpu(monkeypatch):
+    args = training_args("--bf16", "false", flags={"avx512_bf16"}, monkeypatch=monkeypatch)
+    assert args.bf16 is False and args.mixed_precision == "no"
+
+
+def logged_losses(files, out, monkeypatch, *extra, steps=20):
+    # A high learning rate without warmup: the losses compared move (10.8 -> below 10 in 20 steps).
+    argv = micro_args(files, out, "--save_strategy", "no", "--bf16", "false", "--learning_rate", "1e-2",
+                      "--warmup_steps", "0", *extra, max_steps=steps)
+    assert train_in_process(argv, monkeypatch) == 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+@cpu_only
+def test_bf16_losses_stay_within_tolerance_of_fp32(micro_files, tmp_path, monkeypatch):
+    fp32 = logged_losses(micro_files, tmp_path / "fp32", monkeypatch)
+    bf16 = logged_losses(micro_files, tmp_path / "bf16", monkeypatch, "--bf16", "true")
+    assert len(fp32) == len(bf16) == 20
+    assert fp32[-1] < fp32[0] - 0.3  # it trains: the comparison is over a moving loss
+    gaps = [abs(b - f) / f for b, f in zip(bf16, fp32)]
+    assert max(gaps) < BF16_LOSS_RTOL, gaps
+    assert bf16 != fp32  # bf16 autocast really ran
+
+
+@cpu_only
+def test_compiled_and_eager_training_agree(micro_files, tmp_path, monkeypatch):
+    eager = logged_losses(micro_files, tmp_path / "eager", monkeypatch, steps=6)
+    compiled = logged_losses(micro_files, tmp_path / "compiled", monkeypatch, "--torch_compile", "true", steps=6)
+    assert compiled == pytest.approx(eager, rel=1e-4)
