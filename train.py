@@ -29,6 +29,7 @@ from wikigpt.reblocking import random_offset_training
 from wikigpt.results import write_json_atomic
 from wikigpt.throughput import add_throughput_callback
 from wikigpt.training import WikiTrainingArguments, check_output_dir, tokens_per_step
+from wikigpt.weight_averaging import weight_averaging_callbacks
 
 logger = logging.getLogger("wikigpt.train")
 
@@ -67,7 +68,8 @@ def main() -> None:
                       # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
                       compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
                       callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
-                                 *early_stopping_callbacks(training_args), *reblocking])
+                                 *early_stopping_callbacks(training_args), *reblocking,
+                                 *weight_averaging_callbacks(training_args, resume.path)])
     resume.set_aside_skipped(trainer.is_world_process_zero())
     throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
                                          training_args.peak_flops)

@@ -134,6 +134,10 @@ CASES = [
          lambda i: i.train("--validation_split_percentage", 150, drop=["--validation_file"]),
          ("--validation_split_percentage must be in (0, 100)", "got 150.0")),
     Case("train.py", "fp16_on_cpu", lambda i: i.train("--fp16"), ("--fp16 needs a GPU", "--bf16")),
+    Case("train.py", "ema_decay_over_one", lambda i: i.train("--ema_decay", 1.5),
+         ("--ema_decay must be between 0 and 1", "got 1.5")),
+    Case("train.py", "ema_and_swa_together", lambda i: i.train("--ema_decay", 0.99, "--swa_start", 0.5),
+         ("--ema_decay 0.99 and --swa_start 0.5", "pass only one of them")),
     # model and config
     Case("train.py", "unknown_preset", lambda i: i.train("--preset", "gpt5"), ("--preset 'gpt5'", "choose one of")),
     Case("train.py", "unknown_override_key", lambda i: i.train("--config_overrides", "n_layers=2"),

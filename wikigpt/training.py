@@ -7,6 +7,7 @@ from transformers import TrainingArguments
 
 from .early_stopping import configure_early_stopping
 from .errors import UsageError
+from .weight_averaging import check_weight_averaging_args
 
 
 @dataclass
@@ -52,7 +53,20 @@ class WikiTrainingArguments(TrainingArguments):
                           "(perplexity units by default)."},
     )
 
+    ema_decay: float | None = field(
+        default=None,
+        metadata={"help": "Evaluate and save an exponential moving average of the weights, updated every step "
+                          "(e.g. 0.999: the last ~1,000 steps); training continues from the raw weights. Off by "
+                          "default."},
+    )
+    swa_start: float | None = field(
+        default=None,
+        metadata={"help": "Evaluate and save the uniform average of the weights of every step after this fraction "
+                          "of training (e.g. 0.75: the last quarter); an alternative to --ema_decay. Off by default."},
+    )
+
     def __post_init__(self):
+        check_weight_averaging_args(self)
         configure_early_stopping(self)  # before the Trainer's own checks of load_best_model_at_end
         super().__post_init__()
 
