@@ -10,7 +10,7 @@ Every TrainingArguments flag works (see --help). Multi-GPU: accelerate launch --
 import logging
 import time
 
-from transformers import Trainer, default_data_collator, set_seed
+from transformers import default_data_collator, set_seed
 
 from wikigpt import __version__
 from wikigpt.checkpoints import plan_resume
@@ -27,6 +27,8 @@ from wikigpt.plots import check_report_to, plot_training_curves
 from wikigpt.preemption import PreemptionCallback
 from wikigpt.reblocking import random_offset_training
 from wikigpt.results import write_json_atomic
+from wikigpt.schedules import WikiTrainer
+from wikigpt.time_budget import time_budget_callbacks
 from wikigpt.throughput import add_throughput_callback
 from wikigpt.training import WikiTrainingArguments, check_output_dir, tokens_per_step
 from wikigpt.weight_averaging import weight_averaging_callbacks
@@ -62,14 +64,16 @@ def main() -> None:
                                                        block_size, training_args)
 
     push = defer_push(training_args)  # push once at the end, after the local save
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
-                      eval_dataset=blocks["validation"], processing_class=tokenizer,
-                      data_collator=default_data_collator,
-                      # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
-                      compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
-                      callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
-                                 *early_stopping_callbacks(training_args), *reblocking,
-                                 *weight_averaging_callbacks(training_args, resume.path)])
+    trainer = WikiTrainer(model=model, args=training_args, train_dataset=train_set,
+                          eval_dataset=blocks["validation"], processing_class=tokenizer,
+                          data_collator=default_data_collator,
+                          # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
+                          compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
+                          callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
+                                     *early_stopping_callbacks(training_args), *reblocking,
+                                     # the budget may end a step; weight averaging then swaps in for its save
+                                     *(budget := time_budget_callbacks(training_args, resume.path)),
+                                     *weight_averaging_callbacks(training_args, resume.path)])
     resume.set_aside_skipped(trainer.is_world_process_zero())
     throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
                                          training_args.peak_flops)
@@ -91,6 +95,7 @@ def main() -> None:
                   "wall_time_s": round(train_seconds, 2)},
         "throughput": throughput.summary,
         **best_model_summary(trainer),  # best checkpoint and metric, step training stopped at (early stopping)
+        **(budget[0].summary(train_result.global_step) if budget else {}),  # --max_train_minutes: planned, stopped
         **describe_run(data_args, training_args, model, block_size),
     }
     if push:

@@ -7,6 +7,8 @@ from transformers import TrainingArguments
 
 from .early_stopping import configure_early_stopping
 from .errors import UsageError
+from .schedules import check_schedule_args
+from .time_budget import check_time_budget_args
 from .weight_averaging import check_weight_averaging_args
 
 
@@ -19,7 +21,11 @@ class WikiTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Allow writing into a non-empty --output_dir (its files may be replaced)."}
     )
     learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate (6e-4: GPT-2 small from scratch)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warmup."})
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={"help": "Learning-rate schedule after warmup. warmup_stable_decay needs --lr_scheduler_kwargs "
+                          "'{\"num_decay_steps\": 0.2}' (a fraction of all steps, or a step count)."},
+    )
     warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction (< 1) of all steps."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 is steadier than 0.999 for LMs)."})
@@ -65,10 +71,20 @@ class WikiTrainingArguments(TrainingArguments):
                           "of training (e.g. 0.75: the last quarter); an alternative to --ema_decay. Off by default."},
     )
 
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Train for this many minutes of wall time: the learning-rate schedule is planned for the "
+                          "steps that fit (measured as training runs) and ends with them; then the run saves, "
+                          "evaluates and stops. Counts the training loop with its evaluations and checkpoints, not "
+                          "data preparation or the final evaluation. Set --num_train_epochs high enough to fill it."},
+    )
+
     def __post_init__(self):
         check_weight_averaging_args(self)
+        check_time_budget_args(self)
         configure_early_stopping(self)  # before the Trainer's own checks of load_best_model_at_end
         super().__post_init__()
+        check_schedule_args(self)  # after the Trainer parsed --lr_scheduler_kwargs
 
     def __getstate__(self):
         # The Trainer pickles these arguments into training_args.bin in every checkpoint and in the final
