@@ -46,24 +46,48 @@ def test_grouping_drops_only_the_final_remainder(tmp_path, tokenizer):
                               "tokens_dropped": len(flat) - n * 100}
 
 
-def test_hold_out_is_contiguous_ordered_and_deterministic(wt2_raw):
+def test_hold_out_takes_whole_articles_ordered_and_deterministic(wt2_raw):
     rows = wt2_raw["validation"]
     train_a, val_a = hold_out(rows, 5, seed=1)
     train_b, val_b = hold_out(rows, 5, seed=1)
     _, val_c = hold_out(rows, 5, seed=2)
     assert val_a["text"] == val_b["text"] and train_a["text"] == train_b["text"]
     assert val_a["text"] != val_c["text"]
-    assert len(val_a) == round(3760 * 0.05) and len(train_a) + len(val_a) == 3760
-    # train keeps the original order with the held-out slice cut out of it
-    all_rows, k = rows["text"], len(val_a)
-    assert any(all_rows[s:s + k] == val_a["text"] and all_rows[:s] + all_rows[s + k:] == train_a["text"]
+    all_rows = list(rows["text"])
+    headings = [i for i, r in enumerate(all_rows) if r.startswith(" = ") and not r.startswith(" = = ")]
+    assert len(headings) == 60  # the articles of WikiText-2 validation
+    # every article lies wholly on one side: its heading's side decides all of its rows
+    held = set(val_a["text"])
+    ends = headings[1:] + [len(all_rows)]
+    held_articles = [(a, b) for a, b in zip(headings, ends) if all_rows[a] in held]
+    assert 2 <= len(held_articles) < 60
+    expected_val = [r for a, b in held_articles for r in all_rows[a:b]]
+    assert list(val_a["text"]) == expected_val
+    assert list(train_a["text"]) == [r for i, r in enumerate(all_rows)
+                                     if not any(a <= i < b for a, b in held_articles)]
+    held_chars = sum(len(r) for r in expected_val)
+    total_chars = sum(len(r) for r in all_rows)
+    # whole articles until 5% of the text is reached: the last one added crossed the line
+    assert 0.05 * total_chars <= held_chars < 0.05 * total_chars + max(
+        sum(len(r) for r in all_rows[a:b]) for a, b in held_articles)
+
+
+def test_hold_out_without_headings_is_one_contiguous_slice(wt2_raw):
+    rows = wt2_raw["validation"].filter(lambda r: not r["text"].startswith(" = "))
+    train, val = hold_out(rows, 5, seed=1)
+    all_rows, k = list(rows["text"]), len(val)
+    assert k == round(len(all_rows) * 0.05) and len(train) + k == len(all_rows)
+    assert any(all_rows[s:s + k] == list(val["text"]) and all_rows[:s] + all_rows[s + k:] == list(train["text"])
                for s in range(len(all_rows) - k + 1))
 
 
 def test_missing_validation_is_held_out_of_train(tmp_path):
     path = write_lines(tmp_path / "train.raw", WT2 / "wiki.valid.raw", 0, 200)
     raw = load_raw_splits(DataArguments(train_file=str(path), validation_split_percentage=10), seed=0)
-    assert len(raw["validation"]) == 20 and len(raw["train"]) == 180
+    # lines 0-199 of WikiText-2 validation: articles start at rows 1, 47, 78, 103 and 132; seed 0 holds out two
+    rows = list(load_raw_splits(DataArguments(validation_file=str(path)), 0, ("validation",))["validation"]["text"])
+    assert list(raw["validation"]["text"]) == rows[47:103]
+    assert list(raw["train"]["text"]) == rows[:47] + rows[103:]
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, tokenizer):

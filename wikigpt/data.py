@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
 from .errors import UsageError, loading
+from .wikitext import article_spans
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Column holding the text in json/csv/parquet files."})
     validation_split_percentage: float = field(
         default=5.0,
-        metadata={"help": "Without a validation split, hold out this percent of train rows: one contiguous slice "
-                          "at a position chosen by --seed (contiguous, so held-out lines never sit between "
-                          "training lines of the same article)."},
+        metadata={"help": "Without a validation split, hold out whole articles (WikiText ' = Title = ' headings), "
+                          "about this percent of the training text, chosen by --seed; text without article "
+                          "headings holds out one contiguous slice of rows."},
     )
     block_size: int | None = field(
         default=None, metadata={"help": "Tokens per training block. Default: min(1024, model n_positions)."}
@@ -151,17 +152,39 @@ def _local_files(args: DataArguments) -> dict[str, tuple[str, str]]:
 
 
 def hold_out(train: datasets.Dataset, percentage: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split off one contiguous slice of `percentage` % of the rows, placed by `seed`; row order is kept."""
+    """Hold out whole articles, about `percentage` % of the training text, chosen by `seed`; row order is kept.
+
+    Articles start at WikiText's top-level ` = Title = ` headings. A held-out slice cut from the middle of articles
+    shares names and topics with the training rows around it and rates an over-fitted model far better than unseen
+    text (the test split) would; whole held-out articles track the test split. Text without two such headings falls
+    back to one contiguous slice of rows placed by `seed`.
+    """
     if not 0 < percentage < 100:
         raise UsageError(f"--validation_split_percentage must be in (0, 100); got {percentage}")
-    n = len(train)
-    k = max(1, round(n * percentage / 100))
-    if k >= n:
-        raise UsageError(f"--validation_split_percentage {percentage} leaves no training rows out of {n}; lower it")
-    start = random.Random(seed).randrange(0, n - k + 1)
-    validation = train.select(range(start, start + k))
-    rest = train.select(list(range(0, start)) + list(range(start + k, n)))
-    return rest, validation
+    rows, n = train["text"], len(train)
+    spans = article_spans(rows)
+    if len(spans) >= 2:
+        sizes = [sum(len(rows[i]) for i in span) for span in spans]
+        target = sum(sizes) * percentage / 100
+        order = list(range(len(spans)))
+        random.Random(seed).shuffle(order)
+        chosen, held = set(), 0
+        for a in order:  # whole articles until the target is reached; always at least one, never all
+            if held >= target or len(chosen) == len(spans) - 1:
+                break
+            chosen.add(a)
+            held += sizes[a]
+        held_rows = sorted(i for a in chosen for i in spans[a])
+    else:
+        k = max(1, round(n * percentage / 100))
+        if k >= n:
+            raise UsageError(f"--validation_split_percentage {percentage} leaves no training rows out of {n}; lower it")
+        start = random.Random(seed).randrange(0, n - k + 1)
+        held_rows = list(range(start, start + k))
+    held_set = set(held_rows)
+    logger.info("held out %d of %d rows for validation (%s)", len(held_rows), n,
+                f"{len(chosen)} of {len(spans)} articles" if len(spans) >= 2 else "one contiguous slice")
+    return train.select([i for i in range(n) if i not in held_set]), train.select(held_rows)
 
 
 def check_data_args(args: DataArguments) -> None:

@@ -15,6 +15,18 @@ def rows_to_lines(rows: list[str]) -> list[str]:
     return [row[:-1] if row.endswith("\n") else (row or " ") for row in rows]
 
 
+def is_article_heading(line: str) -> bool:
+    """A top-level `` = Title = `` line (not `` = = Section = = ``): where a WikiText article starts."""
+    collapsed = line.replace("= = =", "===").replace("= =", "==").strip()
+    return collapsed.startswith("= ") and collapsed.endswith(" =")
+
+
+def article_spans(rows: list[str]) -> list[range]:
+    """Row ranges of the articles, in order; rows before the first heading belong to the first article."""
+    starts = [0] + [i for i, row in enumerate(rows) if is_article_heading(row)][1:]
+    return [range(a, b) for a, b in zip(starts, starts[1:] + [len(rows)])]
+
+
 def split_documents(rows: list[str]) -> list[str]:
     """Articles exactly as the `wikitext_document_level` builder yields them (62 in WikiText-2 test).
 
@@ -24,8 +36,7 @@ def split_documents(rows: list[str]) -> list[str]:
     lines = rows_to_lines(rows) + [""]
     pages, current = [], []
     for line in lines:
-        collapsed = line.replace("= = =", "===").replace("= =", "==").strip()
-        if collapsed.startswith("= ") and collapsed.endswith(" ="):
+        if is_article_heading(line):
             page = "\n".join(current)
             if page.strip():
                 pages.append(page)
