@@ -195,6 +195,8 @@ CASES = [
          ("no validation split", "pass --validation_file")),
     Case("eval.py", "unknown_method", lambda i: i.eval("--methods", "blocks,bleu"),
          ("--methods", "['bleu']", "choose from blocks, sliding_window, documents")),
+    Case("eval.py", "detokenize_is_for_training", lambda i: i.eval("--detokenize"),
+         ("--detokenize is a train.py flag", "drop --detokenize")),
     Case("eval.py", "batch_size_zero", lambda i: i.eval("--batch_size", 0), ("--batch_size must be at least 1",)),
     Case("eval.py", "unknown_dtype", lambda i: i.eval("--dtype", "float8"), ("--dtype 'float8' is unknown", "choose")),
     Case("eval.py", "pickle_only_model", lambda i: i.eval("--model", i.checkpoint("pickled", pickle_only=True),

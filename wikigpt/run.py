@@ -15,7 +15,8 @@ from transformers import Trainer, default_data_collator, set_seed
 from . import __version__
 from .checkpoints import ResumePlan, plan_resume
 from .cli import parse_args
-from .data import DataArguments, check_data_args, load_raw_splits, prepare_lm_splits, resolve_block_size
+from .data import (DataArguments, check_data_args, detokenize_splits, load_raw_splits, prepare_lm_splits,
+                   resolve_block_size)
 from .early_stopping import best_model_summary, early_stopping_callbacks
 from .hub import defer_push, push_after_local_save
 from .metrics import compute_perplexity, nll_and_count
@@ -88,6 +89,8 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     # Rank 0 tokenizes first and writes the datasets cache; the other ranks then read it.
     with training_args.main_process_first(desc="tokenize and group"):
         raw = load_raw_splits(data_args, training_args.seed, required=("train", "validation"))
+        if data_args.detokenize:
+            raw = detokenize_splits(raw)  # after the held-out articles are chosen from the raw lines
         blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
         train_set, reblocking = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
                                                        block_size, training_args)
