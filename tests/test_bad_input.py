@@ -146,6 +146,8 @@ CASES = [
          lambda i: i.train("--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs",
                            '{"num_decay_steps": 1.5}'),
          ("--lr_scheduler_kwargs num_decay_steps must be a fraction of the steps in (0, 1]", "got 1.5")),
+    Case("train.py", "unknown_matrix_optimizer", lambda i: i.train("--optim_matrices", "sgd"),
+         ("--optim_matrices", "invalid choice: 'sgd'")),
     # model and config
     Case("train.py", "unknown_preset", lambda i: i.train("--preset", "gpt5"), ("--preset 'gpt5'", "choose one of")),
     Case("train.py", "unknown_override_key", lambda i: i.train("--config_overrides", "n_layers=2"),

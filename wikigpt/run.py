@@ -23,6 +23,7 @@ from .metrics import compute_perplexity, nll_and_count
 from .model import ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer
 from .model_card import describe_run, write_model_card
 from .numerics import NonFiniteGuard, check_numerics_args
+from .optimizers import optimizer_cls_and_kwargs
 from .plots import check_report_to, plot_training_curves
 from .preemption import PreemptionCallback
 from .reblocking import random_offset_training
@@ -102,6 +103,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
                           data_collator=default_data_collator,
                           # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
                           compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args),  # --optim_matrices
                           callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
                                      *early_stopping_callbacks(training_args), *reblocking,
                                      # the budget may end a step; weight averaging then swaps in for its save

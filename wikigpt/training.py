@@ -7,6 +7,7 @@ from transformers import TrainingArguments
 
 from .early_stopping import configure_early_stopping
 from .errors import UsageError
+from .optimizers import check_optimizer_args
 from .schedules import check_schedule_args
 from .time_budget import check_time_budget_args
 from .weight_averaging import check_weight_averaging_args
@@ -79,7 +80,20 @@ class WikiTrainingArguments(TrainingArguments):
                           "data preparation or the final evaluation. Set --num_train_epochs high enough to fill it."},
     )
 
+    optim_matrices: str = field(
+        default="adamw",
+        metadata={"help": "Optimizer of the 2-D weight matrices inside the blocks: adamw (the Trainer's --optim for "
+                          "everything), or muon (torch.optim.Muon at --muon_learning_rate; embeddings, the tied LM "
+                          "head, LayerNorms and biases stay on AdamW at --learning_rate).",
+                  "choices": ["adamw", "muon"]},
+    )
+    muon_learning_rate: float = field(
+        default=0.02, metadata={"help": "Peak learning rate of Muon with --optim_matrices muon (scheduled like "
+                                        "--learning_rate)."}
+    )
+
     def __post_init__(self):
+        check_optimizer_args(self)
         check_weight_averaging_args(self)
         check_time_budget_args(self)
         configure_early_stopping(self)  # before the Trainer's own checks of load_best_model_at_end
