@@ -30,6 +30,7 @@ from .errors import UsageError
 logger = logging.getLogger(__name__)
 
 BUDGET_FILE = "time_budget.json"  # in each checkpoint-N
+UNPLANNED_SCHEDULES = ("reduce_lr_on_plateau", "greedy")  # driven by metrics, not by the step
 WARM_STEPS = 3  # steps not timed: the first ones pay for compilation and warm-up
 clock = time.monotonic  # seconds; read once per callback event (tests replace it with a step clock)
 
@@ -37,6 +38,10 @@ clock = time.monotonic  # seconds; read once per callback event (tests replace i
 def check_time_budget_args(args) -> None:
     if args.max_train_minutes is not None and not args.max_train_minutes > 0:
         raise UsageError(f"--max_train_minutes must be a positive number of minutes; got {args.max_train_minutes}")
+    schedule = str(args.lr_scheduler_type).split(".")[-1].lower()
+    if args.max_train_minutes is not None and schedule in UNPLANNED_SCHEDULES:
+        raise UsageError(f"--max_train_minutes plans a step schedule for the budget, which --lr_scheduler_type "
+                         f"{schedule} is not; pass e.g. --lr_scheduler_type cosine or warmup_stable_decay")
 
 
 class TimeBudgetCallback(TrainerCallback):
