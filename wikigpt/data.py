@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
 from .errors import UsageError, loading
+from .wikitext import detokenize, split_documents
 from .wikitext import article_spans
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ class DataArguments:
         metadata={"help": "Re-cut the training tokens into blocks at a new random offset in [0, block_size) every "
                           "epoch (drawn from --seed and the epoch), so epochs see different block boundaries; "
                           "validation and test blocks are unchanged."},
+    )
+
+    detokenize: bool = field(
+        default=False,
+        metadata={"help": "Train, validate and test on WikiText as lm-evaluation-harness scores it: one row per "
+                          "article (split at ' = Title = ' headings), detokenized (' @-@ ' -> '-', ' , ' -> ', ', ...) "
+                          "with the harness's rules, the same as eval.py's documents method. train.py only."},
     )
 
     @property
@@ -223,6 +231,22 @@ def load_raw_splits(args: DataArguments, seed: int, required: tuple[str, ...] = 
                 )
             raise UsageError(f"no {split} split: pass {SPLIT_FILE_FLAGS[split]} (or --dataset_dir)")
     return raw
+
+
+def detokenize_splits(raw: datasets.DatasetDict) -> datasets.DatasetDict:
+    """--detokenize: every split as one row per article, detokenized (wikigpt.wikitext, as eval.py's documents)."""
+    def to_documents(batch):
+        return {"text": [detokenize(page) for page in split_documents(batch["text"])]}
+
+    # One batch per split: an article's lines must meet in one call of split_documents.
+    detokenized = datasets.DatasetDict({
+        split: ds.map(to_documents, batched=True, batch_size=None, remove_columns=ds.column_names,
+                      new_fingerprint=Hasher.hash(["detokenize-v1", ds._fingerprint]),
+                      desc=f"Detokenizing {split} articles")
+        for split, ds in raw.items()})
+    for split, ds in detokenized.items():
+        logger.info("%s: %d lines -> %d detokenized articles", split, len(raw[split]), len(ds))
+    return detokenized
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

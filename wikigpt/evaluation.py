@@ -115,6 +115,9 @@ def _encode_long(tokenizer, text: str) -> list[int]:
 def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -> dict:
     """Score one split with every requested method; returns the report (the same on every process)."""
     methods = check_eval_args(args)
+    if data_args.detokenize:
+        raise UsageError("--detokenize is a train.py flag; eval.py's documents method already scores detokenized "
+                         "articles (--methods documents): drop --detokenize")
     tokenizer, model, dtype = load_for_eval(args, accelerator)
     context = context_length(model.config)
     stride = resolve_stride(args.stride, context)

@@ -15,20 +15,25 @@ from transformers import Trainer, default_data_collator, set_seed
 from . import __version__
 from .checkpoints import ResumePlan, plan_resume
 from .cli import parse_args
-from .data import DataArguments, check_data_args, load_raw_splits, prepare_lm_splits, resolve_block_size
+from .data import (DataArguments, check_data_args, detokenize_splits, load_raw_splits, prepare_lm_splits,
+                   resolve_block_size)
 from .early_stopping import best_model_summary, early_stopping_callbacks, end_early_stopping
 from .hub import defer_push, push_after_local_save
 from .metrics import compute_perplexity, nll_and_count
 from .model import ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer
 from .model_card import describe_run, write_model_card
 from .numerics import NonFiniteGuard, check_numerics_args
+from .optimizers import optimizer_cls_and_kwargs
 from .plots import check_report_to, plot_training_curves
 from .preemption import PreemptionCallback
 from .reblocking import random_offset_training
 from .results import write_json_atomic
+from .schedules import WikiTrainer
 from .throughput import ThroughputCallback, add_throughput_callback
+from .time_budget import TimeBudgetCallback, time_budget_callbacks
 from .training import WikiTrainingArguments, check_output_dir, tokens_per_step
 from .write_failures import CHECKPOINTS, writing
+from .weight_averaging import weight_averaging_callbacks
 
 logger = logging.getLogger("wikigpt.train")
 
@@ -54,6 +59,7 @@ class Run:
     preemption: PreemptionCallback
     nan_guard: NonFiniteGuard
     throughput: ThroughputCallback
+    time_budget: TimeBudgetCallback | None  # --max_train_minutes
 
     @property
     def tokens_per_step(self) -> int:
@@ -86,23 +92,30 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     # Rank 0 tokenizes first and writes the datasets cache; the other ranks then read it.
     with training_args.main_process_first(desc="tokenize and group"):
         raw = load_raw_splits(data_args, training_args.seed, required=("train", "validation"))
+        if data_args.detokenize:
+            raw = detokenize_splits(raw)  # after the held-out articles are chosen from the raw lines
         blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
         train_set, reblocking = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
                                                        block_size, training_args)
 
     push = defer_push(training_args)  # push once at the end, after the local save
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
-                      eval_dataset=blocks["validation"], processing_class=tokenizer,
-                      data_collator=default_data_collator,
-                      # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
-                      compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
-                      callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
-                                 *early_stopping_callbacks(training_args), *reblocking])
+    # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/schedules.py)
+    trainer = WikiTrainer(model=model, args=training_args, train_dataset=train_set,
+                          eval_dataset=blocks["validation"], processing_class=tokenizer,
+                          data_collator=default_data_collator,
+                          # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
+                          compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args),  # --optim_matrices
+                          callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
+                                     *early_stopping_callbacks(training_args), *reblocking,
+                                     # the budget may end a step; weight averaging then swaps in for its save
+                                     *(budget := time_budget_callbacks(training_args, resume.path)),
+                                     *weight_averaging_callbacks(training_args, resume.path)])
     resume.set_aside(trainer.is_world_process_zero())  # skipped checkpoints, an overwritten run's
     throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
                                          training_args.peak_flops)
     return Run(model_args, data_args, training_args, trainer, model, tokenizer, source, block_size, blocks, counts,
-               resume, push, preemption, nan_guard, throughput)
+               resume, push, preemption, nan_guard, throughput, budget[0] if budget else None)
 
 
 def train_run(run: Run):
@@ -136,6 +149,7 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
                   "wall_time_s": round(train_seconds, 2)},
         "throughput": run.throughput.summary,
         **best_model_summary(trainer),  # best checkpoint and metric, step training stopped at (early stopping)
+        **(run.time_budget.summary(train_result.global_step) if run.time_budget else {}),  # --max_train_minutes
         **describe_run(run.data_args, training_args, run.model, block_size),
     }
     if run.push:

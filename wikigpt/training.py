@@ -9,6 +9,10 @@ from .checkpoints import RESUME_FLAG, in_output_dir
 from .early_stopping import configure_early_stopping
 from .errors import UsageError
 from .precision import resolve_cpu_precision
+from .optimizers import check_optimizer_args
+from .schedules import check_schedule_args
+from .time_budget import check_time_budget_args
+from .weight_averaging import check_weight_averaging_args
 
 
 @dataclass
@@ -22,7 +26,11 @@ class WikiTrainingArguments(TrainingArguments):
                           "resumes from, rotates or names them."}
     )
     learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate (6e-4: GPT-2 small from scratch)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warmup."})
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={"help": "Learning-rate schedule after warmup. warmup_stable_decay needs --lr_scheduler_kwargs "
+                          "'{\"num_decay_steps\": 0.2}' (a fraction of all steps, or a step count)."},
+    )
     warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction (< 1) of all steps."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 is steadier than 0.999 for LMs)."})
@@ -62,10 +70,46 @@ class WikiTrainingArguments(TrainingArguments):
                           "(perplexity units by default)."},
     )
 
+    ema_decay: float | None = field(
+        default=None,
+        metadata={"help": "Evaluate and save an exponential moving average of the weights, updated every step "
+                          "(e.g. 0.999: the last ~1,000 steps); training continues from the raw weights. Off by "
+                          "default."},
+    )
+    swa_start: float | None = field(
+        default=None,
+        metadata={"help": "Evaluate and save the uniform average of the weights of every step after this fraction "
+                          "of training (e.g. 0.75: the last quarter); an alternative to --ema_decay. Off by default."},
+    )
+
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Train for this many minutes of wall time: the learning-rate schedule is planned for the "
+                          "steps that fit (measured as training runs) and ends with them; then the run saves, "
+                          "evaluates and stops. Counts the training loop with its evaluations and checkpoints, not "
+                          "data preparation or the final evaluation. Set --num_train_epochs high enough to fill it."},
+    )
+
+    optim_matrices: str = field(
+        default="adamw",
+        metadata={"help": "Optimizer of the 2-D weight matrices inside the blocks: adamw (the Trainer's --optim for "
+                          "everything), or muon (torch.optim.Muon at --muon_learning_rate; embeddings, the tied LM "
+                          "head, LayerNorms and biases stay on AdamW at --learning_rate).",
+                  "choices": ["adamw", "muon"]},
+    )
+    muon_learning_rate: float = field(
+        default=0.02, metadata={"help": "Peak learning rate of Muon with --optim_matrices muon (scheduled like "
+                                        "--learning_rate)."}
+    )
+
     def __post_init__(self):
+        check_optimizer_args(self)
+        check_weight_averaging_args(self)
+        check_time_budget_args(self)
         configure_early_stopping(self)  # before the Trainer's own checks of load_best_model_at_end
         resolve_cpu_precision(self)  # bf16 auto; bf16 on a CPU-only machine without --use_cpu
         super().__post_init__()
+        check_schedule_args(self)  # after the Trainer parsed --lr_scheduler_kwargs
 
     def __getstate__(self):
         # The Trainer pickles these arguments into training_args.bin in every checkpoint and in the final

@@ -1,0 +1,92 @@
+"""--optim_matrices muon: torch.optim.Muon for the 2-D hidden matrices, AdamW for everything else.
+
+Muon (orthogonalised momentum) only suits the weight matrices inside the blocks (GPT-2's attention and MLP
+Conv1D weights). Embeddings (wte, which is also the tied lm_head, and wpe), LayerNorm weights and biases stay on
+AdamW with the run's --learning_rate, betas, epsilon; AdamW decays the 2-D embeddings and not the 1-D
+parameters (nanoGPT's rule, the same split the Trainer's default makes for GPT-2). The two optimizers are one
+torch Optimizer to the Trainer (MuonWithAdamW shares their parameter groups and state), so the learning-rate
+schedule scales both (each from its own peak), and optimizer.pt checkpoints and resumes both.
+
+Handed to the Trainer through its `optimizer_cls_and_kwargs` hook as a factory (called with the model).
+"""
+
+import torch
+from torch.optim import AdamW, Muon, Optimizer
+
+from .errors import UsageError
+
+CHOICES = ("adamw", "muon")
+
+
+def check_optimizer_args(args) -> None:
+    if args.optim_matrices not in CHOICES:
+        raise UsageError(f"--optim_matrices {args.optim_matrices!r} is unknown; choose one of {', '.join(CHOICES)}")
+    if args.muon_learning_rate <= 0:
+        raise UsageError(f"--muon_learning_rate must be a positive number (e.g. 0.02); got {args.muon_learning_rate}")
+
+
+def split_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
+    """(Muon matrices, AdamW decayed, AdamW not decayed) as lists of (name, parameter); tied weights once."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    output = model.get_output_embeddings()
+    if output is not None:
+        embeddings.add(id(output.weight))
+    matrices, decayed, other = [], [], []
+    for name, p in model.named_parameters():  # named_parameters lists a tied tensor once
+        if not p.requires_grad:
+            continue
+        if p.ndim == 2 and id(p) not in embeddings:
+            matrices.append((name, p))
+        elif p.ndim >= 2:
+            decayed.append((name, p))
+        else:
+            other.append((name, p))
+    return matrices, decayed, other
+
+
+class MuonWithAdamW(Optimizer):
+    """One Optimizer over a Muon and an AdamW: their parameter groups and per-parameter state are this one's."""
+
+    def __init__(self, muon: Muon, adamw: AdamW):
+        self.muon, self.adamw = muon, adamw
+        super().__init__(muon.param_groups + adamw.param_groups, defaults={})
+        self._link()
+
+    def _link(self):
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)  # replaces self.state and the groups' contents
+        self._link()
+
+
+class MuonAdamWFactory:
+    """The Trainer calls MuonAdamWFactory()(model, **kwargs) (transformers' optimizer-factory hook)."""
+
+    def __call__(self, model, *, muon_lr, adamw_lr, weight_decay, betas, eps, momentum=0.95):
+        matrices, decayed, other = split_parameters(model)
+        muon = Muon([p for _, p in matrices], lr=muon_lr, weight_decay=weight_decay, momentum=momentum)
+        adamw = AdamW([{"params": [p for _, p in decayed], "weight_decay": weight_decay},
+                       {"params": [p for _, p in other], "weight_decay": 0.0}], lr=adamw_lr, betas=betas, eps=eps)
+        return MuonWithAdamW(muon, adamw)
+
+
+def optimizer_cls_and_kwargs(args):
+    """The Trainer's `optimizer_cls_and_kwargs` for --optim_matrices (None: the Trainer's own --optim)."""
+    if args.optim_matrices == "adamw":
+        return None
+    return MuonAdamWFactory, {"muon_lr": args.muon_learning_rate, "adamw_lr": args.learning_rate,
+                              "weight_decay": args.weight_decay, "betas": (args.adam_beta1, args.adam_beta2),
+                              "eps": args.adam_epsilon}
