@@ -8,6 +8,7 @@ Every TrainingArguments flag works (see --help). Multi-GPU: accelerate launch --
 """
 
 import logging
+import sys
 import time
 
 from transformers import Trainer, default_data_collator, set_seed
@@ -28,14 +29,16 @@ from wikigpt.preemption import PreemptionCallback
 from wikigpt.reblocking import random_offset_training
 from wikigpt.results import write_json_atomic
 from wikigpt.throughput import add_throughput_callback
+from wikigpt.tuning import SearchArguments, hp_search, load_search_space
 from wikigpt.training import WikiTrainingArguments, check_output_dir, tokens_per_step
 
 logger = logging.getLogger("wikigpt.train")
 
 
 def main() -> None:
-    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, WikiTrainingArguments),
-                                                      description=__doc__)
+    argv = sys.argv[1:]
+    model_args, data_args, training_args, search_args = parse_args(
+        (ModelArguments, DataArguments, WikiTrainingArguments, SearchArguments), description=__doc__)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     check_model_args(model_args)
@@ -45,7 +48,17 @@ def main() -> None:
     training_args.resume_from_checkpoint = resume.path
     check_output_dir(training_args)
     check_report_to(training_args)
+    searching = search_args.hp_search is not None or search_args.hp_space is not None
+    space = load_search_space(search_args, model_args, data_args, training_args) if searching else None
     set_seed(training_args.seed)
+    if space is not None:
+        tokenizer = load_tokenizer(model_args)
+        raw = load_raw_splits(data_args, training_args.seed, required=("train", "validation"))
+        summary = hp_search(argv, model_args, data_args, training_args, search_args, space, tokenizer, raw)
+        logger.info("search done: best trial %d, held-out perplexity %.4f; trials in %s, recipe in %s",
+                    summary["best_trial"], summary["best_held_out_perplexity"], summary["trials"],
+                    summary["best_recipe"])
+        return
 
     tokenizer = load_tokenizer(model_args)
     model, source = load_model(model_args, tokenizer)
