@@ -39,15 +39,10 @@ from wikigpt.chunked_loss import check_chunked_loss_args, use_chunked_loss  # no
 from wikigpt.cli import parse_args  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size  # noqa: E402
-from wikigpt.metrics import compute_perplexity, nll_and_count  # noqa: E402
-from wikigpt.model import PRESETS, ModelArguments, check_model_args, context_length, load_model  # noqa: E402
-from wikigpt.model import load_tokenizer  # noqa: E402
-from wikigpt.numerics import NonFiniteGuard  # noqa: E402
+from wikigpt.model import PRESETS, ModelArguments, load_tokenizer  # noqa: E402
 from wikigpt.padded_vocab import pad_vocab  # noqa: E402
-from wikigpt.preemption import PreemptionCallback  # noqa: E402
-from wikigpt.throughput import add_throughput_callback, current_device_name, model_flops_per_token  # noqa: E402
-from wikigpt.throughput import resolve_peak_flops  # noqa: E402
-from wikigpt.training import WikiTrainingArguments, tokens_per_step  # noqa: E402
+from wikigpt.run import build_run, parse_run_args, train_run  # noqa: E402
+from wikigpt.throughput import current_device_name, model_flops_per_token, resolve_peak_flops  # noqa: E402
 
 logger = logging.getLogger("wikigpt.benchmark")
 SHARED = REPO.parent / "shared" / "data"
@@ -187,12 +182,12 @@ def restore_float32_matmul_state(state) -> None:
 
 
 def timed_train(trainer: Trainer, bench: BenchmarkArguments, tokens_per_step: int, flops_per_token: int,
-                peak_flops: float | None) -> dict:
+                peak_flops: float | None, train=None) -> dict:
     timer = StepTimer()
     trainer.add_callback(timer)
     reset_peak_memory()
     start = time.perf_counter()
-    trainer.train()
+    (train or trainer.train)()
     total = time.perf_counter() - start
     memory, memory_kind = peak_memory()
     timed = timer.times[bench.warmup_steps - 1:] if bench.warmup_steps > 0 else [start, *timer.times]
@@ -274,30 +269,17 @@ def describe_wikigpt(bench: BenchmarkArguments, argv: list[str]) -> str:
 
 
 def run_wikigpt(bench, argv, flops, peak) -> dict:
-    """train.py's components, in train.py's order (no final save/eval: only training is timed)."""
-    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, WikiTrainingArguments), argv)
-    check_model_args(model_args)
-    set_seed(training_args.seed)
-    tokenizer = load_tokenizer(model_args)
-    model, _ = load_model(model_args, tokenizer)
-    block_size = resolve_block_size(data_args.block_size, context_length(model.config))
-    raw = load_raw_splits(data_args, training_args.seed, required=("train", "validation"))
-    blocks, _ = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
+    """train.py's own path: wikigpt.run's build_run and train_run (no final save/eval: only training is timed)."""
+    run = build_run(*parse_run_args(argv))
     fp32_state = float32_matmul_state()
     try:
-        trainer = Trainer(model=model, args=training_args, train_dataset=blocks["train"],
-                          eval_dataset=blocks["validation"], processing_class=tokenizer,
-                          data_collator=default_data_collator, compute_metrics=compute_perplexity,
-                          preprocess_logits_for_metrics=nll_and_count,
-                          callbacks=[PreemptionCallback(), NonFiniteGuard()])
-        add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
-                                training_args.peak_flops)
-        result = timed_train(trainer, bench, tokens_per_step(training_args, block_size), flops, peak)
+        result = timed_train(run.trainer, bench, run.tokens_per_step, flops, peak, train=lambda: train_run(run))
     finally:
         restore_float32_matmul_state(fp32_state)
+    model, training_args = run.model, run.training_args
     result.update(name="wikigpt", lever=describe_wikigpt(bench, argv), train_py_args=argv,
-                  attn_implementation=model.config._attn_implementation, optim=str(training_args.optim.value), vocab_size=model.config.vocab_size, bf16=training_args.bf16,
-                  torch_compile=training_args.torch_compile)
+                  attn_implementation=model.config._attn_implementation, optim=str(training_args.optim.value),
+                  vocab_size=model.config.vocab_size, bf16=training_args.bf16, torch_compile=training_args.torch_compile)
     forget_compiled()
     return result
 

@@ -25,6 +25,7 @@ import enum
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ import yaml
 from transformers import GPT2Config, Trainer
 
 from .errors import UsageError
+from .numerics import TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
@@ -322,63 +324,63 @@ def _bounds(param: Param) -> list:
     return list(spec["choices"]) if spec["type"] == "categorical" else [spec["low"], spec["high"]]
 
 
-# ---- the search: one Trainer, a fresh model, data and callbacks per trial ----
+# ---- the search: one Trainer whose model_init builds each trial as train.py builds a run ----
 
-@dataclass
-class TrialParts:
-    """What one trial trains: built by the run's own builders from the trial's values."""
-
-    model: object
-    train_dataset: object
-    eval_dataset: object
-    callbacks: list
-    block_size: int
+def searching(search_args: SearchArguments) -> bool:
+    return search_args.hp_search is not None or search_args.hp_space is not None
 
 
 class SearchTrainer(Trainer):
-    """Trainer for `hyperparameter_search`: `model_init` builds each trial's model, data and callbacks.
+    """Trainer for `hyperparameter_search` whose `model_init` is wikigpt.run.build_run with the trial's values.
 
-    Fresh callbacks per trial because some keep state across `train()` calls (EarlyStoppingCallback's patience
-    counter is never reset), and block size changes the datasets, which the Trainer reads after `model_init`.
-    The objective is the held-out perplexity of the model the trial ends with, evaluated once after training (the
-    Trainer's own objective is the last evaluation during training, not the best checkpoint it loads at the end).
+    Each trial takes the built run's model, datasets and its Trainer's callback handler, so it trains with exactly
+    train.py's data, model builder and callbacks, fresh for every trial (some callbacks keep state across
+    `train()` calls, e.g. EarlyStoppingCallback's patience counter, and block size changes the data; the Trainer
+    reads both after `model_init`). The objective is the held-out perplexity of the model a trial ends with,
+    evaluated once after training: the Trainer's own is the last evaluation during training, not the best
+    checkpoint that early stopping loads at the end.
     """
 
-    def __init__(self, *, space: SearchSpace, build_trial, n_trials: int, **kwargs):
-        self.space, self.build_trial, self.n_trials = space, build_trial, n_trials
-        self.trial_callbacks, self.trial_block_size = [], None
+    def __init__(self, *, space: SearchSpace, build_trial, base_run, n_trials: int, **kwargs):
+        self.space, self.build_trial, self.base_run, self.n_trials = space, build_trial, base_run, n_trials
+        self.run = base_run
         super().__init__(model_init=self.init_trial, **kwargs)
 
     def init_trial(self, trial=None):
-        parts = self.build_trial(self.space.suggest(trial) if trial is not None else {})
-        if trial is not None:  # called without a trial inside Trainer.__init__, before callbacks exist
-            for callback in self.trial_callbacks:
-                self.remove_callback(callback)
-            for callback in parts.callbacks:
-                self.add_callback(callback)
-            self.trial_callbacks = parts.callbacks
-            self.train_dataset, self.eval_dataset = parts.train_dataset, parts.eval_dataset
-        self.trial_block_size = parts.block_size
-        return parts.model
+        if trial is None:  # Trainer.__init__ asks for a model before any trial: the run as given
+            return self.base_run.model
+        self.run = self.build_trial(trial.number, self.space.suggest(trial))
+        self.callback_handler = self.run.trainer.callback_handler
+        self.train_dataset, self.eval_dataset = self.run.trainer.train_dataset, self.run.trainer.eval_dataset
+        return self.run.model
 
     def trial_training_values(self, trial) -> dict:
         """`hp_space` for the Trainer: the values it sets on TrainingArguments (token budget -> max_steps)."""
-        values = self.space.suggest(trial)
-        return self.space.training_values(values, self.args, self.trial_block_size)
+        return self.space.training_values(self.space.suggest(trial), self.args, self.run.block_size)
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         if trial is None or self.hp_search_backend is None:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         start = time.perf_counter()
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        run = self.run
+        if run.preemption.signum is not None:
+            print(f"wikigpt: search stopped by a signal during trial {trial.number}; no trials.csv or "
+                  f"best_recipe.yaml written, rerun the command", file=sys.stderr, flush=True)
+            sys.exit(run.preemption.exit_code)
+        try:
+            run.nan_guard.raise_if_diverged(self.args)
+        except TrainingDiverged as err:  # a failed trial, not a failed search: optuna records it (catch=)
+            if self.is_world_process_zero():
+                print(f"trial {trial.number} ({trial.number + 1}/{self.n_trials}): {_params(trial)} -> diverged "
+                      f"(loss or weights not finite); the search goes on", flush=True)
+            raise err
         metrics = self.evaluate()
         self.objective = metrics[OBJECTIVE]
         seconds = time.perf_counter() - start
         self.save_model(self._get_output_dir(trial))  # run-N/: the trial's final model, loadable by eval.py
-        tokens = output.global_step * self.args.train_batch_size * self.args.gradient_accumulation_steps * \
-            self.args.world_size * self.trial_block_size
-        for key, value in {"seconds": round(seconds, 2), "block_size": self.trial_block_size,
-                           "train_steps": output.global_step, "tokens_trained": tokens,
+        for key, value in {"seconds": round(seconds, 2), "block_size": run.block_size,
+                           "train_steps": output.global_step, "tokens_trained": output.global_step * run.tokens_per_step,
                            "eval_token_loss": metrics.get("eval_token_loss"),
                            "eval_tokens": metrics.get("eval_tokens")}.items():
             trial.set_user_attr(key, value)
@@ -387,18 +389,17 @@ class SearchTrainer(Trainer):
         return output
 
 
+def _params(trial) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+
+
 def progress_line(trial, objective: float, seconds: float, n_trials: int) -> str:
     import optuna
 
-    done = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     best_number, best = min([(t.number, t.value) for t in done] + [(trial.number, objective)], key=lambda x: x[1])
-    params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
-    return (f"trial {trial.number} ({trial.number + 1}/{n_trials}): {params} -> held-out perplexity {objective:.2f} "
-            f"(best {best:.2f}, trial {best_number}); {seconds:.1f} s")
-
-
-def _short(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return (f"trial {trial.number} ({trial.number + 1}/{n_trials}): {_params(trial)} -> held-out perplexity "
+            f"{objective:.2f} (best {best:.2f}, trial {best_number}); {seconds:.1f} s")
 
 
 def run_search(trainer: SearchTrainer, seed: int):
@@ -409,8 +410,8 @@ def run_search(trainer: SearchTrainer, seed: int):
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # SearchTrainer prints one line per trial instead
     trainer.hyperparameter_search(
         hp_space=trainer.trial_training_values, compute_objective=lambda metrics: metrics[OBJECTIVE],
-        n_trials=trainer.n_trials, direction="minimize", backend="optuna", storage=storage,
-        study_name="wikigpt", sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.NopPruner(),
+        n_trials=trainer.n_trials, direction="minimize", backend="optuna", storage=storage, study_name="wikigpt",
+        sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.NopPruner(), catch=(TrainingDiverged,),
     )
     return optuna.load_study(study_name="wikigpt", storage=storage)
 
@@ -501,48 +502,43 @@ def config_overrides_text(base: str | None, overrides: dict) -> str | None:
     return ",".join(f"{k}={v}" for k, v in merged.items())
 
 
-def hp_search(argv, model_args, data_args, training_args, search_args, space: SearchSpace, tokenizer, raw) -> dict:
-    """Run the search and write trials.csv and best_recipe.yaml; returns a summary for the log."""
-    from functools import cache
+def trial_arguments(space: SearchSpace, values: dict, model_args, data_args, training_args, base_block_size: int,
+                    run_dir: str):
+    """The run arguments of one trial: the search's own with the trial's values in place."""
+    block_size = values.get("block_size", base_block_size)
+    trial_model_args = dataclasses.replace(
+        model_args, config_overrides=config_overrides_text(model_args.config_overrides, space.model_overrides(values)))
+    trial_data_args = dataclasses.replace(data_args, block_size=values.get("block_size", data_args.block_size))
+    trial_training_args = dataclasses.replace(
+        training_args, **space.training_values(values, training_args, block_size), output_dir=run_dir,
+        overwrite_output_dir=True)
+    return trial_model_args, trial_data_args, trial_training_args
 
-    from transformers import default_data_collator
 
-    from .data import prepare_lm_splits, resolve_block_size
-    from .early_stopping import early_stopping_callbacks
-    from .metrics import compute_perplexity, nll_and_count
-    from .model import context_length, load_model
-    from .numerics import NonFiniteGuard
-    from .preemption import PreemptionCallback
-    from .reblocking import random_offset_training
-    from .throughput import ThroughputCallback, model_flops_per_token
-    from .training import tokens_per_step
+def tune(argv: list[str], model_args, data_args, training_args, search_args) -> dict:
+    """train.py --hp_search: check the space and the run, run the trials, write trials.csv and best_recipe.yaml."""
+    from .run import build_run
 
-    @cache
-    def data_for(block_size: int):
-        blocks, _ = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
-        train_set, reblocking = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
-                                                       block_size, training_args)
-        return train_set, blocks["validation"], reblocking
+    space = load_search_space(search_args, model_args, data_args, training_args)
+    settings = given_settings(argv, (model_args, data_args, training_args, search_args))
+    pristine = dataclasses.replace(training_args)  # the Trainer sets each trial's values on training_args itself
+    base = build_run(model_args, data_args, training_args)  # every check of train.py, before anything trains
 
-    def build_trial(values: dict) -> TrialParts:
-        trial_model_args = dataclasses.replace(
-            model_args, config_overrides=config_overrides_text(model_args.config_overrides, space.model_overrides(values)))
-        model, _ = load_model(trial_model_args, tokenizer)
-        block_size = resolve_block_size(values.get("block_size", data_args.block_size), context_length(model.config))
-        train_set, eval_set, reblocking = data_for(block_size)
-        throughput = ThroughputCallback(tokens_per_step(training_args, block_size),
-                                        model_flops_per_token(model, block_size), training_args.peak_flops)
-        callbacks = [throughput, PreemptionCallback(), NonFiniteGuard(), *early_stopping_callbacks(training_args),
-                     *reblocking]
-        return TrialParts(model, train_set, eval_set, callbacks, block_size)
+    def build_trial(number: int, values: dict):
+        run_dir = os.path.join(training_args.output_dir, f"run-{number}")
+        return build_run(*trial_arguments(space, values, model_args, data_args, pristine, base.block_size, run_dir))
 
-    # Datasets are set per trial by `model_init` (SearchTrainer.init_trial), which runs before the data loaders.
-    settings = given_settings(argv, (model_args, data_args, training_args, search_args))  # before trials change args
-    trainer = SearchTrainer(space=space, build_trial=build_trial, n_trials=search_args.hp_search, args=training_args,
-                            processing_class=tokenizer, data_collator=default_data_collator,
-                            compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count)
+    trainer = SearchTrainer(space=space, build_trial=build_trial, base_run=base, n_trials=search_args.hp_search,
+                            args=training_args, processing_class=base.trainer.processing_class,
+                            data_collator=base.trainer.data_collator, compute_metrics=base.trainer.compute_metrics,
+                            preprocess_logits_for_metrics=base.trainer.preprocess_logits_for_metrics)
     study = run_search(trainer, training_args.seed)
-    return write_search_outputs(study, space, settings, argv, model_args, training_args)
+    if not trainer.is_world_process_zero():
+        return {}
+    summary = write_search_outputs(study, space, settings, argv, model_args, pristine)
+    logger.info("search done: best trial %d, held-out perplexity %.4f; trials in %s, its recipe in %s",
+                summary["best_trial"], summary["best_held_out_perplexity"], summary["trials"], summary["best_recipe"])
+    return summary
 
 
 def write_search_outputs(study, space: SearchSpace, settings: dict, argv: list[str], model_args, training_args) -> dict:
@@ -550,6 +546,11 @@ def write_search_outputs(study, space: SearchSpace, settings: dict, argv: list[s
     out = training_args.output_dir
     table, recipe_path = os.path.join(out, "trials.csv"), os.path.join(out, "best_recipe.yaml")
     write_trials_table(study, table)
+    import optuna
+
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise TrainingDiverged(f"every one of the {len(study.trials)} trials diverged (see {table}); lower the "
+                               f"learning_rate range in --hp_space, or raise warmup_steps")
     best = study.best_trial
     recipe = best_recipe(settings, space, best, training_args, model_args, out)
     command = " ".join(["python train.py", *argv])

@@ -1,0 +1,151 @@
+"""One training run, as train.py runs it: checked arguments -> tokenizer, model, data, callbacks, Trainer -> train
+-> save, evaluate, results.json, model card, plot, push.
+
+train.py is `parse_run_args`, `build_run`, `train_run`, `finish_run`; benchmarks/train_throughput.py times
+`train_run` of a `build_run` from the same argument dataclasses, so what it measures is what users run.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import datasets
+from transformers import Trainer, default_data_collator, set_seed
+
+from . import __version__
+from .checkpoints import ResumePlan, plan_resume
+from .cli import parse_args
+from .data import DataArguments, check_data_args, load_raw_splits, prepare_lm_splits, resolve_block_size
+from .early_stopping import best_model_summary, early_stopping_callbacks
+from .hub import defer_push, push_after_local_save
+from .metrics import compute_perplexity, nll_and_count
+from .model import ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer
+from .model_card import describe_run, write_model_card
+from .numerics import NonFiniteGuard, check_numerics_args
+from .plots import check_report_to, plot_training_curves
+from .preemption import PreemptionCallback
+from .reblocking import random_offset_training
+from .results import write_json_atomic
+from .throughput import ThroughputCallback, add_throughput_callback
+from .training import WikiTrainingArguments, check_output_dir, tokens_per_step
+
+logger = logging.getLogger("wikigpt.train")
+
+RUN_ARGUMENTS = (ModelArguments, DataArguments, WikiTrainingArguments)
+
+
+@dataclass
+class Run:
+    """Everything a built run holds: its arguments, the Trainer, the data, and the callbacks read after training."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    training_args: WikiTrainingArguments
+    trainer: Trainer
+    model: object  # the model as built (trainer.model_wrapped may be a compiled or distributed wrapper of it)
+    tokenizer: object
+    source: dict  # where the weights came from (wikigpt.model.load_model)
+    block_size: int
+    blocks: datasets.DatasetDict  # fixed blocks of every split (training may use re-cut ones: trainer.train_dataset)
+    counts: dict  # rows/tokens/blocks per split
+    resume: ResumePlan
+    push: bool  # --push_to_hub was given: pushed by finish_run, after the local save
+    preemption: PreemptionCallback
+    nan_guard: NonFiniteGuard
+    throughput: ThroughputCallback
+
+    @property
+    def tokens_per_step(self) -> int:
+        return tokens_per_step(self.training_args, self.block_size)
+
+
+def parse_run_args(argv: list[str] | None = None, description: str | None = None):
+    """(model_args, data_args, training_args) from a command line (config file first, then flags)."""
+    return parse_args(RUN_ARGUMENTS, argv, description=description)
+
+
+def build_run(model_args: ModelArguments, data_args: DataArguments, training_args: WikiTrainingArguments) -> Run:
+    """Check every argument, then build tokenizer, model, data and the Trainer with wikigpt's callbacks."""
+    check_model_args(model_args)
+    check_data_args(data_args)
+    check_numerics_args(training_args)
+    resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    training_args.resume_from_checkpoint = resume.path
+    check_output_dir(training_args)
+    check_report_to(training_args)
+    set_seed(training_args.seed)
+
+    tokenizer = load_tokenizer(model_args)
+    model, source = load_model(model_args, tokenizer)
+    block_size = resolve_block_size(data_args.block_size, context_length(model.config))
+    logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)
+    resume.check_model(model.config)
+
+    # Rank 0 tokenizes first and writes the datasets cache; the other ranks then read it.
+    with training_args.main_process_first(desc="tokenize and group"):
+        raw = load_raw_splits(data_args, training_args.seed, required=("train", "validation"))
+        blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
+        train_set, reblocking = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
+                                                       block_size, training_args)
+
+    push = defer_push(training_args)  # push once at the end, after the local save
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
+                      eval_dataset=blocks["validation"], processing_class=tokenizer,
+                      data_collator=default_data_collator,
+                      # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
+                      compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
+                      callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
+                                 *early_stopping_callbacks(training_args), *reblocking])
+    resume.set_aside_skipped(trainer.is_world_process_zero())
+    throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
+                                         training_args.peak_flops)
+    return Run(model_args, data_args, training_args, trainer, model, tokenizer, source, block_size, blocks, counts,
+               resume, push, preemption, nan_guard, throughput)
+
+
+def train_run(run: Run):
+    """Trainer.train(), then stop with one line on a diverged or interrupted run. Returns (TrainOutput, seconds)."""
+    start = time.time()
+    train_result = run.trainer.train(resume_from_checkpoint=run.resume.path)
+    train_seconds = time.time() - start
+    run.nan_guard.raise_if_diverged(run.training_args)  # before anything saves the broken model
+    run.preemption.exit_if_interrupted(run.training_args.output_dir, run.trainer.is_world_process_zero())
+    return train_result, train_seconds
+
+
+def finish_run(run: Run, train_result, train_seconds: float) -> dict:
+    """Save the model, evaluate validation/test, write results.json, the model card and the plot, push. Returns results."""
+    trainer, training_args, block_size = run.trainer, run.training_args, run.block_size
+    trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
+    trainer.save_state()
+
+    results = {
+        "wikigpt_version": __version__,
+        "model": {**run.source, "description": describe_source(run.source)},
+        "block_size": block_size,
+        "data": run.counts,
+        "train": {**train_result.metrics, "global_step": train_result.global_step,
+                  "tokens_seen": train_result.global_step * run.tokens_per_step,
+                  "wall_time_s": round(train_seconds, 2)},
+        "throughput": run.throughput.summary,
+        **best_model_summary(trainer),  # best checkpoint and metric, step training stopped at (early stopping)
+        **describe_run(run.data_args, training_args, run.model, block_size),
+    }
+    if run.push:
+        results["hub_model_id"] = training_args.hub_model_id
+    for split in ("validation", "test"):
+        if split in run.blocks:
+            prefix = "eval" if split == "validation" else split
+            # {prefix}_perplexity = exp({prefix}_token_loss), every block once (wikigpt.metrics, corpus_perplexity)
+            metrics = trainer.evaluate(run.blocks[split], metric_key_prefix=prefix)
+            results[split] = metrics
+            logger.info("%s perplexity = %.4f (corpus-level exp(sum NLL / tokens) over %d blocks of %d)",
+                        split, metrics[f"{prefix}_perplexity"], run.counts[split]["blocks"], block_size)
+    if trainer.is_world_process_zero():
+        write_json_atomic(f"{training_args.output_dir}/results.json", results)
+        plot_training_curves(trainer.state.log_history, f"{training_args.output_dir}/training_curves.png",
+                             run.tokens_per_step, describe_source(run.source))
+        write_model_card(training_args.output_dir, results)
+    if run.push:
+        push_after_local_save(trainer)
+    return results
