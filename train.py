@@ -3,7 +3,7 @@
     python train.py --preset tiny --train_file wiki.valid.raw --validation_file wiki.test.raw \
         --tokenizer_name path/to/gpt2-tokenizer --output_dir out/tiny --max_steps 30
     python train.py configs/some_recipe.yaml --learning_rate 3e-4      # config file + overrides
-    python train.py configs/some_recipe.yaml --hp_search 20 --hp_space configs/search_space_cpu.yaml  # tuning
+    python train.py configs/some_recipe.yaml --hp_search 8 --hp_space configs/search_spaces/cpu.yaml  # docs/tuning.md
 
 Every TrainingArguments flag works (see --help). Multi-GPU: accelerate launch --config_file accelerate_config.yaml train.py ...
 """

@@ -199,7 +199,7 @@ CASES = [
          ("--hp_space", "learning_rate must be a mapping with a type", "{type: float, low: 0.0, high: 0.2}")),
     Case("train.py", "search_space_missing_file",
          lambda i: i.train("--hp_search", 2, "--hp_space", i.tmp / "nope.yaml"),
-         ("--hp_space", "does not exist", "configs/search_space_cpu.yaml")),
+         ("--hp_space", "does not exist", "configs/search_spaces/cpu.yaml")),
     Case("train.py", "search_without_space", lambda i: i.train("--hp_search", 2),
          ("--hp_search needs --hp_space FILE",)),
     Case("train.py", "search_zero_trials",

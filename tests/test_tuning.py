@@ -11,14 +11,14 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import TOKENIZER_DIR
+from conftest import REPO, TOKENIZER_DIR
 from runs import THREADS, micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 
 import eval as eval_script
 from wikigpt.cli import parse_args
 from wikigpt.errors import run_main
 from wikigpt.run import RUN_ARGUMENTS
-from wikigpt.tuning import SearchArguments
+from wikigpt.tuning import SearchArguments, load_search_space
 
 SPACE = """\
 learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
@@ -37,7 +37,9 @@ def search(tmp_path_factory, micro_files):
     space = tmp / "space.yaml"
     space.write_text(SPACE)
     out = tmp / "out"
-    argv = micro_args(micro_files, out, "--hp_search", 2, "--hp_space", space, "--save_strategy", "no")
+    # Early stopping on: each trial then ends with its best checkpoint, and needs fresh callbacks.
+    argv = micro_args(micro_files, out, "--hp_search", 2, "--hp_space", space, "--eval_strategy", "steps",
+                      "--eval_steps", 3, "--save_steps", 3, "--early_stopping_patience", 1)
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(stdout):
         assert train_in_process(argv, monkeypatch) == 0
@@ -115,3 +117,13 @@ def test_best_recipe_trains_the_best_trial_again(search, tmp_path, monkeypatch):
     assert train_in_process([recipe, "--output_dir", again], monkeypatch) == 0
     results = json.loads((again / "results.json").read_text())
     assert results["validation"]["eval_perplexity"] == pytest.approx(float(best["held_out_perplexity"]), rel=1e-6)
+
+
+def test_the_shipped_search_space_fits_the_cpu_recipe():
+    recipe, space = REPO / "configs" / "wikitext_scratch_cpu.yaml", REPO / "configs" / "search_spaces" / "cpu.yaml"
+    model_args, data_args, training_args, search_args = parse_args(
+        (*RUN_ARGUMENTS, SearchArguments), [str(recipe), "--hp_search", "8", "--hp_space", str(space)])
+    searched = load_search_space(search_args, model_args, data_args, training_args)
+    assert searched.params["block_size"].values() == [128, 256]  # both within the preset's context of 256
+    assert searched.model_overrides({"dropout": 0.1, "n_layer": 3}) == {
+        "n_layer": 3, "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}

@@ -1,4 +1,4 @@
-"""Hyper-parameter search: `train.py --hp_search N --hp_space configs/search_space_cpu.yaml`.
+"""Hyper-parameter search: `train.py --hp_search N --hp_space configs/search_spaces/cpu.yaml`.
 
 `Trainer.hyperparameter_search` with the optuna backend (TPE sampler seeded by --seed, no pruning) runs N trials;
 each trains what train.py would train with the trial's values (same data, model builder and callbacks) and is
@@ -59,7 +59,7 @@ class SearchArguments:
     )
     hp_space: str | None = field(
         default=None, metadata={"help": "With --hp_search: YAML file of the search space, one entry per key, e.g. "
-                                        "configs/search_space_cpu.yaml (see docs/tuning.md)."}
+                                        "configs/search_spaces/cpu.yaml (see docs/tuning.md)."}
     )
 
 
@@ -230,7 +230,7 @@ def _check_spec(where: str, key: str, spec, value_type) -> dict:
 def _read_space_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"--hp_space {path!r} does not exist; pass a search-space YAML file "
-                         f"(e.g. configs/search_space_cpu.yaml)")
+                         f"(e.g. configs/search_spaces/cpu.yaml)")
     try:
         with open(path, encoding="utf-8") as f:
             entries = yaml.safe_load(f)
@@ -249,7 +249,7 @@ def load_search_space(search_args: SearchArguments, model_args, data_args, train
     if search_args.hp_search < 1:
         raise UsageError(f"--hp_search must be at least 1 (the number of trials); got {search_args.hp_search}")
     if not search_args.hp_space:
-        raise UsageError("--hp_search needs --hp_space FILE, the search space (e.g. configs/search_space_cpu.yaml)")
+        raise UsageError("--hp_search needs --hp_space FILE, the search space (e.g. configs/search_spaces/cpu.yaml)")
     if training_args.resume_from_checkpoint:
         raise UsageError("--hp_search starts every trial from scratch; drop --resume_from_checkpoint")
     if training_args.push_to_hub:
@@ -284,6 +284,10 @@ def _check_across_keys(path: str, params: dict, model_args, training_args, defau
     if "dropout" in params and set(DROPOUT_FIELDS) & set(params):
         raise UsageError(f"{where}: dropout sets {', '.join(DROPOUT_FIELDS)} together; search either dropout or "
                          f"those fields, not both")
+    if "lr_scheduler_type" in params and training_args.lr_scheduler_kwargs:
+        raise UsageError(f"{where}: lr_scheduler_kwargs {training_args.lr_scheduler_kwargs} belong to one schedule, "
+                         f"but lr_scheduler_type is searched; drop lr_scheduler_type from the search space, or drop "
+                         f"--lr_scheduler_kwargs")
     if "train_tokens" in params and {"max_steps", "num_train_epochs"} & set(params):
         raise UsageError(f"{where}: train_tokens sets max_steps from a token budget; drop max_steps and "
                          f"num_train_epochs from the search space")
