@@ -533,7 +533,8 @@ def tune(argv: list[str], model_args, data_args, training_args, search_args) -> 
         return build_run(*trial_arguments(space, values, model_args, data_args, pristine, base.block_size, run_dir))
 
     trainer = SearchTrainer(space=space, build_trial=build_trial, base_run=base, n_trials=search_args.hp_search,
-                            args=training_args, processing_class=base.trainer.processing_class,
+                            args=training_args, train_dataset=base.trainer.train_dataset,
+                            eval_dataset=base.trainer.eval_dataset, processing_class=base.trainer.processing_class,
                             data_collator=base.trainer.data_collator, compute_metrics=base.trainer.compute_metrics,
                             preprocess_logits_for_metrics=base.trainer.preprocess_logits_for_metrics)
     study = run_search(trainer, training_args.seed)
