@@ -384,7 +384,8 @@ class SearchTrainer(Trainer):
         seconds = time.perf_counter() - start
         self.save_model(self._get_output_dir(trial))  # run-N/: the trial's final model, loadable by eval.py
         for key, value in {"seconds": round(seconds, 2), "block_size": run.block_size,
-                           "train_steps": output.global_step, "tokens_trained": output.global_step * run.tokens_per_step,
+                           "train_steps": output.global_step,
+                           "tokens_trained": output.global_step * run.tokens_per_step,
                            "eval_token_loss": metrics.get("eval_token_loss"),
                            "eval_tokens": metrics.get("eval_tokens")}.items():
             trial.set_user_attr(key, value)
@@ -471,8 +472,6 @@ def given_settings(argv: list[str], parsed: tuple) -> dict:
 
 def best_recipe(settings: dict, space: SearchSpace, trial, training_args, model_args, output_dir: str) -> dict:
     """The run's settings with the best trial's values in place: what `train.py RECIPE` needs to train it again."""
-    from .model import parse_config_overrides
-
     values = dict(trial.params)
     recipe = dict(settings)
     block_size = trial.user_attrs["block_size"]
@@ -480,16 +479,15 @@ def best_recipe(settings: dict, space: SearchSpace, trial, training_args, model_
         recipe[key] = yaml_value(value)
     if "block_size" in values:
         recipe["block_size"] = values["block_size"]
-    overrides = space.model_overrides(values)
-    if overrides:
-        merged = {**parse_config_overrides(model_args.config_overrides or ""), **overrides}
-        recipe["config_overrides"] = ",".join(f"{k}={v}" for k, v in merged.items())
+    if space.model_overrides(values):
+        recipe["config_overrides"] = config_overrides_text(model_args.config_overrides, space.model_overrides(values))
     recipe["output_dir"] = os.path.join(output_dir, "best")
     return recipe
 
 
 def write_best_recipe(path: str, recipe: dict, trial, n_trials: int, command: str) -> None:
-    header = (f"# Best of {n_trials} trials: trial {trial.number} (run-{trial.number}), held-out perplexity {trial.value:.4f}.\n"
+    header = (f"# Best of {n_trials} trials: trial {trial.number} (run-{trial.number}), "
+              f"held-out perplexity {trial.value:.4f}.\n"
               f"# Search: {command}\n"
               f"# Train it again: python train.py {path}\n")
     with open(path, "w", encoding="utf-8") as f:
