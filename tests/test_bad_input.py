@@ -113,14 +113,14 @@ CASES = [
     # file contents
     Case("train.py", "empty_validation_file", lambda i: i.train("--validation_file", i.file("empty.raw", "")),
          ("--validation_file", "is empty", "pass a file with text")),
-    Case("train.py", "whitespace_only_train_file", lambda i: i.train("--train_file", i.file("blank.raw", "\n \n\n"),
+    Case("train.py", "whitespace_only_train_file", lambda i: i.train("--train_file", i.file("blank.raw", "\n \n\n")),
          ("--train_file", "holds no text", "pass a file with text")),
     Case("train.py", "non_utf8_train_file",
          lambda i: i.train("--train_file", i.file("latin1.raw", "Caf\u00e9 au lait\n".encode("latin-1"))),
          ("--train_file", "is not UTF-8 text", "iconv"), subprocess=True),
     Case("train.py", "missing_text_column", lambda i: i.train("--train_file", i.file("rows.jsonl", '{"body": "hi"}\n')),
          ("--text_column 'text'", "pass --text_column with one of them")),
-    Case("train.py", "fewer_tokens_than_a_block", lambda i: i.train("--train_file", i.file("short.raw", "Hello.\n"),
+    Case("train.py", "fewer_tokens_than_a_block", lambda i: i.train("--train_file", i.file("short.raw", "Hello.\n")),
          ("fewer than one block of --block_size 32", "a smaller --block_size")),
     # types and ranges
     Case("train.py", "learning_rate_not_a_number", lambda i: i.train("--learning_rate", "fast"),
