@@ -3,21 +3,30 @@
     python train.py --preset tiny --train_file wiki.valid.raw --validation_file wiki.test.raw \
         --tokenizer_name path/to/gpt2-tokenizer --output_dir out/tiny --max_steps 30
     python train.py configs/some_recipe.yaml --learning_rate 3e-4      # config file + overrides
+    python train.py configs/some_recipe.yaml --hp_search 8 --hp_space configs/search_spaces/cpu.yaml  # docs/tuning.md
 
 Every TrainingArguments flag works (see --help). Multi-GPU: accelerate launch --config_file accelerate_config.yaml train.py ...
 Exit status: 0 done, 2 bad input, 3 diverged (NaN/inf), 4 a write failed (disk full, quota), 128+N signal N.
 """
 
 import logging
+import sys
 
+from wikigpt.cli import parse_args
 from wikigpt.errors import run_main
-from wikigpt.run import build_run, finish_run, parse_run_args, train_run
+from wikigpt.run import RUN_ARGUMENTS, build_run, finish_run, train_run
+from wikigpt.tuning import SearchArguments, searching, tune
 
 
 def main() -> None:
-    model_args, data_args, training_args = parse_run_args(description=__doc__)
+    argv = sys.argv[1:]
+    model_args, data_args, training_args, search_args = parse_args((*RUN_ARGUMENTS, SearchArguments), argv,
+                                                                   description=__doc__)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
+    if searching(search_args):  # wikigpt/tuning.py: N runs as below, then trials.csv and best_recipe.yaml
+        tune(argv, model_args, data_args, training_args, search_args)
+        return
     run = build_run(model_args, data_args, training_args)  # wikigpt/run.py: checks, model, data, callbacks, Trainer
     train_result, train_seconds = train_run(run)
     finish_run(run, train_result, train_seconds)  # save, evaluate, results.json, model card, plot, push

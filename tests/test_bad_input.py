@@ -88,6 +88,11 @@ def truncated_checkpoint(i: Inputs):
     return i.train("--resume_from_checkpoint", "latest")
 
 
+def search(i: Inputs, space: str, trials: int = 2) -> list:
+    """A train.py --hp_search command line with `space` as its search-space file."""
+    return i.train("--hp_search", trials, "--hp_space", i.file("space.yaml", space))
+
+
 CASES = [
     # paths
     Case("train.py", "missing_train_file", lambda i: i.train("--train_file", i.tmp / "nope.raw"),
@@ -188,6 +193,45 @@ CASES = [
     Case("train.py", "resume_another_architecture",
          lambda i: i.train("--resume_from_checkpoint", i.run_with_checkpoint(), "--config_overrides", "n_embd=32"),
          ("--resume_from_checkpoint", "holds a different model (n_embd 16 there, 32 here)", "--config_overrides")),
+    # hyper-parameter search: the whole space is checked before anything trains
+    Case("train.py", "search_space_unknown_key",
+         lambda i: search(i, "lerning_rate: {type: float, low: 0.001, high: 0.01}\n"),
+         ("--hp_space", "lerning_rate is not a searchable key", "did you mean learning_rate?")),
+    Case("train.py", "search_space_low_above_high",
+         lambda i: search(i, "weight_decay: {type: float, low: 0.2, high: 0.1}\n"),
+         ("--hp_space", "weight_decay has low 0.2 above high 0.1; swap them")),
+    Case("train.py", "search_space_empty_range",
+         lambda i: search(i, "n_layer: {type: int, low: 2, high: 2}\n"),
+         ("--hp_space", "n_layer has an empty range (low = high = 2)", "widen it")),
+    Case("train.py", "search_space_empty_choices",
+         lambda i: search(i, "lr_scheduler_type: {type: categorical, choices: []}\n"),
+         ("--hp_space", "lr_scheduler_type has empty choices; list at least one value")),
+    Case("train.py", "search_space_unknown_schedule",
+         lambda i: search(i, "lr_scheduler_type: {type: categorical, choices: [cosine, cosin]}\n"),
+         ("--hp_space", "lr_scheduler_type choice 'cosin' is not one of", "fix the entry")),
+    Case("train.py", "search_space_log_from_zero",
+         lambda i: search(i, "learning_rate: {type: float, low: 0, high: 0.01, log: true}\n"),
+         ("--hp_space", "learning_rate has log: true with low 0; a log range needs low > 0")),
+    Case("train.py", "search_space_float_for_int_key",
+         lambda i: search(i, "n_layer: {type: float, low: 1, high: 4}\n"),
+         ("--hp_space", "n_layer takes whole numbers (int); use type: int")),
+    Case("train.py", "search_space_block_size_over_context",
+         lambda i: search(i, "block_size: {type: categorical, choices: [32, 512]}\n"),
+         ("--hp_space", "block_size reaches 512, more than the model's n_positions (256)", "at or below 256")),
+    Case("train.py", "search_space_width_not_divisible_by_heads",
+         lambda i: search(i, "n_embd: {type: int, low: 16, high: 24}\n"),
+         ("--hp_space", "n_embd must be divisible by n_head, but n_embd 17 with n_head 2 is not", "categorical")),
+    Case("train.py", "search_space_not_a_range",
+         lambda i: search(i, "learning_rate: 0.001\n"),
+         ("--hp_space", "learning_rate must be a mapping with a type", "{type: float, low: 0.0, high: 0.2}")),
+    Case("train.py", "search_space_missing_file",
+         lambda i: i.train("--hp_search", 2, "--hp_space", i.tmp / "nope.yaml"),
+         ("--hp_space", "does not exist", "configs/search_spaces/cpu.yaml")),
+    Case("train.py", "search_without_space", lambda i: i.train("--hp_search", 2),
+         ("--hp_search needs --hp_space FILE",)),
+    Case("train.py", "search_zero_trials",
+         lambda i: search(i, "weight_decay: {type: float, low: 0, high: 0.2}\n", trials=0),
+         ("--hp_search must be at least 1", "got 0"), subprocess=True),
     # eval.py
     Case("eval.py", "missing_model_dir", lambda i: i.eval("--model", i.tmp / "no-model"),
          ("--model", "does not exist", "pass a checkpoint folder")),
