@@ -90,8 +90,8 @@ def build_page(demo: DemoModel):
                     max_new_tokens = gr.Number(defaults["max_new_tokens"], label="Max new tokens", precision=0,
                                                elem_id="max_new_tokens",
                                                info=f"context: {demo.context or 'n/a'} tokens, prompt included")
-                    seed = gr.Number(None, label="Seed", precision=0, elem_id="seed",
-                                     info="same seed + settings = same text as generate.py; empty: a fresh one")
+                    seed = gr.Textbox("", label="Seed", elem_id="seed", placeholder="empty: a fresh one each time",
+                                      info="same seed + settings = same text as generate.py --seed")
                     temperature = gr.Slider(0, 2, defaults["temperature"], step=0.05, label="Temperature",
                                             info="sampling: < 1 safer, > 1 wilder", elem_id="temperature")
                     top_k = gr.Number(defaults["top_k"], label="Top-k", precision=0, elem_id="top_k",

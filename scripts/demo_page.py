@@ -51,6 +51,7 @@ def start_app(model: str, port: int, timeout: float = 600) -> subprocess.Popen:
 def open_page(playwright, url: str):
     browser = playwright.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox"])  # CI runs as root
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(120_000)  # a loaded machine can take that long to answer a click
     page.goto(url, wait_until="domcontentloaded", timeout=300_000)
     page.wait_for_selector("#prompt textarea", timeout=300_000)
     return browser, page
@@ -63,7 +64,7 @@ def generate_on_page(page, prompt: str, *, greedy: bool, max_new_tokens: int, se
     page.fill("#prompt textarea", prompt)
     page.get_by_label("greedy" if greedy else "sampling", exact=True).check()
     page.fill("#max_new_tokens input", str(max_new_tokens))
-    page.fill("#seed input", str(seed))
+    page.fill("#seed textarea, #seed input", str(seed))
     page.fill("#stop_string input, #stop_string textarea", stop)
     # The status line still shows the last result: wait for it to change, then to show the new end.
     page.evaluate("""() => { window.statusChanges = 0;

@@ -99,6 +99,8 @@ def test_long_prompt_keeps_its_end_and_says_so(demo, tokenizer):
                                   "of 256 tokens; use at most 255"),
     (dict(max_new_tokens=None), None),  # empty box: generate.py's default for this checkpoint
     (dict(seed=-1), "error: Seed -1 must be in [0, 4294967295] (leave it out for a fresh one)"),
+    (dict(seed="1.5"), "error: Seed '1.5' must be a whole number, or empty for a fresh one"),
+    (dict(seed=" "), None),  # empty box: a fresh seed
     (dict(stop=""), None),
 ])
 def test_out_of_range_settings(demo, request_values, message):

@@ -84,7 +84,7 @@ class Request:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: int | str | None = None  # the page's box gives text: "" means a fresh seed
     stop: str = ""
 
     def arguments(self, model: str) -> GenerateArguments:
@@ -111,8 +111,13 @@ def generate(demo: DemoModel, request: Request, cancel: threading.Event | None =
     if demo.error:
         yield "", f"error: {page_message(demo.error)}"
         return
-    for name, value in (("Max new tokens", request.max_new_tokens), ("Top-k", request.top_k),
-                        ("Seed", request.seed)):
+    if isinstance(request.seed, str):
+        try:
+            request.seed = int(request.seed) if request.seed.strip() else None
+        except ValueError:
+            yield "", f"error: Seed {request.seed!r} must be a whole number, or empty for a fresh one"
+            return
+    for name, value in (("Max new tokens", request.max_new_tokens), ("Top-k", request.top_k)):
         if (problem := _whole(name, value)) is not None:
             yield "", f"error: {problem}"
             return
