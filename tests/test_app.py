@@ -1,8 +1,8 @@
 """app.py, the web demo: its handlers (wikigpt/demo.py) on bad input, the same text as generate.py for a seed, the
 facts of a train.py run; and the page itself in a headless chromium (skipped where none is installed)."""
 
+import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,12 +10,14 @@ import threading
 
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import REPO
 from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import generate as generate_script
 from scripts.demo_page import facts_text, find_chromium, free_port, generate_on_page, open_page, start_app
 from wikigpt.demo import Request, generate, load_demo_model, model_facts
+from wikigpt.errors import run_main
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +47,26 @@ def final(demo, **request):
     return last
 
 
-def generate_cli(model, prompt, *flags):
-    proc = run_script("generate.py", "--model", model, "--prompt", prompt, "--device", "cpu", *flags, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.removesuffix("\n")  # generate.py ends the streamed line
+def generate_cli(monkeypatch, capsys, model, prompt, *flags):
+    """What `python generate.py --model M --prompt P FLAGS` prints (run in-process: no interpreter start-up)."""
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["generate.py", "--model", str(model), "--prompt", prompt, "--device", "cpu",
+                                      *map(str, flags)])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    run_main(generate_script.main)
+    return capsys.readouterr().out.removesuffix("\n")  # generate.py ends the streamed line
 
 
 # --- handlers ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("greedy, stop", [(True, ""), (False, r"\n")])
-def test_same_text_as_generate_py(demo, run_dir, greedy, stop):
+def test_same_text_as_generate_py(monkeypatch, capsys, demo, run_dir, greedy, stop):
     prompt = "The history of the city"
     text, status = final(demo, prompt=prompt, greedy=greedy, max_new_tokens=12, temperature=0.9, top_k=40,
                          top_p=0.95, repetition_penalty=1.1, seed=5, stop=stop)
     flags = ["--max_new_tokens", 12, "--seed", 5, "--repetition_penalty", 1.1, "--top_k", 40]
     flags += ["--greedy"] if greedy else ["--temperature", 0.9, "--top_p", 0.95]
-    assert text == generate_cli(run_dir, prompt, *flags, *(["--stop", stop] if stop else []))
+    assert text == generate_cli(monkeypatch, capsys, run_dir, prompt, *flags, *(["--stop", stop] if stop else []))
     assert text.startswith(prompt) and len(text) > len(prompt)
     assert "tokens/s" in status and "seed 5" in status and ("greedy" if greedy else "sampling") in status
 
@@ -185,7 +191,7 @@ def test_without_gradio_says_how_to_install():
 
 # --- the page in a browser ----------------------------------------------------------------------------------------
 
-def test_page_in_a_browser(run_dir, tmp_path):
+def test_page_in_a_browser(monkeypatch, capsys, run_dir, tmp_path):
     if find_chromium() is None:
         pytest.skip("no chromium installed (apt-get install -y chromium); .ci/run installs it")
     pytest.importorskip("gradio", reason="gradio is not installed (pip install -r requirements-app.txt)")
@@ -200,7 +206,8 @@ def test_page_in_a_browser(run_dir, tmp_path):
             for greedy in (True, False):
                 text, status = generate_on_page(page, prompt, greedy=greedy, max_new_tokens=10, seed=3)
                 flags = ["--greedy"] if greedy else []
-                assert text == generate_cli(run_dir, prompt, "--max_new_tokens", 10, "--seed", 3, *flags)
+                assert text == generate_cli(monkeypatch, capsys, run_dir, prompt, "--max_new_tokens", 10, "--seed", 3,
+                                            *flags)
                 assert "tokens/s" in status and "seed 3" in status
             text, status = generate_on_page(page, "x", greedy=True, max_new_tokens=0, seed=3)
             assert status == "error: Max new tokens 0 must be >= 1"
