@@ -265,6 +265,8 @@ CASES = [
     Case("generate.py", "zero_temperature_when_sampling", lambda i: i.generate("--do_sample", "--temperature", 0),
          ("--temperature 0", "must be > 0 when sampling", "--greedy")),
     Case("generate.py", "top_p_over_one", lambda i: i.generate("--top_p", 1.5), ("--top_p 1.5", "must be in (0, 1]")),
+    Case("generate.py", "seed_out_of_range", lambda i: i.generate("--seed", -1),
+         ("--seed -1", "must be in [0, 4294967295]")),
     Case("generate.py", "no_new_tokens", lambda i: i.generate("--max_new_tokens", 0),
          ("--max_new_tokens 0", "must be >= 1")),
     Case("generate.py", "more_sequences_than_beams",

@@ -8,13 +8,15 @@ continuation is then the same whichever prompts share its batch.
 import json
 import logging
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, TextStreamer
+from transformers import GenerationConfig, StoppingCriteria, TextStreamer
 
 from .errors import UsageError
 from .model import ModelArguments, load_tokenizer, pick_device
@@ -108,6 +110,7 @@ RANGES = {  # key: (is it valid, what to say)
     "num_beams": (lambda v: v >= 1, "must be >= 1"),
     "num_return_sequences": (lambda v: v >= 1, "must be >= 1"),
     "batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 4294967295] (leave it out for a fresh one)"),
 }
 
 
@@ -283,12 +286,13 @@ def build_generation_config(settings: dict, stop: list[str], tokenizer, eos_ids:
 
 
 def generate_batch(model, tokenizer, batch: list[list[int]], config: GenerationConfig,
-                   streamer=None) -> list[list[int]]:
+                   streamer=None, stopping_criteria=None) -> list[list[int]]:
     """New token ids of every sample, prompt-major (prompt 0's sequences first), padding included."""
     inputs = tokenizer.pad({"input_ids": batch}, padding=True, padding_side="left", return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     with torch.inference_mode():
-        output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer, streamer=streamer)
+        output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer, streamer=streamer,
+                                stopping_criteria=stopping_criteria)
     return output[:, inputs["input_ids"].shape[1]:].tolist()
 
 
@@ -346,7 +350,7 @@ class StopStringStreamer(TextStreamer):
 
 
 def sample(model, tokenizer, prompts: list[str], encoded: list[list[int]], settings: dict, stop: list[str],
-           batch_size: int, stream_to=None):
+           batch_size: int, stream_to=None, stopping_criteria=None):
     """Yield, per batch, one record per sample: prompt, completion, new_tokens, finish_reason, seconds (the batch's)."""
     eos_ids = eos_token_ids(model, tokenizer)
     config = build_generation_config(settings, stop, tokenizer, eos_ids)
@@ -355,7 +359,7 @@ def sample(model, tokenizer, prompts: list[str], encoded: list[list[int]], setti
         batch = encoded[first:first + batch_size]
         streamer = StopStringStreamer(tokenizer, stop, stream_to) if stream_to is not None else None
         start = time.perf_counter()
-        new_ids = generate_batch(model, tokenizer, batch, config, streamer)
+        new_ids = generate_batch(model, tokenizer, batch, config, streamer, stopping_criteria)
         seconds = time.perf_counter() - start
         records = []
         for row, ids in enumerate(new_ids):
@@ -367,6 +371,63 @@ def sample(model, tokenizer, prompts: list[str], encoded: list[list[int]], setti
                             "completion": completion, "new_tokens": new_tokens, "finish_reason": reason,
                             "prompt_tokens": len(encoded[index]), "seconds": round(seconds, 4)})
         yield records
+
+
+class CancelCriteria(StoppingCriteria):
+    """Ends generation at the next token once `event` is set (a user pressed Stop)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _QueueOut:
+    """A file-like target for StopStringStreamer that hands each written piece to another thread."""
+
+    def __init__(self):
+        self.pieces = queue.Queue()
+
+    def write(self, text: str) -> None:
+        if text:
+            self.pieces.put(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def stream_sample(model, tokenizer, prompt: str, prompt_ids: list[int], settings: dict, stop: list[str],
+                  cancel: threading.Event | None = None):
+    """One prompt, one sequence, as a generator: yields the completion's text pieces as generate.py prints them
+    (stop strings held back), then sample()'s record (a dict). Setting `cancel`, or closing the generator, ends
+    generation at the next token. For callers that cannot read from a streamed stdout (e.g. a web page)."""
+    cancel = cancel or threading.Event()
+    out, finished, result = _QueueOut(), object(), {}
+
+    def run():
+        try:
+            (result["record"],) = next(sample(model, tokenizer, [prompt], [prompt_ids], settings, stop, 1,
+                                              stream_to=out, stopping_criteria=[CancelCriteria(cancel)]))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread below
+            result["error"] = err
+        finally:
+            out.pieces.put(finished)
+
+    worker = threading.Thread(target=run, name="wikigpt-generate", daemon=True)
+    worker.start()
+    drained = False
+    try:
+        while (piece := out.pieces.get()) is not finished:
+            yield piece
+        drained = True
+    finally:
+        if not drained:
+            cancel.set()  # a consumer that stops reading early stops the model too
+        worker.join()
+    if "error" in result:
+        raise result["error"]
+    yield result["record"]
 
 
 def can_stream(args: GenerateArguments, prompts: list[str], settings: dict) -> bool:

@@ -1,0 +1,115 @@
+"""Drive app.py's page in a headless browser (Playwright on the system's chromium): generate, read the facts tab,
+save a screenshot. Used by tests/test_app.py, and to make docs/demo.png:
+
+    apt-get install -y chromium && pip install -r requirements-app.txt playwright
+    python scripts/demo_page.py --model out/quickstart --screenshot docs/demo.png
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
+def find_chromium() -> str | None:
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(model: str, port: int, timeout: float = 600) -> subprocess.Popen:
+    """app.py in a subprocess on 127.0.0.1:port; returns once the page answers."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--model", str(model), "--port", str(port)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                if response.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"app.py did not answer on port {port} within {timeout:.0f} s:\n{proc.communicate()[0][-3000:]}")
+
+
+def open_page(playwright, url: str):
+    browser = playwright.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox"])  # CI runs as root
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(120_000)  # a loaded machine can take that long to answer a click
+    page.goto(url, wait_until="domcontentloaded", timeout=300_000)
+    page.wait_for_selector("#prompt textarea", timeout=300_000)
+    return browser, page
+
+
+def generate_on_page(page, prompt: str, *, greedy: bool, max_new_tokens: int, seed: int, stop: str = "",
+                     timeout_ms: int = 300_000) -> tuple[str, str]:
+    """Fill the Generate tab, press Generate, wait for the end; returns (output text, status line)."""
+    page.get_by_role("tab", name="Generate").click()
+    page.fill("#prompt textarea", prompt)
+    page.get_by_label("greedy" if greedy else "sampling", exact=True).check()
+    page.fill("#max_new_tokens input", str(max_new_tokens))
+    page.fill("#seed textarea, #seed input", str(seed))
+    page.fill("#stop_string input, #stop_string textarea", stop)
+    # The status line still shows the last result: wait for it to change, then to show the new end.
+    page.evaluate("""() => { window.statusChanges = 0;
+        new MutationObserver(() => window.statusChanges++).observe(document.querySelector('#status'),
+            {subtree: true, childList: true, characterData: true}); }""")
+    page.click("#generate")
+    page.wait_for_function("() => window.statusChanges > 0 && "
+                           "/tokens\\/s|error:/.test(document.querySelector('#status').innerText)",
+                           timeout=timeout_ms)
+    return page.input_value("#output textarea"), page.inner_text("#status")
+
+
+def facts_text(page) -> str:
+    page.get_by_role("tab", name="How it was trained").click()
+    page.wait_for_selector("#facts", state="visible")
+    return page.inner_text("#facts")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--screenshot", default="docs/demo.png")
+    parser.add_argument("--prompt", default="The history of the city began in")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=60)
+    args = parser.parse_args()
+    if find_chromium() is None:
+        sys.exit("error: no chromium found; install it with: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    app = start_app(args.model, port)
+    try:
+        with sync_playwright() as playwright:
+            browser, page = open_page(playwright, f"http://127.0.0.1:{port}/")
+            text, status = generate_on_page(page, args.prompt, greedy=False, max_new_tokens=args.max_new_tokens,
+                                            seed=args.seed)
+            print(text, "\n", status, sep="")
+            page.screenshot(path=args.screenshot, full_page=True)
+            browser.close()
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+    print(f"wrote {args.screenshot}")
+
+
+if __name__ == "__main__":
+    main()
