@@ -16,9 +16,9 @@ os.environ["WANDB_DISABLED"] = "true"
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
-WT2 = SHARED / "wikitext-2-raw"
-TOKENIZER_DIR = SHARED / "gpt2-tokenizer"
+DATA = REPO / "data"  # bundled: WikiText-2 raw validation/test and the GPT-2 tokenizer (data/README.md)
+WT2 = DATA / "wikitext-2-raw"
+TOKENIZER_DIR = DATA / "gpt2-tokenizer"
 
 
 def write_lines(path: Path, source: Path, start: int, stop: int) -> Path:
