@@ -303,7 +303,7 @@ def run_wikigpt(bench, argv, flops, peak) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Preprocessing speed (issue item 5)
+# Preprocessing speed
 
 
 def time_preprocessing(bench: BenchmarkArguments, tokenizer) -> dict:

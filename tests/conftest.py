@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Before datasets/transformers are imported anywhere: no network, and a cache this session owns.
+# Before datasets/transformers are imported anywhere: no network, and a datasets cache of this test run only.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="wikigpt-test-cache-"))
