@@ -49,7 +49,7 @@ from wikigpt.throughput import current_device_name, model_flops_per_token, resol
 from nanogpt_model import GPT, GPTConfig  # noqa: E402
 
 logger = logging.getLogger("wikigpt.benchmark")
-SHARED = REPO.parent / "shared" / "data"
+DATA = REPO / "data"
 GPU_CONFIG = REPO / "configs" / "gpu_fast.yaml"
 CPU_WIKIGPT_ARGS = "--pad_vocab_multiple 64"  # the CPU-runnable levers (gpu_fast.yaml needs CUDA: bf16, tf32)
 JSON_VERSION = 2
@@ -66,10 +66,10 @@ class BenchmarkArguments:
     steps: int = field(default=30, metadata={"help": "Optimizer steps per setup, warm-up included."})
     warmup_steps: int = field(default=5, metadata={"help": "First steps not timed (torch.compile, allocator)."})
     logging_steps: int = field(default=10, metadata={"help": "Trainer logging interval for every setup (a log syncs)."})
-    tokenizer_name: str = field(default=str(SHARED / "gpt2-tokenizer"), metadata={"help": "Tokenizer folder or id."})
-    train_file: str = field(default=str(SHARED / "wikitext-2-raw" / "wiki.valid.raw"),
+    tokenizer_name: str = field(default=str(DATA / "gpt2-tokenizer"), metadata={"help": "Tokenizer folder or id."})
+    train_file: str = field(default=str(DATA / "wikitext-2-raw" / "wiki.valid.raw"),
                             metadata={"help": "Text the training blocks come from (content does not affect speed)."})
-    test_file: str = field(default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"),
+    test_file: str = field(default=str(DATA / "wikitext-2-raw" / "wiki.test.raw"),
                            metadata={"help": "Second WikiText-2 split for the preprocessing measurement."})
     wikigpt_config: str | None = field(
         default=None, metadata={"help": "train.py config file for the wikigpt setup (default: configs/gpu_fast.yaml "
@@ -487,7 +487,7 @@ def probe_shapes(config, bench: BenchmarkArguments) -> list[tuple[str, int, int,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Preprocessing speed (issue item 5)
+# Preprocessing speed
 
 
 def time_preprocessing(bench: BenchmarkArguments, tokenizer) -> dict:

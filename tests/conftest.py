@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Before datasets/transformers are imported anywhere: no network, and a cache this session owns.
+# Before datasets/transformers are imported anywhere: no network, and a datasets cache of this test run only.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="wikigpt-test-cache-"))
@@ -16,9 +16,9 @@ os.environ["WANDB_DISABLED"] = "true"
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
-WT2 = SHARED / "wikitext-2-raw"
-TOKENIZER_DIR = SHARED / "gpt2-tokenizer"
+DATA = REPO / "data"  # bundled: WikiText-2 raw validation/test and the GPT-2 tokenizer (data/README.md)
+WT2 = DATA / "wikitext-2-raw"
+TOKENIZER_DIR = DATA / "gpt2-tokenizer"
 
 
 def write_lines(path: Path, source: Path, start: int, stop: int) -> Path:

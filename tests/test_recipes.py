@@ -22,8 +22,19 @@ CPU_ONLY_FLAGS = {"gpu_fast.yaml": ["--bf16", "false", "--tf32", "false", "--tor
 def test_recipe_parses(name):
     model, data, training = parse_args((ModelArguments, DataArguments, WikiTrainingArguments),
                                        [str(REPO / "configs" / name), *CPU_ONLY_FLAGS.get(name, [])])
-    assert (data.dataset_name, data.dataset_config_name) == ("wikitext", "wikitext-2-raw-v1")  # Hub data by default
-    assert not data.uses_local_files
+    if name == "quickstart.yaml":
+        # No flags needed: the bundled tokenizer and files, paths relative to the repository root; training on
+        # the validation file with a held-out slice, test perplexity on the test file.
+        assert model.preset == "tiny" and model.model_name_or_path is None
+        assert (REPO / model.tokenizer_name / "tokenizer.json").is_file()
+        assert (data.train_file, data.validation_file, data.test_file) == (
+            "data/wikitext-2-raw/wiki.valid.raw", None, "data/wikitext-2-raw/wiki.test.raw")
+        assert (REPO / data.train_file).is_file() and (REPO / data.test_file).is_file()
+        assert 0 < data.validation_split_percentage < 100 and training.output_dir == "out/quickstart"
+        assert training.use_cpu is False  # a GPU, when there is one, is used
+    else:
+        assert (data.dataset_name, data.dataset_config_name) == ("wikitext", "wikitext-2-raw-v1")  # Hub data
+        assert not data.uses_local_files
     if name.startswith("wikitext_scratch"):
         assert model.preset and model.model_name_or_path is None
         assert data.random_block_offset and training.early_stopping_patience >= 2
@@ -45,7 +56,9 @@ def test_recipe_trains_a_few_cpu_steps(name, micro_files, tiny_checkpoint, tmp_p
     # Micro size: the recipe's model is narrowed (a from-scratch one) or swapped for a tiny local checkpoint.
     model_flags = (["--model_name_or_path", tiny_checkpoint] if model.model_name_or_path
                    else ["--config_overrides", "n_layer=1,n_head=2,n_embd=16"])
-    argv = [config, *CPU_ONLY_FLAGS.get(name, []), *model_flags, "--tokenizer_name", TOKENIZER_DIR,
+    # The quick start's full test file is swapped for the micro validation slice too.
+    test_flags = ["--test_file", micro_files["validation"]] if name == "quickstart.yaml" else []
+    argv = [config, *CPU_ONLY_FLAGS.get(name, []), *model_flags, *test_flags, "--tokenizer_name", TOKENIZER_DIR,
             "--train_file", micro_files["train"], "--validation_file", micro_files["validation"],
             "--block_size", 32, "--per_device_train_batch_size", 2, "--per_device_eval_batch_size", 16,
             "--max_steps", 4, "--eval_strategy", "steps", "--eval_steps", 2, "--save_strategy", "steps",
@@ -54,4 +67,6 @@ def test_recipe_trains_a_few_cpu_steps(name, micro_files, tiny_checkpoint, tmp_p
     assert train_in_process(argv, monkeypatch) == 0
     results = json.loads(Path(out / "results.json").read_text())
     assert results["train"]["global_step"] == 4
+    if name == "quickstart.yaml":  # the quick start reports test perplexity over every test block
+        assert results["test"]["test_blocks"] == results["data"]["test"]["blocks"] > 0
     assert (out / "model.safetensors").exists()

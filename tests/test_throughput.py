@@ -30,7 +30,7 @@ def test_gpt2_flops_per_token_by_hand():
     assert non_embedding_parameters(model) == non_embedding == 85_056_000
     assert matmul_parameters(model) == n
     assert model_flops_per_token(model, 1024) == flops_per_token(n, 12, 12, 64, 1024) == expected
-    # issue 5's yardstick: nanoGPT at 455k tokens/s on one H100 SXM is ~40% MFU under this formula
+    # nanoGPT's published yardstick: nanoGPT at 455k tokens/s on one H100 SXM is ~40% MFU under this formula
     assert 455_000 * expected / 989e12 == pytest.approx(0.393, abs=0.001)
 
 
