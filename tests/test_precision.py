@@ -68,3 +68,17 @@ def test_compiled_and_eager_training_agree(micro_files, tmp_path, monkeypatch):
     eager = logged_losses(micro_files, tmp_path / "eager", monkeypatch, steps=6)
     compiled = logged_losses(micro_files, tmp_path / "compiled", monkeypatch, "--torch_compile", "true", steps=6)
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_cpu_allocations_use_huge_pages_unless_the_user_says_otherwise():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = "import os, wikigpt, torch; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True).stdout == "1\n"
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    assert subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True).stdout == "0\n"
