@@ -63,17 +63,19 @@ def generate_on_page(page, prompt: str, *, greedy: bool, max_new_tokens: int, se
     page.get_by_role("tab", name="Generate").click()
     page.fill("#prompt textarea", prompt)
     page.get_by_label("greedy" if greedy else "sampling", exact=True).check()
-    page.fill("#max_new_tokens input", str(max_new_tokens))
-    page.fill("#seed textarea, #seed input", str(seed))
-    page.fill("#stop_string input, #stop_string textarea", stop)
-    # The status line still shows the last result: wait for it to change, then to show the new end.
-    page.evaluate("""() => { window.statusChanges = 0;
-        new MutationObserver(() => window.statusChanges++).observe(document.querySelector('#status'),
-            {subtree: true, childList: true, characterData: true}); }""")
+    # gradio takes a typed number or text when the field loses focus: press Tab after each, or Generate may
+    # run with the previous values.
+    for selector, value in (("#max_new_tokens input", max_new_tokens), ("#seed textarea, #seed input", seed),
+                            ("#stop_string input, #stop_string textarea", stop)):
+        page.fill(selector, str(value))
+        page.press(selector, "Tab")
+    # The status line still shows the last result, and gradio's progress timer ("0.1s") shows up in it while the
+    # request runs: wait for a new final line (tokens/s or an error), without the timer.
+    old_status = page.inner_text("#status")
     page.click("#generate")
-    page.wait_for_function("() => window.statusChanges > 0 && "
-                           "/tokens\\/s|error:/.test(document.querySelector('#status').innerText)",
-                           timeout=timeout_ms)
+    page.wait_for_function("""old => { const t = document.querySelector('#status').innerText;
+        return t !== old && /tokens\\/s|error:/.test(t) && !/^\\s*\\d+(\\.\\d+)?s/.test(t); }""",
+                           arg=old_status, timeout=timeout_ms)
     return page.input_value("#output textarea"), page.inner_text("#status")
 
 

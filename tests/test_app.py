@@ -110,7 +110,7 @@ def test_long_prompt_keeps_its_end_and_says_so(demo, tokenizer):
     (dict(stop=""), None),
 ])
 def test_out_of_range_settings(demo, request_values, message):
-    values = dict(prompt="Hi", max_new_tokens=3, seed=0, **{"temperature": 1.0, **request_values})
+    values = {"prompt": "Hi", "max_new_tokens": 3, "seed": 0, "temperature": 1.0, **request_values}
     shown = list(generate(demo, Request(**values)))
     if message is None:
         assert "tokens/s" in shown[-1][1]

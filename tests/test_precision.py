@@ -65,8 +65,11 @@ def test_bf16_losses_stay_within_tolerance_of_fp32(micro_files, tmp_path, monkey
 
 @cpu_only
 def test_compiled_and_eager_training_agree(micro_files, tmp_path, monkeypatch):
-    eager = logged_losses(micro_files, tmp_path / "eager", monkeypatch, steps=6)
-    compiled = logged_losses(micro_files, tmp_path / "compiled", monkeypatch, "--torch_compile", "true", steps=6)
+    # Dropout off: Inductor draws its own dropout masks, so only the deterministic model can match.
+    no_dropout = ["--config_overrides", "n_embd=16,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"]
+    eager = logged_losses(micro_files, tmp_path / "eager", monkeypatch, *no_dropout, steps=6)
+    compiled = logged_losses(micro_files, tmp_path / "compiled", monkeypatch, *no_dropout, "--torch_compile", "true",
+                             steps=6)
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 

@@ -124,6 +124,6 @@ def test_the_shipped_search_space_fits_the_cpu_recipe():
     model_args, data_args, training_args, search_args = parse_args(
         (*RUN_ARGUMENTS, SearchArguments), [str(recipe), "--hp_search", "8", "--hp_space", str(space)])
     searched = load_search_space(search_args, model_args, data_args, training_args)
-    assert searched.params["block_size"].values() == [128, 256]  # both within the preset's context of 256
-    assert searched.model_overrides({"dropout": 0.1, "n_layer": 3}) == {
-        "n_layer": 3, "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+    assert searched.params["n_embd"].values() == [96, 128, 192]  # each a multiple of the recipe's 4 heads
+    assert searched.model_overrides({"dropout": 0.2, "n_layer": 6}) == {
+        "n_layer": 6, "resid_pdrop": 0.2, "embd_pdrop": 0.2, "attn_pdrop": 0.2}
