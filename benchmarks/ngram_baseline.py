@@ -12,7 +12,6 @@ over all test tokens.
 The models are wikigpt.kneser_ney.KneserNey (interpolated modified Kneser-Ney, Chen & Goodman), fit once per order.
 """
 
-import json
 import math
 import os
 import shlex
@@ -30,6 +29,7 @@ import pyarrow.compute as pc  # noqa: E402
 
 from wikigpt.cli import parse_args  # noqa: E402
 from wikigpt.data import DataArguments, load_raw_splits, tokenize  # noqa: E402
+from wikigpt.results import write_json_atomic  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.kneser_ney import KneserNey  # noqa: E402
 from wikigpt.model import ModelArguments, load_tokenizer  # noqa: E402
@@ -106,9 +106,7 @@ def main() -> None:
         "vocab_size": vocab_size, "train_tokens": len(train), "test_tokens": len(test),
         "first_token": FIRST_TOKEN, "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-    with open(args.output_json, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    write_json_atomic(args.output_json, report)  # a half-written file never replaces the last one
     print(f"wrote {args.output_json}")
 
 

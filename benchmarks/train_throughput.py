@@ -13,7 +13,6 @@ GPU; on CPU the process's peak RSS (VmHWM, reset before each run). See benchmark
 """
 
 import gc
-import json
 import logging
 import os
 import platform
@@ -38,6 +37,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, Trainer, TrainerCall
 
 from wikigpt.chunked_loss import check_chunked_loss_args, use_chunked_loss  # noqa: E402
 from wikigpt.cli import parse_args  # noqa: E402
+from wikigpt.results import write_json_atomic  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size  # noqa: E402
 from wikigpt.model import PRESETS, ModelArguments, load_model, load_tokenizer, parse_config_overrides  # noqa: E402
@@ -636,9 +636,7 @@ def main() -> None:
         report["levers"] = [median[s.name] for s in levers]
         print("\none lever at a time on top of plain:\n" + table([plain, *report["levers"]], plain), flush=True)
     if bench.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(bench.output_json)), exist_ok=True)
-        with open(bench.output_json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        write_json_atomic(bench.output_json, report)  # a half-written file never replaces the last one
         print(f"wrote {bench.output_json}")
 
 
