@@ -58,8 +58,14 @@ def open_page(playwright, url: str):
 
 
 def generate_on_page(page, prompt: str, *, greedy: bool, max_new_tokens: int, seed: int, stop: str = "",
-                     timeout_ms: int = 300_000) -> tuple[str, str]:
-    """Fill the Generate tab, press Generate, wait for the end; returns (output text, status line)."""
+                     expected_text: str | None = None, timeout_ms: int = 300_000) -> tuple[str, str]:
+    """Fill the Generate tab, press Generate, wait for the end; returns (output text, status line).
+
+    With expected_text, also wait (up to timeout_ms) until the output box shows exactly that: the page updates
+    the status line and the output box separately, so one can lag the other on a loaded machine.
+    """
+    from playwright.sync_api import expect
+
     page.get_by_role("tab", name="Generate").click()
     page.fill("#prompt textarea", prompt)
     page.get_by_label("greedy" if greedy else "sampling", exact=True).check()
@@ -76,7 +82,10 @@ def generate_on_page(page, prompt: str, *, greedy: bool, max_new_tokens: int, se
     page.wait_for_function("""old => { const t = document.querySelector('#status').innerText;
         return t !== old && /tokens\\/s|error:/.test(t) && !/^\\s*\\d+(\\.\\d+)?s/.test(t); }""",
                            arg=old_status, timeout=timeout_ms)
-    return page.input_value("#output textarea"), page.inner_text("#status")
+    output = page.locator("#output textarea")
+    if expected_text is not None:
+        expect(output).to_have_value(expected_text, timeout=timeout_ms)
+    return output.input_value(), page.inner_text("#status")
 
 
 def facts_text(page) -> str:

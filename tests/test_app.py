@@ -204,10 +204,13 @@ def test_page_in_a_browser(monkeypatch, capsys, run_dir, tmp_path):
             browser, page = open_page(playwright, f"http://127.0.0.1:{port}/")
             prompt = "The history of the city"
             for greedy in (True, False):
-                text, status = generate_on_page(page, prompt, greedy=greedy, max_new_tokens=10, seed=3)
                 flags = ["--greedy"] if greedy else []
-                assert text == generate_cli(monkeypatch, capsys, run_dir, prompt, "--max_new_tokens", 10, "--seed", 3,
-                                            *flags)
+                expected = generate_cli(monkeypatch, capsys, run_dir, prompt, "--max_new_tokens", 10, "--seed", 3,
+                                        *flags)
+                assert expected.startswith(prompt) and len(expected) > len(prompt)
+                # Fails (playwright's AssertionError shows the page's text) unless the page shows generate.py's text.
+                text, status = generate_on_page(page, prompt, greedy=greedy, max_new_tokens=10, seed=3,
+                                                expected_text=expected, timeout_ms=120_000)
                 assert "tokens/s" in status and "seed 3" in status
             text, status = generate_on_page(page, "x", greedy=True, max_new_tokens=0, seed=3)
             assert status == "error: Max new tokens 0 must be >= 1"
