@@ -1,4 +1,5 @@
-"""CPU training steps under three memory allocators: glibc, glibc with torch's huge pages, tcmalloc.
+"""CPU training steps under different memory allocator settings: glibc as it comes, with torch's huge pages, with
+wikigpt's keep-freed-memory setting (wikigpt/cpu_memory.py, train.py's default), and tcmalloc.
 
     python benchmarks/allocator_probe.py --output_json benchmarks/results/cpu_allocators.json
 
@@ -14,10 +15,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TCMALLOC = "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-SETTINGS = {"glibc": {"THP_MEM_ALLOC_ENABLE": "0"}, "glibc+thp": {"THP_MEM_ALLOC_ENABLE": "1"},
-            "tcmalloc": {"THP_MEM_ALLOC_ENABLE": "0", "LD_PRELOAD": TCMALLOC}}
+OFF = {"WIKIGPT_KEEP_FREED_MEMORY": "0"}
+SETTINGS = {"glibc": {**OFF, "THP_MEM_ALLOC_ENABLE": "0"}, "glibc+thp": {**OFF, "THP_MEM_ALLOC_ENABLE": "1"},
+            "glibc+keep": {"THP_MEM_ALLOC_ENABLE": "0"},
+            "glibc+keep+thp": {"THP_MEM_ALLOC_ENABLE": "1"},
+            "tcmalloc": {**OFF, "THP_MEM_ALLOC_ENABLE": "0", "LD_PRELOAD": TCMALLOC}}
 
 
 @dataclass
@@ -29,6 +36,9 @@ class ProbeArguments:
 
 def one_run(steps: int) -> dict:
     """Runs in the child process: time `steps` training steps, return tokens/s, system time and page faults."""
+    from wikigpt.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # as train.py does; WIKIGPT_KEEP_FREED_MEMORY=0 turns it off
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 

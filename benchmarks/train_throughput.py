@@ -37,6 +37,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, Trainer, TrainerCall
 
 from wikigpt.chunked_loss import check_chunked_loss_args, use_chunked_loss  # noqa: E402
 from wikigpt.cli import parse_args  # noqa: E402
+from wikigpt.cpu_memory import keep_freed_memory  # noqa: E402
 from wikigpt.results import write_json_atomic  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size  # noqa: E402
@@ -310,6 +311,8 @@ def wikigpt_lever_flags(bench: BenchmarkArguments, default_bf16: bool, bf16_rows
     """(row name, train.py flags): train.py's path with one flag changed at a time."""
     flags = [("wikigpt+compile", "--torch_compile true"),
              ("wikigpt+chunked_loss", f"--chunked_loss_size {bench.chunked_loss_size}"),
+             # exact: the tokens the training data never contains share one row (wikigpt/tied_tokens.py)
+             ("wikigpt+tie_tokens", "--tie_tokens_below 1"),
              ("wikigpt-unfused_adamw", "--optim adamw_torch")]
     if default_bf16:
         flags.insert(0, ("wikigpt-bf16", "--bf16 false"))
@@ -585,6 +588,9 @@ def main() -> None:
     report.update(flops_per_token=flops, peak_flops_per_device=peak, peak_flops_source=peak_source,
                   measured_peak_flops=measured_peaks, tokens_per_step=bench.batch_size * bench.block_size)
 
+    # train.py's allocator setting (wikigpt/cpu_memory.py) is process-wide: set it before any row, so every row,
+    # nanoGPT's included, runs with the same allocator
+    keep_freed_memory()
     chosen = set(filter(None, (bench.lever_names or "").split(",")))
     levers = [s for s in lever_setups(on_gpu, bench.chunked_loss_size) if bench.levers and (not chosen or s.name in chosen)]
     with tempfile.TemporaryDirectory(prefix="wikigpt-bench-") as out_dir:

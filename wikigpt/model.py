@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from .chunked_loss import check_chunked_loss_args, use_chunked_loss
 from .errors import UsageError, loading
 from .padded_vocab import check_pad_vocab_args, pad_vocab, padded_size
+from .tied_tokens import check_tied_tokens_args
 
 # Sizes from the GPT-2 paper (Radford et al., 2019); `tiny` is a CPU smoke model (< 1M non-embedding params).
 PRESETS: dict[str, dict] = {
@@ -58,6 +59,14 @@ class ModelArguments:
         default=None,
         metadata={"help": "Compute the training loss from the hidden states this many tokens at a time (e.g. 4096), "
                           "so the fp32 logits of the whole batch never exist; same loss. GPT-2 models only."},
+    )
+    tie_tokens_below: int | None = field(
+        default=None,
+        metadata={"help": "From scratch only: tokens that occur fewer than this many times in the training data "
+                          "share one embedding row, and the training LM head computes logits for the other tokens "
+                          "plus that row only (2.9x narrower on WikiText-2). 1: the tokens the data never contains "
+                          "(what full-softmax training can learn about them); 2: also those it holds once, so the "
+                          "model learns how likely a token it has not seen is. The saved model is a plain GPT-2."},
     )
 
 
@@ -128,6 +137,7 @@ def check_model_args(args: ModelArguments) -> None:
         raise UsageError(f"--model_name_or_path {args.model_name_or_path!r} is a file; pass the checkpoint folder")
     check_pad_vocab_args(args.pad_vocab_multiple, args.model_name_or_path)
     check_chunked_loss_args(args.chunked_loss_size)
+    check_tied_tokens_args(args)
 
 
 def load_model(args: ModelArguments, tokenizer):
@@ -220,12 +230,10 @@ def mark_causal_lm_loss(model):
 
 
 def pick_device() -> torch.device:
-    """CUDA > MPS > CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The device accelerate (and so the Trainer) would use here: CUDA > MPS > other accelerators > CPU."""
+    from accelerate import PartialState
+
+    return PartialState().device
 
 
 def resolve_dtype(name: str | None, device: torch.device, flag: str = "--dtype") -> torch.dtype:

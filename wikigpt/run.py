@@ -15,6 +15,7 @@ from transformers import Trainer, default_data_collator, set_seed
 from . import __version__
 from .checkpoints import ResumePlan, plan_resume
 from .cli import parse_args
+from .cpu_memory import keep_freed_memory
 from .data import (DataArguments, check_data_args, detokenize_splits, load_raw_splits, prepare_lm_splits,
                    resolve_block_size)
 from .early_stopping import best_model_summary, early_stopping_callbacks, end_early_stopping
@@ -29,6 +30,7 @@ from .preemption import PreemptionCallback
 from .reblocking import random_offset_training
 from .results import write_json_atomic
 from .schedules import WikiTrainer
+from .tied_tokens import tie_tokens
 from .throughput import ThroughputCallback, add_throughput_callback
 from .time_budget import TimeBudgetCallback, time_budget_callbacks
 from .training import WikiTrainingArguments, check_output_dir, tokens_per_step
@@ -82,6 +84,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     check_output_dir(training_args)
     check_report_to(training_args)
     set_seed(training_args.seed)
+    keep_freed_memory()  # glibc: reuse freed memory instead of faulting in fresh pages every step (cpu_memory.py)
 
     tokenizer = load_tokenizer(model_args)
     model, source = load_model(model_args, tokenizer)
@@ -97,6 +100,11 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
         train_set, reblocking = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
                                                        block_size, training_args)
+    # before the weight averaging callbacks: the tied rows are equal again before an average takes them in
+    tying = tie_tokens(model, train_set, model_args.tie_tokens_below) if model_args.tie_tokens_below else []
+    if tying:
+        tied = tying[0].tied
+        source["tied_tokens"] = {"below": tied.below, "kept": len(tied.kept), "tied": len(tied.tied)}
 
     push = defer_push(training_args)  # push once at the end, after the local save
     # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/schedules.py)
@@ -107,7 +115,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
                           compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
                           optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args),  # --optim_matrices
                           callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
-                                     *early_stopping_callbacks(training_args), *reblocking,
+                                     *early_stopping_callbacks(training_args), *reblocking, *tying,
                                      # the budget may end a step; weight averaging then swaps in for its save
                                      *(budget := time_budget_callbacks(training_args, resume.path)),
                                      *weight_averaging_callbacks(training_args, resume.path)])

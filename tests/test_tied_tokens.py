@@ -1,0 +1,117 @@
+"""--tie_tokens_below (wikigpt/tied_tokens.py): the narrow head's loss and gradients are those of a GPT-2 whose tied
+rows are one shared parameter, the saved model's full softmax gives the training loss's probabilities, and
+train.py saves a plain GPT-2 whose tied rows are equal.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from wikigpt.tied_tokens import TiedTokens, TieTokensCallback, narrow_head_loss, tie_tokens
+
+VOCAB = 40
+# the training stream: ids 3..9 twice or more, 10 and 11 once, the rest never
+STREAM = np.array([3, 4, 5, 6, 7, 8, 9] * 3 + [10, 11])
+
+
+class Stream(torch.utils.data.Dataset):  # as wikigpt.reblocking.RandomOffsetBlocks: the token stream in `ids`
+    def __init__(self, ids):
+        self.ids = ids
+
+
+def tiny_model(seed=0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, n_layer=1, n_head=2,
+                                      n_embd=16, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def batch(seed=1) -> torch.Tensor:
+    """Inputs and targets from the stream, with a token the stream never holds (25) and an ignored label."""
+    rng = torch.Generator().manual_seed(seed)
+    ids = torch.as_tensor(STREAM)[torch.randint(0, len(STREAM), (3, 12), generator=rng)]
+    ids[0, 5], ids[2, 0] = 25, 39
+    return ids
+
+
+def shared_parameter_loss(model, tied: TiedTokens, inputs, labels):
+    """The reference: a plain GPT-2 forward whose embedding is W[row], so each tied id reads the shared row."""
+    weight = model.transformer.wte.weight[tied.row]
+    hidden = model.transformer(inputs_embeds=F.embedding(inputs, weight)).last_hidden_state
+    logits = (hidden[:, :-1] @ weight.T).float()
+    return F.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("below", [1, 2])
+def test_loss_and_gradients_are_those_of_one_shared_row(below):
+    narrow, reference = tiny_model(), tiny_model()
+    (callback,) = tie_tokens(narrow, Stream(STREAM), below)
+    reference.load_state_dict(narrow.state_dict())
+    inputs = batch()
+    labels = inputs.clone()
+    labels[1, 2] = -100
+    narrow.train(), reference.train()
+    narrow_loss = narrow(input_ids=inputs, labels=labels).loss
+    reference_loss = shared_parameter_loss(reference, callback.tied, inputs, labels)
+    assert narrow_loss.item() == pytest.approx(reference_loss.item(), rel=1e-6)
+    narrow_loss.backward(), reference_loss.backward()
+    for (name, p_narrow), p_reference in zip(narrow.named_parameters(), reference.parameters()):
+        assert torch.allclose(p_narrow.grad, p_reference.grad, rtol=1e-4, atol=1e-6), name
+    shared = callback.tied.shared
+    assert shared == 0 and narrow.transformer.wte.weight.grad[shared].abs().sum() > 0
+
+
+@pytest.mark.parametrize("below", [1, 2])
+def test_the_saved_models_full_softmax_is_the_training_loss(below):
+    model = tiny_model()
+    tie_tokens(model, Stream(STREAM), below)
+    inputs = batch()
+    model.eval()
+    full = model(input_ids=inputs, labels=inputs).loss.item()  # eval: GPT2LMHeadModel's own full-head forward
+    model.train()
+    assert model(input_ids=inputs, labels=inputs).loss.item() == pytest.approx(full, rel=1e-6)
+
+
+def test_a_step_keeps_the_tied_rows_equal():
+    model = tiny_model()
+    (callback,) = tie_tokens(model, Stream(STREAM), 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    model(input_ids=batch(), labels=batch()).loss.backward()
+    optimizer.step()
+    wte = model.transformer.wte.weight
+    assert not torch.equal(wte[1], wte[0])  # weight decay moved the other tied rows, the gradient the shared one
+    callback.on_optimizer_step(None, None, None, model=model)
+    assert torch.equal(wte[[1, 2, 10, 11, 39]], wte[[0]].expand(5, -1))
+    assert not torch.equal(wte[3], wte[0])
+
+
+def test_which_tokens_are_tied():
+    counts = np.array([0, 3, 1, 0, 2])
+    tied = TiedTokens(counts, 2)
+    assert tied.kept.tolist() == [1, 4] and tied.tied.tolist() == [0, 2, 3] and tied.shared == 0
+    assert tied.column.tolist() == [2, 0, 2, 2, 1] and tied.row.tolist() == [0, 1, 0, 0, 4]
+    loss = narrow_head_loss(torch.zeros(1, 2, 4), torch.zeros(5, 4), torch.tensor([[1, 3]]), tied)
+    assert loss.item() == pytest.approx(np.log(5))  # all logits 0: uniform over the full vocabulary
+
+
+def test_nothing_rare_leaves_the_model_alone():
+    model = tiny_model()
+    forward = model.forward
+    assert tie_tokens(model, Stream(np.arange(VOCAB)), 1) == [] and model.forward == forward
+
+
+def test_train_py_saves_a_plain_gpt2_with_equal_tied_rows(micro_files, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = micro_args(micro_files, out, "--tie_tokens_below", 2, "--random_block_offset", max_steps=4, save_steps=4)
+    assert train_in_process(argv, monkeypatch) == 0
+    results = json.loads((out / "results.json").read_text())
+    tied = results["model"]["tied_tokens"]
+    assert tied["below"] == 2 and tied["kept"] + tied["tied"] == 50257 and 500 < tied["kept"] < 5_000
+    rows = {tuple(row.tolist()) for row in load_file(out / "model.safetensors")["transformer.wte.weight"]}
+    assert len(rows) == tied["kept"] + 1  # the kept rows, and one shared by the tied tokens
