@@ -70,3 +70,25 @@ def test_budget_longer_than_the_run_changes_nothing(tmp_path, micro_files, monke
     assert logged_learning_rates(budgeted) == logged_learning_rates(reference)
     budget = json.loads((budgeted / "results.json").read_text())["time_budget"]
     assert not budget["stopped_by_budget"] and budget["message"].startswith("finished its 4 steps within")
+
+
+def test_reaching_the_plan_ends_the_run_by_the_budget(monkeypatch):
+    """A fast last step must not re-plan one more step after the Trainer stopped at the planned one."""
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    times = iter([0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9.2])  # start, then steps 1-10; step 10 is fast
+    monkeypatch.setattr(time_budget, "clock", lambda: next(times))
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 100)
+    callback, state = time_budget.TimeBudgetCallback(10.5 / 60), TrainerState(max_steps=100, global_step=0)
+    args = type("Args", (), {"eval_strategy": "no", "save_strategy": "no"})()
+    callback.on_train_begin(args, state, TrainerControl(), lr_scheduler=scheduler, optimizer=optimizer)
+    for step in range(1, 11):
+        state.global_step, control = step, TrainerControl()
+        control.should_training_stop = step >= state.max_steps  # as the Trainer's DefaultFlowCallback does first
+        callback.on_step_end(args, state, control)
+        if control.should_training_stop:
+            break
+    assert (state.global_step, state.max_steps, callback.stopped_by_budget) == (10, 10, True)

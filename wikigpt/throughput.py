@@ -52,7 +52,11 @@ def matmul_parameters(model) -> int:
     n = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
     head = model.get_output_embeddings()
     if head is not None and any(id(p) in lookups for p in head.parameters()):
-        n += head.weight.numel()  # tied head: the same tensor, but a second (matmul) use per token
+        rows = head.weight.shape[0]
+        tied_tokens = getattr(model, "_tied_tokens", None)  # --tie_tokens_below: training multiplies fewer rows
+        if tied_tokens is not None:
+            rows = len(tied_tokens.kept) + 1
+        n += rows * head.weight.shape[1]  # tied head: the same tensor, but a second (matmul) use per token
     return n
 
 

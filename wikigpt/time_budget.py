@@ -88,7 +88,9 @@ class TimeBudgetCallback(TrainerCallback):
         if step - self.first_step == WARM_STEPS:
             self.mark = (now, step)
         planned = self.planned
-        if now_spent >= self.budget_s:
+        if now_spent >= self.budget_s or step >= self.planned < self.horizon:
+            # Out of time, or at the end of the last plan: the Trainer stops there (state.max_steps), and a faster
+            # last step must not move the plan on by a step the run will not take.
             planned = step
         elif self.mark is not None and step > self.mark[1]:
             pace = (now - self.mark[0]) / (step - self.mark[1])
