@@ -40,6 +40,7 @@ def test_recipe_parses(name):
         # new block boundaries every epoch, whole articles held out, a cosine planned for the time budget
         assert data.random_block_offset and data.validation_split_percentage == 10 and data.block_size >= 256
         assert training.max_train_minutes > 0 and str(training.lr_scheduler_type).endswith("COSINE")
+        assert model.tie_tokens_below == 2  # tokens seen at most once share one row
     if name == "wikitext_scratch.yaml":
         assert data.block_size == 1024 and "n_positions=1024" in model.config_overrides  # the protocol's eval blocks
     if name == "gpt2_finetune.yaml":
