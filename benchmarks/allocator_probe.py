@@ -69,6 +69,8 @@ def main() -> None:
         return
     from transformers import HfArgumentParser
 
+    from wikigpt.results import write_json_atomic
+
     (args,) = HfArgumentParser(ProbeArguments).parse_args_into_dataclasses()
     if not os.path.exists(TCMALLOC):
         sys.exit(f"error: {TCMALLOC} not found; install it (apt-get install libtcmalloc-minimal4)")
@@ -80,9 +82,8 @@ def main() -> None:
             results[name].append(json.loads(out.strip().splitlines()[-1]))
             print(name, results[name][-1], flush=True)
     if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump({"threads": os.cpu_count(), "steps": args.steps, "batch": [4, 256], "results": results}, f,
-                      indent=2)
+        write_json_atomic(args.output_json, {"threads": os.cpu_count(), "steps": args.steps, "batch": [4, 256],
+                                             "results": results})
 
 
 if __name__ == "__main__":
