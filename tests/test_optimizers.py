@@ -9,6 +9,7 @@ from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from wikigpt import optimizers
 from wikigpt.optimizers import MuonAdamWFactory, split_parameters
 
 KWARGS = {"muon_lr": 0.02, "adamw_lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8}
@@ -40,9 +41,44 @@ def test_one_step_is_a_muon_step_and_an_adamw_step():
     torch.optim.Muon(muon_copy, lr=0.02, weight_decay=0.1).step()
     torch.optim.AdamW(adamw_copy, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1).step()
 
-    MuonAdamWFactory()(model, **KWARGS).step()
+    MuonAdamWFactory()(model, **KWARGS, orthogonalize_in_fp32=False).step()
     for expected, (name, p) in zip(muon_copy + adamw_copy, matrices + decayed):
         assert torch.equal(p.detach(), expected.detach()), name
+
+
+def newton_schulz_float64(grad, steps=5, a=3.4445, b=-4.7750, c=2.0315):
+    x = grad.double().T if grad.size(0) > grad.size(1) else grad.double()
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if grad.size(0) > grad.size(1) else x).float()
+
+
+def test_fp32_orthogonalisation_is_torchs_iteration_without_bf16_rounding():
+    model = tiny_model()
+    batch = torch.randint(0, 64, (2, 16))
+    model(batch, labels=batch).loss.backward()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    bf16_model = copy.deepcopy(model)
+    MuonAdamWFactory()(model, **KWARGS, orthogonalize_in_fp32=True).step()
+    MuonAdamWFactory()(bf16_model, **KWARGS, orthogonalize_in_fp32=False).step()
+    bf16_params = dict(bf16_model.named_parameters())
+    for name, p in split_parameters(model)[0]:  # the Muon matrices: first step, momentum buffer = grad
+        g = grads[name]
+        update = g + 0.95 * g  # nesterov: grad + momentum * buffer
+        scale = max(1, g.size(0) / g.size(1)) ** 0.5
+        expected = start[name] * (1 - 0.02 * 0.1) - 0.02 * scale * newton_schulz_float64(update)
+        assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-6), name
+        bf16_gap = (bf16_params[name].detach() - expected).abs().max().item()
+        assert 1e-6 < bf16_gap < 0.02 * scale, name  # torch's bf16 result: the same step, rounded (NS amplifies it)
+
+
+def test_fp32_orthogonalisation_where_the_cpu_lacks_native_bf16(monkeypatch):
+    for native, fp32 in ((False, True), (True, False)):
+        monkeypatch.setattr(optimizers, "cpu_has_native_bf16", lambda native=native: native)
+        assert MuonAdamWFactory()(tiny_model(), **KWARGS).orthogonalize_in_fp32 is fp32
 
 
 def test_trains_and_resumes_with_muon(tmp_path, micro_files, monkeypatch):
