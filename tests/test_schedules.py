@@ -92,3 +92,25 @@ def test_reaching_the_plan_ends_the_run_by_the_budget(monkeypatch):
         if control.should_training_stop:
             break
     assert (state.global_step, state.max_steps, callback.stopped_by_budget) == (10, 10, True)
+
+
+def test_a_run_stopped_before_its_plan_says_so(monkeypatch):
+    """Early stopping ending a budgeted run is not "finished within" the budget."""
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    times = iter([0.0, 1, 2, 3, 4, 5, 5.5])  # start, steps 1-5, the end of training
+    monkeypatch.setattr(time_budget, "clock", lambda: next(times))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 100)
+    callback, state = time_budget.TimeBudgetCallback(10.5 / 60), TrainerState(max_steps=100, global_step=0)
+    args = type("Args", (), {"eval_strategy": "no", "save_strategy": "no"})()
+    callback.on_train_begin(args, state, TrainerControl(), lr_scheduler=scheduler, optimizer=optimizer)
+    for step in range(1, 6):
+        state.global_step = step
+        callback.on_step_end(args, state, TrainerControl())
+    callback.on_train_end(args, state, TrainerControl())  # early stopping ended training at step 5
+    summary = callback.summary(5)["time_budget"]
+    assert not summary["stopped_by_budget"] and summary["planned_steps"] == 10
+    assert summary["message"] == ("ended after 5 of the 10 steps planned for --max_train_minutes 0.175, stopped "
+                                  "before the budget (e.g. by early stopping)")

@@ -127,10 +127,17 @@ class TimeBudgetCallback(TrainerCallback):
             "max_train_minutes": self.minutes, "planned_steps": self.planned, "schedule_horizon_steps": self.horizon,
             "stopped_by_budget": self.stopped_by_budget, "minutes_spent": round(self.spent_at_stop_s / 60, 3),
             "final_learning_rate": self.optimizer.param_groups[0]["lr"],
-            "message": (f"stopped by --max_train_minutes {self.minutes:g} after {global_step} steps"
-                        if self.stopped_by_budget else
-                        f"finished its {global_step} steps within --max_train_minutes {self.minutes:g}"),
+            "message": self.message(global_step),
         }}
+
+
+    def message(self, global_step: int) -> str:
+        if self.stopped_by_budget:
+            return f"stopped by --max_train_minutes {self.minutes:g} after {global_step} steps"
+        if global_step < self.planned:  # early stopping (or another callback) ended it before the plan did
+            return (f"ended after {global_step} of the {self.planned} steps planned for --max_train_minutes "
+                    f"{self.minutes:g}, stopped before the budget (e.g. by early stopping)")
+        return f"finished its {global_step} steps within --max_train_minutes {self.minutes:g}"
 
 
 def time_budget_callbacks(args, resume_from_checkpoint: str | None) -> list:
