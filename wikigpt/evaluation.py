@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from . import __version__
 from .data import SPLITS, DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size
 from .errors import UsageError
-from .metrics import load_corpus_perplexity
 from .model_card import split_dataset_info, write_model_card
 from .model import ModelArguments, context_length, load_causal_lm, load_tokenizer, resolve_dtype
+from .perplexity import block_windows, load_corpus_perplexity, rolling_windows, score_windows, sliding_windows
 from .results import write_json_atomic
-from .scoring import block_windows, rolling_windows, score_windows, sliding_windows
 from .wikitext import byte_count, detokenize, split_documents, word_count
 
 logger = logging.getLogger(__name__)

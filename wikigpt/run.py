@@ -20,11 +20,11 @@ from .data import (DataArguments, check_data_args, detokenize_splits, load_raw_s
                    resolve_block_size)
 from .early_stopping import best_model_summary, early_stopping_callbacks, end_early_stopping
 from .hub import defer_push, push_after_local_save
-from .metrics import compute_perplexity, nll_and_count
 from .model import ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer
 from .model_card import describe_run, write_model_card
 from .numerics import NonFiniteGuard, check_numerics_args
 from .optimizers import optimizer_cls_and_kwargs
+from .perplexity import compute_perplexity, nll_and_count
 from .plots import check_report_to, plot_training_curves
 from .preemption import PreemptionCallback
 from .reblocking import random_offset_training
@@ -165,7 +165,7 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
     for split in ("validation", "test"):
         if split in run.blocks:
             prefix = "eval" if split == "validation" else split
-            # {prefix}_perplexity = exp({prefix}_token_loss), every block once (wikigpt.metrics, corpus_perplexity)
+            # {prefix}_perplexity = exp({prefix}_token_loss), every block once (wikigpt.perplexity, corpus_perplexity)
             metrics = trainer.evaluate(run.blocks[split], metric_key_prefix=prefix)
             results[split] = metrics
             logger.info("%s perplexity = %.4f (corpus-level exp(sum NLL / tokens) over %d blocks of %d)",

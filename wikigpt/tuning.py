@@ -37,7 +37,7 @@ from .numerics import TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVE = "eval_perplexity"  # wikigpt.metrics: exp(summed NLL / tokens) over every held-out block
+OBJECTIVE = "eval_perplexity"  # wikigpt.perplexity: exp(summed NLL / tokens) over every held-out block
 DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 DATA_KEYS = {"block_size": int}
 BUDGET_KEYS = {"train_tokens": int}
