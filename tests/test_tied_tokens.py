@@ -20,7 +20,7 @@ VOCAB = 40
 STREAM = np.array([3, 4, 5, 6, 7, 8, 9] * 3 + [10, 11])
 
 
-class Stream(torch.utils.data.Dataset):  # as wikigpt.reblocking.RandomOffsetBlocks: the token stream in `ids`
+class Stream(torch.utils.data.Dataset):  # as wikigpt.block_offsets.RandomOffsetBlocks: the token stream in `ids`
     def __init__(self, ids):
         self.ids = ids
 

@@ -57,7 +57,7 @@ def check_tied_tokens_args(args) -> None:
 
 def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
     """How often each token id occurs in the training data (re-cut blocks' stream, or the fixed blocks)."""
-    ids = getattr(train_set, "ids", None)  # wikigpt.reblocking.RandomOffsetBlocks keeps the whole stream
+    ids = getattr(train_set, "ids", None)  # wikigpt.block_offsets.RandomOffsetBlocks keeps the whole stream
     if ids is None:
         ids = pc.list_flatten(train_set.with_format("arrow")[:]["input_ids"]).to_numpy()
     return np.bincount(ids, minlength=vocab_size)

@@ -33,7 +33,7 @@ import yaml
 from transformers import GPT2Config, Trainer
 
 from .errors import UsageError
-from .numerics import TrainingDiverged
+from .nan_guard import TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
