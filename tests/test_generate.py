@@ -10,14 +10,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import REPO
-from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 import generate
 from wikigpt.cli import parse_args
 from wikigpt.errors import UsageError, run_main
 from wikigpt.generation import (FALLBACKS, GenerateArguments, StopStringStreamer, build_generation_config,
-                                check_arguments, check_settings, encode_prompts, finish_sample, generate_batch,
-                                load_generation_tokenizer, public_settings, read_prompts, resolve_settings)
+                                check_arguments, check_settings, encode_prompts, finish_sample, for_batched_generation,
+                                generate_batch, public_settings, read_prompts, resolve_settings)
+from wikigpt.model import load_pretrained
 
 PROMPTS = ["Hello world, this is a long prompt with many words", "Hi", "The capital of France is"]
 
@@ -36,9 +37,8 @@ def checkpoint(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    tokenizer = load_generation_tokenizer(GenerateArguments(model=str(checkpoint)), model)
-    return model, tokenizer
+    model, tokenizer = load_pretrained(str(checkpoint), device=torch.device("cpu"))
+    return model, for_batched_generation(tokenizer)
 
 
 def args_for(*argv) -> GenerateArguments:

@@ -16,9 +16,9 @@ from typing import Any
 from transformers import set_seed
 
 from .errors import UsageError
-from .generation import (GenerateArguments, check_arguments, check_settings, encode_prompts, load_generation_tokenizer,
+from .generation import (GenerateArguments, check_arguments, check_settings, encode_prompts, for_batched_generation,
                          resolve_device, resolve_settings, stream_sample)
-from .model import context_length, load_causal_lm, resolve_dtype
+from .model import context_length, load_pretrained, resolve_dtype
 
 # The page's names for generate.py's flags, so that its error messages read right on the page.
 PAGE_NAMES = {"--do_sample": "sampling", "--greedy": "greedy decoding", "--max_new_tokens": "Max new tokens",
@@ -64,10 +64,9 @@ class DemoModel:
 def load_demo_model(name: str, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False) -> DemoModel:
     try:
         torch_device = resolve_device(device)
-        model = load_causal_lm(name, flag="--model", dtype=resolve_dtype(dtype, torch_device),
-                               allow_pickle=allow_pickle)
-        model.to(torch_device).eval()
-        tokenizer = load_generation_tokenizer(GenerateArguments(model=name), model)
+        model, tokenizer = load_pretrained(name, device=torch_device, dtype=resolve_dtype(dtype, torch_device),
+                                           allow_pickle=allow_pickle)
+        tokenizer = for_batched_generation(tokenizer)
     except UsageError as err:
         return DemoModel(name, error=str(err))
     defaults, _ = resolve_settings(GenerateArguments(model=name), model.generation_config)

@@ -19,7 +19,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, TextStreamer
 
 from .errors import UsageError
-from .model import ModelArguments, load_tokenizer, pick_device
+from .model import pick_device
 
 logger = logging.getLogger("wikigpt.generate")
 
@@ -252,14 +252,8 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, contex
 
 # --- model and decoding ---------------------------------------------------------------------------------------
 
-def load_generation_tokenizer(args: GenerateArguments, model):
-    """The checkpoint's tokenizer (or --tokenizer_name), set up for batched generation: pad = eos, left padding."""
-    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.model, tokenizer_name=args.tokenizer_name,
-                                              trust_remote_code=args.trust_remote_code))
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise UsageError(f"--tokenizer_name has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
-                         f"use the checkpoint's own tokenizer")
+def for_batched_generation(tokenizer):
+    """The tokenizer from model.load_pretrained, set up for batched generation: pad = eos, left padding."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UsageError("--tokenizer_name has neither a pad nor an eos token, so prompts cannot be batched; "
