@@ -102,10 +102,10 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         train_set, block_offsets = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
                                                           block_size, training_args)
     # before the weight averaging callbacks: the tied rows are equal again before an average takes them in
-    tying = tie_tokens(model, train_set, model_args.tie_tokens_below) if model_args.tie_tokens_below else []
-    if tying:
-        tied = tying[0].tied
-        source["tied_tokens"] = {"below": tied.below, "kept": len(tied.kept), "tied": len(tied.tied)}
+    below = model_args.tie_tokens_below
+    tying, tied = tie_tokens(model, train_set, below) if below else ([], None)
+    if tied:
+        source["tied_tokens"] = tied  # below, kept, tied: results.json's model section
 
     push = defer_push(training_args)  # push once at the end, after the local save
     # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/schedules.py)
