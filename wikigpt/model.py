@@ -126,7 +126,7 @@ def build_config(preset: str | None, config_overrides: str | None, vocab_size: i
     return config
 
 
-def tokenizer_name(args: ModelArguments) -> str:
+def tokenizer_for(args: ModelArguments) -> str:
     """train.py's tokenizer: --tokenizer_name, else the checkpoint's, else gpt2's."""
     return args.tokenizer_name or args.model_name_or_path or DEFAULT_TOKENIZER
 
@@ -231,19 +231,19 @@ def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dty
     return mark_causal_lm_loss(model)
 
 
-def load_pretrained(name: str, tokenizer: str | None = None, *, device: torch.device, dtype: torch.dtype | None = None,
-                    trust_remote_code: bool = False, allow_pickle: bool = False,
+def load_pretrained(name: str, tokenizer_name: str | None = None, *, device: torch.device,
+                    dtype: torch.dtype | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
                     vocab_fix: str = "use the checkpoint's own tokenizer"):
     """(model, tokenizer) of checkpoint `name` for eval.py, generate.py and the demo (--model, --tokenizer_name).
 
-    The tokenizer is `tokenizer` when given, else the checkpoint's own; the model is on `device`, in eval mode.
-    `vocab_fix` ends the error for a tokenizer larger than the model's vocabulary.
+    The tokenizer is `tokenizer_name` when given, else the checkpoint's own; the model is on `device`, in eval
+    mode. `vocab_fix` ends the error for a tokenizer larger than the model's vocabulary.
     """
     model = load_causal_lm(name, flag="--model", trust_remote_code=trust_remote_code, dtype=dtype,
                            allow_pickle=allow_pickle)
-    tok = load_tokenizer(tokenizer or name, trust_remote_code)
-    check_vocabulary(tok, model, "model's", vocab_fix)
-    return model.to(device).eval(), tok
+    tokenizer = load_tokenizer(tokenizer_name or name, trust_remote_code)
+    check_vocabulary(tokenizer, model, "model's", vocab_fix)
+    return model.to(device).eval(), tokenizer
 
 
 def mark_causal_lm_loss(model):

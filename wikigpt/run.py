@@ -21,7 +21,7 @@ from .data import (DataArguments, check_data_args, detokenize_splits, load_raw_s
 from .early_stopping import best_model_summary, early_stopping_callbacks, end_early_stopping
 from .hub import defer_push, push_after_local_save
 from .model import (ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer,
-                    tokenizer_name)
+                    tokenizer_for)
 from .model_card import describe_run, write_model_card
 from .nan_guard import NonFiniteGuard, check_nan_guard_args
 from .optimizers import optimizer_cls_and_kwargs
@@ -87,7 +87,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     set_seed(training_args.seed)
     keep_freed_memory()  # glibc: reuse freed memory instead of faulting in fresh pages every step (cpu_memory.py)
 
-    tokenizer = load_tokenizer(tokenizer_name(model_args), model_args.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_for(model_args), model_args.trust_remote_code)
     model, source = load_model(model_args, tokenizer)
     block_size = resolve_block_size(data_args.block_size, context_length(model.config))
     logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)

@@ -24,6 +24,7 @@ p(shared class) / n_tied. From scratch only: a pretrained checkpoint's rows carr
 
 import logging
 import math
+
 import numpy as np
 import pyarrow.compute as pc
 import torch
