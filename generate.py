@@ -17,10 +17,11 @@ from transformers.utils import logging as hf_logging
 
 from wikigpt.cli import parse_args
 from wikigpt.errors import run_main
-from wikigpt.generation import (GenerateArguments, JsonlWriter, can_stream, check_arguments, check_settings,
-                                encode_prompts, load_generation_tokenizer, public_settings, read_prompts,
-                                resolve_device, resolve_settings, sample)
-from wikigpt.model import context_length, load_causal_lm, resolve_dtype
+from wikigpt.generation import JsonlWriter, can_stream, for_batched_generation, public_settings, sample
+from wikigpt.generation_settings import (GenerateArguments, check_arguments, check_settings, resolve_device,
+                                         resolve_settings)
+from wikigpt.model import context_length, load_pretrained, resolve_dtype
+from wikigpt.prompts import encode_prompts, read_prompts
 
 logger = logging.getLogger("wikigpt.generate")
 
@@ -35,10 +36,9 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
 
-    model = load_causal_lm(args.model, flag="--model", trust_remote_code=args.trust_remote_code, dtype=dtype,
-                           allow_pickle=args.allow_pickle)
-    model.to(device).eval()
-    tokenizer = load_generation_tokenizer(args, model)
+    model, tokenizer = load_pretrained(args.model, args.tokenizer_name, device=device, dtype=dtype,
+                                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    tokenizer = for_batched_generation(tokenizer)
     settings, from_checkpoint = resolve_settings(args, model.generation_config)
     context = context_length(model.config)
     check_settings(settings, from_checkpoint, context)

@@ -32,7 +32,7 @@ from wikigpt.data import DataArguments, load_raw_splits, tokenize  # noqa: E402
 from wikigpt.results import write_json_atomic  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.kneser_ney import KneserNey  # noqa: E402
-from wikigpt.model import ModelArguments, load_tokenizer  # noqa: E402
+from wikigpt.model import DEFAULT_TOKENIZER, load_tokenizer  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 JSON_VERSION = 1
@@ -61,7 +61,7 @@ def load_token_streams(args: NgramArguments):
     """wikigpt.data's loading and tokenization, each split's rows concatenated into one stream."""
     data_args = DataArguments(train_file=args.train_file, test_file=args.test_file)
     raw = load_raw_splits(data_args, seed=0, required=("train", "test"))
-    tokenizer = load_tokenizer(ModelArguments(tokenizer_name=args.tokenizer_name))
+    tokenizer = load_tokenizer(args.tokenizer_name or DEFAULT_TOKENIZER)
     streams = {}
     for split in ("train", "test"):
         ids = tokenize(raw[split], tokenizer).with_format("arrow")[:]["input_ids"]

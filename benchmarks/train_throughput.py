@@ -41,7 +41,7 @@ from wikigpt.cpu_memory import keep_freed_memory  # noqa: E402
 from wikigpt.results import write_json_atomic  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size  # noqa: E402
-from wikigpt.model import PRESETS, ModelArguments, load_model, load_tokenizer, parse_config_overrides  # noqa: E402
+from wikigpt.model import DEFAULT_TOKENIZER, PRESETS, load_model, load_tokenizer, parse_config_overrides  # noqa: E402
 from wikigpt.padded_vocab import head_width, pad_vocab  # noqa: E402
 from wikigpt.precision import cpu_has_native_bf16  # noqa: E402
 from wikigpt.run import build_run, parse_run_args, train_run  # noqa: E402
@@ -554,7 +554,7 @@ def main() -> None:
         raise UsageError("--steps must be at least --warmup_steps + 2 (two timed step ends); raise --steps")
     check_chunked_loss_args(bench.chunked_loss_size)
     on_gpu = torch.cuda.is_available()
-    tokenizer = load_tokenizer(ModelArguments(tokenizer_name=bench.tokenizer_name))
+    tokenizer = load_tokenizer(bench.tokenizer_name or DEFAULT_TOKENIZER)
     report: dict = {"version": JSON_VERSION, "environment": environment(), "settings": asdict(bench)}
     if bench.preprocessing:
         report["preprocessing"] = time_preprocessing(bench, tokenizer)

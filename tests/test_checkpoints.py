@@ -17,7 +17,7 @@ from transformers.trainer_utils import sort_checkpoints
 from wikigpt.checkpoints import (ResumePlan, checkpoint_problem, last_good_checkpoint, normalize_resume_value,
                                  plan_resume)
 from wikigpt.errors import UsageError
-from wikigpt.training import WikiTrainingArguments
+from wikigpt.training_args import WikiTrainingArguments
 
 
 def truncate(path, keep=None):

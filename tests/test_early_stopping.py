@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer
 
 from wikigpt.cli import parse_args
 from wikigpt.errors import UsageError
-from wikigpt.training import WikiTrainingArguments
+from wikigpt.training_args import WikiTrainingArguments
 
 
 def _every_2_steps(*extra):

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits
 from wikigpt.evaluation import EvalArguments, evaluate_split
-from wikigpt.metrics import compute_perplexity, nll_and_count
+from wikigpt.perplexity import compute_perplexity, nll_and_count
 from wikigpt.model import load_causal_lm
 
 

@@ -1,4 +1,6 @@
-"""generate.py / wikigpt/generation.py: batching, seeds, prompts, stop strings, JSONL records, settings, errors."""
+"""generate.py / wikigpt/generation.py: batching, seeds, stop strings, JSONL records, errors end to end.
+
+Settings and their checks: test_generation_settings.py; reading and encoding prompts: test_prompts.py."""
 
 import io
 import json
@@ -10,14 +12,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import REPO
-from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 import generate
 from wikigpt.cli import parse_args
 from wikigpt.errors import UsageError, run_main
-from wikigpt.generation import (FALLBACKS, GenerateArguments, StopStringStreamer, build_generation_config,
-                                check_arguments, check_settings, encode_prompts, finish_sample, generate_batch,
-                                load_generation_tokenizer, public_settings, read_prompts, resolve_settings)
+from wikigpt.generation import (StopStringStreamer, build_generation_config, finish_sample, for_batched_generation,
+                                generate_batch)
+from wikigpt.generation_settings import FALLBACKS, GenerateArguments, resolve_settings
+from wikigpt.model import load_pretrained
 
 PROMPTS = ["Hello world, this is a long prompt with many words", "Hi", "The capital of France is"]
 
@@ -36,9 +39,8 @@ def checkpoint(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    tokenizer = load_generation_tokenizer(GenerateArguments(model=str(checkpoint)), model)
-    return model, tokenizer
+    model, tokenizer = load_pretrained(str(checkpoint), device=torch.device("cpu"))
+    return model, for_batched_generation(tokenizer)
 
 
 def args_for(*argv) -> GenerateArguments:
@@ -197,20 +199,6 @@ def test_checkpoint_generation_config_gives_defaults_flags_override(monkeypatch,
         assert record["settings"]["do_sample"] is False and record["settings"]["max_new_tokens"] == expected_tokens
 
 
-def test_resolve_settings_layers():
-    saved = GenerationConfig(do_sample=False, max_new_tokens=7, top_k=5)
-    settings, from_checkpoint = resolve_settings(args_for("--top_k", 9), saved)
-    assert settings == {**FALLBACKS, "do_sample": False, "max_new_tokens": 7, "top_k": 9}
-    assert from_checkpoint == {"do_sample", "max_new_tokens"}
-    assert resolve_settings(args_for(), None)[0] == FALLBACKS  # sampling, top_k 50, 100 new tokens
-    assert resolve_settings(args_for("--num_beams", 4), None)[0]["do_sample"] is False
-    assert resolve_settings(args_for("--num_beams", 4, "--do_sample"), None)[0]["do_sample"] is True
-    settings, _ = resolve_settings(args_for("--greedy"), GenerationConfig(do_sample=True, temperature=0.7))
-    assert settings["do_sample"] is False and "temperature" not in public_settings(settings)
-    # The checkpoint's sampling knobs are not merged into greedy decoding (generate() would warn about them).
-    assert build_generation_config(settings, [], SimpleNamespace(pad_token_id=50256), [50256]).temperature == 1.0
-
-
 # --- pieces -------------------------------------------------------------------------------------------------
 
 def test_finish_reasons(loaded):
@@ -228,6 +216,12 @@ def test_finish_reasons(loaded):
     # A stop string that begins in the prompt ("...A:\n" + "\n") cuts the completion to "".
     newline = tokenizer("\nB")["input_ids"]
     assert finish_sample(newline, tokenizer, stops=["\n\n"], prompt="Q: x\nA:\n", **kw) == ("", 2, "stop_string")
+
+
+def test_generation_config_is_validated_strictly():
+    """transformers' GenerationConfig.validate(strict=True) runs too: what it would only warn about fails."""
+    with pytest.raises(UsageError, match="transformers rejects these generation settings: .*pad_token_id"):
+        build_generation_config(dict(FALLBACKS), [], SimpleNamespace(pad_token_id=-1), [50256])
 
 
 def test_streamer_holds_back_a_possible_stop_string(tokenizer):
@@ -254,81 +248,6 @@ def test_streamer_holds_back_a_possible_stop_string(tokenizer):
     streamer.on_finalized_text("a\n\nb")
     streamer.on_finalized_text("c", stream_end=True)
     assert plain.getvalue() == "a\n\nbc"
-
-
-def test_prompt_sources(tmp_path):
-    text = tmp_path / "prompts.txt"
-    text.write_text("first prompt\n\n  \nsecond: with {braces}\n", encoding="utf-8")
-    jsonl = tmp_path / "prompts.jsonl"
-    jsonl.write_text('{"prompt": "a\\nb", "id": 1}\n\n{"prompt": ""}\n', encoding="utf-8")
-
-    assert read_prompts(args_for("--prompt", "x", "--prompt_file", text)) == [
-        "x", "first prompt", "second: with {braces}"]
-    assert read_prompts(args_for("--prompt_file", jsonl)) == ["a\nb", ""]
-    assert read_prompts(args_for(), io.StringIO("TL;DR:\n")) == ["TL;DR:"]
-    assert read_prompts(args_for("--prompt", "given"), io.StringIO("ignored")) == ["given"]
-    assert read_prompts(args_for(), io.StringIO("")) == [""]  # nothing at all: one unconditional sample
-
-    tty = io.StringIO("never read")
-    tty.isatty = lambda: True
-    assert read_prompts(args_for(), tty) == [""]
-
-
-def test_repeated_flags_and_escapes():
-    args = args_for("--prompt", "Q: Who?", "--prompt", "two", "words", "--prompt", "", "--stop", r"\n\n",
-                    "--stop", "A:", "--do_sample")
-    assert args.prompt == ["Q: Who?", "two words", ""]
-    assert args.stop == ["\n\n", "A:"] and args.do_sample is True
-    assert args_for("--do_sample", "false").do_sample is False and args_for().do_sample is None
-
-
-def test_empty_prompt_starts_from_endoftext(tokenizer):
-    assert encode_prompts(tokenizer, ["", "Hello world"], 100, 128) == [[50256], [15496, 995]]
-
-
-@pytest.mark.parametrize("argv, message", [
-    (("--temperature", 0), "--temperature 0.0 must be > 0 when sampling; for greedy decoding pass --greedy"),
-    (("--do_sample", "--temperature", -1), "--temperature -1.0 must be > 0 when sampling"),
-    (("--top_p", 0), "--top_p 0.0 must be in (0, 1] (1 turns nucleus sampling off)"),
-    (("--top_p", 1.5), "--top_p 1.5 must be in (0, 1]"),
-    (("--top_k", -1), "--top_k -1 must be >= 0 (0 turns top-k filtering off)"),
-    (("--typical_p", 2), "--typical_p 2.0 must be in (0, 1]"),
-    (("--max_new_tokens", 0), "--max_new_tokens 0 must be >= 1"),
-    (("--num_beams", 0), "--num_beams 0 must be >= 1"),
-    (("--greedy", "--do_sample"), "--greedy and --do_sample contradict each other"),
-    (("--prompt_file", "/no/such/prompts.txt"), "--prompt_file '/no/such/prompts.txt' does not exist"),
-    (("--stop", ""), '--stop "" would stop at once'),
-])
-def test_argument_errors(argv, message):
-    with pytest.raises(UsageError) as err:
-        check_arguments(args_for(*argv))
-    assert str(err.value).startswith(message)
-
-
-def test_greedy_ignores_temperature():
-    check_arguments(args_for("--greedy", "--temperature", 0))
-
-
-@pytest.mark.parametrize("argv, message", [
-    (("--num_beams", 2, "--num_return_sequences", 3),
-     "--num_return_sequences 3 is more than --num_beams 2; beam search returns at most one sequence per beam"),
-    (("--greedy", "--num_return_sequences", 2),
-     "--num_return_sequences 2 with greedy decoding would repeat one sequence; add --do_sample, or --num_beams 2"),
-    (("--max_new_tokens", 128), "--max_new_tokens 128 leaves no room for a prompt in the model's context of 128 "
-                                "tokens; use at most 127"),
-])
-def test_setting_errors(argv, message):
-    settings, from_checkpoint = resolve_settings(args_for(*argv), None)
-    with pytest.raises(UsageError) as err:
-        check_settings(settings, from_checkpoint, context=128)
-    assert str(err.value).startswith(message)
-
-
-def test_bad_value_from_checkpoint_says_so():
-    settings, from_checkpoint = resolve_settings(args_for(), GenerationConfig(do_sample=True, temperature=0.0))
-    with pytest.raises(UsageError, match=r"--temperature 0.0 must be > 0 .* comes from the checkpoint's "
-                                         r"generation_config.json"):
-        check_settings(settings, from_checkpoint, context=128)
 
 
 def test_errors_end_to_end(monkeypatch, capsys, checkpoint, tmp_path):

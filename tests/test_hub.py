@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from wikigpt.hub import defer_push, push_after_local_save
-from wikigpt.training import WikiTrainingArguments
+from wikigpt.training_args import WikiTrainingArguments
 
 
 @pytest.fixture(scope="module")

@@ -144,7 +144,7 @@ def test_rewriting_the_card_replaces_it_whole(tmp_path, kind):
 
 def test_precision_includes_what_accelerate_launch_set(monkeypatch):
     from wikigpt.model_card import precision
-    from wikigpt.training import WikiTrainingArguments
+    from wikigpt.training_args import WikiTrainingArguments
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert precision(WikiTrainingArguments(output_dir="unused")) == "fp32"

@@ -16,7 +16,7 @@ import importlib, json, sys
 import wikigpt
 for name in sys.argv[1:]:
     importlib.import_module(name)
-from wikigpt.metrics import load_corpus_perplexity
+from wikigpt.perplexity import load_corpus_perplexity
 metric = load_corpus_perplexity()
 metric.add_batch(nll_sum=[6.0], token_count=[3], word_count=[0], byte_count=[0])
 print(json.dumps({"package": wikigpt.__file__, "perplexity": metric.compute()["perplexity"]}))

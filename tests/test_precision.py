@@ -9,7 +9,7 @@ from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro
 
 import wikigpt.precision
 from wikigpt.cli import parse_args
-from wikigpt.training import WikiTrainingArguments
+from wikigpt.training_args import WikiTrainingArguments
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 # Largest relative gap between a bf16-autocast and an fp32 logged loss over the same 20 steps from the same seed.

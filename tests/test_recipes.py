@@ -11,7 +11,7 @@ from runs import micro_files, train_in_process  # noqa: F401 - micro_files is a 
 from wikigpt.cli import parse_args
 from wikigpt.data import DataArguments
 from wikigpt.model import ModelArguments
-from wikigpt.training import WikiTrainingArguments
+from wikigpt.training_args import WikiTrainingArguments
 
 RECIPES = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 # Switches this CPU-only machine cannot run (bf16/TF32 need CUDA; compiling takes ~45 s), the rest as written.

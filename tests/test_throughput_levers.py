@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM
 
 from wikigpt.cli import parse_args
 from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits
-from wikigpt.metrics import compute_perplexity, nll_and_count
+from wikigpt.perplexity import compute_perplexity, nll_and_count
 from wikigpt.evaluation import EvalArguments, evaluate_split
 from wikigpt.model import ModelArguments, load_model
-from wikigpt.training import WikiTrainingArguments
+from wikigpt.training_args import WikiTrainingArguments
 from conftest import REPO
 
 REAL_VOCAB, PADDED_VOCAB = 50257, 50304

@@ -20,7 +20,7 @@ VOCAB = 40
 STREAM = np.array([3, 4, 5, 6, 7, 8, 9] * 3 + [10, 11])
 
 
-class Stream(torch.utils.data.Dataset):  # as wikigpt.reblocking.RandomOffsetBlocks: the token stream in `ids`
+class Stream(torch.utils.data.Dataset):  # as wikigpt.block_offsets.RandomOffsetBlocks: the token stream in `ids`
     def __init__(self, ids):
         self.ids = ids
 
@@ -50,7 +50,8 @@ def shared_parameter_loss(model, tied: TiedTokens, inputs, labels):
 @pytest.mark.parametrize("below", [1, 2])
 def test_loss_and_gradients_are_those_of_one_shared_row(below):
     narrow, reference = tiny_model(), tiny_model()
-    (callback,) = tie_tokens(narrow, Stream(STREAM), below)
+    (callback,), summary = tie_tokens(narrow, Stream(STREAM), below)
+    assert summary == {"below": below, "kept": len(callback.tied.kept), "tied": len(callback.tied.tied)}
     reference.load_state_dict(narrow.state_dict())
     inputs = batch()
     labels = inputs.clone()
@@ -79,7 +80,7 @@ def test_the_saved_models_full_softmax_is_the_training_loss(below):
 
 def test_a_step_keeps_the_tied_rows_equal():
     model = tiny_model()
-    (callback,) = tie_tokens(model, Stream(STREAM), 2)
+    (callback,), _ = tie_tokens(model, Stream(STREAM), 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     model.train()
     model(input_ids=batch(), labels=batch()).loss.backward()
@@ -103,7 +104,7 @@ def test_which_tokens_are_tied():
 def test_nothing_rare_leaves_the_model_alone():
     model = tiny_model()
     forward = model.forward
-    assert tie_tokens(model, Stream(np.arange(VOCAB)), 1) == [] and model.forward == forward
+    assert tie_tokens(model, Stream(np.arange(VOCAB)), 1) == ([], None) and model.forward == forward
 
 
 def test_train_py_saves_a_plain_gpt2_with_equal_tied_rows(micro_files, tmp_path, monkeypatch):

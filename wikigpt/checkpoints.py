@@ -24,13 +24,14 @@ import zipfile
 from dataclasses import dataclass, field
 
 from accelerate.utils.constants import FSDP_MODEL_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import _re_checkpoint, get_last_checkpoint
 
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # what the Trainer writes and rotates
+# checkpoint-N: the name the Trainer writes, as transformers' get_last_checkpoint matches it.
+CHECKPOINT_NAME = _re_checkpoint
 # Set-aside names: the Trainer's rotation, `latest` and the Hub upload all skip them (wikigpt.hub).
 CORRUPT_PREFIX = "corrupt-"  # an incomplete checkpoint skipped by `latest`, kept for inspection
 PREVIOUS_RUN_PREFIX = "previous-run-"  # a checkpoint of the run an --overwrite_output_dir run replaced
@@ -184,7 +185,9 @@ def checkpoint_problem(path: str) -> str | None:
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
-    """checkpoint-N folders of `output_dir`, newest (highest N) first."""
+    """checkpoint-N folders of `output_dir`, newest (highest N) first.
+
+    All of them, not only transformers' get_last_checkpoint: `latest` falls back past incomplete ones."""
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
@@ -299,7 +302,7 @@ def _choose_checkpoint(choice: str | None, output_dir: str) -> ResumePlan:
         if not os.path.isdir(choice):
             raise UsageError(f"{RESUME_FLAG} {choice!r} is a file; pass a checkpoint-N folder, "
                              f"or '{LATEST}' for the newest complete one in --output_dir")
-        if not os.path.exists(os.path.join(choice, "trainer_state.json")) and list_checkpoints(choice):
+        if not os.path.exists(os.path.join(choice, "trainer_state.json")) and get_last_checkpoint(choice):
             raise UsageError(f"{RESUME_FLAG} {choice!r} is a run folder, not a checkpoint; pass one of its "
                              f"checkpoint-N folders, or '{LATEST}' with --output_dir {choice!r}")
         if problem := checkpoint_problem(choice):

@@ -7,20 +7,16 @@ states N tokens at a time, and computes each chunk's gradients right there (soft
 matmuls), so only one chunk's logits are ever alive and nothing is recomputed in the backward pass (the same
 FLOPs as the plain path; a Liger-style fused linear cross-entropy written with plain torch ops).
 
-Only the training forward with labels changes (model.training and labels given): it returns the loss and
-`logits=None`, which the Trainer's training step does not read. Evaluation, generation and anything else go
-through the unchanged GPT2LMHeadModel.forward. The wrap is on the instance's `forward` (no new class, no new
-weights), so checkpoints stay plain GPT2LMHeadModel folders.
+Only the training forward with labels changes (wikigpt.training_loss): it returns the loss and `logits=None`.
+Evaluation, generation and checkpoints are those of the plain GPT2LMHeadModel.
 """
-
-from types import MethodType
 
 import torch
 from transformers import GPT2LMHeadModel
-from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from .errors import UsageError
 from .padded_vocab import head_weight
+from .training_loss import replace_training_loss
 
 FLAG = "--chunked_loss_size"
 IGNORE_INDEX = -100  # transformers' ForCausalLMLoss default, and what the Trainer pads labels with
@@ -91,25 +87,10 @@ def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_
     return total / num_items_in_batch
 
 
-def _chunked_forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
-                     position_ids=None, inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                     labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    """GPT2LMHeadModel.forward's signature (the Trainer reads it: input columns, **kwargs for num_items_in_batch)."""
-    args = dict(input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-                token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
-                encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-                use_cache=use_cache)
-    if not (self.training and labels is not None) or logits_to_keep or kwargs.get("return_dict") is False:
-        return type(self).forward(self, **args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
-    # As GPT2LMHeadModel.forward, with the LM head and loss replaced by the chunked loss.
-    outputs = self.transformer(**args, **kwargs)
-    loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+def _chunked_loss(model, hidden_states, labels, **loss_kwargs):
     # head_weight: the padded-width weight when --pad_vocab_multiple is on (wikigpt.padded_vocab)
-    loss = chunked_causal_lm_loss(outputs.last_hidden_state, head_weight(self.lm_head), labels,
-                                  self._chunked_loss_size, self.lm_head.out_features, **loss_kwargs)
-    return CausalLMOutputWithCrossAttentions(
-        loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions, cross_attentions=outputs.cross_attentions)
+    return chunked_causal_lm_loss(hidden_states, head_weight(model.lm_head), labels, model._chunked_loss_size,
+                                  model.lm_head.out_features, **loss_kwargs)
 
 
 def use_chunked_loss(model, chunk_size: int):
@@ -119,6 +100,4 @@ def use_chunked_loss(model, chunk_size: int):
         raise UsageError(f"{FLAG} supports GPT-2 models (GPT2LMHeadModel); this model is "
                          f"{type(model).__name__}: drop {FLAG}")
     model._chunked_loss_size = chunk_size
-    # A bound method, as accelerate's mixed-precision wrapper expects of model.forward.
-    model.forward = MethodType(_chunked_forward, model)
-    return model
+    return replace_training_loss(model, _chunked_loss)

@@ -1,8 +1,9 @@
 """What the web demo (app.py) does, without the web page: load a checkpoint, sample from it, describe its run.
 
-Sampling goes through wikigpt.generation exactly as generate.py does (same settings layering, checks, prompt
-encoding, seed and stop strings), so a seed gives the page the text generate.py prints. Bad input never raises
-here: every function returns a message the page shows. gradio is imported only by app.py.
+Sampling goes through wikigpt.generation_settings, wikigpt.prompts and wikigpt.generation exactly as generate.py
+does (same settings layering, checks, prompt encoding, seed and stop strings), so a seed gives the page the text
+generate.py prints. Bad input never raises here: every function returns a message the page shows. gradio is
+imported only by app.py.
 """
 
 import json
@@ -16,9 +17,10 @@ from typing import Any
 from transformers import set_seed
 
 from .errors import UsageError
-from .generation import (GenerateArguments, check_arguments, check_settings, encode_prompts, load_generation_tokenizer,
-                         resolve_device, resolve_settings, stream_sample)
-from .model import context_length, load_causal_lm, resolve_dtype
+from .generation import for_batched_generation, stream_sample
+from .generation_settings import GenerateArguments, check_arguments, check_settings, resolve_device, resolve_settings
+from .model import context_length, load_pretrained, resolve_dtype
+from .prompts import encode_prompts
 
 # The page's names for generate.py's flags, so that its error messages read right on the page.
 PAGE_NAMES = {"--do_sample": "sampling", "--greedy": "greedy decoding", "--max_new_tokens": "Max new tokens",
@@ -64,10 +66,9 @@ class DemoModel:
 def load_demo_model(name: str, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False) -> DemoModel:
     try:
         torch_device = resolve_device(device)
-        model = load_causal_lm(name, flag="--model", dtype=resolve_dtype(dtype, torch_device),
-                               allow_pickle=allow_pickle)
-        model.to(torch_device).eval()
-        tokenizer = load_generation_tokenizer(GenerateArguments(model=name), model)
+        model, tokenizer = load_pretrained(name, device=torch_device, dtype=resolve_dtype(dtype, torch_device),
+                                           allow_pickle=allow_pickle)
+        tokenizer = for_batched_generation(tokenizer)
     except UsageError as err:
         return DemoModel(name, error=str(err))
     defaults, _ = resolve_settings(GenerateArguments(model=name), model.generation_config)

@@ -16,11 +16,11 @@ from transformers import EarlyStoppingCallback
 
 from .errors import UsageError
 
-DEFAULT_METRIC = "perplexity"  # eval_perplexity from wikigpt.metrics: exp(summed NLL / tokens) on validation
+DEFAULT_METRIC = "perplexity"  # eval_perplexity from wikigpt.perplexity: exp(summed NLL / tokens) on validation
 
 
 def lower_is_better(metric: str) -> bool:
-    """Perplexities and losses (wikigpt.metrics: perplexity, token_loss; the Trainer's loss) improve downwards."""
+    """Perplexities and losses (wikigpt.perplexity: perplexity, token_loss; the Trainer's loss) improve downwards."""
     name = metric.removeprefix("eval_")
     return name.endswith("perplexity") or name.endswith("loss")
 

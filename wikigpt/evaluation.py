@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from . import __version__
 from .data import SPLITS, DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size
 from .errors import UsageError
-from .metrics import load_corpus_perplexity
 from .model_card import split_dataset_info, write_model_card
-from .model import ModelArguments, context_length, load_causal_lm, load_tokenizer, resolve_dtype
+from .model import context_length, load_pretrained, resolve_dtype
+from .perplexity import block_windows, load_corpus_perplexity, rolling_windows, score_windows, sliding_windows
 from .results import write_json_atomic
-from .scoring import block_windows, rolling_windows, score_windows, sliding_windows
 from .wikitext import byte_count, detokenize, split_documents, word_count
 
 logger = logging.getLogger(__name__)
@@ -88,18 +87,6 @@ def resolve_stride(stride: int | None, context: int) -> int:
     return stride
 
 
-def load_for_eval(args: EvalArguments, accelerator):
-    dtype = resolve_dtype(args.dtype, accelerator.device)
-    model = load_causal_lm(args.model, flag="--model", trust_remote_code=args.trust_remote_code, dtype=dtype,
-                           allow_pickle=args.allow_pickle)
-    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.model, tokenizer_name=args.tokenizer_name,
-                                              trust_remote_code=args.trust_remote_code))
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise UsageError(f"--tokenizer_name has {len(tokenizer)} tokens but the model's vocabulary has "
-                         f"{model.get_input_embeddings().num_embeddings}; pass the tokenizer the model was trained with")
-    return tokenizer, model.to(accelerator.device).eval(), dtype
-
-
 def _encode_long(tokenizer, text: str) -> list[int]:
     # A whole split is far longer than model_max_length; that warning is about feeding it to the model at
     # once, which never happens here (it is cut into windows).
@@ -118,7 +105,10 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
     if data_args.detokenize:
         raise UsageError("--detokenize is a train.py flag; eval.py's documents method already scores detokenized "
                          "articles (--methods documents): drop --detokenize")
-    tokenizer, model, dtype = load_for_eval(args, accelerator)
+    dtype = resolve_dtype(args.dtype, accelerator.device)
+    model, tokenizer = load_pretrained(args.model, args.tokenizer_name, device=accelerator.device, dtype=dtype,
+                                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                                       vocab_fix="pass the tokenizer the model was trained with")
     context = context_length(model.config)
     stride = resolve_stride(args.stride, context)
     # A train.py run folder defaults to the run's own block size, so `perplexity` is train.py's number.

@@ -1,265 +1,30 @@
-"""Sampling: prompts in, completions out; all decoding is `model.generate` with a `GenerationConfig`.
+"""Sampling: settings -> GenerationConfig -> model.generate -> finished samples (stop strings cut, finish reason).
 
-Settings are layered: the user's flags > the checkpoint's saved generation_config.json > FALLBACKS.
+All decoding is `model.generate` with a `GenerationConfig` built from the settings of wikigpt.generation_settings.
 Batches are left-padded with an attention mask (GPT-2 has no pad token, so pad = eos); a prompt's greedy
-continuation is then the same whichever prompts share its batch.
+continuation is then the same whichever prompts share its batch. Also: streaming to stdout or to another thread
+(the web demo), and the JSONL file of records.
 """
 
 import json
 import logging
 import os
 import queue
-import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, TextStreamer
 
 from .errors import UsageError
-from .model import ModelArguments, load_tokenizer, pick_device
+from .generation_settings import FALLBACKS, SAMPLING_ONLY, GenerateArguments
 
 logger = logging.getLogger("wikigpt.generate")
 
-# Used when neither a flag nor the checkpoint's generation_config.json sets a value.
-FALLBACKS = dict(max_new_tokens=100, do_sample=True, temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0,
-                 repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, num_return_sequences=1)
-SAMPLING_ONLY = ("temperature", "top_k", "top_p", "typical_p")
-PROMPT_FILE_HINT = 'pass a text file with one prompt per line, or a .jsonl file with a "prompt" field per line'
 
-
-def _flag(help_text: str, **argparse_kwargs) -> dict:
-    return {"help": help_text, **argparse_kwargs}
-
-
-def _knob(help_text: str, key: str, **argparse_kwargs) -> dict:
-    """A decoding setting: unset (None) means the checkpoint's generation_config value, else FALLBACKS[key]."""
-    return _flag(f"{help_text}. Unset: the checkpoint's generation_config value, else {FALLBACKS[key]}.",
-                 **argparse_kwargs)
-
-
-@dataclass
-class GenerateArguments:
-    model: str = field(default="gpt2", metadata=_flag(
-        "Checkpoint to sample from: a local folder (e.g. a train.py --output_dir) or a Hub id."))
-    tokenizer_name: str | None = field(default=None, metadata=_flag(
-        "Tokenizer (Hub id or local folder). Default: the one saved with --model."))
-    prompt: list[str] = field(default_factory=list, metadata=_flag(
-        'A prompt; repeat the flag for several. "" samples unconditionally from <|endoftext|>.', action="append"))
-    prompt_file: str | None = field(default=None, metadata=_flag(
-        'Prompts, one per line (blank lines skipped), or a .jsonl file with a "prompt" field per line.'))
-    output_file: str | None = field(default=None, metadata=_flag(
-        "Write one JSON record per sample to this .jsonl file (an existing file is never overwritten)."))
-    max_new_tokens: int | None = field(default=None, metadata=_knob("Tokens to generate per sample", "max_new_tokens"))
-    do_sample: bool | None = field(default=None, metadata=_knob(
-        "Sample; --do_sample false decodes greedily (or by beam search)", "do_sample", nargs="?", const=True))
-    greedy: bool = field(default=False, metadata=_flag("Shortcut for --do_sample false."))
-    temperature: float | None = field(default=None, metadata=_knob("Sampling temperature, > 0", "temperature"))
-    top_k: int | None = field(default=None, metadata=_knob("Sample from the k likeliest tokens (0 = all)", "top_k"))
-    top_p: float | None = field(default=None, metadata=_knob("Nucleus sampling mass in (0, 1] (1 = off)", "top_p"))
-    typical_p: float | None = field(default=None, metadata=_knob("Typical sampling mass in (0, 1] (1 = off)",
-                                                                  "typical_p"))
-    repetition_penalty: float | None = field(default=None, metadata=_knob(
-        "> 1 discourages repeated tokens (1 = off)", "repetition_penalty"))
-    no_repeat_ngram_size: int | None = field(default=None, metadata=_knob(
-        "Never repeat an n-gram of this size (0 = off)", "no_repeat_ngram_size"))
-    num_beams: int | None = field(default=None, metadata=_knob(
-        "Beam search with this many beams; greedy beam search unless --do_sample is given", "num_beams"))
-    num_return_sequences: int | None = field(default=None, metadata=_knob("Sequences per prompt",
-                                                                          "num_return_sequences"))
-    stop: list[str] = field(default_factory=list, metadata=_flag(
-        r"Stop at this string and cut it off; repeat for several. \n and \t are understood, e.g. --stop '\n\n'.",
-        action="append"))
-    seed: int | None = field(default=None, metadata=_flag(
-        "Random seed; the same seed and flags give the same samples. Default: a fresh one, reported in the records."))
-    batch_size: int = field(default=8, metadata=_flag("Prompts per model.generate call."))
-    device: str = field(default="auto", metadata=_flag("auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps."))
-    dtype: str = field(default="auto", metadata=_flag("auto (bfloat16 on a GPU that supports it, else float32), "
-                                                      "float32, bfloat16 or float16."))
-    stream: bool = field(default=True, metadata=_flag(
-        "Print tokens as they come (one prompt, one sequence, no beams); --no_stream prints at the end."))
-    echo_prompt: bool = field(default=True, metadata=_flag(
-        "Print the prompt before its continuation; --no_echo_prompt prints the continuation only."))
-    trust_remote_code: bool = field(default=False, metadata=_flag("Allow code from the checkpoint's repo to run."))
-    allow_pickle: bool = field(default=False, metadata=_flag("Allow pickle weights (pytorch_model.bin); they can run "
-                                                             "code when loaded. Default: safetensors only."))
-
-    def __post_init__(self):
-        # action="append" with nargs="+" gives one list per flag; unquoted words of one flag form one prompt.
-        self.prompt = [" ".join(p) if isinstance(p, list) else p for p in self.prompt]
-        self.stop = [unescape(" ".join(s) if isinstance(s, list) else s) for s in self.stop]
-
-
-def unescape(text: str) -> str:
-    """Shell quoting keeps \\n literal; stop strings are nearly always newlines, so read \\n, \\t and \\\\."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
-
-
-# --- checks ---------------------------------------------------------------------------------------------------
-
-RANGES = {  # key: (is it valid, what to say)
-    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
-    "temperature": (lambda v: v > 0, "must be > 0 when sampling; for greedy decoding pass --greedy"),
-    "top_k": (lambda v: v >= 0, "must be >= 0 (0 turns top-k filtering off)"),
-    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1] (1 turns nucleus sampling off)"),
-    "typical_p": (lambda v: 0 < v <= 1, "must be in (0, 1] (1 turns typical sampling off)"),
-    "repetition_penalty": (lambda v: v > 0, "must be > 0 (1.0 means no penalty)"),
-    "no_repeat_ngram_size": (lambda v: v >= 0, "must be >= 0 (0 turns it off)"),
-    "num_beams": (lambda v: v >= 1, "must be >= 1"),
-    "num_return_sequences": (lambda v: v >= 1, "must be >= 1"),
-    "batch_size": (lambda v: v >= 1, "must be >= 1"),
-    "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 4294967295] (leave it out for a fresh one)"),
-}
-
-
-def _check_ranges(values: dict, from_checkpoint: set = frozenset()) -> None:
-    for key, (ok, rule) in RANGES.items():
-        value = values.get(key)
-        if key == "temperature" and values.get("do_sample") is False:
-            continue  # unused by greedy and beam search
-        if value is not None and not ok(value):
-            where = " (it comes from the checkpoint's generation_config.json; override it with the flag)" \
-                if key in from_checkpoint else ""
-            raise UsageError(f"--{key} {value} {rule}{where}")
-
-
-def check_arguments(args: GenerateArguments) -> None:
-    """Everything that can be checked before the model is loaded."""
-    if args.greedy and args.do_sample:
-        raise UsageError("--greedy and --do_sample contradict each other; pass only one of them")
-    do_sample = False if args.greedy else args.do_sample
-    _check_ranges({**vars(args), "do_sample": do_sample})
-    if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
-        raise UsageError(f"--prompt_file {args.prompt_file!r} does not exist or is not a file; {PROMPT_FILE_HINT}")
-    if args.output_file is not None and os.path.exists(args.output_file):
-        raise UsageError(f"--output_file {args.output_file!r} already exists; pass a new path (nothing is overwritten)")
-    if any(s == "" for s in args.stop):
-        raise UsageError('--stop "" would stop at once; pass a non-empty string such as --stop "\\n"')
-
-
-def resolve_settings(args: GenerateArguments, saved: GenerationConfig | None) -> tuple[dict, set]:
-    """Flags > the checkpoint's generation_config.json > FALLBACKS; returns (settings, keys from the checkpoint)."""
-    settings, from_checkpoint = {}, set()
-    for key, fallback in FALLBACKS.items():
-        user, stored = getattr(args, key), getattr(saved, key, None)
-        if user is not None:
-            settings[key] = user
-        elif stored is not None:
-            settings[key] = stored
-            from_checkpoint.add(key)
-        else:
-            settings[key] = fallback
-    if args.greedy:
-        settings["do_sample"] = False
-    elif args.do_sample is None and args.num_beams is not None and args.num_beams > 1:
-        settings["do_sample"] = False  # --num_beams alone asks for (deterministic) beam search
-        from_checkpoint.discard("do_sample")
-    return settings, from_checkpoint
-
-
-def check_settings(settings: dict, from_checkpoint: set, context: int) -> None:
-    """Combinations that generate() would reject or silently ignore, on the resolved settings."""
-    _check_ranges(settings, from_checkpoint)
-    beams, sequences = settings["num_beams"], settings["num_return_sequences"]
-    if beams > 1 and sequences > beams:
-        raise UsageError(f"--num_return_sequences {sequences} is more than --num_beams {beams}; beam search returns "
-                         f"at most one sequence per beam: raise --num_beams or lower --num_return_sequences")
-    if beams == 1 and not settings["do_sample"] and sequences > 1:
-        raise UsageError(f"--num_return_sequences {sequences} with greedy decoding would repeat one sequence; "
-                         f"add --do_sample, or --num_beams {sequences}")
-    if settings["max_new_tokens"] >= context:
-        raise UsageError(f"--max_new_tokens {settings['max_new_tokens']} leaves no room for a prompt in the model's "
-                         f"context of {context} tokens; use at most {context - 1}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return pick_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device {name!r} is unknown; use auto, cpu, cuda, cuda:N or mps") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name!r}: CUDA is not available here; use --device auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name!r}: MPS is not available here; use --device auto or cpu")
-    return device
-
-
-# --- prompts --------------------------------------------------------------------------------------------------
-
-def read_prompt_file(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if not path.endswith(".jsonl"):
-        prompts = [line for line in lines if line.strip()]
-    else:
-        prompts = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"--prompt_file {path!r} line {number} is not valid JSON ({err}); "
-                                 f"write one JSON object per line") from err
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise UsageError(f'--prompt_file {path!r} line {number} has no "prompt" string; '
-                                 f'write e.g. {{"prompt": "The meaning of life is"}}')
-            prompts.append(record["prompt"])
-    if not prompts:
-        raise UsageError(f"--prompt_file {path!r} holds no prompts; {PROMPT_FILE_HINT}")
-    return prompts
-
-
-def read_prompts(args: GenerateArguments, stdin=None) -> list[str]:
-    """--prompt (in order), then --prompt_file; else stdin when it is piped; else one unconditional sample."""
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        prompts += read_prompt_file(args.prompt_file)
-    if not prompts and stdin is not None and not stdin.isatty():
-        text = stdin.read()
-        if text.strip():
-            prompts.append(text.removesuffix("\n"))  # the newline `echo` adds is not part of the prompt
-    if not prompts:
-        logger.info("no prompt given (--prompt, --prompt_file or stdin): sampling unconditionally")
-        prompts = [""]
-    return prompts
-
-
-def start_token_id(tokenizer) -> int:
-    token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if token_id is None:
-        raise UsageError("an empty prompt starts from the tokenizer's bos/eos token, and --tokenizer_name has "
-                         "neither; pass a non-empty --prompt")
-    return token_id
-
-
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, context: int) -> list[list[int]]:
-    """Token ids per prompt; "" becomes <|endoftext|> (bos); too long keeps its end, with a warning."""
-    encoded = []
-    for number, prompt in enumerate(prompts, start=1):
-        ids = tokenizer(prompt, verbose=False)["input_ids"] if prompt else [start_token_id(tokenizer)]
-        if len(ids) > max_prompt_tokens:
-            logger.warning("prompt %d has %d tokens; keeping its last %d so that prompt + --max_new_tokens fits "
-                           "the model's context of %d tokens", number, len(ids), max_prompt_tokens, context)
-            ids = ids[-max_prompt_tokens:]
-        encoded.append(ids)
-    return encoded
-
-
-# --- model and decoding ---------------------------------------------------------------------------------------
-
-def load_generation_tokenizer(args: GenerateArguments, model):
-    """The checkpoint's tokenizer (or --tokenizer_name), set up for batched generation: pad = eos, left padding."""
-    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.model, tokenizer_name=args.tokenizer_name,
-                                              trust_remote_code=args.trust_remote_code))
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise UsageError(f"--tokenizer_name has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
-                         f"use the checkpoint's own tokenizer")
+def for_batched_generation(tokenizer):
+    """The tokenizer from model.load_pretrained, set up for batched generation: pad = eos, left padding."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UsageError("--tokenizer_name has neither a pad nor an eos token, so prompts cannot be batched; "
@@ -276,13 +41,23 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def build_generation_config(settings: dict, stop: list[str], tokenizer, eos_ids: list[int]) -> GenerationConfig:
-    """Unset fields fall back to the model's own generation_config inside generate()."""
+    """Unset fields fall back to the model's own generation_config inside generate().
+
+    transformers' own checks run too (validate, strict: what it would only warn about is an error). They come
+    after check_settings, which names the flag to change and catches what validate() lets through (a negative
+    temperature, greedy decoding asked for several sequences).
+    """
     values = {k: v for k, v in settings.items() if k in FALLBACKS}
     if not settings["do_sample"]:
         # transformers' neutral values: otherwise generate() merges in the checkpoint's sampling knobs and warns.
         values.update({k: FALLBACKS[k] for k in SAMPLING_ONLY})
-    return GenerationConfig(**values, stop_strings=stop or None, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=eos_ids or None, use_cache=True)
+    config = GenerationConfig(**values, stop_strings=stop or None, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=eos_ids or None, use_cache=True)
+    try:
+        config.validate(strict=True)
+    except ValueError as err:
+        raise UsageError(f"transformers rejects these generation settings: {' '.join(str(err).split())}") from err
+    return config
 
 
 def generate_batch(model, tokenizer, batch: list[list[int]], config: GenerationConfig,
@@ -428,7 +203,6 @@ def stream_sample(model, tokenizer, prompt: str, prompt_ids: list[int], settings
     if "error" in result:
         raise result["error"]
     yield result["record"]
-
 
 def can_stream(args: GenerateArguments, prompts: list[str], settings: dict) -> bool:
     # TextStreamer takes one sequence; generate() refuses a streamer with beam search.

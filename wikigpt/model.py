@@ -1,4 +1,9 @@
-"""Model and tokenizer: GPT-2 presets built locally from GPT2Config, config overrides, or a checkpoint."""
+"""Model and tokenizer: GPT-2 presets built locally from GPT2Config, config overrides, or a checkpoint.
+
+The one loader of the scripts: train.py builds or loads its model with `load_model`; eval.py, generate.py and
+the demo load a checkpoint with its tokenizer through `load_pretrained`. Both go through `load_causal_lm`,
+`load_tokenizer` and `check_vocabulary`, so every script reads weights and tokenizers the same way.
+"""
 
 import ast
 import glob
@@ -121,10 +126,22 @@ def build_config(preset: str | None, config_overrides: str | None, vocab_size: i
     return config
 
 
-def load_tokenizer(args: ModelArguments):
-    name = args.tokenizer_name or args.model_name_or_path or DEFAULT_TOKENIZER
+def tokenizer_for(args: ModelArguments) -> str:
+    """train.py's tokenizer: --tokenizer_name, else the checkpoint's, else gpt2's."""
+    return args.tokenizer_name or args.model_name_or_path or DEFAULT_TOKENIZER
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    # Errors name --tokenizer_name even when the name came from the model flag: that is the flag that fixes them.
     with loading("--tokenizer_name", name, TOKENIZER_HINT):
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+
+
+def check_vocabulary(tokenizer, model, whose: str, fix: str) -> None:
+    """A tokenizer with more tokens than the model has embedding rows would index past them mid-run."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise UsageError(f"--tokenizer_name has {len(tokenizer)} tokens but the {whose} vocabulary has {vocab}; {fix}")
 
 
 def check_model_args(args: ModelArguments) -> None:
@@ -147,11 +164,7 @@ def load_model(args: ModelArguments, tokenizer):
     if args.model_name_or_path:
         model = load_causal_lm(args.model_name_or_path, flag="--model_name_or_path",
                                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            raise UsageError(
-                f"--tokenizer_name has {len(tokenizer)} tokens but the checkpoint's vocabulary has "
-                f"{model.get_input_embeddings().num_embeddings}; use the checkpoint's own tokenizer"
-            )
+        check_vocabulary(tokenizer, model, "checkpoint's", "use the checkpoint's own tokenizer")
         source = {"kind": "pretrained", "base_model": args.model_name_or_path}
     else:
         config = build_config(args.preset, args.config_overrides, len(tokenizer), tokenizer.eos_token_id)
@@ -216,6 +229,21 @@ def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dty
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype,
                                                      use_safetensors=None if allow_pickle else True)
     return mark_causal_lm_loss(model)
+
+
+def load_pretrained(name: str, tokenizer_name: str | None = None, *, device: torch.device,
+                    dtype: torch.dtype | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
+                    vocab_fix: str = "use the checkpoint's own tokenizer"):
+    """(model, tokenizer) of checkpoint `name` for eval.py, generate.py and the demo (--model, --tokenizer_name).
+
+    The tokenizer is `tokenizer_name` when given, else the checkpoint's own; the model is on `device`, in eval
+    mode. `vocab_fix` ends the error for a tokenizer larger than the model's vocabulary.
+    """
+    model = load_causal_lm(name, flag="--model", trust_remote_code=trust_remote_code, dtype=dtype,
+                           allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(tokenizer_name or name, trust_remote_code)
+    check_vocabulary(tokenizer, model, "model's", vocab_fix)
+    return model.to(device).eval(), tokenizer
 
 
 def mark_causal_lm_loss(model):

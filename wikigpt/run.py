@@ -20,20 +20,21 @@ from .data import (DataArguments, check_data_args, detokenize_splits, load_raw_s
                    resolve_block_size)
 from .early_stopping import best_model_summary, early_stopping_callbacks, end_early_stopping
 from .hub import defer_push, push_after_local_save
-from .metrics import compute_perplexity, nll_and_count
-from .model import ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer
+from .model import (ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer,
+                    tokenizer_for)
 from .model_card import describe_run, write_model_card
-from .numerics import NonFiniteGuard, check_numerics_args
+from .nan_guard import NonFiniteGuard, check_nan_guard_args
 from .optimizers import optimizer_cls_and_kwargs
+from .perplexity import compute_perplexity, nll_and_count
 from .plots import check_report_to, plot_training_curves
 from .preemption import PreemptionCallback
-from .reblocking import random_offset_training
+from .block_offsets import random_offset_training
 from .results import write_json_atomic
 from .schedules import WikiTrainer
 from .tied_tokens import tie_tokens
 from .throughput import ThroughputCallback, add_throughput_callback
 from .time_budget import TimeBudgetCallback, time_budget_callbacks
-from .training import WikiTrainingArguments, check_output_dir, tokens_per_step
+from .training_args import WikiTrainingArguments, check_output_dir, tokens_per_step
 from .write_failures import CHECKPOINTS, writing
 from .weight_averaging import weight_averaging_callbacks
 
@@ -77,7 +78,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     """Check every argument, then build tokenizer, model, data and the Trainer with wikigpt's callbacks."""
     check_model_args(model_args)
     check_data_args(data_args)
-    check_numerics_args(training_args)
+    check_nan_guard_args(training_args)
     resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir,
                          training_args.overwrite_output_dir)
     training_args.resume_from_checkpoint = resume.path
@@ -86,7 +87,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     set_seed(training_args.seed)
     keep_freed_memory()  # glibc: reuse freed memory instead of faulting in fresh pages every step (cpu_memory.py)
 
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer(tokenizer_for(model_args), model_args.trust_remote_code)
     model, source = load_model(model_args, tokenizer)
     block_size = resolve_block_size(data_args.block_size, context_length(model.config))
     logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)
@@ -98,13 +99,13 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         if data_args.detokenize:
             raw = detokenize_splits(raw)  # after the held-out articles are chosen from the raw lines
         blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
-        train_set, reblocking = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
-                                                       block_size, training_args)
+        train_set, block_offsets = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
+                                                          block_size, training_args)
     # before the weight averaging callbacks: the tied rows are equal again before an average takes them in
-    tying = tie_tokens(model, train_set, model_args.tie_tokens_below) if model_args.tie_tokens_below else []
-    if tying:
-        tied = tying[0].tied
-        source["tied_tokens"] = {"below": tied.below, "kept": len(tied.kept), "tied": len(tied.tied)}
+    below = model_args.tie_tokens_below
+    tying, tied = tie_tokens(model, train_set, below) if below else ([], None)
+    if tied:
+        source["tied_tokens"] = tied  # below, kept, tied: results.json's model section
 
     push = defer_push(training_args)  # push once at the end, after the local save
     # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/schedules.py)
@@ -115,7 +116,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
                           compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
                           optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args),  # --optim_matrices
                           callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
-                                     *early_stopping_callbacks(training_args), *reblocking, *tying,
+                                     *early_stopping_callbacks(training_args), *block_offsets, *tying,
                                      # the budget may end a step; weight averaging then swaps in for its save
                                      *(budget := time_budget_callbacks(training_args, resume.path)),
                                      *weight_averaging_callbacks(training_args, resume.path)])
@@ -165,7 +166,7 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
     for split in ("validation", "test"):
         if split in run.blocks:
             prefix = "eval" if split == "validation" else split
-            # {prefix}_perplexity = exp({prefix}_token_loss), every block once (wikigpt.metrics, corpus_perplexity)
+            # {prefix}_perplexity = exp({prefix}_token_loss), every block once (wikigpt.perplexity, corpus_perplexity)
             metrics = trainer.evaluate(run.blocks[split], metric_key_prefix=prefix)
             results[split] = metrics
             logger.info("%s perplexity = %.4f (corpus-level exp(sum NLL / tokens) over %d blocks of %d)",

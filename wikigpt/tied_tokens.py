@@ -24,16 +24,15 @@ p(shared class) / n_tied. From scratch only: a pretrained checkpoint's rows carr
 
 import logging
 import math
-from types import MethodType
 
 import numpy as np
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel, TrainerCallback
-from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from .errors import UsageError
+from .training_loss import replace_training_loss
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def check_tied_tokens_args(args) -> None:
 
 def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
     """How often each token id occurs in the training data (re-cut blocks' stream, or the fixed blocks)."""
-    ids = getattr(train_set, "ids", None)  # wikigpt.reblocking.RandomOffsetBlocks keeps the whole stream
+    ids = getattr(train_set, "ids", None)  # wikigpt.block_offsets.RandomOffsetBlocks keeps the whole stream
     if ids is None:
         ids = pc.list_flatten(train_set.with_format("arrow")[:]["input_ids"]).to_numpy()
     return np.bincount(ids, minlength=vocab_size)
@@ -103,25 +102,13 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
     return total / num_items_in_batch
 
 
-def _narrow_head_forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
-                         position_ids=None, inputs_embeds=None, encoder_hidden_states=None,
-                         encoder_attention_mask=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    """GPT2LMHeadModel.forward's signature (the Trainer reads it: input columns, **kwargs for num_items_in_batch)."""
-    args = dict(past_key_values=past_key_values, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                position_ids=position_ids, inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask, use_cache=use_cache)
-    if (not (self.training and labels is not None) or input_ids is None or logits_to_keep
-            or kwargs.get("return_dict") is False):
-        return type(self).forward(self, input_ids=input_ids, **args, labels=labels, logits_to_keep=logits_to_keep,
-                                  **kwargs)
-    tied = self._tied_tokens
+def _narrow_head_loss(model, hidden_states, labels, **loss_kwargs):
+    return narrow_head_loss(hidden_states, model.lm_head.weight, labels, model._tied_tokens, **loss_kwargs)
+
+
+def _shared_row_ids(model, input_ids):
     # the same vectors (tied rows are equal); the gradient of every tied input goes to the shared row
-    outputs = self.transformer(input_ids=tied.row.to(input_ids.device)[input_ids], **args, **kwargs)
-    loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
-    loss = narrow_head_loss(outputs.last_hidden_state, self.lm_head.weight, labels, tied, **loss_kwargs)
-    return CausalLMOutputWithCrossAttentions(
-        loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions, cross_attentions=outputs.cross_attentions)
+    return model._tied_tokens.row.to(input_ids.device)[input_ids]
 
 
 class TieTokensCallback(TrainerCallback):
@@ -134,22 +121,23 @@ class TieTokensCallback(TrainerCallback):
         self.tied.tie(model.get_input_embeddings().weight)
 
 
-def tie_tokens(model, train_set, below: int) -> list[TrainerCallback]:
+def tie_tokens(model, train_set, below: int) -> tuple[list[TrainerCallback], dict | None]:
     """Tie the rows of the tokens `train_set` holds fewer than `below` times; train on the narrow head.
 
-    Returns the callbacks that keep them tied ([] when no token is that rare)."""
+    Returns the callbacks that keep them tied and the summary results.json records (below, kept, tied), or
+    ([], None) when no two tokens are that rare."""
     if not isinstance(model, GPT2LMHeadModel) or model.lm_head.weight is not model.transformer.wte.weight:
         raise UsageError(f"{FLAG} needs a GPT-2 model with tied input and output embeddings; drop {FLAG}")
     vocab_size = model.lm_head.out_features
     counts = training_token_counts(train_set, vocab_size)
     if (counts < below).sum() < 2:
         logger.info("%s %d: no two tokens are that rare in the training data; nothing to tie", FLAG, below)
-        return []
+        return [], None
     tied = TiedTokens(counts, below)
     tied.tie(model.lm_head.weight)
     model._tied_tokens = tied
-    model.forward = MethodType(_narrow_head_forward, model)  # a bound method, as accelerate's wrappers expect
+    replace_training_loss(model, _narrow_head_loss, input_ids_map=_shared_row_ids)
     logger.info("%s %d: %d tokens keep their own row, %d share one (%d of them occur in the training data); the "
                 "training LM head is %.1fx narrower", FLAG, below, len(tied.kept), len(tied.tied),
                 int((counts[tied.tied.numpy()] > 0).sum()), vocab_size / (len(tied.kept) + 1))
-    return [TieTokensCallback(tied)]
+    return [TieTokensCallback(tied)], {"below": tied.below, "kept": len(tied.kept), "tied": len(tied.tied)}

@@ -33,11 +33,11 @@ import yaml
 from transformers import GPT2Config, Trainer
 
 from .errors import UsageError
-from .numerics import TrainingDiverged
+from .nan_guard import TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVE = "eval_perplexity"  # wikigpt.metrics: exp(summed NLL / tokens) over every held-out block
+OBJECTIVE = "eval_perplexity"  # wikigpt.perplexity: exp(summed NLL / tokens) over every held-out block
 DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 DATA_KEYS = {"block_size": int}
 BUDGET_KEYS = {"train_tokens": int}

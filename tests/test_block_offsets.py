@@ -1,4 +1,4 @@
-"""--random_block_offset (wikigpt/reblocking.py): new block boundaries every epoch, reproducible from --seed."""
+"""--random_block_offset (wikigpt/block_offsets.py): new block boundaries every epoch, reproducible from --seed."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 from conftest import WT2, write_lines
 from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 
-from wikigpt.reblocking import RandomOffsetBlocks
+from wikigpt.block_offsets import RandomOffsetBlocks
 
 
 def _offsets(ds, epochs):

@@ -1,9 +1,16 @@
-"""Score a causal LM on token windows: summed NLL per window, batched, sharded by accelerate, gathered once.
+"""Perplexity: cut text into token windows, score them with the model, sum through our `evaluate` metric.
 
-Every evaluation method is a list of windows. A window is a token sequence `ids` (at most context + 1 long)
-of which the last `n_scored` tokens are predicted: the model reads `ids[:-1]` and we sum
--log p(ids[i + 1] | ids[: i + 1]) over the scored positions. The three methods only differ in how they cut
-the text into windows:
+One number, one path: every perplexity wikigpt reports is exp(sum NLL / count) computed by the `evaluate`
+module in wikigpt/corpus_perplexity (corpus-level, not the Hub metric's mean of per-text perplexities).
+
+Training (Trainer hooks): `Trainer(..., compute_metrics=compute_perplexity, preprocess_logits_for_metrics=
+nll_and_count)` adds {prefix}_perplexity, _token_loss, _tokens and _blocks to evaluate()'s metrics. The hook
+reduces each eval batch's logits to (summed NLL, token count) per sequence right away, so evaluation never keeps
+full-vocabulary logits beyond one batch, and `compute_metrics` turns the gathered sums into one perplexity.
+
+eval.py (windows): every evaluation method is a list of windows. A window is a token sequence `ids` (at most
+context + 1 long) of which the last `n_scored` tokens are predicted: the model reads `ids[:-1]` and we sum
+-log p(ids[i + 1] | ids[: i + 1]) over the scored positions. The methods only differ in how they cut the text:
 
 - `block_windows`: the disjoint training blocks; every token but each block's first is predicted
   (the Trainer's eval_loss).
@@ -12,17 +19,62 @@ the text into windows:
 - `rolling_windows`: lm-evaluation-harness's `loglikelihood_rolling` (get_rolling_token_windows with
   context_len=1 + make_disjoint_window): the first window is predicted from the prefix token; the last,
   partial window re-reads earlier tokens as context.
+
+`score_windows` feeds them through the model, batched and sharded by accelerate, and gathers the sums once.
 """
 
 import math
+import os
 import time
 
+import evaluate
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .metrics import sequence_nll
+METRIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus_perplexity")
 
+
+def load_corpus_perplexity():
+    # keep_in_memory: no cache files, so concurrent processes never share (or lock) a metric file.
+    return evaluate.load(METRIC_DIR, keep_in_memory=True)
+
+
+def sequence_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL (float64) and count of scored targets per row; `targets[:, i]` is predicted by `logits[:, i]`,
+    -100 = not scored. Rows are upcast to fp32 one at a time, so the fp32 logits never exceed one sequence."""
+    nll = torch.stack([
+        F.cross_entropy(logits[row].float(), targets[row], ignore_index=-100, reduction="sum")
+        for row in range(logits.shape[0])
+    ]).double()
+    return nll, (targets != -100).sum(dim=1)
+
+
+def nll_and_count(logits, labels) -> torch.Tensor:
+    """Trainer `preprocess_logits_for_metrics`: labels are the inputs (the model shifts), so shift here too."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    nll, count = sequence_nll(logits[:, :-1], labels[:, 1:])
+    return torch.stack([nll, count.double()], dim=1)
+
+
+def compute_perplexity(eval_pred) -> dict:
+    """Trainer `compute_metrics`: corpus perplexity = exp(sum NLL / sum tokens) over the whole eval set."""
+    stats = np.asarray(eval_pred.predictions, dtype=np.float64).reshape(-1, 2)
+    zeros = [0] * len(stats)
+    metric = load_corpus_perplexity()
+    metric.add_batch(nll_sum=stats[:, 0].tolist(), token_count=stats[:, 1].astype(np.int64).tolist(),
+                     word_count=zeros, byte_count=zeros)
+    result = metric.compute()
+    # token_loss: mean NLL over real tokens, every sequence once (the Trainer's eval_loss is a mean of batch
+    # means and, on several processes, includes the copies that pad the last batch).
+    return {"perplexity": result["perplexity"], "token_loss": result["mean_nll"], "tokens": result["tokens"],
+            "blocks": len(stats)}
+
+
+# --- eval.py's windows ---------------------------------------------------------------------------------
 
 def block_windows(blocks: list[list[int]]) -> list[dict]:
     return [{"ids": list(block), "n_scored": len(block) - 1} for block in blocks if len(block) > 1]

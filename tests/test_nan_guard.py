@@ -1,4 +1,4 @@
-"""wikigpt/numerics.py: the first NaN/inf stops training with one line; no checkpoint of broken weights is saved."""
+"""wikigpt/nan_guard.py: the first NaN/inf stops training with one line; no checkpoint of broken weights is saved."""
 
 import functools
 import math
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
 from wikigpt.errors import UsageError
-from wikigpt.numerics import EXIT_DIVERGED, NonFiniteGuard, TrainingDiverged, check_numerics_args
+from wikigpt.nan_guard import EXIT_DIVERGED, NonFiniteGuard, TrainingDiverged, check_nan_guard_args
 
 
 def error_lines(capsys):
@@ -109,11 +109,11 @@ def test_fp16_message_points_to_bf16(tmp_path):
 def test_numeric_flags_out_of_range(change, message):
     args = SimpleNamespace(**{**dict(learning_rate=6e-4, max_grad_norm=1.0, fp16=False, bf16=False), **change})
     with pytest.raises(UsageError, match=message):
-        check_numerics_args(args)
+        check_nan_guard_args(args)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_fp16_on_cpu_is_refused():
     args = SimpleNamespace(learning_rate=6e-4, max_grad_norm=1.0, fp16=True, bf16=False, device=torch.device("cpu"))
     with pytest.raises(UsageError, match=r"--fp16 needs a GPU: on CPU accelerate applies neither"):
-        check_numerics_args(args)
+        check_nan_guard_args(args)

@@ -1,4 +1,4 @@
-"""Numerics: stop at the first NaN/inf loss or weight, before a checkpoint of a broken model is saved.
+"""NaN guard: stop at the first NaN/inf loss or weight, before a checkpoint of a broken model is saved.
 
 The Trainer's default `logging_nan_inf_filter` hides a NaN loss from the logs (it logs the running average
 instead) and keeps training and saving NaN weights. `NonFiniteGuard` checks every optimizer step: the training
@@ -35,7 +35,7 @@ class TrainingDiverged(UsageError):
     exit_code = EXIT_DIVERGED
 
 
-def check_numerics_args(args) -> None:
+def check_nan_guard_args(args) -> None:
     """Precision and learning-rate values that cannot train, before anything is built."""
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise UsageError(f"--learning_rate must be a positive number; got {args.learning_rate}. "
