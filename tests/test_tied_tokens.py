@@ -13,7 +13,7 @@ from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from wikigpt.tied_tokens import TiedTokens, TieTokensCallback, narrow_head_loss, tie_tokens
+from wikigpt.tied_tokens import TiedTokens, narrow_head_loss, tie_tokens
 
 VOCAB = 40
 # the training stream: ids 3..9 twice or more, 10 and 11 once, the rest never
