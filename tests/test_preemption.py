@@ -18,10 +18,13 @@ ARGS = SimpleNamespace(device="cpu")
 
 @pytest.fixture
 def callback():
+    # Python's own SIGINT handler before training, whatever the test runner installed (an xdist worker may ignore it)
+    runner_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     cb = PreemptionCallback()
     cb.on_train_begin(ARGS, TrainerState(), TrainerControl())
     yield cb
     cb.on_train_end(ARGS, TrainerState(), TrainerControl())
+    signal.signal(signal.SIGINT, runner_handler)
 
 
 def test_no_signal_changes_nothing(callback):
