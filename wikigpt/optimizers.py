@@ -8,7 +8,7 @@ torch Optimizer to the Trainer (MuonWithAdamW shares their parameter groups and 
 schedule scales both (each from its own peak), and optimizer.pt checkpoints and resumes both.
 
 torch's Muon orthogonalises each update in bf16, which a CPU without native bf16 matmuls (AVX2 only) emulates: on
-an 8 x 128 GPT-2 one optimizer step took 2.0 s, four times a whole fp32 training step. On such a CPU the same
+an 8 x 128 GPT-2 one optimizer step took 2.0 s, over three times a whole fp32 training step. On such a CPU the same
 Newton-Schulz iteration runs in fp32 (orthogonalize_fp32, swapped in for torch's during Muon's step): 0.16 s.
 
 Handed to the Trainer through its `optimizer_cls_and_kwargs` hook as a factory (called with the model).

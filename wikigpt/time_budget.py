@@ -130,7 +130,6 @@ class TimeBudgetCallback(TrainerCallback):
             "message": self.message(global_step),
         }}
 
-
     def message(self, global_step: int) -> str:
         if self.stopped_by_budget:
             return f"stopped by --max_train_minutes {self.minutes:g} after {global_step} steps"
