@@ -13,6 +13,7 @@ from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from wikigpt.chunked_loss import use_chunked_loss
 from wikigpt.tied_tokens import TiedTokens, narrow_head_loss, tie_tokens
 
 VOCAB = 40
@@ -48,8 +49,11 @@ def shared_parameter_loss(model, tied: TiedTokens, inputs, labels):
 
 
 @pytest.mark.parametrize("below", [1, 2])
-def test_loss_and_gradients_are_those_of_one_shared_row(below):
+@pytest.mark.parametrize("chunk_size", [None, 7])  # --chunked_loss_size: 36 targets in chunks of 7, the last of 1
+def test_loss_and_gradients_are_those_of_one_shared_row(below, chunk_size):
     narrow, reference = tiny_model(), tiny_model()
+    if chunk_size:
+        use_chunked_loss(narrow, chunk_size)
     (callback,), summary = tie_tokens(narrow, Stream(STREAM), below)
     assert summary == {"below": below, "kept": len(callback.tied.kept), "tied": len(callback.tied.tied)}
     reference.load_state_dict(narrow.state_dict())

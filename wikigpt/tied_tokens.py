@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel, TrainerCallback
 
+from .chunked_loss import _ChunkedLinearCrossEntropy
 from .errors import UsageError
 from .training_loss import replace_training_loss
 
@@ -50,8 +51,6 @@ def check_tied_tokens_args(args) -> None:
     if args.model_name_or_path:
         raise UsageError(f"{FLAG} only applies to a model built from scratch (a checkpoint's embedding rows hold "
                          f"what it learned); drop {FLAG}, or drop --model_name_or_path")
-    if args.chunked_loss_size:
-        raise UsageError(f"{FLAG} and --chunked_loss_size both replace the training loss; pass only one of them")
 
 
 def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
@@ -83,17 +82,23 @@ class TiedTokens:
 
 
 def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_in_batch=None,
-                     ignore_index: int = IGNORE_INDEX, shift_labels=None):
-    """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) for a weight whose tied rows are equal."""
+                     ignore_index: int = IGNORE_INDEX, shift_labels=None, chunk_size: int | None = None):
+    """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) for a weight whose tied rows are equal.
+
+    `chunk_size` (--chunked_loss_size): the narrow head's loss and gradients `chunk_size` tokens at a time."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden_states.device)
     valid = targets != ignore_index
     columns = torch.where(valid, tied.column.to(targets.device)[targets.clamp_min(0)], IGNORE_INDEX)
     head = weight.index_select(0, torch.cat([tied.kept, torch.tensor([tied.shared])]).to(weight.device))
-    logits = (hidden_states.reshape(-1, hidden_states.shape[-1]) @ head.T).float()
-    logits[:, -1] += tied.log_n  # log-sum-exp of the n equal tied logits: the class's log-probability
-    total = F.cross_entropy(logits, columns, ignore_index=IGNORE_INDEX, reduction="sum")
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if chunk_size:
+        total = _ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], tied.log_n)
+    else:
+        logits = (hidden @ head.T).float()
+        logits[:, -1] += tied.log_n  # log-sum-exp of the n equal tied logits: the class's log-probability
+        total = F.cross_entropy(logits, columns, ignore_index=IGNORE_INDEX, reduction="sum")
     total = total + tied.log_n * (columns == len(tied.kept)).sum()  # a tied target: its 1/n share of the class
     if num_items_in_batch is None:
         return total / valid.sum()
@@ -103,7 +108,8 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
 
 
 def _narrow_head_loss(model, hidden_states, labels, **loss_kwargs):
-    return narrow_head_loss(hidden_states, model.lm_head.weight, labels, model._tied_tokens, **loss_kwargs)
+    return narrow_head_loss(hidden_states, model.lm_head.weight, labels, model._tied_tokens,
+                            chunk_size=getattr(model, "_chunked_loss_size", None), **loss_kwargs)
 
 
 def _shared_row_ids(model, input_ids):
