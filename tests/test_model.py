@@ -3,6 +3,7 @@
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
+from transformers.activations import ACT2FN
 
 from wikigpt.errors import UsageError
 from wikigpt.model import (ModelArguments, build_config, context_length, describe_source, load_model,
@@ -32,6 +33,16 @@ def test_overrides_are_typed_and_applied():
         "n_layer": 6, "n_embd": 384, "resid_pdrop": 0.0, "activation_function": "gelu"}
     config = build_config("tiny", "n_layer=3,resid_pdrop=0.2,scale_attn_weights=False", 100, 99)
     assert (config.n_layer, config.resid_pdrop, config.scale_attn_weights, config.vocab_size) == (3, 0.2, False, 100)
+
+
+def test_from_scratch_gelu_is_gpt2s_through_the_fused_kernel():
+    assert build_config("tiny", None, 100, 99).activation_function == "gelu_pytorch_tanh"
+    assert build_config("tiny", "activation_function=gelu_new", 100, 99).activation_function == "gelu_new"
+    x = torch.linspace(-8, 8, 10_001, dtype=torch.float64, requires_grad=True)
+    fused, python = ACT2FN["gelu_pytorch_tanh"], ACT2FN["gelu_new"]  # gelu_new: the released GPT-2 checkpoints'
+    (fused_grad,), (python_grad,) = (torch.autograd.grad(f(x).sum(), x) for f in (fused, python))
+    assert torch.allclose(fused(x), python(x), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(fused_grad, python_grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -27,6 +27,10 @@ PRESETS: dict[str, dict] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 DEFAULT_PRESET = "gpt2"
+# GPT-2's GELU (tanh approximation) through torch's fused kernel: the formula of GPT2Config's "gelu_new", which
+# transformers computes with six separate elementwise ops; CPU steps 7% faster at 4 x 256 x 256 (docs/speed.md).
+# Any transformers version loads it; --config_overrides activation_function=gelu_new restores the Python one.
+FROM_SCRATCH_DEFAULTS = {"activation_function": "gelu_pytorch_tanh"}
 # Bookkeeping fields of the config file, not architecture.
 NOT_OVERRIDABLE = {"transformers_version", "architectures", "model_type", "dtype", "vocab_size", "id2label", "label2id"}
 DEFAULT_TOKENIZER = "gpt2"
@@ -116,7 +120,7 @@ def build_config(preset: str | None, config_overrides: str | None, vocab_size: i
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise UsageError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
-    fields = dict(PRESETS[name])
+    fields = {**FROM_SCRATCH_DEFAULTS, **PRESETS[name]}
     if config_overrides:
         fields.update(parse_config_overrides(config_overrides))
     config = GPT2Config(vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id, **fields)
