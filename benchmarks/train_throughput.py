@@ -313,6 +313,15 @@ def wikigpt_lever_flags(bench: BenchmarkArguments, default_bf16: bool, bf16_rows
              ("wikigpt+chunked_loss", f"--chunked_loss_size {bench.chunked_loss_size}"),
              # exact: the tokens the training data never contains share one row (wikigpt/tied_tokens.py)
              ("wikigpt+tie_tokens", "--tie_tokens_below 1"),
+             # the CPU recipe's setting: tokens seen once join them (a modelling choice: rare tokens as one class)
+             ("wikigpt+tie_tokens2", "--tie_tokens_below 2"),
+             ("wikigpt+tie_tokens+chunked_loss",
+              f"--tie_tokens_below 1 --chunked_loss_size {bench.chunked_loss_size}"),
+             ("wikigpt+tie_tokens2+chunked_loss",  # the CPU recipe's speed flags
+              f"--tie_tokens_below 2 --chunked_loss_size {bench.chunked_loss_size}"),
+             # OFF: transformers' Python GELU ("gelu_new", GPT2Config's default) instead of torch's fused kernel
+             ("wikigpt-fused_gelu", "--config_overrides " + shlex.quote(
+                 ",".join(filter(None, [bench.config_overrides, "activation_function=gelu_new"])))),
              ("wikigpt-unfused_adamw", "--optim adamw_torch")]
     if default_bf16:
         flags.insert(0, ("wikigpt-bf16", "--bf16 false"))

@@ -17,13 +17,14 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     proc = run_script("benchmarks/train_throughput.py", "--preset", "tiny", "--block_size", 32, "--batch_size", 2,
                       "--steps", 3, "--warmup_steps", 1, "--logging_steps", 1, "--tokenizer_name", TOKENIZER_DIR,
                       "--train_file", train, "--test_file", test, "--levers", "true", "--wikigpt_levers", "true",
-                      "--lever_names", "pad_vocab_64,chunked_loss,wikigpt+chunked_loss,hand_loop,nanogpt_eager",
+                      "--lever_names",
+                      "pad_vocab_64,chunked_loss,wikigpt+chunked_loss,wikigpt-fused_gelu,hand_loop,nanogpt_eager",
                       "--chunked_loss_size", 24, "--output_json", out, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["runs"]] == ["plain", "wikigpt"]
     assert [r["name"] for r in report["levers"]] == ["pad_vocab_64", "chunked_loss"]
-    assert [r["name"] for r in report["wikigpt_levers"]] == ["wikigpt+chunked_loss"]
+    assert [r["name"] for r in report["wikigpt_levers"]] == ["wikigpt+chunked_loss", "wikigpt-fused_gelu"]
     assert [r["name"] for r in report["references"]] == ["hand_loop", "nanogpt_eager"]
     rows = report["runs"] + report["levers"] + report["wikigpt_levers"] + report["references"]
     # CPU, no --peak_flops: MFU against the best fp32 matmul this run measured (the probe's own rows).
@@ -43,6 +44,10 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     # Same seed, same dropout masks: the chunked loss trains to the plain loss (tests/test_chunked_loss.py).
     assert report["levers"][1]["last_logged_loss"] == pytest.approx(report["runs"][0]["last_logged_loss"], rel=1e-5)
     assert report["wikigpt_levers"][0]["last_logged_loss"] == pytest.approx(wiki["last_logged_loss"], rel=1e-5)
+    # transformers' Python GELU: the formula of the fused default, so the same losses to rounding
+    python_gelu = report["wikigpt_levers"][1]
+    assert "activation_function=gelu_new" in python_gelu["train_py_args"]
+    assert python_gelu["last_logged_loss"] == pytest.approx(wiki["last_logged_loss"], rel=1e-5)
     assert report["wikigpt_vs_nanogpt"] > 0 and "vs_nanogpt_eager" in wiki
     # The wikigpt row is train.py's path: train.py with the row's flags logs the same loss at the same step.
     argv = wiki["train_py_args"]
