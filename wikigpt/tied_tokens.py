@@ -20,6 +20,7 @@ the shared column, so its gradient is the sum of every use. After each optimizer
 to it again (weight decay alone moved them), so the saved, evaluated or sampled model is a plain GPT2LMHeadModel
 whose full 50,257-way softmax gives exactly the probabilities the training loss used: a tied token gets
 p(shared class) / n_tied. From scratch only: a pretrained checkpoint's rows carry what it learned.
+With --chunked_loss_size the narrow head's loss and gradients are computed in chunks (wikigpt.chunked_loss).
 """
 
 import logging
