@@ -28,7 +28,7 @@ def check_chunked_loss_args(size: int | None) -> None:
                          f"Pass e.g. {FLAG} 4096, or leave it out to compute the loss over the whole batch at once")
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum over tokens of CE(hidden @ weight.T, targets) and its gradients, computed chunk by chunk in forward.
 
     `real_vocab` < weight rows (a padded vocabulary): the padded columns are set to -inf before the softmax, so
@@ -82,7 +82,7 @@ def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden_states.device)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab)
+    total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab)
     if num_items_in_batch is None:
         return total / (targets != IGNORE_INDEX).sum()
     if torch.is_tensor(num_items_in_batch):

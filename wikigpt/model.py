@@ -28,7 +28,7 @@ PRESETS: dict[str, dict] = {
 }
 DEFAULT_PRESET = "gpt2"
 # GPT-2's GELU (tanh approximation) through torch's fused kernel: the formula of GPT2Config's "gelu_new", which
-# transformers computes with six separate elementwise ops; CPU steps 7% faster at 4 x 256 x 256 (docs/speed.md).
+# transformers computes with six separate elementwise ops; CPU steps 5-7% faster at 4 x 4 x 256 (docs/speed.md).
 # Any transformers version loads it; --config_overrides activation_function=gelu_new restores the Python one.
 FROM_SCRATCH_DEFAULTS = {"activation_function": "gelu_pytorch_tanh"}
 # Bookkeeping fields of the config file, not architecture.

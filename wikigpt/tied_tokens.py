@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel, TrainerCallback
 
-from .chunked_loss import _ChunkedLinearCrossEntropy
+from .chunked_loss import ChunkedLinearCrossEntropy
 from .errors import UsageError
 from .training_loss import replace_training_loss
 
@@ -95,7 +95,7 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
     head = weight.index_select(0, torch.cat([tied.kept, torch.tensor([tied.shared])]).to(weight.device))
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     if chunk_size:
-        total = _ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], tied.log_n)
+        total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], tied.log_n)
     else:
         logits = (hidden @ head.T).float()
         logits[:, -1] += tied.log_n  # log-sum-exp of the n equal tied logits: the class's log-probability
