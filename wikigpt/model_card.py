@@ -194,6 +194,11 @@ def _body(results: dict, evals: list[EvalResult], eval_results: dict | None, tit
               f"- training time: {_fmt(train.get('wall_time_s'))} s",
               f"- hardware: {hw.get('processes', 1)} x {hw.get('device', 'unknown')} (distributed: {hw.get('distributed')}), "
               f"torch {hw.get('torch')}, transformers {hw.get('transformers')}"]
+    if calibration := results.get("calibration"):
+        lines.append(f"- softmax temperature {calibration['temperature']:.4f}, fitted on the held-out split after "
+                     f"training and folded into the final LayerNorm (held-out perplexity "
+                     f"{_fmt(calibration['validation_perplexity_before'], 2)} -> "
+                     f"{_fmt(calibration['validation_perplexity_after'], 2)}): the saved logits are divided by it")
     if throughput:
         mfu = throughput.get("mfu")
         lines.append(f"- throughput: {_fmt(throughput.get('tokens_per_second'), 0)} tokens/s"

@@ -29,6 +29,7 @@ from .perplexity import compute_perplexity, nll_and_count
 from .plots import check_report_to, plot_training_curves
 from .preemption import PreemptionCallback
 from .block_offsets import random_offset_training
+from .calibration import calibrate_temperature, check_calibration_model
 from .results import write_json_atomic
 from .schedules import WikiTrainer
 from .tied_tokens import tie_tokens
@@ -89,6 +90,8 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
 
     tokenizer = load_tokenizer(tokenizer_for(model_args), model_args.trust_remote_code)
     model, source = load_model(model_args, tokenizer)
+    if training_args.calibrate_temperature:
+        check_calibration_model(model)
     block_size = resolve_block_size(data_args.block_size, context_length(model.config))
     logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)
     resume.check_model(model.config)
@@ -144,6 +147,9 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
     trainer, training_args, block_size = run.trainer, run.training_args, run.block_size
     output_dir, is_main = training_args.output_dir, trainer.is_world_process_zero()
     end_early_stopping(trainer)  # the evaluations below are reports, not patience steps
+    # --calibrate_temperature: the held-out split chooses T; saved, evaluated and pushed with the model
+    calibration = (calibrate_temperature(trainer.model, run.blocks["validation"], training_args.per_device_eval_batch_size)
+                   if training_args.calibrate_temperature else None)
     with writing(output_dir, "the final model", is_main):
         trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
         trainer.save_state()
@@ -160,6 +166,7 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
         **best_model_summary(trainer),  # best checkpoint and metric, step training stopped at (early stopping)
         **(run.time_budget.summary(train_result.global_step) if run.time_budget else {}),  # --max_train_minutes
         **describe_run(run.data_args, training_args, run.model, block_size),
+        **({"calibration": calibration} if calibration else {}),
     }
     if run.push:
         results["hub_model_id"] = training_args.hub_model_id

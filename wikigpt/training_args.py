@@ -102,6 +102,13 @@ class WikiTrainingArguments(TrainingArguments):
                                         "--learning_rate)."}
     )
 
+    calibrate_temperature: bool = field(
+        default=False,
+        metadata={"help": "After training, fit one softmax temperature on the held-out split (the T that minimises "
+                          "its perplexity) and fold it into the final LayerNorm, so the saved model's own softmax is "
+                          "calibrated for new text. GPT-2 models only. Off by default."},
+    )
+
     def __post_init__(self):
         check_optimizer_args(self)
         check_weight_averaging_args(self)
