@@ -22,7 +22,7 @@ def sampled_logit_inputs(temperature: float, n: int = 20_000, vocab: int = 40, w
     return hidden, torch.multinomial(probs, 1, generator=g)[:, 0], weight
 
 
-@pytest.mark.parametrize("true_temperature", [0.6, 1.0, 1.7])
+@pytest.mark.parametrize("true_temperature", [0.3, 0.6, 1.0, 1.7, 3.5])
 def test_fit_recovers_the_temperature_the_targets_were_drawn_at(true_temperature):
     hidden, targets, weight = sampled_logit_inputs(true_temperature)
     temperature, nll_at_1, nll = fit_temperature(hidden, targets, weight)

@@ -70,17 +70,23 @@ def nll_and_derivatives(hidden, targets, weight, b: float, chunk: int = 1024) ->
 
 
 def fit_temperature(hidden, targets, weight, steps: int = 20, tol: float = 1e-5) -> tuple[float, float, float]:
-    """(T, held-out NLL at T = 1, held-out NLL at T): Newton's method on b = 1/T, kept within BOUNDS."""
+    """(T, held-out NLL at T = 1, held-out NLL at T): Newton's method on b = 1/T, kept within BOUNDS.
+
+    A step that raises the NLL (far from the minimum Newton can overshoot) is halved until it does not."""
     b = 1.0
-    nll_at_1, grad, curv = nll_and_derivatives(hidden, targets, weight, b)
-    nll = nll_at_1
+    current = nll_and_derivatives(hidden, targets, weight, b)
+    nll_at_1 = current[0]
     for _ in range(steps):
-        new_b = min(max(b - grad / max(curv, 1e-12), BOUNDS[0]), BOUNDS[1])
+        new_b = min(max(b - current[1] / max(current[2], 1e-12), BOUNDS[0]), BOUNDS[1])
+        while abs(new_b - b) >= tol:
+            trial = nll_and_derivatives(hidden, targets, weight, new_b)
+            if trial[0] <= current[0]:
+                break
+            new_b = (b + new_b) / 2
         if abs(new_b - b) < tol:
             break
-        b = new_b
-        nll, grad, curv = nll_and_derivatives(hidden, targets, weight, b)
-    return 1.0 / b, nll_at_1, nll
+        b, current = new_b, trial
+    return 1.0 / b, nll_at_1, current[0]
 
 
 @torch.no_grad()
