@@ -94,6 +94,14 @@ def test_eval_py_results_add_word_perplexity_and_bits_per_byte(tmp_path):
     assert len(card.data.eval_results) == 6
 
 
+def test_an_ngram_mixture_is_not_put_on_the_card_as_the_models_result(tmp_path):
+    mixed = {**EVAL_PY, "metrics": {**EVAL_PY["metrics"],
+                                    "ngram_mixture_perplexity": {"value": 20.5, "method": "a test-time mixture"}}}
+    card = ModelCard.load(write_model_card(tmp_path, results_for("from_scratch"), mixed))
+    assert len(card.data.eval_results) == 6
+    assert 20.5 not in {r.metric_value for r in card.data.eval_results} and "20.5" not in card.text
+
+
 def test_local_files_are_named_as_wikitext_only_when_they_are_wikitext_raw_files(tmp_path, small_files):
     wt2_dir = tmp_path / "wt2"
     wt2_dir.mkdir()

@@ -6,10 +6,11 @@ import os
 from dataclasses import dataclass, field
 
 from . import __version__
-from .data import SPLITS, DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size
+from .data import SPLITS, DataArguments, count_tokens, load_raw_splits, prepare_lm_splits, resolve_block_size, tokenize
 from .errors import UsageError
 from .model_card import split_dataset_info, write_model_card
 from .model import context_length, load_pretrained, resolve_dtype
+from .ngram_mixture import check_run_split, mixture_report
 from .perplexity import block_windows, load_corpus_perplexity, rolling_windows, score_windows, sliding_windows
 from .results import write_json_atomic
 from .wikitext import byte_count, detokenize, split_documents, word_count
@@ -44,6 +45,14 @@ class EvalArguments:
                                          "untouched."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of the validation hold-out when only train is given."})
+    ngram_order: int = field(
+        default=0, metadata={"help": "Also report ngram_mixture_perplexity: the blocks method with each token's "
+                                     "probability interpolated with an interpolated modified Kneser-Ney n-gram of "
+                                     "this order (4 is a good choice) fitted on the train split, with the weight "
+                                     "that fits the validation split best. Pass the data flags train.py ran with "
+                                     "(--train_file, hold-out, --seed). A test-time mixture, reported beside the "
+                                     "model's own `perplexity`; 0 (default): off."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repo to run."})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow pickle weights (pytorch_model.bin); they can "
                                                                 "run code when loaded. Default: safetensors only."})
@@ -59,6 +68,14 @@ def check_eval_args(args: EvalArguments) -> list[str]:
         raise UsageError(f"--methods {args.methods!r} has unknown entries {unknown}; choose from {', '.join(METHODS)}")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1; got {args.batch_size}")
+    if args.ngram_order < 0:
+        raise UsageError(f"--ngram_order must be 0 (off) or an n-gram order such as 4; got {args.ngram_order}")
+    if args.ngram_order and "blocks" not in methods:
+        raise UsageError(f"--ngram_order mixes the n-gram into the blocks method; add blocks to --methods "
+                         f"(got {args.methods!r})")
+    if args.ngram_order and args.split != "test":
+        raise UsageError(f"--ngram_order fits the n-gram on the train split and its weight on the validation split; "
+                         f"score another split: --split test (got {args.split!r})")
     if args.output_file and os.path.isdir(args.output_file):
         raise UsageError(f"--output_file {args.output_file!r} is a directory; pass a file path such as results.json")
     if os.path.isdir(args.model) and not args.tokenizer_name:
@@ -114,25 +131,45 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
     # A train.py run folder defaults to the run's own block size, so `perplexity` is train.py's number.
     block_size = resolve_block_size(data_args.block_size or run_block_size(args.model), context)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
-        raw = load_raw_splits(data_args, args.seed, required=(args.split,))
+        # --ngram_order also needs the run's train split (the n-gram) and held-out split (the weight)
+        required = ("train", "validation", args.split) if args.ngram_order else (args.split,)
+        raw = load_raw_splits(data_args, args.seed, required=required)
         rows = raw[args.split]
-        blocks, counts = prepare_lm_splits({args.split: rows}, tokenizer, block_size) if "blocks" in methods else ({}, {})
+        scored = {s: raw[s] for s in required if s != "train"}
+        blocks, counts = prepare_lm_splits(scored, tokenizer, block_size) if "blocks" in methods else ({}, {})
+        if args.ngram_order:
+            train_tokens = tokenize(raw["train"], tokenizer)
+            check_run_split(args.model, {"train": {"tokens": count_tokens(train_tokens)}, **counts})
+            train_ids = [t for row in train_tokens["input_ids"] for t in row]
     rows = rows["text"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
-    def score(windows, desc):
-        return score_windows(model, windows, load_corpus_perplexity(), accelerator, args.batch_size, pad_id, desc)
+    def score(windows, desc, keep_token_nll=False):
+        return score_windows(model, windows, load_corpus_perplexity(), accelerator, args.batch_size, pad_id, desc,
+                             keep_token_nll)
 
     metrics, details = {}, {}
     if "blocks" in methods:
-        r = score(block_windows(blocks[args.split]["input_ids"]), "blocks")
+        r = score(block_windows(blocks[args.split]["input_ids"]), "blocks", keep_token_nll=bool(args.ngram_order))
         metrics["perplexity"] = {
             "value": r["perplexity"],
             "method": f"disjoint blocks of {block_size} tokens as train.py groups them (split concatenated, final "
                       f"remainder dropped); every token but each block's first is predicted; exp(sum NLL / tokens) "
                       f"= exp(Trainer eval_loss)"}
         details["blocks"] = {**counts[args.split], "scored_tokens": r["tokens"], "tokens_per_second": r["tokens_per_second"]}
+    if args.ngram_order:
+        held_out = blocks["validation"]["input_ids"]
+        v = score(block_windows(held_out), "validation blocks", keep_token_nll=True)
+        value, details["ngram_mixture"] = mixture_report(args.ngram_order, model.config.vocab_size, train_ids, held_out,
+                                                         v["token_nll"], blocks[args.split]["input_ids"], r["token_nll"])
+        weight = details["ngram_mixture"]["weight"]
+        metrics["ngram_mixture_perplexity"] = {
+            "value": value,
+            "method": f"blocks as `perplexity`, each token's probability (1 - {weight:.4f}) x the model's + "
+                      f"{weight:.4f} x an interpolated modified Kneser-Ney {args.ngram_order}-gram's (fitted on the "
+                      f"train split's {len(train_ids)} tokens; weight fitted on the validation split's blocks); a "
+                      f"test-time mixture, not the saved model's own number"}
     if "sliding_window" in methods:
         ids = _encode_long(tokenizer, "\n\n".join(rows))
         r = score(sliding_windows(ids, context, stride), "sliding windows")

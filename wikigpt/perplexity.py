@@ -127,20 +127,26 @@ def _collate(windows: list[dict], pad_id: int) -> dict:
 
 
 def score_windows(model, windows: list[dict], metric, accelerator, batch_size: int, pad_id: int,
-                  desc: str = "scoring") -> dict:
+                  desc: str = "scoring", keep_token_nll: bool = False) -> dict:
     """Feed every window through the model once across all processes; add each window to `metric` once.
 
     `accelerator.prepare` shards the windows across processes; `gather_for_metrics` drops the samples
     that even batching repeats at the end, so 1 and N processes add the same rows. Returns the metric's
-    result (on every process) plus throughput.
+    result (on every process) plus throughput; with `keep_token_nll` (windows of one length, e.g. blocks),
+    also `token_nll`: every scored token's NLL, in window order.
     """
     loader = accelerator.prepare(DataLoader(windows, batch_size=batch_size, shuffle=False,
                                             collate_fn=lambda ws: _collate(ws, pad_id)))
-    start, n_tokens = time.perf_counter(), 0
+    start, n_tokens, token_nll = time.perf_counter(), 0, []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll, counts = sequence_nll(logits, batch["targets"])
+        if keep_token_nll:
+            per_token = torch.stack([F.cross_entropy(logits[row].float(), batch["targets"][row], reduction="none")
+                                     for row in range(logits.shape[0])])
+            per_token, targets = accelerator.gather_for_metrics((per_token, batch["targets"]))
+            token_nll.append(per_token[targets != -100].double().cpu().numpy())
         nll, counts, words, n_bytes = accelerator.gather_for_metrics(
             (nll, counts, batch["word_count"], batch["byte_count"]))
         n_tokens += int(counts.sum())
@@ -149,4 +155,6 @@ def score_windows(model, windows: list[dict], metric, accelerator, batch_size: i
     seconds = time.perf_counter() - start
     result = metric.compute()
     result.update(seconds=round(seconds, 3), tokens_per_second=round(n_tokens / seconds, 1) if seconds else math.nan)
+    if keep_token_nll:
+        result["token_nll"] = np.concatenate(token_nll)
     return result

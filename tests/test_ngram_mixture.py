@@ -1,0 +1,116 @@
+"""eval.py --ngram_order: the weight fit, the per-block n-gram scores, the report, and the refusals."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import GPT2LMHeadModel
+
+from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits, tokenize
+from wikigpt.errors import UsageError
+from wikigpt.evaluation import EvalArguments, evaluate_split
+from wikigpt.kneser_ney import KneserNey
+from wikigpt.ngram_mixture import check_run_split, fit_weight, mixture_nll, ngram_block_nll
+
+
+@pytest.mark.parametrize("true_weight", [0.05, 0.3, 0.8])
+def test_fit_weight_recovers_the_rate_tokens_were_drawn_from_the_ngram(true_weight):
+    rng = np.random.default_rng(0)
+    model_p, ngram_p = rng.dirichlet(np.ones(40), size=2)
+    from_ngram = rng.random(40_000) < true_weight
+    tokens = np.where(from_ngram, rng.choice(40, 40_000, p=ngram_p), rng.choice(40, 40_000, p=model_p))
+    weight = fit_weight(-np.log(model_p[tokens]), -np.log(ngram_p[tokens]))
+    assert weight == pytest.approx(true_weight, abs=0.03)
+    # the fitted weight is the minimum of the mean mixture NLL
+    at = lambda w: mixture_nll(-np.log(model_p[tokens]), -np.log(ngram_p[tokens]), w).mean()  # noqa: E731
+    assert at(weight) < at(weight + 0.02) and at(weight) < at(max(weight - 0.02, 1e-6))
+
+
+def test_fit_weight_is_near_zero_for_an_ngram_that_is_always_worse():
+    model_nll = np.random.default_rng(1).uniform(1, 8, size=5000)
+    assert fit_weight(model_nll, model_nll + math.log(2)) < 1e-3
+
+
+def test_mixture_nll_is_the_nll_of_the_interpolated_probability():
+    value = mixture_nll(np.array([-math.log(0.5)]), np.array([-math.log(0.1)]), 0.25)
+    assert value[0] == pytest.approx(-math.log(0.75 * 0.5 + 0.25 * 0.1))
+
+
+def test_ngram_block_nll_skips_each_first_token_and_reads_only_its_own_block():
+    ngram = KneserNey([1, 2, 3, 1, 2, 4, 2, 3, 3, 1], order=2, vocab_size=6)
+    nll = ngram_block_nll(ngram, [[1, 2, 3], [4, 2, 5]])
+    assert len(nll) == 4
+    # block 2's second token is predicted from token 4 alone (its block's history), not from block 1's end
+    assert nll[2] == pytest.approx(-math.log(ngram.distribution([4])[2]))
+    assert nll[3] == pytest.approx(-math.log(ngram.distribution([2])[5]))
+    assert nll[0] == pytest.approx(-math.log(ngram.distribution([1])[2]))
+
+
+def _args(small_files, **data):
+    return DataArguments(train_file=str(small_files["train"]), validation_file=str(small_files["validation"]),
+                         test_file=str(small_files["test"]), block_size=64, **data)
+
+
+def test_report_adds_the_mixture_beside_the_models_own_perplexity(tiny_checkpoint, tokenizer, small_files):
+    data_args = _args(small_files)
+    plain = evaluate_split(EvalArguments(model=str(tiny_checkpoint), methods="blocks"), data_args, Accelerator(cpu=True))
+    report = evaluate_split(EvalArguments(model=str(tiny_checkpoint), methods="blocks", ngram_order=3, batch_size=3),
+                            data_args, Accelerator(cpu=True))
+    assert report["metrics"]["perplexity"]["value"] == pytest.approx(plain["metrics"]["perplexity"]["value"], rel=1e-9)
+    details = report["counts"]["ngram_mixture"]
+    assert 0 < details["weight"] < 1
+    assert details["validation_mixture_perplexity"] < min(details["validation_perplexity"],
+                                                          details["validation_ngram_perplexity"])
+    # the test value, recomputed here from the model's logits and the n-gram fitted on the train split's tokens
+    raw = load_raw_splits(data_args, 0, ("train", "test"))
+    train_ids = [t for row in tokenize(raw["train"], tokenizer)["input_ids"] for t in row]
+    assert details["train_tokens"] == len(train_ids)
+    ngram = KneserNey(train_ids, 3, len(tokenizer))
+    blocks = torch.tensor(prepare_lm_splits({"test": raw["test"]}, tokenizer, 64)[0]["test"]["input_ids"])
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(blocks).logits[:, :-1].double(), -1)
+    p_model = log_p.gather(-1, blocks[:, 1:, None])[..., 0].exp().numpy()
+    p_ngram = np.stack([np.exp(ngram.log_probs(b.numpy()))[1:] for b in blocks])
+    w = details["weight"]
+    expected = math.exp(-np.log((1 - w) * p_model + w * p_ngram).mean())
+    assert report["metrics"]["ngram_mixture_perplexity"]["value"] == pytest.approx(expected, rel=1e-5)
+    assert f"{w:.4f} x an interpolated modified Kneser-Ney 3-gram" in report["metrics"]["ngram_mixture_perplexity"]["method"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(ngram_order=-1), "--ngram_order must be 0 (off) or an n-gram order such as 4; got -1"),
+    (dict(ngram_order=4, methods="documents"),
+     "--ngram_order mixes the n-gram into the blocks method; add blocks to --methods (got 'documents')"),
+    (dict(ngram_order=4, split="validation"),
+     "--ngram_order fits the n-gram on the train split and its weight on the validation split; score another "
+     "split: --split test (got 'validation')"),
+])
+def test_bad_ngram_flags_are_refused(tiny_checkpoint, small_files, flags, message):
+    with pytest.raises(UsageError) as err:
+        evaluate_split(EvalArguments(model=str(tiny_checkpoint), **flags), _args(small_files), Accelerator(cpu=True))
+    assert str(err.value) == message
+
+
+def test_without_a_train_split_the_flag_names_it(tiny_checkpoint, small_files):
+    with pytest.raises(UsageError, match=r"^no train split: pass --train_file \(or --dataset_dir\)$"):
+        evaluate_split(EvalArguments(model=str(tiny_checkpoint), methods="blocks", ngram_order=2),
+                       DataArguments(test_file=str(small_files["test"]), block_size=64), Accelerator(cpu=True))
+
+
+def test_a_split_other_than_the_runs_is_refused(tmp_path, tiny_checkpoint, small_files):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run)
+    (run / "results.json").write_text(json.dumps({"data": {"train": {"tokens": 1000}, "validation": {"tokens": 50}}}))
+    with pytest.raises(UsageError) as err:
+        evaluate_split(EvalArguments(model=str(run), methods="blocks", ngram_order=2),
+                       _args(small_files, validation_split_percentage=10), Accelerator(cpu=True))
+    assert str(err.value).startswith("--ngram_order: these data flags give train/validation splits of ")
+    assert str(err.value).endswith(f"but {run} trained on 1,000 / 50 (its results.json); pass the data flags "
+                                   f"train.py ran with (--train_file, --validation_file or "
+                                   f"--validation_split_percentage, and --seed)")
+    check_run_split(str(run), {"train": {"tokens": 1000}, "validation": {"tokens": 50}})  # the run's own: accepted
