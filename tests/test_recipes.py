@@ -40,7 +40,7 @@ def test_recipe_parses(name):
         # new block boundaries every epoch, whole articles held out, a cosine planned for the time budget
         assert data.random_block_offset and 0 < data.validation_split_percentage <= 10 and data.block_size >= 256
         assert training.max_train_minutes > 0 and str(training.lr_scheduler_type).endswith("COSINE")
-        assert model.tie_tokens_below == 2  # tokens seen at most once share one row
+        assert model.tie_tokens_below == 3  # tokens seen at most twice share one row
         assert training.optim_matrices == "muon"
     if name == "wikitext_scratch_cpu.yaml":
         assert data.validation_split_percentage == 5  # 4 of wiki.valid.raw's 60 articles

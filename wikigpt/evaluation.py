@@ -168,7 +168,7 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
             "value": value,
             "method": f"blocks as `perplexity`, each token's probability (1 - {weight:.4f}) x the model's + "
                       f"{weight:.4f} x an interpolated modified Kneser-Ney {args.ngram_order}-gram's (fitted on the "
-                      f"train split's {len(train_ids)} tokens; weight fitted on the validation split's blocks); a "
+                      f"train split's {len(train_ids):,} tokens; weight fitted on the validation split's blocks); a "
                       f"test-time mixture, not the saved model's own number"}
     if "sliding_window" in methods:
         ids = _encode_long(tokenizer, "\n\n".join(rows))
