@@ -2,12 +2,16 @@
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import REPO
 from transformers import GPT2LMHeadModel
 
 from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits, tokenize
@@ -114,3 +118,23 @@ def test_a_split_other_than_the_runs_is_refused(tmp_path, tiny_checkpoint, small
                                    f"train.py ran with (--train_file, --validation_file or "
                                    f"--validation_split_percentage, and --seed)")
     check_run_split(str(run), {"train": {"tokens": 1000}, "validation": {"tokens": 50}})  # the run's own: accepted
+
+
+def test_two_processes_give_the_one_process_mixture(tmp_path, tiny_checkpoint, small_files):
+    """Per-token NLLs gathered from 2 processes (uneven last batch: even batching repeats blocks) line up with the
+    n-gram's as on one process."""
+    args = ["--model", tiny_checkpoint, "--methods", "blocks", "--ngram_order", 3, "--train_file", small_files["train"],
+            "--validation_file", small_files["validation"], "--test_file", small_files["test"], "--block_size", 64,
+            "--batch_size", 4, "--output_file", tmp_path / "two.json"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run([*launch, str(REPO / "eval.py"), *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    one = evaluate_split(EvalArguments(model=str(tiny_checkpoint), methods="blocks", ngram_order=3, batch_size=4),
+                         _args(small_files), Accelerator(cpu=True))
+    assert two["processes"] == 2 and two["counts"]["blocks"]["blocks"] % 8  # the last batch is uneven
+    assert two["counts"]["ngram_mixture"] == pytest.approx(one["counts"]["ngram_mixture"], rel=1e-6)
+    assert two["metrics"]["ngram_mixture_perplexity"]["value"] == pytest.approx(
+        one["metrics"]["ngram_mixture_perplexity"]["value"], rel=1e-6)
