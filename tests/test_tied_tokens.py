@@ -41,25 +41,21 @@ def batch(seed=1) -> torch.Tensor:
 
 
 def shared_parameter_loss(model, tied: TiedTokens, inputs, labels):
-    """The reference: a plain GPT-2 forward whose embedding is W[row] (+ its bucket's offset), so each tied id reads
-    the shared row."""
+    """The reference: a plain GPT-2 forward whose embedding is W[row], so each tied id reads the shared row."""
     weight = model.transformer.wte.weight[tied.row]
-    if tied.offsets is not None:
-        weight = weight + tied.offsets[tied.bucket]
     hidden = model.transformer(inputs_embeds=F.embedding(inputs, weight)).last_hidden_state
     logits = (hidden[:, :-1] @ weight.T).float()
     return F.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-@pytest.mark.parametrize("below,buckets", [(1, 1), (2, 1), (2, 3)])  # 3: --tied_token_buckets
+@pytest.mark.parametrize("below", [1, 2])
 @pytest.mark.parametrize("chunk_size", [None, 7])  # --chunked_loss_size: 36 targets in chunks of 7, the last of 1
-def test_loss_and_gradients_are_those_of_one_shared_row(below, buckets, chunk_size):
+def test_loss_and_gradients_are_those_of_one_shared_row(below, chunk_size):
     narrow, reference = tiny_model(), tiny_model()
     if chunk_size:
         use_chunked_loss(narrow, chunk_size)
-    (callback,), summary = tie_tokens(narrow, Stream(STREAM), below, buckets)
-    assert summary == {"below": below, "kept": len(callback.tied.kept), "tied": len(callback.tied.tied),
-                       **({"buckets": 3} if buckets == 3 else {})}
+    (callback,), summary = tie_tokens(narrow, Stream(STREAM), below)
+    assert summary == {"below": below, "kept": len(callback.tied.kept), "tied": len(callback.tied.tied)}
     reference.load_state_dict(narrow.state_dict())
     inputs = batch()
     labels = inputs.clone()
@@ -75,10 +71,10 @@ def test_loss_and_gradients_are_those_of_one_shared_row(below, buckets, chunk_si
     assert shared == 0 and narrow.transformer.wte.weight.grad[shared].abs().sum() > 0
 
 
-@pytest.mark.parametrize("below,buckets", [(1, 1), (2, 1), (2, 3)])
-def test_the_saved_models_full_softmax_is_the_training_loss(below, buckets):
+@pytest.mark.parametrize("below", [1, 2])
+def test_the_saved_models_full_softmax_is_the_training_loss(below):
     model = tiny_model()
-    tie_tokens(model, Stream(STREAM), below, buckets)
+    tie_tokens(model, Stream(STREAM), below)
     inputs = batch()
     model.eval()
     full = model(input_ids=inputs, labels=inputs).loss.item()  # eval: GPT2LMHeadModel's own full-head forward
@@ -124,32 +120,3 @@ def test_train_py_saves_a_plain_gpt2_with_equal_tied_rows(micro_files, tmp_path,
     assert tied["below"] == 2 and tied["kept"] + tied["tied"] == 50257 and 500 < tied["kept"] < 5_000
     rows = {tuple(row.tolist()) for row in load_file(out / "model.safetensors")["transformer.wte.weight"]}
     assert len(rows) == tied["kept"] + 1  # the kept rows, and one shared by the tied tokens
-
-
-def test_buckets_keep_rows_equal_within_a_bucket_and_apart_across():
-    model = tiny_model()
-    (callback,), summary = tie_tokens(model, Stream(STREAM), 2, buckets=3)
-    assert summary["buckets"] == 3
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    model.train()
-    model(input_ids=batch(), labels=batch()).loss.backward()
-    optimizer.step()
-    callback.on_optimizer_step(None, None, None, model=model)
-    wte = model.transformer.wte.weight
-    # tied ids 0, 1, 2, 10, 11, 12, ... dealt round-robin: 0, 10, 13 in bucket 0 (the shared row's, no offset)
-    assert torch.equal(wte[[10, 13]], wte[[0]].expand(2, -1))
-    assert torch.equal(wte[1], wte[11]) and torch.equal(wte[2], wte[12])
-    offsets = callback.tied.offsets
-    assert torch.allclose(wte[1] - wte[0], offsets[1]) and torch.allclose(wte[2] - wte[0], offsets[2])
-    assert offsets[1].std().item() == pytest.approx(0.06, rel=0.5)  # as far apart as trained rows
-    assert not torch.equal(wte[3], wte[0])
-
-
-def test_buckets_count_their_members():
-    tied = TiedTokens(np.array([0, 3, 1, 0, 2, 0, 0]), 2, buckets=2, n_embd=4)
-    # tied 0, 2, 3, 5, 6: bucket 0 gets 0, 3, 6; bucket 1 gets 2, 5
-    assert tied.column.tolist() == [2, 0, 3, 2, 1, 3, 2]
-    assert torch.allclose(tied.log_n, torch.log(torch.tensor([3.0, 2.0])))
-    loss = narrow_head_loss(torch.zeros(1, 2, 4), torch.zeros(7, 4), torch.tensor([[1, 3]]), tied)
-    # all rows but the offsets zero, hidden zero: every logit 0, uniform over the 7 tokens
-    assert loss.item() == pytest.approx(np.log(7))

@@ -33,11 +33,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     `real_vocab` < weight rows (a padded vocabulary): the padded columns are set to -inf before the softmax, so
     they get no probability and no gradient, while the matmuls keep the padded, tile-friendly width.
-    `last_column_offset`: added to the last columns' logits, one value per column (--tie_tokens_below's classes).
+    `last_column_offset`: a constant added to the last column's logits (--tie_tokens_below's shared class).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, last_column_offset=None):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, last_column_offset: float = 0.0):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -46,8 +46,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.T).float()  # the LM head (autocast applies), upcast like ForCausalLMLoss
             if real_vocab < logits.shape[-1]:
                 logits[:, real_vocab:] = float("-inf")
-            if last_column_offset is not None:
-                logits[:, -len(last_column_offset):] += last_column_offset
+            if last_column_offset:
+                logits[:, -1] += last_column_offset
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)

@@ -78,13 +78,6 @@ class ModelArguments:
                           "holds once, so the model learns how likely a token it has not seen is. The saved model "
                           "is a plain GPT-2."},
     )
-    tied_token_buckets: int = field(
-        default=1,
-        metadata={"help": "With --tie_tokens_below: deal the tied tokens into this many buckets, each bucket's rows "
-                          "the shared row plus a fixed random vector, so the model can tell two rare tokens apart "
-                          "in its context (and copy one it has just read) while the training head grows by this "
-                          "many columns only. 1: one shared row."},
-    )
 
 
 def _check_type(key: str, value, default):

@@ -39,21 +39,12 @@ from .training_loss import replace_training_loss
 logger = logging.getLogger(__name__)
 
 FLAG = "--tie_tokens_below"
-BUCKETS_FLAG = "--tied_token_buckets"
-# --tied_token_buckets: the spread of a trained 8 x 128 model's own rows around their mean (per coordinate), so a
-# bucket's offset is as far from the shared row as one token's row is from another's
-OFFSET_STD = 0.06
 IGNORE_INDEX = -100
 
 
 def check_tied_tokens_args(args) -> None:
-    below, buckets = args.tie_tokens_below, args.tied_token_buckets
-    if buckets < 1:
-        raise UsageError(f"{BUCKETS_FLAG} is a number of buckets, 1 or more (1: one shared row); got {buckets}")
+    below = args.tie_tokens_below
     if below is None:
-        if buckets > 1:
-            raise UsageError(f"{BUCKETS_FLAG} deals the tokens that {FLAG} ties into buckets: add {FLAG} K "
-                             f"(e.g. 3), or drop {BUCKETS_FLAG}")
         return
     if below < 1:
         raise UsageError(f"{FLAG} is a count of occurrences in the training data, 1 or more (1: only the tokens it "
@@ -72,53 +63,23 @@ def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
 
 
 class TiedTokens:
-    """Kept and tied ids, each id's column in the narrow head, and each id's row in the training forward.
+    """Kept and tied ids, each id's column in the narrow head, and each id's row in the training forward."""
 
-    `buckets` > 1 (--tied_token_buckets): the tied ids are dealt round-robin into that many buckets, and bucket b's
-    rows are the shared row plus a fixed random vector offsets[b] (bucket 0, which holds the shared row itself: zero).
-    """
-
-    def __init__(self, counts: np.ndarray, below: int, buckets: int = 1, n_embd: int = 0, seed: int = 0):
+    def __init__(self, counts: np.ndarray, below: int):
         tied = np.flatnonzero(counts < below)
         self.below = below
         self.kept = torch.as_tensor(np.flatnonzero(counts >= below), dtype=torch.long)
         self.tied = torch.as_tensor(tied, dtype=torch.long)
         self.shared = int(tied[0])  # the row that stands for all of them
-        self.buckets = min(buckets, len(tied))
-        bucket = torch.arange(len(tied)) % self.buckets
-        # per bucket: the log-sum-exp of its n equal logits is the bucket's logit + log n
-        self.log_n = torch.bincount(bucket, minlength=self.buckets).double().log().float()
+        self.log_n = math.log(len(tied))
         self.column = torch.full((len(counts),), len(self.kept), dtype=torch.long)
         self.column[self.kept] = torch.arange(len(self.kept))
-        self.column[self.tied] += bucket
         self.row = torch.arange(len(counts))
         self.row[self.tied] = self.shared
-        self.bucket = torch.zeros(len(counts), dtype=torch.long)  # kept ids read offsets[0], zero
-        self.bucket[self.tied] = bucket
-        self.offsets = torch.randn(self.buckets, n_embd, generator=torch.Generator().manual_seed(seed)) * OFFSET_STD
-        self.offsets[0] = 0
-        if self.buckets == 1:
-            self.offsets = None
 
     @torch.no_grad()
     def tie(self, weight: torch.Tensor) -> None:
-        tied = self.tied.to(weight.device)
-        weight[tied] = weight[self.shared].clone() if self.offsets is None else \
-            weight[self.shared] + self.offsets.to(weight)[self.bucket.to(weight.device)[tied]]
-
-    def head(self, weight: torch.Tensor) -> torch.Tensor:
-        """The narrow head: the kept rows, then one row per bucket (the shared row plus the bucket's offset)."""
-        kept = weight.index_select(0, self.kept.to(weight.device))
-        shared = weight[self.shared].unsqueeze(0)
-        return torch.cat([kept, shared if self.offsets is None else shared + self.offsets.to(weight)])
-
-    def input_embeddings(self, embedding: torch.nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
-        """What the plain lookup of the tied rows gives, with every tied id's gradient going to the shared row."""
-        device = input_ids.device
-        vectors = embedding(self.row.to(device)[input_ids])
-        if self.offsets is not None:
-            vectors = vectors + self.offsets.to(vectors)[self.bucket.to(device)[input_ids]]
-        return vectors
+        weight[self.tied.to(weight.device)] = weight[self.shared].clone()
 
 
 def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_in_batch=None,
@@ -131,17 +92,15 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
     targets = shift_labels.reshape(-1).to(hidden_states.device)
     valid = targets != ignore_index
     columns = torch.where(valid, tied.column.to(targets.device)[targets.clamp_min(0)], IGNORE_INDEX)
-    head = tied.head(weight)
+    head = weight.index_select(0, torch.cat([tied.kept, torch.tensor([tied.shared])]).to(weight.device))
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    log_n = tied.log_n.to(hidden.device)
     if chunk_size:
-        total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], log_n)
+        total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], tied.log_n)
     else:
         logits = (hidden @ head.T).float()
-        logits[:, len(tied.kept):] += log_n  # log-sum-exp of a bucket's n equal logits: the bucket's log-probability
+        logits[:, -1] += tied.log_n  # log-sum-exp of the n equal tied logits: the class's log-probability
         total = F.cross_entropy(logits, columns, ignore_index=IGNORE_INDEX, reduction="sum")
-    bucket = (columns - len(tied.kept))[columns >= len(tied.kept)]
-    total = total + log_n[bucket].sum()  # a tied target: its 1/n share of its bucket
+    total = total + tied.log_n * (columns == len(tied.kept)).sum()  # a tied target: its 1/n share of the class
     if num_items_in_batch is None:
         return total / valid.sum()
     if torch.is_tensor(num_items_in_batch):
@@ -154,8 +113,9 @@ def _narrow_head_loss(model, hidden_states, labels, **loss_kwargs):
                             chunk_size=getattr(model, "_chunked_loss_size", None), **loss_kwargs)
 
 
-def _tied_inputs_embeds(model, input_ids):
-    return model._tied_tokens.input_embeddings(model.get_input_embeddings(), input_ids)
+def _shared_row_ids(model, input_ids):
+    # the same vectors (tied rows are equal); the gradient of every tied input goes to the shared row
+    return model._tied_tokens.row.to(input_ids.device)[input_ids]
 
 
 class TieTokensCallback(TrainerCallback):
@@ -168,9 +128,8 @@ class TieTokensCallback(TrainerCallback):
         self.tied.tie(model.get_input_embeddings().weight)
 
 
-def tie_tokens(model, train_set, below: int, buckets: int = 1) -> tuple[list[TrainerCallback], dict | None]:
-    """Tie the rows of the tokens `train_set` holds fewer than `below` times (in `buckets` buckets); train on the
-    narrow head.
+def tie_tokens(model, train_set, below: int) -> tuple[list[TrainerCallback], dict | None]:
+    """Tie the rows of the tokens `train_set` holds fewer than `below` times; train on the narrow head.
 
     Returns the callbacks that keep them tied and the summary results.json records (below, kept, tied), or
     ([], None) when no two tokens are that rare."""
@@ -181,14 +140,11 @@ def tie_tokens(model, train_set, below: int, buckets: int = 1) -> tuple[list[Tra
     if (counts < below).sum() < 2:
         logger.info("%s %d: no two tokens are that rare in the training data; nothing to tie", FLAG, below)
         return [], None
-    tied = TiedTokens(counts, below, buckets, model.config.n_embd)
+    tied = TiedTokens(counts, below)
     tied.tie(model.lm_head.weight)
     model._tied_tokens = tied
-    replace_training_loss(model, _narrow_head_loss, inputs_embeds=_tied_inputs_embeds)
-    logger.info("%s %d: %d tokens keep their own row, %d share one in %d bucket(s) (%d of them occur in the "
-                "training data); the training LM head is %.1fx narrower", FLAG, below, len(tied.kept), len(tied.tied),
-                tied.buckets, int((counts[tied.tied.numpy()] > 0).sum()), vocab_size / (len(tied.kept) + tied.buckets))
-    summary = {"below": tied.below, "kept": len(tied.kept), "tied": len(tied.tied)}
-    if tied.buckets > 1:
-        summary["buckets"] = tied.buckets
-    return [TieTokensCallback(tied)], summary
+    replace_training_loss(model, _narrow_head_loss, input_ids_map=_shared_row_ids)
+    logger.info("%s %d: %d tokens keep their own row, %d share one (%d of them occur in the training data); the "
+                "training LM head is %.1fx narrower", FLAG, below, len(tied.kept), len(tied.tied),
+                int((counts[tied.tied.numpy()] > 0).sum()), vocab_size / (len(tied.kept) + 1))
+    return [TieTokensCallback(tied)], {"below": tied.below, "kept": len(tied.kept), "tied": len(tied.tied)}
