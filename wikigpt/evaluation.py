@@ -10,7 +10,7 @@ from .data import SPLITS, DataArguments, count_tokens, load_raw_splits, prepare_
 from .errors import UsageError
 from .model_card import split_dataset_info, write_model_card
 from .model import context_length, load_pretrained, resolve_dtype
-from .ngram_mixture import check_run_split, mixture_report
+from .mixture import check_run_split, mixture_metrics
 from .perplexity import block_windows, load_corpus_perplexity, rolling_windows, score_windows, sliding_windows
 from .results import write_json_atomic
 from .wikitext import byte_count, detokenize, split_documents, word_count
@@ -53,6 +53,14 @@ class EvalArguments:
                                      "(--train_file, hold-out, --seed). A test-time mixture, reported beside the "
                                      "model's own `perplexity`; 0 (default): off."}
     )
+    block_cache: bool = field(
+        default=False, metadata={"help": "Also report cache_mixture_perplexity: the blocks method with each token's "
+                                         "probability interpolated with a cache of the block so far (how often the "
+                                         "token occurred before it in its block), weight fitted on the validation "
+                                         "split; with --ngram_order, also ngram_cache_mixture_perplexity (all "
+                                         "three). Pass the data flags train.py ran with. A test-time mixture, "
+                                         "reported beside the model's own `perplexity`."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repo to run."})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow pickle weights (pytorch_model.bin); they can "
                                                                 "run code when loaded. Default: safetensors only."})
@@ -70,12 +78,14 @@ def check_eval_args(args: EvalArguments) -> list[str]:
         raise UsageError(f"--batch_size must be at least 1; got {args.batch_size}")
     if args.ngram_order < 0:
         raise UsageError(f"--ngram_order must be 0 (off) or an n-gram order such as 4; got {args.ngram_order}")
-    if args.ngram_order and "blocks" not in methods:
-        raise UsageError(f"--ngram_order mixes the n-gram into the blocks method; add blocks to --methods "
-                         f"(got {args.methods!r})")
-    if args.ngram_order and args.split != "test":
-        raise UsageError(f"--ngram_order fits the n-gram on the train split and its weight on the validation split; "
-                         f"score another split: --split test (got {args.split!r})")
+    for flag, on, what in (("--ngram_order", args.ngram_order, "the n-gram"), ("--block_cache", args.block_cache,
+                                                                              "the cache")):
+        if on and "blocks" not in methods:
+            raise UsageError(f"{flag} mixes {what} into the blocks method; add blocks to --methods "
+                             f"(got {args.methods!r})")
+        if on and args.split != "test":
+            raise UsageError(f"{flag} fits its mixture's weights on the validation split; score another split: "
+                             f"--split test (got {args.split!r})")
     if args.output_file and os.path.isdir(args.output_file):
         raise UsageError(f"--output_file {args.output_file!r} is a directory; pass a file path such as results.json")
     if os.path.isdir(args.model) and not args.tokenizer_name:
@@ -131,15 +141,17 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
     # A train.py run folder defaults to the run's own block size, so `perplexity` is train.py's number.
     block_size = resolve_block_size(data_args.block_size or run_block_size(args.model), context)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
-        # --ngram_order also needs the run's train split (the n-gram) and held-out split (the weight)
-        required = ("train", "validation", args.split) if args.ngram_order else (args.split,)
+        # a mixture also needs the run's train split (the n-gram, the run's hold-out) and held-out split (weights)
+        mixing = bool(args.ngram_order or args.block_cache)
+        required = ("train", "validation", args.split) if mixing else (args.split,)
         raw = load_raw_splits(data_args, args.seed, required=required)
         rows = raw[args.split]
         scored = {s: raw[s] for s in required if s != "train"}
         blocks, counts = prepare_lm_splits(scored, tokenizer, block_size) if "blocks" in methods else ({}, {})
-        if args.ngram_order:
+        if mixing:
             train_tokens = tokenize(raw["train"], tokenizer)
-            check_run_split(args.model, {"train": {"tokens": count_tokens(train_tokens)}, **counts})
+            flag = "--ngram_order" if args.ngram_order else "--block_cache"
+            check_run_split(args.model, {"train": {"tokens": count_tokens(train_tokens)}, **counts}, flag)
             train_ids = [t for row in train_tokens["input_ids"] for t in row]
     rows = rows["text"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -151,25 +163,20 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
 
     metrics, details = {}, {}
     if "blocks" in methods:
-        r = score(block_windows(blocks[args.split]["input_ids"]), "blocks", keep_token_nll=bool(args.ngram_order))
+        r = score(block_windows(blocks[args.split]["input_ids"]), "blocks", keep_token_nll=mixing)
         metrics["perplexity"] = {
             "value": r["perplexity"],
             "method": f"disjoint blocks of {block_size} tokens as train.py groups them (split concatenated, final "
                       f"remainder dropped); every token but each block's first is predicted; exp(sum NLL / tokens) "
                       f"= exp(Trainer eval_loss)"}
         details["blocks"] = {**counts[args.split], "scored_tokens": r["tokens"], "tokens_per_second": r["tokens_per_second"]}
-    if args.ngram_order:
-        held_out = blocks["validation"]["input_ids"]
+    if mixing:
+        held_out, scored_blocks = blocks["validation"]["input_ids"], blocks[args.split]["input_ids"]
         v = score(block_windows(held_out), "validation blocks", keep_token_nll=True)
-        value, details["ngram_mixture"] = mixture_report(args.ngram_order, model.config.vocab_size, train_ids, held_out,
-                                                         v["token_nll"], blocks[args.split]["input_ids"], r["token_nll"])
-        weight = details["ngram_mixture"]["weight"]
-        metrics["ngram_mixture_perplexity"] = {
-            "value": value,
-            "method": f"blocks as `perplexity`, each token's probability (1 - {weight:.4f}) x the model's + "
-                      f"{weight:.4f} x an interpolated modified Kneser-Ney {args.ngram_order}-gram's (fitted on the "
-                      f"train split's {len(train_ids):,} tokens; weight fitted on the validation split's blocks); a "
-                      f"test-time mixture, not the saved model's own number"}
+        mixed, details["mixture"] = mixture_metrics((held_out, scored_blocks), (v["token_nll"], r["token_nll"]),
+                                                    args.ngram_order, train_ids, model.config.vocab_size,
+                                                    args.block_cache)
+        metrics.update(mixed)
     if "sliding_window" in methods:
         ids = _encode_long(tokenizer, "\n\n".join(rows))
         r = score(sliding_windows(ids, context, stride), "sliding windows")

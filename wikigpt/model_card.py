@@ -137,7 +137,7 @@ def eval_results_list(results: dict, eval_results: dict | None = None) -> list[E
         for key, metric in eval_results.get("metrics", {}).items():
             if not isinstance(metric, dict) or not isinstance(metric.get("value"), (int, float)):
                 continue
-            if key == "ngram_mixture_perplexity":  # a test-time mixture (eval.py --ngram_order), not this model's
+            if key.endswith("_mixture_perplexity"):  # a test-time mixture (eval.py --ngram_order, --block_cache)
                 continue
             metric_type, name = EVAL_METRICS.get(key, (key, key.replace("_", " ").capitalize()))
             args = {"method": metric.get("method"), "source": "eval.py"}
