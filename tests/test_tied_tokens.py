@@ -120,3 +120,26 @@ def test_train_py_saves_a_plain_gpt2_with_equal_tied_rows(micro_files, tmp_path,
     assert tied["below"] == 2 and tied["kept"] + tied["tied"] == 50257 and 500 < tied["kept"] < 5_000
     rows = {tuple(row.tolist()) for row in load_file(out / "model.safetensors")["transformer.wte.weight"]}
     assert len(rows) == tied["kept"] + 1  # the kept rows, and one shared by the tied tokens
+
+
+def test_input_dropout_replaces_inputs_with_the_shared_row_and_keeps_the_targets():
+    model, reference = tiny_model(), tiny_model()
+    (callback,), summary = tie_tokens(model, Stream(STREAM), 2, input_dropout=0.5)
+    assert summary["input_dropout"] == 0.5
+    reference.load_state_dict(model.state_dict())
+    inputs = batch()
+    model.train(), reference.train()
+    torch.manual_seed(7)
+    loss = model(input_ids=inputs, labels=inputs).loss
+    torch.manual_seed(7)
+    dropped = torch.rand(inputs.shape) < 0.5
+    assert 0 < dropped.sum() < dropped.numel()
+    read = torch.where(dropped, callback.tied.shared, inputs)  # what the transformer reads; the targets: `inputs`
+    weight = reference.transformer.wte.weight[callback.tied.row]
+    hidden = reference.transformer(inputs_embeds=F.embedding(read, weight)).last_hidden_state
+    expected = F.cross_entropy((hidden[:, :-1] @ weight.T).reshape(-1, VOCAB), inputs[:, 1:].reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    model.eval(), reference.eval()  # evaluation reads every token
+    torch.manual_seed(7)
+    assert model(input_ids=inputs, labels=inputs).loss.item() == pytest.approx(
+        reference(input_ids=inputs, labels=inputs).loss.item(), rel=1e-6)

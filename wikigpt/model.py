@@ -78,6 +78,12 @@ class ModelArguments:
                           "holds once, so the model learns how likely a token it has not seen is. The saved model "
                           "is a plain GPT-2."},
     )
+    tied_input_dropout: float = field(
+        default=0.0,
+        metadata={"help": "With --tie_tokens_below: during training, each input token reads the shared rare-token "
+                          "row with this probability (its target stays), so the model learns to read text holding "
+                          "more unknown tokens than its training text, as new articles do. 0: off."},
+    )
 
 
 def _check_type(key: str, value, default):

@@ -39,12 +39,19 @@ from .training_loss import replace_training_loss
 logger = logging.getLogger(__name__)
 
 FLAG = "--tie_tokens_below"
+DROPOUT_FLAG = "--tied_input_dropout"
 IGNORE_INDEX = -100
 
 
 def check_tied_tokens_args(args) -> None:
-    below = args.tie_tokens_below
+    below, dropout = args.tie_tokens_below, args.tied_input_dropout
+    if not 0 <= dropout < 1:
+        raise UsageError(f"{DROPOUT_FLAG} is the probability that a training input token reads the shared row, "
+                         f"0 or more and below 1 (e.g. 0.05); got {dropout}")
     if below is None:
+        if dropout:
+            raise UsageError(f"{DROPOUT_FLAG} replaces training input tokens with the row {FLAG} shares: add "
+                             f"{FLAG} K (e.g. 3), or drop {DROPOUT_FLAG}")
         return
     if below < 1:
         raise UsageError(f"{FLAG} is a count of occurrences in the training data, 1 or more (1: only the tokens it "
@@ -65,9 +72,9 @@ def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
 class TiedTokens:
     """Kept and tied ids, each id's column in the narrow head, and each id's row in the training forward."""
 
-    def __init__(self, counts: np.ndarray, below: int):
+    def __init__(self, counts: np.ndarray, below: int, input_dropout: float = 0.0):
         tied = np.flatnonzero(counts < below)
-        self.below = below
+        self.below, self.input_dropout = below, input_dropout
         self.kept = torch.as_tensor(np.flatnonzero(counts >= below), dtype=torch.long)
         self.tied = torch.as_tensor(tied, dtype=torch.long)
         self.shared = int(tied[0])  # the row that stands for all of them
@@ -115,7 +122,11 @@ def _narrow_head_loss(model, hidden_states, labels, **loss_kwargs):
 
 def _shared_row_ids(model, input_ids):
     # the same vectors (tied rows are equal); the gradient of every tied input goes to the shared row
-    return model._tied_tokens.row.to(input_ids.device)[input_ids]
+    tied = model._tied_tokens
+    ids = tied.row.to(input_ids.device)[input_ids]
+    if tied.input_dropout:  # --tied_input_dropout: inputs only, the targets stay
+        ids = ids.masked_fill(torch.rand(ids.shape, device=ids.device) < tied.input_dropout, tied.shared)
+    return ids
 
 
 class TieTokensCallback(TrainerCallback):
@@ -128,8 +139,10 @@ class TieTokensCallback(TrainerCallback):
         self.tied.tie(model.get_input_embeddings().weight)
 
 
-def tie_tokens(model, train_set, below: int) -> tuple[list[TrainerCallback], dict | None]:
+def tie_tokens(model, train_set, below: int, input_dropout: float = 0.0) -> tuple[list[TrainerCallback], dict | None]:
     """Tie the rows of the tokens `train_set` holds fewer than `below` times; train on the narrow head.
+
+    `input_dropout` (--tied_input_dropout): the probability that a training input token reads the shared row.
 
     Returns the callbacks that keep them tied and the summary results.json records (below, kept, tied), or
     ([], None) when no two tokens are that rare."""
@@ -140,11 +153,14 @@ def tie_tokens(model, train_set, below: int) -> tuple[list[TrainerCallback], dic
     if (counts < below).sum() < 2:
         logger.info("%s %d: no two tokens are that rare in the training data; nothing to tie", FLAG, below)
         return [], None
-    tied = TiedTokens(counts, below)
+    tied = TiedTokens(counts, below, input_dropout)
     tied.tie(model.lm_head.weight)
     model._tied_tokens = tied
     replace_training_loss(model, _narrow_head_loss, input_ids_map=_shared_row_ids)
     logger.info("%s %d: %d tokens keep their own row, %d share one (%d of them occur in the training data); the "
                 "training LM head is %.1fx narrower", FLAG, below, len(tied.kept), len(tied.tied),
                 int((counts[tied.tied.numpy()] > 0).sum()), vocab_size / (len(tied.kept) + 1))
-    return [TieTokensCallback(tied)], {"below": tied.below, "kept": len(tied.kept), "tied": len(tied.tied)}
+    summary = {"below": tied.below, "kept": len(tied.kept), "tied": len(tied.tied)}
+    if input_dropout:
+        summary["input_dropout"] = input_dropout
+    return [TieTokensCallback(tied)], summary
