@@ -21,6 +21,8 @@ to it again (weight decay alone moved them), so the saved, evaluated or sampled 
 whose full 50,257-way softmax gives exactly the probabilities the training loss used: a tied token gets
 p(shared class) / n_tied. From scratch only: a pretrained checkpoint's rows carry what it learned.
 With --chunked_loss_size the narrow head's loss and gradients are computed in chunks (wikigpt.chunked_loss).
+With --tied_input_dropout P each training input token reads the shared row with probability P (the targets stay):
+new text holds more unknown tokens than the training text, and the model learns to read such contexts.
 """
 
 import logging
