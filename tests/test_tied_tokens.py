@@ -14,13 +14,11 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from wikigpt.chunked_loss import use_chunked_loss
-from wikigpt import tied_tokens
-from wikigpt.tied_tokens import TiedTokens, TieTokensCallback, _tied_batch, narrow_head_loss, tie_tokens
+from wikigpt.tied_tokens import TiedTokens, narrow_head_loss, tie_tokens
 
 VOCAB = 40
 # the training stream: ids 3..9 twice or more, 10 and 11 once, the rest never
 STREAM = np.array([3, 4, 5, 6, 7, 8, 9] * 3 + [10, 11])
-STREAM_COUNTS = np.bincount(STREAM, minlength=VOCAB)
 
 
 class Stream(torch.utils.data.Dataset):  # as wikigpt.block_offsets.RandomOffsetBlocks: the token stream in `ids`
@@ -145,70 +143,3 @@ def test_input_dropout_replaces_inputs_with_the_shared_row_and_keeps_the_targets
     torch.manual_seed(7)
     assert model(input_ids=inputs, labels=inputs).loss.item() == pytest.approx(
         reference(input_ids=inputs, labels=inputs).loss.item(), rel=1e-6)
-
-
-def identity_model(monkeypatch, samples=None, **kwargs):
-    """A tiny model tied below 2 with identity vectors (std 0.5); `samples`: tied rows drawn per loss."""
-    if samples:
-        monkeypatch.setattr(tied_tokens, "CLASS_SAMPLES", samples)
-    model = tiny_model()
-    (callback,), summary = tie_tokens(model, Stream(STREAM), 2, identity_std=0.5, **kwargs)
-    return model, callback.tied, summary
-
-
-def test_identity_rows_are_the_shared_row_plus_a_fixed_vector_in_the_last_half(monkeypatch):
-    model, tied, summary = identity_model(monkeypatch)
-    assert summary["identity_std"] == 0.5
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    model.train()
-    model(input_ids=batch(), labels=batch()).loss.backward()
-    optimizer.step()
-    TieTokensCallback(tied).on_optimizer_step(None, None, None, model=model)
-    wte = model.transformer.wte.weight.detach()
-    offsets = wte[tied.tied] - wte[tied.shared]
-    assert torch.allclose(offsets, TiedTokens(STREAM_COUNTS, 2, identity_std=0.5, n_embd=16).identity[tied.tied])
-    assert offsets[:, :8].abs().max() == 0 and offsets[0].abs().max() == 0  # first half, and the shared id: none
-    assert len(torch.unique(offsets[1:], dim=0)) == len(tied.tied) - 1
-    assert 0.4 < offsets[1:, 8:].std() < 0.6
-
-
-@pytest.mark.parametrize("chunk_size", [None, 7])
-def test_identity_loss_estimates_the_saved_models_full_softmax(monkeypatch, chunk_size):
-    model, tied, _ = identity_model(monkeypatch, samples=100_000)  # many samples: the estimate is near exact
-    if chunk_size:
-        model._chunked_loss_size = chunk_size
-    inputs = batch()
-    model.eval()
-    full = model(input_ids=inputs, labels=inputs).loss.item()  # GPT2LMHeadModel's own forward: every row
-    model.train()
-    torch.manual_seed(3)
-    assert model(input_ids=inputs, labels=inputs).loss.item() == pytest.approx(full, abs=2e-3)
-    monkeypatch.setattr(tied_tokens, "CLASS_SAMPLES", 1)  # one sample: a far worse estimate of the same sum
-    assert model(input_ids=inputs, labels=inputs).loss.item() != pytest.approx(full, abs=2e-3)
-
-
-def test_identity_inputs_read_the_saved_rows_with_the_gradient_on_the_shared_row(monkeypatch):
-    model, tied, _ = identity_model(monkeypatch)
-    inputs = batch()
-    ids, embeds, labels = _tied_batch(model, inputs, inputs)
-    assert ids is None and labels is inputs
-    assert torch.allclose(embeds, model.transformer.wte(inputs))
-    embeds.sum().backward()
-    grad = model.transformer.wte.weight.grad
-    assert grad[tied.shared].abs().sum() > 0 and grad[tied.tied[1:]].abs().sum() == 0
-
-
-def test_rename_replaces_every_occurrence_of_a_repeated_token_with_one_rare_token(monkeypatch):
-    counts = np.zeros(VOCAB, dtype=int)
-    counts[[3, 4, 5]], counts[6] = 5, tied_tokens.RENAME_BELOW  # 3, 4, 5 renamable; 6 too frequent
-    tied = TiedTokens(counts, 2, rename_prob=1.0)
-    block = torch.tensor([[3, 4, 3, 5, 6, 4, 6, 3]])
-    labels = block.clone()
-    labels[0, 0] = -100
-    renamed, new_labels = tied.rename(block, labels)
-    new_3, new_4 = renamed[0, 0].item(), renamed[0, 1].item()
-    assert renamed[0].tolist() == [new_3, new_4, new_3, 5, 6, new_4, 6, new_3]  # 5 occurs once, 6 is frequent
-    assert counts[new_3] == 0 and counts[new_4] == 0  # tied tokens
-    assert new_labels[0].tolist() == [-100] + renamed[0, 1:].tolist()
-    assert block[0].tolist() == [3, 4, 3, 5, 6, 4, 6, 3]  # the batch itself is left alone
-    assert torch.equal(TiedTokens(counts, 2, rename_prob=0.0).rename(block, labels)[0], block)

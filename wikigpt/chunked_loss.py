@@ -33,13 +33,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     `real_vocab` < weight rows (a padded vocabulary): the padded columns are set to -inf before the softmax, so
     they get no probability and no gradient, while the matmuls keep the padded, tile-friendly width.
-    `tail_offset`: a constant (or one per column) added to the logits of the last `tail_columns` columns (--tie_tokens_below: the log of
-    how many tokens the shared column, or each sampled rare-token column, stands for).
+    `last_column_offset`: a constant added to the last column's logits (--tie_tokens_below's shared class).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, tail_offset: float = 0.0,
-                tail_columns: int = 1):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, last_column_offset: float = 0.0):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -48,8 +46,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.T).float()  # the LM head (autocast applies), upcast like ForCausalLMLoss
             if real_vocab < logits.shape[-1]:
                 logits[:, real_vocab:] = float("-inf")
-            if torch.is_tensor(tail_offset) or tail_offset:
-                logits[:, logits.shape[-1] - tail_columns:] += tail_offset
+            if last_column_offset:
+                logits[:, -1] += last_column_offset
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -68,7 +66,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype),
-                None, None, None, None, None)
+                None, None, None, None)
 
 
 def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_vocab: int,

@@ -84,19 +84,6 @@ class ModelArguments:
                           "row with this probability (its target stays), so the model learns to read text holding "
                           "more unknown tokens than its training text, as new articles do. 0: off."},
     )
-    tied_identity_std: float = field(
-        default=0.0,
-        metadata={"help": "With --tie_tokens_below: each tied token's row is the shared row plus its own fixed random "
-                          "vector (this spread per coordinate, in half the coordinates), so the model can tell rare "
-                          "tokens apart and copy one it has read; the saved model stays a plain GPT-2. 0: off."},
-    )
-    tied_rename_prob: float = field(
-        default=0.0,
-        metadata={"help": "With --tied_identity_std: in each training block, a token that occurs twice or more in it "
-                          "and fewer than 100 times in the training data becomes a random rare token with this "
-                          "probability, everywhere in the block, as new articles repeat names never seen before; "
-                          "it teaches the model to copy them. 0: off."},
-    )
 
 
 def _check_type(key: str, value, default):

@@ -106,8 +106,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
                                                           block_size, training_args)
     # before the weight averaging callbacks: the tied rows are equal again before an average takes them in
     below = model_args.tie_tokens_below
-    tying, tied = tie_tokens(model, train_set, below, model_args.tied_input_dropout, model_args.tied_identity_std,
-                             model_args.tied_rename_prob) if below else ([], None)
+    tying, tied = tie_tokens(model, train_set, below, model_args.tied_input_dropout) if below else ([], None)
     if tied:
         source["tied_tokens"] = tied  # below, kept, tied: results.json's model section
 

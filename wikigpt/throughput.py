@@ -16,8 +16,6 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .tied_tokens import CLASS_SAMPLES
-
 logger = logging.getLogger(__name__)
 
 # Peak dense bf16 tensor-core FLOP/s per device (no sparsity), from the vendors' data sheets. Matched in order
@@ -57,7 +55,7 @@ def matmul_parameters(model) -> int:
         rows = head.weight.shape[0]
         tied_tokens = getattr(model, "_tied_tokens", None)  # --tie_tokens_below: training multiplies fewer rows
         if tied_tokens is not None:
-            rows = len(tied_tokens.kept) + (1 if tied_tokens.identity is None else CLASS_SAMPLES)
+            rows = len(tied_tokens.kept) + 1
         n += rows * head.weight.shape[1]  # tied head: the same tensor, but a second (matmul) use per token
     return n
 

@@ -16,14 +16,14 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
-def replace_training_loss(model, loss, batch_map=None):
+def replace_training_loss(model, loss, input_ids_map=None):
     """Train `model` on `loss(model, hidden_states, labels, **loss_kwargs)`.
 
-    `batch_map(model, input_ids, labels)` -> (input_ids, inputs_embeds, labels): what the transformer reads instead
-    of the batch's ids (one of the two is None) and the labels the loss scores (a batch without input_ids then takes
-    the plain forward). Both are kept on the model, so a deep copy (weight averaging) carries them along.
+    `input_ids_map(model, input_ids)`: the ids the transformer reads instead of the batch's (a batch without
+    input_ids then takes the plain forward). Both are kept on the model, so a deep copy (weight averaging) carries
+    them along.
     """
-    model._training_loss, model._training_batch_map = loss, batch_map
+    model._training_loss, model._training_input_ids_map = loss, input_ids_map
     model.forward = MethodType(_training_forward, model)  # a bound method, as accelerate's wrappers expect
     return model
 
@@ -35,13 +35,13 @@ def _training_forward(self, input_ids=None, past_key_values=None, attention_mask
     args = dict(past_key_values=past_key_values, attention_mask=attention_mask, token_type_ids=token_type_ids,
                 position_ids=position_ids, inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask, use_cache=use_cache)
-    batch_map = self._training_batch_map
+    input_ids_map = self._training_input_ids_map
     if (not (self.training and labels is not None) or logits_to_keep or kwargs.get("return_dict") is False
-            or (batch_map is not None and input_ids is None)):
+            or (input_ids_map is not None and input_ids is None)):
         return type(self).forward(self, input_ids=input_ids, **args, labels=labels, logits_to_keep=logits_to_keep,
                                   **kwargs)
-    if batch_map is not None:
-        input_ids, args["inputs_embeds"], labels = batch_map(self, input_ids, labels)
+    if input_ids_map is not None:
+        input_ids = input_ids_map(self, input_ids)
     # As GPT2LMHeadModel.forward, with the LM head and loss replaced.
     outputs = self.transformer(input_ids=input_ids, **args, **kwargs)
     loss_kwargs = {k: kwargs[k] for k in LOSS_KWARGS if k in kwargs}
