@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import accelerate.utils.launch
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -38,9 +39,12 @@ def test_top_level_config_is_ddp_on_all_gpus():
     assert launch_args(REPO / "accelerate_config.yaml", "--num_processes", "4").num_processes == 4
 
 
-def test_single_gpu_config_runs_one_process_on_gpu_0():
+def test_single_gpu_config_runs_one_process_on_gpu_0(monkeypatch):
     args = launch_args(REPO / "configs" / "accelerate" / "single_gpu.yaml")
     assert not args.multi_gpu and not args.use_fsdp and args.num_processes == 1
+    # accelerate names the visible devices for the backend it finds: a CUDA machine's, whatever runs the test
+    monkeypatch.setattr(accelerate.utils.launch, "get_torch_accelerator_backend",
+                        lambda check_available=True: ("cuda", None), raising=False)
     cmd, env = prepare_simple_launcher_cmd_env(args)
     assert cmd[-3:] == ["train.py", "--preset", "tiny"]
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"

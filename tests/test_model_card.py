@@ -159,6 +159,7 @@ def test_precision_includes_what_accelerate_launch_set(monkeypatch):
     from wikigpt.training_args import WikiTrainingArguments
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr("wikigpt.precision.cpu_has_native_bf16", lambda: False)  # else bf16 is the CPU default
     assert precision(WikiTrainingArguments(output_dir="unused")) == "fp32"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch with mixed_precision: bf16
     assert precision(WikiTrainingArguments(output_dir="unused")) == "bf16 mixed"

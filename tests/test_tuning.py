@@ -39,7 +39,8 @@ def search(tmp_path_factory, micro_files):
     out = tmp / "out"
     # Early stopping on: each trial then ends with its best checkpoint, and needs fresh callbacks.
     argv = micro_args(micro_files, out, "--hp_search", 2, "--hp_space", space, "--eval_strategy", "steps",
-                      "--eval_steps", 3, "--save_steps", 3, "--early_stopping_patience", 1)
+                      "--eval_steps", 3, "--save_steps", 3, "--early_stopping_patience", 1,
+                      "--bf16", "false")  # fp32, as eval.py scores: the objectives are compared with its numbers
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(stdout):
         assert train_in_process(argv, monkeypatch) == 0
