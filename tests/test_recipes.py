@@ -43,7 +43,7 @@ def test_recipe_parses(name, monkeypatch):
         assert data.random_block_offset and 0 < data.validation_split_percentage <= 10 and data.block_size >= 256
         assert training.max_train_minutes > 0 and str(training.lr_scheduler_type).endswith("COSINE")
         assert model.tie_tokens_below == 3  # tokens seen at most twice share one row
-        assert model.tied_input_dropout == 0.05  # and 5% of the training inputs read it
+        assert model.tied_input_dropout == 0.1  # and 10% of the training inputs read it
         assert training.optim_matrices == "muon"
     if name == "wikitext_scratch_cpu.yaml":
         assert data.validation_split_percentage == 5  # 4 of wiki.valid.raw's 60 articles
