@@ -75,12 +75,13 @@ def generate_on_page(page, prompt: str, *, greedy: bool, max_new_tokens: int, se
                             ("#stop_string input, #stop_string textarea", stop)):
         page.fill(selector, str(value))
         page.press(selector, "Tab")
-    # The status line still shows the last result, and gradio's progress timer ("0.1s") shows up in it while the
-    # request runs: wait for a new final line (tokens/s or an error), without the timer.
+    # The status line still shows the last result while the request runs, under gradio's progress timer ("0.1s",
+    # "processing | 0.1/0.7s", "queue: 1/2 | 0.1s"): wait for a new final line (tokens/s or an error) with no timer.
     old_status = page.inner_text("#status")
     page.click("#generate")
     page.wait_for_function("""old => { const t = document.querySelector('#status').innerText;
-        return t !== old && /tokens\\/s|error:/.test(t) && !/^\\s*\\d+(\\.\\d+)?s/.test(t); }""",
+        const timer = /(^|\\|)\\s*\\d+(\\.\\d+)?(\\/\\d+(\\.\\d+)?)?s\\s*$/m;
+        return t !== old && /tokens\\/s|error:/.test(t) && !timer.test(t) && !/processing|queue/.test(t); }""",
                            arg=old_status, timeout=timeout_ms)
     output = page.locator("#output textarea")
     if expected_text is not None:
