@@ -29,9 +29,8 @@ def epoch_offsets(seed: int, block_size: int) -> np.ndarray:
 class RandomOffsetBlocks(torch.utils.data.Dataset):
     """Blocks of `block_size` tokens from one token stream, starting at an offset that changes with set_epoch."""
 
-    def __init__(self, ids: np.ndarray, block_size: int, seed: int, copy_span_prob: float = 0.0):
-        self.ids, self.block_size, self.seed = np.asarray(ids, dtype=np.int64), block_size, seed
-        self.copy_span_prob = copy_span_prob
+    def __init__(self, ids: np.ndarray, block_size: int, seed: int):
+        self.ids, self.block_size = np.asarray(ids, dtype=np.int64), block_size
         self.offsets = epoch_offsets(seed, block_size)
         # The same length at every offset (the Trainer plans its steps from len): the blocks that fit after the
         # largest offset. Each epoch drops < 2 blocks of tokens, at its ends, and which ones changes.
@@ -49,36 +48,8 @@ class RandomOffsetBlocks(torch.utils.data.Dataset):
         if not 0 <= i < self.n_blocks:
             raise IndexError(i)
         start = self.offset + i * self.block_size
-        block = self.ids[start:start + self.block_size]
-        import os
-        synth = float(os.environ.get("SYNTH_FRACTION", 0))
-        if synth and self.epoch < int(os.environ.get("SYNTH_EPOCHS", 99)):
-            rng = np.random.default_rng([self.seed, self.epoch, i, 7])
-            if rng.random() < synth:
-                half = self.block_size // 2
-                r = self.ids[rng.integers(0, len(self.ids), half)]
-                block = np.concatenate([r, r])[:self.block_size]
-        if self.copy_span_prob:
-            block = self.copy_span(block, i)
-        block = torch.from_numpy(block)
+        block = torch.from_numpy(self.ids[start:start + self.block_size])
         return {"input_ids": block, "labels": block.clone()}  # labels = inputs; the model shifts them
-
-
-    def copy_span(self, block: np.ndarray, i: int) -> np.ndarray:
-        """--copy_span_prob: write a copy of one span of the block further on in it (the same draw for a seed, epoch
-        and block). Random lengths and places: no fixed distance the position embeddings could learn instead."""
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        n = len(block)
-        spans = int(self.copy_span_prob) + int(rng.random() < self.copy_span_prob % 1)
-        if not spans or n < 16:
-            return block
-        block = block.copy()
-        for _ in range(spans):
-            length = int(rng.integers(8, min(64, n // 2) + 1))
-            source = int(rng.integers(0, n - 2 * length + 1))
-            target = int(rng.integers(source + length, n - length + 1))
-            block[target:target + length] = block[source:source + length]
-        return block
 
 
 class SetEpochCallback(TrainerCallback):
@@ -103,5 +74,5 @@ def random_offset_training(data_args, raw_train, train_blocks, tokenizer, block_
         raise UsageError(f"--random_block_offset needs at least {2 * block_size - 1} training tokens at --block_size "
                          f"{block_size} (the train split has {len(ids)}); pass more text, a smaller --block_size, "
                          f"or drop --random_block_offset")
-    dataset = RandomOffsetBlocks(ids, block_size, training_args.seed, data_args.copy_span_prob)
+    dataset = RandomOffsetBlocks(ids, block_size, training_args.seed)
     return dataset, [SetEpochCallback(dataset)]

@@ -64,12 +64,6 @@ class DataArguments:
                           "epoch (drawn from --seed and the epoch), so epochs see different block boundaries; "
                           "validation and test blocks are unchanged."},
     )
-    copy_span_prob: float = field(
-        default=0.0,
-        metadata={"help": "With --random_block_offset: the probability that a training block gets a copy of one of "
-                          "its own spans (8-64 tokens) written further on in it, so the model learns to copy from its "
-                          "context (induction heads) early; 0 turns it off."},
-    )
 
     detokenize: bool = field(
         default=False,
