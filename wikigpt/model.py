@@ -179,15 +179,6 @@ def load_model(args: ModelArguments, tokenizer):
     else:
         config = build_config(args.preset, args.config_overrides, len(tokenizer), tokenizer.eos_token_id)
         model = mark_causal_lm_loss(GPT2LMHeadModel(config))
-        import math, os
-        if os.environ.get("SINUSOID_WPE"):  # experimental (probe p4): sinusoidal position rows of this spread
-            n, d = model.transformer.wpe.weight.shape
-            pos = torch.arange(n, dtype=torch.float32)[:, None]
-            freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)
-            pe = torch.zeros(n, d)
-            pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
-            with torch.no_grad():
-                model.transformer.wpe.weight.copy_(pe * float(os.environ["SINUSOID_WPE"]) / pe.std())
         if args.pad_vocab_multiple:
             pad_vocab(model, args.pad_vocab_multiple)
         source = {"kind": "from_scratch", "preset": args.preset or DEFAULT_PRESET,
