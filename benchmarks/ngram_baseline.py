@@ -34,7 +34,7 @@ from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.kneser_ney import KneserNey  # noqa: E402
 from wikigpt.model import DEFAULT_TOKENIZER, load_tokenizer  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data"
+DATA = REPO / "data"  # the bundled WikiText-2 files and GPT-2 tokenizer
 JSON_VERSION = 1
 FIRST_TOKEN = ("every test token is scored; token j is predicted from its last min(j, order-1) tokens, so the "
                "first token (no history) gets the order-1 distribution")
@@ -42,11 +42,11 @@ FIRST_TOKEN = ("every test token is scored; token j is predicted from its last m
 
 @dataclass
 class NgramArguments:
-    train_file: str = field(default=str(SHARED / "wikitext-2-raw" / "wiki.valid.raw"),
+    train_file: str = field(default=str(DATA / "wikitext-2-raw" / "wiki.valid.raw"),
                             metadata={"help": "Text the n-gram counts come from (.raw/.txt/.jsonl/.csv/.parquet)."})
-    test_file: str = field(default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"),
+    test_file: str = field(default=str(DATA / "wikitext-2-raw" / "wiki.test.raw"),
                            metadata={"help": "Text whose token-level perplexity is reported."})
-    tokenizer_name: str = field(default=str(SHARED / "gpt2-tokenizer"), metadata={"help": "Tokenizer folder or id."})
+    tokenizer_name: str = field(default=str(DATA / "gpt2-tokenizer"), metadata={"help": "Tokenizer folder or id."})
     max_order: int = field(default=5, metadata={"help": "Fit and score every order from 1 to this one."})
     output_json: str = field(default=str(REPO / "benchmarks" / "results" / "ngram_baseline.json"),
                              metadata={"help": "Write the results here as JSON."})

@@ -1,12 +1,14 @@
 """wikigpt.kneser_ney + benchmarks/ngram_baseline.py: modified Kneser-Ney distributions are normalised and match a
 hand computation; the script scores real WikiText-2 slices and writes its JSON; bad input gets one error line."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TOKENIZER_DIR, WT2, run_script, write_lines
+from conftest import REPO, TOKENIZER_DIR, WT2, run_script, write_lines
 
 from wikigpt.kneser_ney import KneserNey
 
@@ -116,3 +118,14 @@ def test_missing_train_file_is_one_error_line_and_nothing_written(tmp_path):
     assert errors == [(f"error: --train_file {str(tmp_path / 'nope.raw')!r} does not exist; "
                        f"pass the path of an existing file")]
     assert out.read_text() == "precious"
+
+
+def test_defaults_are_the_bundled_files():
+    """Run without flags, the script scores the repository's own WikiText-2 files with its own tokenizer."""
+    spec = importlib.util.spec_from_file_location("ngram_baseline", REPO / "benchmarks" / "ngram_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.NgramArguments()
+    assert Path(args.train_file) == WT2 / "wiki.valid.raw" and Path(args.test_file) == WT2 / "wiki.test.raw"
+    assert Path(args.tokenizer_name) == TOKENIZER_DIR
+    assert all(Path(p).resolve().is_relative_to(REPO) for p in (args.train_file, args.test_file, args.tokenizer_name))
