@@ -1,0 +1,53 @@
+"""benchmarks/copy_probe.py: both readings are scored on the same targets, the JSON says what was measured, and
+bad sizes get one error line before anything is written."""
+
+import importlib.util
+import json
+
+import torch
+from conftest import REPO, WT2, run_script
+from transformers import GPT2LMHeadModel
+
+spec = importlib.util.spec_from_file_location("copy_probe", REPO / "benchmarks" / "copy_probe.py")
+copy_probe_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(copy_probe_module)
+
+
+def test_a_model_that_reads_only_the_previous_token_gains_nothing(tiny_checkpoint):
+    # Attention writes nothing and every position reads the same (zero) row: each prediction depends on the
+    # current token alone, so both readings, scored on the same targets after the same tokens, cost the same.
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.zero_()
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.attn.c_proj.bias.zero_()
+    ids = torch.randint(0, 5000, (3, 20), generator=torch.Generator().manual_seed(0))
+    result = copy_probe_module.copy_probe(model, ids)
+    assert abs(result["copy_gain_nats"]) < 1e-4
+    # and the first reading is the model's loss on the spans alone: the second one does not leak back
+    first = model(ids, labels=ids).loss.item()
+    assert abs(result["nll_first_reading"] - first) < 1e-4
+
+
+def test_script_writes_the_json(tmp_path, tiny_checkpoint):
+    out = tmp_path / "probe.json"
+    proc = run_script("benchmarks/copy_probe.py", "--model", tiny_checkpoint, "--span", 30, "--samples", 4,
+                      "--stride", 200, "--output_json", out, env={"HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert (report["span"], report["samples"], report["stride"]) == (30, 4, 200)
+    assert report["test_file"] == str(WT2 / "wiki.test.raw")
+    # a random tiny model is close to uniform over the 50,257 tokens (ln 50257 = 10.8) on both readings
+    assert 10 < report["nll_first_reading"] < 11.5 and 10 < report["nll_second_reading"] < 11.5
+    assert f"copying gains {report['copy_gain_nats']:.3f} nats" in proc.stdout
+
+
+def test_span_longer_than_half_the_context_is_one_error_line(tmp_path, tiny_checkpoint):
+    out = tmp_path / "probe.json"
+    proc = run_script("benchmarks/copy_probe.py", "--model", tiny_checkpoint, "--span", 100, "--output_json", out)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors == ["error: --span 100: a sample is 2 x span = 200 tokens, more than the model's context of 128; "
+                      "pass --span 64 or less"]
+    assert not out.exists()
