@@ -18,7 +18,9 @@ import eval as eval_script
 from wikigpt.cli import parse_args
 from wikigpt.errors import run_main
 from wikigpt.run import RUN_ARGUMENTS
+from wikigpt.time_budget import BUDGET_FILE
 from wikigpt.tuning import SearchArguments, load_search_space
+from wikigpt.weight_averaging import RAW_WEIGHTS_FILE
 
 SPACE = """\
 learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
@@ -118,6 +120,24 @@ def test_best_recipe_trains_the_best_trial_again(search, tmp_path, monkeypatch):
     assert train_in_process([recipe, "--output_dir", again], monkeypatch) == 0
     results = json.loads((again / "results.json").read_text())
     assert results["validation"]["eval_perplexity"] == pytest.approx(float(best["held_out_perplexity"]), rel=1e-6)
+
+
+def test_trials_save_their_checkpoints_with_a_time_budget_and_weight_averaging(micro_files, tmp_path, monkeypatch):
+    # Both callbacks add a file to each checkpoint-N the Trainer saves; in a search that folder is in run-N/.
+    space = tmp_path / "space.yaml"
+    space.write_text("learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    out = tmp_path / "out"
+    argv = micro_args(micro_files, out, "--hp_search", 1, "--hp_space", space, "--max_train_minutes", 60,
+                      "--ema_decay", 0.9, max_steps=4, save_steps=2)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train_in_process(argv, monkeypatch) == 0
+    for step in (2, 4):
+        checkpoint = out / "run-0" / f"checkpoint-{step}"
+        assert json.loads((checkpoint / BUDGET_FILE).read_text())["horizon_steps"] == 4
+        assert (checkpoint / RAW_WEIGHTS_FILE).is_file()
+    assert not list(out.glob("checkpoint-*"))
+    with open(out / "trials.csv", newline="") as f:
+        assert [row["state"] for row in csv.DictReader(f)] == ["COMPLETE"]
 
 
 def test_the_shipped_search_space_fits_the_cpu_recipe():

@@ -184,6 +184,18 @@ def checkpoint_problem(path: str) -> str | None:
     return _torch_files_problem(path, [n for n in names if n in ("scheduler.pt", "scaler.pt")] + rng_files)
 
 
+class WritesIntoCheckpoints:
+    """For callbacks that add a file to the checkpoint-N folder the Trainer has just saved (at `on_save`).
+
+    The Trainer saves into --output_dir, but into --output_dir/run-N/ for trial N of a hyper-parameter search, and
+    callbacks are not told which: wikigpt.tuning sets `run_dir` on them for each trial."""
+
+    run_dir: str | None = None
+
+    def checkpoint_folder(self, args, state) -> str:
+        return os.path.join(self.run_dir or args.output_dir, f"checkpoint-{state.global_step}")
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
     """checkpoint-N folders of `output_dir`, newest (highest N) first.
 

@@ -25,6 +25,7 @@ import time
 
 from transformers import TrainerCallback
 
+from .checkpoints import WritesIntoCheckpoints
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def check_time_budget_args(args) -> None:
                          f"{schedule} is not; pass e.g. --lr_scheduler_type cosine or warmup_stable_decay")
 
 
-class TimeBudgetCallback(TrainerCallback):
+class TimeBudgetCallback(WritesIntoCheckpoints, TrainerCallback):
     def __init__(self, minutes: float, resume_from_checkpoint: str | None = None):
         self.budget_s = minutes * 60
         self.minutes, self.resume_from = minutes, resume_from_checkpoint
@@ -117,8 +118,7 @@ class TimeBudgetCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            with open(os.path.join(folder, BUDGET_FILE), "w", encoding="utf-8") as f:
+            with open(os.path.join(self.checkpoint_folder(args, state), BUDGET_FILE), "w", encoding="utf-8") as f:
                 json.dump({"spent_s": self.spent_s(clock()), "horizon_steps": self.horizon}, f)
 
     def summary(self, global_step: int) -> dict:

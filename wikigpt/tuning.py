@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import yaml
 from transformers import GPT2Config, Trainer
 
+from .checkpoints import WritesIntoCheckpoints
 from .errors import UsageError
 from .nan_guard import TrainingDiverged
 
@@ -355,6 +356,9 @@ class SearchTrainer(Trainer):
             return self.base_run.model
         self.run = self.build_trial(trial.number, self.space.suggest(trial))
         self.callback_handler = self.run.trainer.callback_handler
+        for callback in self.callback_handler.callbacks:  # the trial's checkpoints go to run-N/, not --output_dir
+            if isinstance(callback, WritesIntoCheckpoints):
+                callback.run_dir = self._get_output_dir(trial)
         self.train_dataset, self.eval_dataset = self.run.trainer.train_dataset, self.run.trainer.eval_dataset
         return self.run.model
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import TrainerCallback
 
+from .checkpoints import WritesIntoCheckpoints
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def check_weight_averaging_args(args) -> None:
                          f"in [0, 1) (e.g. 0.75); got {start}")
 
 
-class WeightAveragingCallback(TrainerCallback):
+class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
     """Keeps an AveragedModel of `model`; swaps it in for evaluations, checkpoints and the end of training."""
 
     def __init__(self, ema_decay: float | None = None, swa_start: float | None = None,
@@ -107,7 +108,7 @@ class WeightAveragingCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if not args.should_save:
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = self.checkpoint_folder(args, state)
         raw = self.raw if self.raw is not None else self._params(model)
         tensors = {name: t.contiguous() for (name, _), t in zip(model.named_parameters(), raw)}
         save_file({**tensors, N_AVERAGED: self.averaged.n_averaged.detach().cpu()}, os.path.join(folder, RAW_WEIGHTS_FILE))
