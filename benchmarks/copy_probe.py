@@ -5,7 +5,7 @@
 Each sample is a span A of real text followed by A again. A model that copies from its context (the induction
 heads of Olsson et al., 2022) predicts the second reading far better than the first; a model that does not scores
 both alike. Both readings are scored on the same targets (A's tokens after its first, each from the same previous
-token), so a model that sees only the previous token scores them exactly alike. New articles repeat names the
+token), so a model that sees only the current token scores them exactly alike. New articles repeat names the
 training text never held, so copying is what a test-time cache adds to a model that lacks it (docs/results.md).
 
 Prints the mean negative log-likelihood per token (nats) of both readings and their difference, and writes them

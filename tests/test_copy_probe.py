@@ -13,7 +13,7 @@ copy_probe_module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(copy_probe_module)
 
 
-def test_a_model_that_reads_only_the_previous_token_gains_nothing(tiny_checkpoint):
+def test_a_model_that_reads_only_the_current_token_gains_nothing(tiny_checkpoint):
     # Attention writes nothing and every position reads the same (zero) row: each prediction depends on the
     # current token alone, so both readings, scored on the same targets after the same tokens, cost the same.
     model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
