@@ -8,8 +8,13 @@ both alike. Both readings are scored on the same targets (A's tokens after its f
 token), so a model that sees only the current token scores them exactly alike. New articles repeat names the
 training text never held, so copying is what a test-time cache adds to a model that lacks it (docs/results.md).
 
+It also measures the two heads copying is built from, in each layer (the best of its heads): the induction score,
+the attention a token of the second reading pays to the token after its first occurrence (the one to copy), and
+the previous-token score, the attention a token pays to the one just before it. A head that does either job puts
+most of its attention there; a head that attends evenly puts 1/(position + 1).
+
 Prints the mean negative log-likelihood per token (nats) of both readings and their difference, and writes them
-as JSON.
+and the head scores as JSON.
 """
 
 import os
@@ -44,15 +49,23 @@ class CopyProbeArguments:
 
 
 def copy_probe(model, ids: torch.Tensor) -> dict:
-    """ids: [samples, span]. Mean NLL of A[1:] in the first and in the second reading of [A A]."""
+    """ids: [samples, span]. Mean NLL of A[1:] in the first and in the second reading of [A A], and per layer
+    the best head's induction and previous-token scores."""
     span = ids.shape[1]
     x = torch.cat([ids, ids], dim=1).to(model.device)
+    model.set_attn_implementation("eager")  # the fused kernels return no attention weights
     with torch.no_grad():
-        logits = model(x).logits.float()
+        out = model(x, output_attentions=True)
+    logits = out.logits.float()
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # nll[:, t]: x[t + 1]
     first, second = nll[:, :span - 1].mean().item(), nll[:, span:].mean().item()
+    query = torch.arange(span, 2 * span)  # the second reading; its token at q first occurred at q - span
+    later = torch.arange(1, 2 * span)
+    induction = [round(a[:, :, query, query - span + 1].mean(dim=(0, 2)).max().item(), 4) for a in out.attentions]
+    previous = [round(a[:, :, later, later - 1].mean(dim=(0, 2)).max().item(), 4) for a in out.attentions]
     return {"nll_first_reading": round(first, 5), "nll_second_reading": round(second, 5),
-            "copy_gain_nats": round(first - second, 5)}
+            "copy_gain_nats": round(first - second, 5), "induction_score_by_layer": induction,
+            "previous_token_score_by_layer": previous}
 
 
 def main() -> None:
@@ -77,6 +90,8 @@ def main() -> None:
               "stride": args.stride, **copy_probe(model, ids)}
     print(f"{args.model}: NLL per token {report['nll_first_reading']:.3f} reading a span the first time, "
           f"{report['nll_second_reading']:.3f} the second time: copying gains {report['copy_gain_nats']:.3f} nats")
+    print(f"best head per layer: induction score {report['induction_score_by_layer']}, previous-token score "
+          f"{report['previous_token_score_by_layer']}")
     if args.output_json:
         write_json_atomic(args.output_json, report)
         print(f"wrote {args.output_json}")

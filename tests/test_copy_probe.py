@@ -30,6 +30,62 @@ def test_a_model_that_reads_only_the_current_token_gains_nothing(tiny_checkpoint
     assert abs(result["nll_first_reading"] - first) < 1e-4
 
 
+def test_heads_that_attend_evenly_score_one_over_the_position(tiny_checkpoint):
+    # Zero queries and keys: every head spreads its attention evenly, 1/(q + 1) on each key of query q, so the
+    # induction score is the mean of 1/(q + 1) over the second reading and the previous-token score over all.
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    n_embd = model.config.n_embd
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:, :2 * n_embd] = 0
+            block.attn.c_attn.bias[:2 * n_embd] = 0
+    span = 10
+    result = copy_probe_module.copy_probe(model, torch.randint(0, 5000, (2, span)))
+    induction = sum(1 / (q + 1) for q in range(span, 2 * span)) / span
+    previous = sum(1 / (q + 1) for q in range(1, 2 * span)) / (2 * span - 1)
+    assert result["induction_score_by_layer"] == [round(induction, 4)] * model.config.n_layer
+    assert result["previous_token_score_by_layer"] == [round(previous, 4)] * model.config.n_layer
+
+
+def head_looking_back(checkpoint, span: int, target) -> GPT2LMHeadModel:
+    """The checkpoint with layer 0, head 0 attending from each position q to position target(q): positions are
+    one-hot rows (tokens read zero), the key is the position, the query a large weight on target(q)'s."""
+    model = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    n_embd, head = model.config.n_embd, model.config.n_embd // model.config.n_head
+    assert 2 * span <= head
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()
+        model.transformer.wpe.weight.zero_()
+        model.transformer.wpe.weight[:2 * span, :2 * span] = torch.eye(2 * span)
+        model.transformer.h[0].ln_1.weight.fill_(1)
+        model.transformer.h[0].ln_1.bias.zero_()
+        for columns in (slice(0, head), slice(n_embd, n_embd + head)):  # head 0's query and key
+            attn.c_attn.weight[:, columns] = 0
+            attn.c_attn.bias[columns] = 0
+        for q in range(2 * span):
+            attn.c_attn.weight[q, target(q)] = 50.0
+            attn.c_attn.weight[q, n_embd + q] = 1.0
+    return model
+
+
+def test_a_previous_token_head_scores_one_and_copies_nothing(tiny_checkpoint):
+    span = 6
+    model = head_looking_back(tiny_checkpoint, span, lambda q: max(q - 1, 0))
+    result = copy_probe_module.copy_probe(model, torch.randint(0, 5000, (2, span)))
+    assert result["previous_token_score_by_layer"][0] > 0.99
+    assert result["induction_score_by_layer"][0] < 0.2  # layer 0's other head, attending about evenly: 0.11
+
+
+def test_an_induction_head_scores_one(tiny_checkpoint):
+    # on [A A], the token after a token's first occurrence is span - 1 positions back
+    span = 6
+    model = head_looking_back(tiny_checkpoint, span, lambda q: q - span + 1 if q >= span else q)
+    result = copy_probe_module.copy_probe(model, torch.randint(0, 5000, (2, span)))
+    assert result["induction_score_by_layer"][0] > 0.99
+    assert result["previous_token_score_by_layer"][0] < 0.3  # the other head, attending about evenly: 0.19
+
+
 def test_script_writes_the_json(tmp_path, tiny_checkpoint):
     out = tmp_path / "probe.json"
     proc = run_script("benchmarks/copy_probe.py", "--model", tiny_checkpoint, "--span", 30, "--samples", 4,
