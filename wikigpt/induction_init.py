@@ -19,7 +19,7 @@ def from_env(model):
 
 @torch.no_grad()
 def induction_init(model, prev_sharpness=2.5, match_sharpness=4.0, write_gain=None, copy_gain=None, seed=0,
-                   emb_scale=1.0, key_scale=1.0, seed_induction=1):
+                   emb_scale=1.0, key_scale=1.0):
     cfg = model.config
     d, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
     m = len(OMEGAS)
@@ -54,8 +54,6 @@ def induction_init(model, prev_sharpness=2.5, match_sharpness=4.0, write_gain=No
     a0.c_proj.weight[0:hd] = 0
     write = write_gain if write_gain is not None else std * math.sqrt(t / hd) / math.sqrt(t / d)
     a0.c_proj.weight[0:hd, S] = write * torch.eye(hd)
-    if not seed_induction:
-        return model
     a1 = tr.h[1].attn
     W, b = a1.c_attn.weight, a1.c_attn.bias
     for off in (0, d, 2 * d):
