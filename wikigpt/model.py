@@ -179,8 +179,6 @@ def load_model(args: ModelArguments, tokenizer):
     else:
         config = build_config(args.preset, args.config_overrides, len(tokenizer), tokenizer.eos_token_id)
         model = mark_causal_lm_loss(GPT2LMHeadModel(config))
-        from .induction_init import from_env  # EXPERIMENT
-        from_env(model)
         if args.pad_vocab_multiple:
             pad_vocab(model, args.pad_vocab_multiple)
         source = {"kind": "from_scratch", "preset": args.preset or DEFAULT_PRESET,
