@@ -97,6 +97,8 @@ def test_script_writes_the_json(tmp_path, tiny_checkpoint):
     # a random tiny model is close to uniform over the 50,257 tokens (ln 50257 = 10.8) on both readings
     assert 10 < report["nll_first_reading"] < 11.5 and 10 < report["nll_second_reading"] < 11.5
     assert f"copying gains {report['copy_gain_nats']:.3f} nats" in proc.stdout
+    assert len(report["induction_score_by_layer"]) == len(report["previous_token_score_by_layer"]) == 2  # 2 layers
+    assert f"induction score {report['induction_score_by_layer']}" in proc.stdout
 
 
 def test_span_longer_than_half_the_context_is_one_error_line(tmp_path, tiny_checkpoint):
