@@ -26,12 +26,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import pyarrow.compute as pc  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from wikigpt.cli import parse_args  # noqa: E402
-from wikigpt.data import DataArguments, load_raw_splits, tokenize  # noqa: E402
+from wikigpt.data import DataArguments, load_raw_splits, token_stream  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.model import context_length, load_pretrained  # noqa: E402
 from wikigpt.results import write_json_atomic  # noqa: E402
@@ -79,7 +78,7 @@ def main() -> None:
                          f"context of {context_length(model.config)}; pass --span {context_length(model.config) // 2} "
                          f"or less")
     raw = load_raw_splits(DataArguments(test_file=args.test_file), seed=0, required=("test",))
-    stream = pc.list_flatten(tokenize(raw["test"], tokenizer).with_format("arrow")[:]["input_ids"]).to_numpy()
+    stream = token_stream(raw["test"], tokenizer)
     needed = (args.samples - 1) * args.stride + args.span
     if len(stream) < needed:
         raise UsageError(f"--test_file holds {len(stream)} tokens; {args.samples} spans of {args.span} every "

@@ -25,10 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 
 from wikigpt.cli import parse_args  # noqa: E402
-from wikigpt.data import DataArguments, load_raw_splits, tokenize  # noqa: E402
+from wikigpt.data import DataArguments, load_raw_splits, token_stream  # noqa: E402
 from wikigpt.results import write_json_atomic  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.kneser_ney import KneserNey  # noqa: E402
@@ -64,8 +63,7 @@ def load_token_streams(args: NgramArguments):
     tokenizer = load_tokenizer(args.tokenizer_name or DEFAULT_TOKENIZER)
     streams = {}
     for split in ("train", "test"):
-        ids = tokenize(raw[split], tokenizer).with_format("arrow")[:]["input_ids"]
-        streams[split] = pc.list_flatten(ids).to_numpy().astype(np.int64)
+        streams[split] = token_stream(raw[split], tokenizer).astype(np.int64)
         if len(streams[split]) == 0:
             flag = "--train_file" if split == "train" else "--test_file"
             raise UsageError(f"{flag} has no tokens; pass a file with text in it")

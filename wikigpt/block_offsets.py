@@ -13,11 +13,10 @@ Validation and test blocks are unchanged.
 """
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from transformers import TrainerCallback
 
-from .data import tokenize
+from .data import token_stream
 from .errors import UsageError
 
 
@@ -68,8 +67,7 @@ def random_offset_training(data_args, raw_train, train_blocks, tokenizer, block_
     if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
         raise UsageError("--random_block_offset changes the training blocks every epoch, which persistent dataloader "
                          "workers would not see: drop --dataloader_persistent_workers")
-    tokenized = tokenize(raw_train, tokenizer, data_args.preprocessing_num_workers)  # the datasets cache: no new work
-    ids = pc.list_flatten(tokenized.with_format("arrow")[:]["input_ids"]).to_numpy()
+    ids = token_stream(raw_train, tokenizer, data_args.preprocessing_num_workers)  # the datasets cache: no new work
     if len(ids) < 2 * block_size - 1:
         raise UsageError(f"--random_block_offset needs at least {2 * block_size - 1} training tokens at --block_size "
                          f"{block_size} (the train split has {len(ids)}); pass more text, a smaller --block_size, "

@@ -277,6 +277,11 @@ def tokenize(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -> da
         tok_logger.setLevel(level)
 
 
+
+def token_stream(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -> np.ndarray:
+    """`tokenize`'s rows concatenated into one array of token ids (read from the datasets cache when it holds them)."""
+    return pc.list_flatten(tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]).to_numpy()
+
 def group_texts(tokenized: datasets.Dataset, block_size: int) -> datasets.Dataset:
     """Concatenate the whole split and cut it into `block_size` blocks; only the split's final remainder is dropped.
 
