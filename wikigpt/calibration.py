@@ -29,13 +29,16 @@ def final_norm(model):
     return getattr(getattr(model, "transformer", None), "ln_f", None)
 
 
-def check_calibration_model(model) -> None:
+def check_calibration_model(model, flag: str = FLAG) -> None:
+    """GPT-2's ln_f (with a bias) and a bias-free LM head: what --calibrate_temperature and --calibrate_token_offsets
+    fold into."""
+    what = "the temperature" if flag == FLAG else "its offsets"
     if not isinstance(final_norm(model), torch.nn.LayerNorm) or final_norm(model).bias is None:
-        raise UsageError(f"{FLAG} folds the temperature into GPT-2's final LayerNorm (transformer.ln_f), which "
-                         f"{type(model).__name__} does not have; drop {FLAG}")
+        raise UsageError(f"{flag} folds {what} into GPT-2's final LayerNorm (transformer.ln_f), which "
+                         f"{type(model).__name__} does not have; drop {flag}")
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
-        raise UsageError(f"{FLAG} needs an LM head without a bias (GPT-2's); drop {FLAG}")
+        raise UsageError(f"{flag} needs an LM head without a bias (GPT-2's); drop {flag}")
 
 
 @torch.no_grad()

@@ -201,6 +201,13 @@ def _body(results: dict, evals: list[EvalResult], eval_results: dict | None, tit
                      f"training and folded into the final LayerNorm (held-out perplexity "
                      f"{_fmt(calibration['validation_perplexity_before'], 2)} -> "
                      f"{_fmt(calibration['validation_perplexity_after'], 2)}): the saved logits are divided by it")
+    if offsets := results.get("token_offsets"):
+        lines.append(f"- logit offsets {offsets['offsets']} for tokens seen {offsets['count_edges']} or more times "
+                     f"in the training text, fitted on the held-out split after training (held-out perplexity "
+                     f"{_fmt(offsets['validation_perplexity_before'], 2)} -> "
+                     f"{_fmt(offsets['validation_perplexity_after'], 2)}): "
+                     + (f"skipped ({offsets['skipped']})" if "skipped" in offsets else
+                        "folded into the LM head, which is untied from the input embeddings"))
     if throughput:
         mfu = throughput.get("mfu")
         lines.append(f"- throughput: {_fmt(throughput.get('tokens_per_second'), 0)} tokens/s"

@@ -32,7 +32,8 @@ from .block_offsets import random_offset_training
 from .calibration import calibrate_temperature, check_calibration_model
 from .results import write_json_atomic
 from .schedules import WikiTrainer
-from .tied_tokens import tie_tokens
+from .tied_tokens import tie_tokens, training_token_counts
+from .token_offsets import calibrate_token_offsets
 from .throughput import ThroughputCallback, add_throughput_callback
 from .time_budget import TimeBudgetCallback, time_budget_callbacks
 from .training_args import WikiTrainingArguments, check_output_dir, tokens_per_step
@@ -90,8 +91,9 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
 
     tokenizer = load_tokenizer(tokenizer_for(model_args), model_args.trust_remote_code)
     model, source = load_model(model_args, tokenizer)
-    if training_args.calibrate_temperature:
-        check_calibration_model(model)
+    for flag in ("calibrate_temperature", "calibrate_token_offsets"):
+        if getattr(training_args, flag):
+            check_calibration_model(model, f"--{flag}")
     block_size = resolve_block_size(data_args.block_size, context_length(model.config))
     logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)
     resume.check_model(model.config)
@@ -150,6 +152,12 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
     # --calibrate_temperature: the held-out split chooses T; saved, evaluated and pushed with the model
     calibration = (calibrate_temperature(trainer.model, run.blocks["validation"], training_args.per_device_eval_batch_size)
                    if training_args.calibrate_temperature else None)
+    # --calibrate_token_offsets: then one logit offset per class of training count, in an untied LM head
+    token_offsets = (calibrate_token_offsets(trainer.model, run.blocks["validation"],
+                                             training_args.per_device_eval_batch_size,
+                                             training_token_counts(trainer.train_dataset,
+                                                                   trainer.model.get_output_embeddings().out_features))
+                     if training_args.calibrate_token_offsets else None)
     with writing(output_dir, "the final model", is_main):
         trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
         trainer.save_state()
@@ -167,6 +175,7 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
         **(run.time_budget.summary(train_result.global_step) if run.time_budget else {}),  # --max_train_minutes
         **describe_run(run.data_args, training_args, run.model, block_size),
         **({"calibration": calibration} if calibration else {}),
+        **({"token_offsets": token_offsets} if token_offsets else {}),
     }
     if run.push:
         results["hub_model_id"] = training_args.hub_model_id

@@ -108,6 +108,13 @@ class WikiTrainingArguments(TrainingArguments):
                           "its perplexity) and fold it into the final LayerNorm, so the saved model's own softmax is "
                           "calibrated for new text. GPT-2 models only. Off by default."},
     )
+    calibrate_token_offsets: bool = field(
+        default=False,
+        metadata={"help": "After training (and --calibrate_temperature), fit one logit offset per class of training "
+                          "count (tokens seen 0, 1, 2, 3-4, ... times in the training text) on the held-out split and "
+                          "fold them into an untied LM head: new text holds more rare tokens than the training text. "
+                          "GPT-2 models only. Off by default."},
+    )
 
     def __post_init__(self):
         check_optimizer_args(self)

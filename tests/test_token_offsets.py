@@ -1,0 +1,206 @@
+"""--calibrate_token_offsets (wikigpt/token_offsets.py): tokens are grouped by training count, the fitted offsets
+minimise held-out NLL, folding them into an untied LM head shifts each logit by its offset (and survives a save),
+a final LayerNorm that cannot carry them leaves the model alone, and train.py saves and evaluates the result."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from wikigpt.calibration import check_calibration_model
+from wikigpt.errors import UsageError
+from wikigpt.token_offsets import (calibrate_token_offsets, count_groups, fit_offsets, fold_errors, fold_offsets,
+                                   group_logsumexp, offset_head, offsets_nll)
+
+
+def test_tokens_are_grouped_by_training_count():
+    counts = np.array([0, 1, 2, 3, 4, 5, 9, 10, 29, 30, 99, 100, 999, 1000, 50_000])
+    assert count_groups(counts).tolist() == [0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
+
+
+def drawn_with_offsets(true_offsets, n: int = 30_000, width: int = 6, seed: int = 0):
+    """Hidden states, an output matrix, groups of its 40 tokens, and targets drawn from the offset softmax."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 40
+    hidden, weight = torch.randn(n, width, generator=g), torch.randn(vocab, width, generator=g)
+    groups = torch.arange(vocab) % len(true_offsets)
+    probs = torch.softmax(hidden @ weight.T + torch.as_tensor(true_offsets)[groups], dim=-1)
+    return hidden, torch.multinomial(probs, 1, generator=g)[:, 0], weight, groups
+
+
+def test_fit_recovers_the_offsets_the_targets_were_drawn_with():
+    true_offsets = torch.tensor([-1.0, 0.0, 0.7, 1.5], dtype=torch.float64)
+    hidden, targets, weight, groups = drawn_with_offsets(true_offsets)
+    lse, target_logit = group_logsumexp(hidden, targets, weight, groups, chunk=4096)
+    offsets = fit_offsets(lse, target_logit, groups[targets], l2=1e-7)
+    # a constant added to every offset leaves the softmax unchanged: compare them relative to their mean
+    torch.testing.assert_close(offsets - offsets.mean(), true_offsets - true_offsets.mean(), atol=0.05, rtol=0)
+
+
+def test_fitted_offsets_are_the_held_out_minimum():
+    hidden, targets, weight, groups = drawn_with_offsets([0.5, -0.5, 0.0], seed=1)
+    lse, target_logit = group_logsumexp(hidden, targets, weight, groups)
+    offsets = fit_offsets(lse, target_logit, groups[targets], l2=1e-9)
+    nll = offsets_nll(offsets, lse, target_logit, groups[targets])
+    assert nll < offsets_nll(torch.zeros(3, dtype=torch.float64), lse, target_logit, groups[targets]) - 0.01
+    for group in range(3):
+        for step in (-0.05, 0.05):
+            nearby = offsets.clone()
+            nearby[group] += step
+            assert offsets_nll(nearby, lse, target_logit, groups[targets]) > nll
+
+
+def test_a_group_without_tokens_keeps_offset_zero():
+    hidden, targets, weight, groups = drawn_with_offsets([0.3, -0.3])
+    groups = groups * 2  # groups 0 and 2 hold tokens, group 1 none
+    lse, target_logit = group_logsumexp(hidden, targets, weight, groups)
+    offsets = fit_offsets(lse, target_logit, groups[targets])
+    assert offsets[1] == 0 and torch.isfinite(offsets).all() and offsets[0] != 0
+
+
+def tiny_gpt2(seed: int = 0, bias: bool = True):
+    torch.manual_seed(seed)
+    # rows and a final LayerNorm of a trained model's size (GPT-2's initial rows are 50x smaller)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32,
+                                       initializer_range=1.0)).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.uniform_(0.5, 1.5)
+        if bias:
+            model.transformer.ln_f.bias.normal_()
+    return model
+
+
+def test_folding_shifts_every_logit_by_its_token_offset_and_survives_save(tmp_path):
+    model = tiny_gpt2()
+    ids = torch.randint(0, 64, (2, 12))
+    token_offsets = torch.randn(64)
+    with torch.no_grad():
+        before = model(ids).logits
+        fold_offsets(model, offset_head(model, token_offsets))
+        after = model(ids).logits
+    torch.testing.assert_close(after, before + token_offsets, rtol=0, atol=1e-4)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    with torch.no_grad():
+        reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()(ids).logits
+    torch.testing.assert_close(reloaded, after, rtol=0, atol=0)
+
+
+def held_out_blocks(n: int = 12, length: int = 16):
+    return Dataset.from_dict({"input_ids": torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(3)).tolist()})
+
+
+def test_calibration_lowers_held_out_nll_and_is_folded():
+    model = tiny_gpt2()
+    counts = np.arange(64) * 40  # every COUNT_EDGES group holds tokens
+    blocks = held_out_blocks()
+    summary = calibrate_token_offsets(model, blocks, batch_size=4, counts=counts)
+    assert "skipped" not in summary and summary["tokens"] == 12 * 15
+    assert summary["validation_perplexity_after"] < summary["validation_perplexity_before"]
+    assert summary["group_tokens"] == count_groups(counts).bincount(minlength=9).tolist()
+    ids = torch.as_tensor(blocks["input_ids"])
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+    assert float(nll.exp()) == pytest.approx(summary["validation_perplexity_after"], rel=1e-4)
+
+
+def test_a_final_layernorm_that_cannot_carry_offsets_leaves_the_model_alone():
+    model = tiny_gpt2(bias=False)  # beta = 0: h . (1 / gamma) = 0 for every input, no direction carries an offset
+    head = model.lm_head.weight.detach().clone()
+    summary = calibrate_token_offsets(model, held_out_blocks(), batch_size=4, counts=np.arange(64) * 40)
+    assert summary["skipped"].startswith("fold error inf nats > 0.001")
+    assert torch.equal(model.lm_head.weight, head) and model.lm_head.weight is model.transformer.wte.weight
+    assert model.config.tie_word_embeddings is True
+
+
+def test_fold_errors_measure_the_float32_and_bfloat16_logit_errors():
+    model = tiny_gpt2()
+    hidden = model.transformer.ln_f(torch.randn(8, 16)).detach()
+    weight = model.lm_head.weight.detach()
+    token_offsets = torch.full((64,), 0.5)
+    error, bf16_ratio = fold_errors(hidden, weight, weight, token_offsets)  # no fold: off by the offsets
+    assert error == pytest.approx(0.5) and bf16_ratio == pytest.approx(1.0)
+    error, bf16_ratio = fold_errors(hidden, weight, offset_head(model, token_offsets), token_offsets)
+    assert error < 1e-5 and 0.5 < bf16_ratio < 2
+    # a 1e-3 times smaller C (beta scaled down): the same offsets need 1e3 times larger head rows
+    with torch.no_grad():
+        model.transformer.ln_f.bias.mul_(1e-3)
+    hidden = model.transformer.ln_f(torch.randn(8, 16)).detach()
+    assert fold_errors(hidden, weight, offset_head(model, token_offsets), token_offsets)[1] > 10
+
+
+def test_model_without_gpt2_final_layernorm_is_refused():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(UsageError, match=r"--calibrate_token_offsets folds its offsets into GPT-2's final "
+                                         r"LayerNorm \(transformer.ln_f\), which LlamaForCausalLM does not have; "
+                                         r"drop --calibrate_token_offsets"):
+        check_calibration_model(model, "--calibrate_token_offsets")
+
+
+@pytest.fixture(scope="module")
+def trained_size_checkpoint(tmp_path_factory, tokenizer):
+    """A micro GPT-2 whose LM head rows and final LayerNorm have a trained model's sizes (a from-scratch model after
+    a few steps still has ln_f's bias near 0, where no offset can be folded exactly)."""
+    d = tmp_path_factory.mktemp("trained-size")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=len(tokenizer),
+                                       initializer_range=1.0))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.uniform_(0.5, 1.5)
+        model.transformer.ln_f.bias.normal_(1.0, 0.5)
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def offset_run_args(micro_files, out, *extra):
+    args = micro_args(micro_files, out, "--calibrate_temperature", "true", "--calibrate_token_offsets", "true", *extra,
+                      max_steps=10, save_steps=10)
+    return [a for i, a in enumerate(args) if a not in ("--preset", "tiny") and "--config_overrides" not in args[i - 1:i + 1]]
+
+
+def test_train_saves_and_evaluates_the_offset_model(tmp_path, micro_files, monkeypatch, trained_size_checkpoint):
+    out = tmp_path / "run"
+    assert train_in_process(offset_run_args(micro_files, out, "--model_name_or_path", trained_size_checkpoint),
+                            monkeypatch) == 0
+    results = json.loads((out / "results.json").read_text())
+    offsets = results["token_offsets"]
+    assert "skipped" not in offsets and len(offsets["offsets"]) == 9
+    assert offsets["validation_perplexity_after"] < offsets["validation_perplexity_before"]
+    # the temperature is fitted first, the offsets on the calibrated model
+    assert offsets["validation_perplexity_before"] == pytest.approx(results["calibration"]["validation_perplexity_after"],
+                                                                    rel=1e-4)
+    # the final validation evaluation (the Trainer's, in bf16 autocast on a CPU with native bf16) scores it
+    assert results["validation"]["eval_perplexity"] == pytest.approx(offsets["validation_perplexity_after"], rel=3e-3)
+    trained, saved = load_file(out / "checkpoint-10" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert "lm_head.weight" in saved and "lm_head.weight" not in trained  # untied: the head is saved on its own
+    torch.testing.assert_close(saved["transformer.wte.weight"], trained["transformer.wte.weight"], rtol=0, atol=0)
+    card = (out / "README.md").read_text()
+    assert (f"- logit offsets {offsets['offsets']} for tokens seen [0, 1, 2, 3, 5, 10, 30, 100, 1000] or more times "
+            f"in the training text, fitted on the held-out split after training (held-out perplexity "
+            f"{offsets['validation_perplexity_before']:,.2f} -> {offsets['validation_perplexity_after']:,.2f}): "
+            f"folded into the LM head, which is untied from the input embeddings") in card
+
+
+def test_train_skips_offsets_a_fresh_model_cannot_carry(tmp_path, micro_files, monkeypatch):
+    out = tmp_path / "run"
+    argv = micro_args(micro_files, out, "--calibrate_temperature", "true", "--calibrate_token_offsets", "true",
+                      max_steps=10, save_steps=10)
+    assert train_in_process(argv, monkeypatch) == 0
+    results = json.loads((out / "results.json").read_text())
+    offsets = results["token_offsets"]
+    assert offsets["skipped"].startswith("bfloat16 logit error ") and offsets["skipped"].endswith("x the plain "
+                                                                                                  "model's > 2.0x")
+    # saved as calibrated by the temperature alone, with its head still tied
+    assert results["validation"]["eval_perplexity"] == pytest.approx(results["calibration"]["validation_perplexity_after"],
+                                                                     rel=1e-4)
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "): skipped (bfloat16 logit error " in (out / "README.md").read_text()
