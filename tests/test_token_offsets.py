@@ -1,6 +1,7 @@
 """--calibrate_token_offsets (wikigpt/token_offsets.py): tokens are grouped by training count, the fitted offsets
-minimise held-out NLL, folding them into an untied LM head shifts each logit by its offset (and survives a save),
-a final LayerNorm that cannot carry them leaves the model alone, and train.py saves and evaluates the result."""
+minimise held-out NLL, folding them into ln_f's bias and an untied LM head shifts each logit by its offset (and
+survives a save), a fold that would not be exact leaves the model alone, and train.py saves and evaluates the
+result."""
 
 import json
 
@@ -15,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from wikigpt.calibration import check_calibration_model
 from wikigpt.errors import UsageError
 from wikigpt.token_offsets import (calibrate_token_offsets, count_groups, fit_offsets, fold_errors, fold_offsets,
-                                   group_logsumexp, offset_head, offsets_nll)
+                                   group_logsumexp, offset_fold, offsets_nll)
 
 
 def test_tokens_are_grouped_by_training_count():
@@ -75,16 +76,22 @@ def tiny_gpt2(seed: int = 0, bias: bool = True):
     return model
 
 
-def test_folding_shifts_every_logit_by_its_token_offset_and_survives_save(tmp_path):
+@pytest.mark.parametrize("shift", [0.0, 1.0])
+def test_folding_shifts_every_logit_by_its_token_offset_and_survives_save(tmp_path, shift):
     model = tiny_gpt2()
     ids = torch.randint(0, 64, (2, 12))
     token_offsets = torch.randn(64)
+    bias = model.transformer.ln_f.bias.detach().clone()
     with torch.no_grad():
         before = model(ids).logits
-        fold_offsets(model, offset_head(model, token_offsets))
+        fold_offsets(model, *offset_fold(model, token_offsets, shift))
         after = model(ids).logits
     torch.testing.assert_close(after, before + token_offsets, rtol=0, atol=1e-4)
     assert model.lm_head.weight is not model.transformer.wte.weight
+    # the bias gains shift * gamma, signed like C = sum(beta / gamma) so that C moves away from 0
+    gamma = model.transformer.ln_f.weight.detach()
+    sign = 1 if float(bias @ (1 / gamma)) >= 0 else -1
+    torch.testing.assert_close(model.transformer.ln_f.bias.detach(), bias + sign * shift * gamma)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
     with torch.no_grad():
@@ -110,29 +117,50 @@ def test_calibration_lowers_held_out_nll_and_is_folded():
     assert float(nll.exp()) == pytest.approx(summary["validation_perplexity_after"], rel=1e-4)
 
 
-def test_a_final_layernorm_that_cannot_carry_offsets_leaves_the_model_alone():
-    model = tiny_gpt2(bias=False)  # beta = 0: h . (1 / gamma) = 0 for every input, no direction carries an offset
-    head = model.lm_head.weight.detach().clone()
+def test_a_final_layernorm_without_bias_carries_offsets_after_a_shift():
+    model = tiny_gpt2(bias=False)  # beta = 0: h . (1 / gamma) = 0 for every input, until the bias is shifted
+    blocks = held_out_blocks()
+    ids = torch.as_tensor(blocks["input_ids"])
+    with torch.no_grad():
+        before = model(ids).logits
+    summary = calibrate_token_offsets(model, blocks, batch_size=4, counts=np.arange(64) * 40)
+    assert "skipped" not in summary and summary["ln_f_bias_shift"] > 0 and summary["bfloat16_error_ratio"] < 2
+    token_offsets = torch.tensor(summary["offsets"])[count_groups(np.arange(64) * 40)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before + token_offsets.float(), rtol=0, atol=1e-4)
+
+
+def test_a_fold_that_would_not_be_exact_leaves_the_model_alone(monkeypatch):
+    monkeypatch.setattr("wikigpt.token_offsets.SHIFTS", (0.0,))  # no shift: C = 0 cannot carry an offset
+    model = tiny_gpt2(bias=False)
+    head, bias = model.lm_head.weight.detach().clone(), model.transformer.ln_f.bias.detach().clone()
     summary = calibrate_token_offsets(model, held_out_blocks(), batch_size=4, counts=np.arange(64) * 40)
-    assert summary["skipped"].startswith("fold error inf nats > 0.001")
+    assert summary["skipped"] == "fold error inf nats > 0.001"
     assert torch.equal(model.lm_head.weight, head) and model.lm_head.weight is model.transformer.wte.weight
-    assert model.config.tie_word_embeddings is True
+    assert torch.equal(model.transformer.ln_f.bias, bias) and model.config.tie_word_embeddings is True
 
 
 def test_fold_errors_measure_the_float32_and_bfloat16_logit_errors():
     model = tiny_gpt2()
     hidden = model.transformer.ln_f(torch.randn(8, 16)).detach()
-    weight = model.lm_head.weight.detach()
+    weight, bias = model.lm_head.weight.detach(), model.transformer.ln_f.bias.detach()
     token_offsets = torch.full((64,), 0.5)
-    error, bf16_ratio = fold_errors(hidden, weight, weight, token_offsets)  # no fold: off by the offsets
+    no_shift = torch.zeros(16)
+    error, bf16_ratio = fold_errors(hidden, weight, no_shift, weight, token_offsets)  # no fold: off by the offsets
     assert error == pytest.approx(0.5) and bf16_ratio == pytest.approx(1.0)
-    error, bf16_ratio = fold_errors(hidden, weight, offset_head(model, token_offsets), token_offsets)
+    new_bias, new_weight = offset_fold(model, token_offsets, 0.0)
+    error, bf16_ratio = fold_errors(hidden, weight, new_bias - bias, new_weight, token_offsets)
     assert error < 1e-5 and 0.5 < bf16_ratio < 2
-    # a 1e-3 times smaller C (beta scaled down): the same offsets need 1e3 times larger head rows
+    # a 1e-3 times smaller C (beta scaled down): unshifted, the same offsets need 1e3 times larger head rows; a
+    # bias shifted by gamma makes C large again
     with torch.no_grad():
         model.transformer.ln_f.bias.mul_(1e-3)
-    hidden = model.transformer.ln_f(torch.randn(8, 16)).detach()
-    assert fold_errors(hidden, weight, offset_head(model, token_offsets), token_offsets)[1] > 10
+    hidden, bias = model.transformer.ln_f(torch.randn(8, 16)).detach(), model.transformer.ln_f.bias.detach()
+    new_bias, new_weight = offset_fold(model, token_offsets, 0.0)
+    assert fold_errors(hidden, weight, new_bias - bias, new_weight, token_offsets)[1] > 10
+    new_bias, new_weight = offset_fold(model, token_offsets, 1.0)
+    error, bf16_ratio = fold_errors(hidden, weight, new_bias - bias, new_weight, token_offsets)
+    assert error < 1e-5 and bf16_ratio < 2
 
 
 def test_model_without_gpt2_final_layernorm_is_refused():
@@ -147,7 +175,7 @@ def test_model_without_gpt2_final_layernorm_is_refused():
 @pytest.fixture(scope="module")
 def trained_size_checkpoint(tmp_path_factory, tokenizer):
     """A micro GPT-2 whose LM head rows and final LayerNorm have a trained model's sizes (a from-scratch model after
-    a few steps still has ln_f's bias near 0, where no offset can be folded exactly)."""
+    a few steps still has GPT-2's tiny initial rows: offsets of a nat would dominate its logits' rounding error)."""
     d = tmp_path_factory.mktemp("trained-size")
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=len(tokenizer),
@@ -172,7 +200,7 @@ def test_train_saves_and_evaluates_the_offset_model(tmp_path, micro_files, monke
                             monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
     offsets = results["token_offsets"]
-    assert "skipped" not in offsets and len(offsets["offsets"]) == 9
+    assert "skipped" not in offsets and len(offsets["offsets"]) == 9 and offsets["bfloat16_error_ratio"] < 2
     assert offsets["validation_perplexity_after"] < offsets["validation_perplexity_before"]
     # the temperature is fitted first, the offsets on the calibrated model
     assert offsets["validation_perplexity_before"] == pytest.approx(results["calibration"]["validation_perplexity_after"],
@@ -186,7 +214,7 @@ def test_train_saves_and_evaluates_the_offset_model(tmp_path, micro_files, monke
     assert (f"- logit offsets {offsets['offsets']} for tokens seen [0, 1, 2, 3, 5, 10, 30, 100, 1000] or more times "
             f"in the training text, fitted on the held-out split after training (held-out perplexity "
             f"{offsets['validation_perplexity_before']:,.2f} -> {offsets['validation_perplexity_after']:,.2f}): "
-            f"folded into the LM head, which is untied from the input embeddings") in card
+            f"folded into the final LayerNorm and the LM head, which is untied from the input embeddings") in card
 
 
 def test_train_skips_offsets_a_fresh_model_cannot_carry(tmp_path, micro_files, monkeypatch):

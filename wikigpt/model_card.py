@@ -207,7 +207,7 @@ def _body(results: dict, evals: list[EvalResult], eval_results: dict | None, tit
                      f"{_fmt(offsets['validation_perplexity_before'], 2)} -> "
                      f"{_fmt(offsets['validation_perplexity_after'], 2)}): "
                      + (f"skipped ({offsets['skipped']})" if "skipped" in offsets else
-                        "folded into the LM head, which is untied from the input embeddings"))
+                        "folded into the final LayerNorm and the LM head, which is untied from the input embeddings"))
     if throughput:
         mfu = throughput.get("mfu")
         lines.append(f"- throughput: {_fmt(throughput.get('tokens_per_second'), 0)} tokens/s"

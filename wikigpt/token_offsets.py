@@ -14,11 +14,15 @@ method, a small L2 pull towards 0 for groups the held-out text barely holds).
 
 Folding is exact too. GPT-2's logits are W h, h = gamma * n + beta from ln_f, and n sums to 0 (LayerNorm subtracts
 the mean), so h . (1 / gamma) = sum(beta / gamma) = C for every input: adding (o_t / C) / gamma to row t of W adds
-o_t to token t's logit. The head is untied from the input embeddings for it (config.tie_word_embeddings = False;
-the input embeddings are unchanged), and the saved model is a plain GPT2LMHeadModel for eval.py, generate.py and
-from_pretrained alike. The fold is only as exact as C is far from 0: where it would shift a float32 logit by more
-than 1e-3 nats off its offset, or double the bfloat16 rounding error of the logits, the offsets are skipped with a
-warning and the model is saved without them.
+o_t to token t's logit. C is whatever training left in beta, and can be near 0 (then the rows that carry the
+offsets grow huge and so do the logits' rounding errors), so beta first gains delta = k * gamma, which makes
+C' = C + k * width, and row t of W gains ((o_t - W_t . delta) / C') / gamma: the logits are W_t . h + W_t . delta +
+o_t - W_t . delta, exactly the old ones plus the offsets. k (in SHIFTS, signed like C) is the one whose folded
+logits have the smallest bfloat16 rounding error on the held-out positions. The head is untied from the input
+embeddings for it (config.tie_word_embeddings = False; the input embeddings are unchanged), and the saved model is
+a plain GPT2LMHeadModel for eval.py, generate.py and from_pretrained alike. Where no k keeps a float32 logit within
+1e-3 nats of its offset and the bfloat16 rounding error of the logits under twice the plain model's, the offsets
+are skipped with a warning and the model is saved without them.
 """
 
 import logging
@@ -36,6 +40,7 @@ COUNT_EDGES = (0, 1, 2, 3, 5, 10, 30, 100, 1000)  # group g: COUNT_EDGES[g] <= t
 L2 = 1e-3  # on the mean held-out NLL: keeps the offset of a group the held-out text (almost) never holds finite
 FOLD_TOLERANCE = 1e-3  # largest float32 logit error of the fold (in nats) on the held-out positions
 BF16_TOLERANCE = 2.0  # the folded logits' mean bfloat16 rounding error, at most this many times the plain ones'
+SHIFTS = (0.0, 0.25, 0.5, 1.0, 2.0)  # ln_f's bias may gain k * gamma: n's entries are ~1 in size, so k ~ 1 or less
 
 
 def count_groups(counts: np.ndarray) -> torch.Tensor:
@@ -95,31 +100,38 @@ def fit_offsets(lse, target_logit, target_group, l2: float = L2, steps: int = 50
     return offsets
 
 
-def offset_head(model, token_offsets: torch.Tensor) -> torch.Tensor:
-    """The LM head's weight with (o_t / C) / gamma added to row t: token t's logit gains o_t (see above)."""
+def offset_fold(model, token_offsets: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ln_f bias, LM head weight) that add token t's offset to its logit: the bias gains delta = k * gamma (k =
+    `shift`, signed like C), row t of the head ((o_t - W_t . delta) / C') / gamma (see above)."""
     norm, head = final_norm(model), model.get_output_embeddings()
-    direction = 1.0 / norm.weight.detach().double()
-    constant = float(norm.bias.detach().double() @ direction)
-    weight = head.weight.detach().double() + (token_offsets.double() / constant)[:, None] * direction[None, :]
-    return weight.to(head.weight.dtype)
+    gamma, beta, weight = (t.detach().double() for t in (norm.weight, norm.bias, head.weight))
+    direction = 1.0 / gamma
+    delta = (-shift if float(beta @ direction) < 0 else shift) * gamma
+    constant = float((beta + delta) @ direction)
+    correction = token_offsets.to(weight.device).double() - weight @ delta
+    new_weight = weight + (correction / constant)[:, None] * direction[None, :]
+    return (beta + delta).to(norm.bias.dtype), new_weight.to(head.weight.dtype)
 
 
-def fold_errors(hidden, weight, new_weight, token_offsets, rows: int = 256) -> tuple[float, float]:
-    """How exact the fold is on `rows` held-out positions (ln_f outputs): the largest |logit shift - offset| in
-    float32 (nats), and the mean bfloat16 rounding error of the folded logits over that of the plain ones (the
-    Trainer evaluates in bf16 autocast, and users load models in bf16)."""
+def fold_errors(hidden, weight, new_bias_shift, new_weight, token_offsets, rows: int = 256) -> tuple[float, float]:
+    """How exact a fold is on `rows` held-out positions (ln_f outputs, which gain `new_bias_shift`): the largest
+    |logit shift - offset| in float32 (nats), and the mean bfloat16 rounding error of the folded logits over that
+    of the plain ones (the Trainer evaluates in bf16 autocast, and users load models in bf16)."""
     h = hidden[:rows].float()
-    plain, folded = h @ weight.float().T, h @ new_weight.float().T
+    h_folded = (h.double() + new_bias_shift.double()).float()
+    plain, folded = h @ weight.float().T, h_folded @ new_weight.float().T
     error = float((folded.double() - plain.double() - token_offsets.double()).abs().max())
-    hb = h.bfloat16()
-    plain_bf16 = (hb @ weight.bfloat16().T).float() - plain
-    folded_bf16 = (hb @ new_weight.bfloat16().T).float() - folded
+    plain_bf16 = (h.bfloat16() @ weight.bfloat16().T).float() - plain
+    folded_bf16 = (h_folded.bfloat16() @ new_weight.bfloat16().T).float() - folded
     ratio = float(folded_bf16.abs().mean() / plain_bf16.abs().mean().clamp_min(1e-12))
     return (error, ratio) if math.isfinite(error) and math.isfinite(ratio) else (math.inf, math.inf)
 
 
-def fold_offsets(model, new_weight: torch.Tensor) -> None:
-    """Untie the LM head from the input embeddings and give it `new_weight` (the input embeddings are unchanged)."""
+def fold_offsets(model, new_bias: torch.Tensor, new_weight: torch.Tensor) -> None:
+    """Give ln_f `new_bias`, untie the LM head from the input embeddings and give it `new_weight` (the input
+    embeddings are unchanged)."""
+    with torch.no_grad():
+        final_norm(model).bias.copy_(new_bias)
     head = model.get_output_embeddings()
     head.weight = torch.nn.Parameter(new_weight, requires_grad=head.weight.requires_grad)
     model.config.tie_word_embeddings = False  # from_pretrained must load this head, not re-tie it to wte
@@ -147,16 +159,23 @@ def calibrate_token_offsets(model, blocks, batch_size: int, counts: np.ndarray) 
                "validation_perplexity_before": round(math.exp(nll_before), 4),
                "validation_perplexity_after": round(math.exp(nll_after), 4)}
     token_offsets = offsets[groups].to(weight.device)
-    new_weight = offset_head(model, token_offsets)
-    error, bf16_ratio = fold_errors(hidden, model.get_output_embeddings().weight.detach(), new_weight, token_offsets)
+    plain_weight, bias = model.get_output_embeddings().weight.detach(), final_norm(model).bias.detach()
+    folds = []  # (bf16 ratio, float32 error, shift, bias, weight) for each candidate shift
+    for shift in SHIFTS:
+        new_bias, new_weight = offset_fold(model, token_offsets, shift)
+        error, bf16_ratio = fold_errors(hidden, plain_weight, new_bias - bias, new_weight, token_offsets)
+        folds.append((bf16_ratio if error <= FOLD_TOLERANCE else math.inf, error, shift, new_bias, new_weight))
+    bf16_ratio, error, shift, new_bias, new_weight = min(folds, key=lambda fold: (fold[0], fold[1]))
     if error > FOLD_TOLERANCE or bf16_ratio > BF16_TOLERANCE:
+        error, bf16_ratio = min(fold[1] for fold in folds), min(fold[0] for fold in folds)
         reason = (f"fold error {error:.3g} nats > {FOLD_TOLERANCE}" if error > FOLD_TOLERANCE else
                   f"bfloat16 logit error {bf16_ratio:.3g}x the plain model's > {BF16_TOLERANCE}x")
         logger.warning("%s: skipped, the final LayerNorm cannot carry the offsets exactly (%s); the model is saved "
                        "without them", FLAG, reason)
         return {**summary, "skipped": reason}
-    fold_offsets(model, new_weight)
+    fold_offsets(model, new_bias, new_weight)
     logger.info("%s: offsets %s for training counts from %s, fitted on %d held-out tokens (perplexity %.2f -> %.2f), "
-                "folded into the LM head", FLAG, summary["offsets"], list(COUNT_EDGES), len(targets),
-                math.exp(nll_before), math.exp(nll_after))
-    return summary
+                "folded into the LM head (ln_f bias shift %s x its weight, bfloat16 logit error %.2fx the plain "
+                "model's)", FLAG, summary["offsets"], list(COUNT_EDGES), len(targets), math.exp(nll_before),
+                math.exp(nll_after), shift, bf16_ratio)
+    return {**summary, "ln_f_bias_shift": shift, "bfloat16_error_ratio": round(bf16_ratio, 4)}
