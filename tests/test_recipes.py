@@ -45,6 +45,8 @@ def test_recipe_parses(name, monkeypatch):
         assert model.tie_tokens_below == 3  # tokens seen at most twice share one row
         assert model.tied_input_dropout == 0.1  # and 10% of the training inputs read it
         assert training.optim_matrices == "muon"
+        # after training: a temperature, then one logit offset per training-count class, from the held-out split
+        assert training.calibrate_temperature and training.calibrate_token_offsets
     if name == "wikitext_scratch_cpu.yaml":
         assert data.validation_split_percentage == 5  # 4 of wiki.valid.raw's 60 articles
     if name == "wikitext_scratch.yaml":
@@ -76,4 +78,6 @@ def test_recipe_trains_a_few_cpu_steps(name, micro_files, tiny_checkpoint, tmp_p
     assert results["train"]["global_step"] == 4
     if name == "quickstart.yaml":  # the quick start reports test perplexity over every test block
         assert results["test"]["test_blocks"] == results["data"]["test"]["blocks"] > 0
+    if name.startswith("wikitext_scratch"):  # the offsets are fitted on the held-out split after the 4 steps
+        assert len(results["token_offsets"]["offsets"]) == len(results["token_offsets"]["count_edges"]) == 9
     assert (out / "model.safetensors").exists()
