@@ -1,5 +1,5 @@
-"""--calibrate_token_offsets (wikigpt/token_offsets.py): tokens are grouped by training count, the fitted offsets
-minimise held-out NLL, folding them into ln_f's bias and an untied LM head shifts each logit by its offset (and
+"""--calibrate_token_offsets (wikigpt/token_offsets.py): tokens are grouped by training count, the fitted scales and
+offsets minimise held-out NLL, folding them into ln_f's bias and an untied LM head shifts each logit by its offset (and
 survives a save), a fold that would not be exact leaves the model alone, and train.py saves and evaluates the
 result."""
 
@@ -15,8 +15,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from wikigpt.calibration import check_calibration_model
 from wikigpt.errors import UsageError
-from wikigpt.token_offsets import (calibrate_token_offsets, count_groups, fit_offsets, fold_errors, fold_offsets,
-                                   group_logsumexp, offset_fold, offsets_nll)
+from wikigpt.token_offsets import (calibrate_token_offsets, count_groups, fit_scales_and_offsets, fold_errors,
+                                   fold_offsets, newton_terms, offset_fold)
 
 
 def test_tokens_are_grouped_by_training_count():
@@ -24,44 +24,64 @@ def test_tokens_are_grouped_by_training_count():
     assert count_groups(counts).tolist() == [0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
 
 
-def drawn_with_offsets(true_offsets, n: int = 30_000, width: int = 6, seed: int = 0):
-    """Hidden states, an output matrix, groups of its 40 tokens, and targets drawn from the offset softmax."""
+def drawn_with(true_scales, true_offsets, n: int = 30_000, width: int = 6, seed: int = 0):
+    """Hidden states, an output matrix, groups of its 40 tokens, and targets drawn from the softmax of
+    s_g z_t + o_g."""
     g = torch.Generator().manual_seed(seed)
     vocab = 40
     hidden, weight = torch.randn(n, width, generator=g), torch.randn(vocab, width, generator=g)
     groups = torch.arange(vocab) % len(true_offsets)
-    probs = torch.softmax(hidden @ weight.T + torch.as_tensor(true_offsets)[groups], dim=-1)
-    return hidden, torch.multinomial(probs, 1, generator=g)[:, 0], weight, groups
+    logits = hidden @ weight.T * torch.as_tensor(true_scales).float()[groups] + torch.as_tensor(true_offsets).float()[groups]
+    return hidden, torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0], weight, groups
 
 
-def test_fit_recovers_the_offsets_the_targets_were_drawn_with():
+def nll_of(hidden, targets, weight, groups, scales, offsets):
+    return newton_terms(hidden, targets, weight, scales.float()[groups], offsets.float()[groups])[0]
+
+
+def test_fit_recovers_the_scales_and_offsets_the_targets_were_drawn_with():
+    true_scales = torch.tensor([0.6, 1.0, 1.3, 0.9], dtype=torch.float64)
     true_offsets = torch.tensor([-1.0, 0.0, 0.7, 1.5], dtype=torch.float64)
-    hidden, targets, weight, groups = drawn_with_offsets(true_offsets)
-    lse, target_logit = group_logsumexp(hidden, targets, weight, groups, chunk=4096)
-    offsets = fit_offsets(lse, target_logit, groups[targets], l2=1e-7)
+    hidden, targets, weight, groups = drawn_with(true_scales, true_offsets, n=120_000)
+    scales, offsets = fit_scales_and_offsets(hidden, targets, weight, groups, 4, l2=1e-7)
+    torch.testing.assert_close(scales, true_scales, atol=0.05, rtol=0)
     # a constant added to every offset leaves the softmax unchanged: compare them relative to their mean
-    torch.testing.assert_close(offsets - offsets.mean(), true_offsets - true_offsets.mean(), atol=0.05, rtol=0)
+    torch.testing.assert_close(offsets - offsets.mean(), true_offsets - true_offsets.mean(), atol=0.06, rtol=0)
 
 
-def test_fitted_offsets_are_the_held_out_minimum():
-    hidden, targets, weight, groups = drawn_with_offsets([0.5, -0.5, 0.0], seed=1)
-    lse, target_logit = group_logsumexp(hidden, targets, weight, groups)
-    offsets = fit_offsets(lse, target_logit, groups[targets], l2=1e-9)
-    nll = offsets_nll(offsets, lse, target_logit, groups[targets])
-    assert nll < offsets_nll(torch.zeros(3, dtype=torch.float64), lse, target_logit, groups[targets]) - 0.01
-    for group in range(3):
-        for step in (-0.05, 0.05):
-            nearby = offsets.clone()
-            nearby[group] += step
-            assert offsets_nll(nearby, lse, target_logit, groups[targets]) > nll
+def test_newton_terms_are_the_nll_gradient_and_hessian():
+    hidden, targets, weight, groups = drawn_with([1.0, 0.8, 1.2], [0.5, -0.5, 0.0], n=500, seed=2)
+    theta = torch.tensor([0.9, 1.1, 0.7, 0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+
+    def nll(t):  # the same NLL, for autograd
+        logits = hidden.double() @ weight.double().T * t[:3][groups] + t[3:][groups]
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    value, grad, hess = newton_terms(hidden.double(), targets, weight.double(), theta[:3][groups].detach(),
+                                     theta[3:][groups].detach(), groups, 3, chunk=128)
+    assert value == pytest.approx(float(nll(theta.detach())), rel=1e-9)
+    torch.testing.assert_close(grad, torch.autograd.grad(nll(theta), theta)[0])
+    torch.testing.assert_close(hess, torch.autograd.functional.hessian(nll, theta.detach()))
 
 
-def test_a_group_without_tokens_keeps_offset_zero():
-    hidden, targets, weight, groups = drawn_with_offsets([0.3, -0.3])
+def test_fitted_scales_and_offsets_are_the_held_out_minimum():
+    hidden, targets, weight, groups = drawn_with([1.2, 0.8, 1.0], [0.5, -0.5, 0.0], seed=1)
+    scales, offsets = fit_scales_and_offsets(hidden, targets, weight, groups, 3, l2=1e-9)
+    nll = nll_of(hidden, targets, weight, groups, scales, offsets)
+    assert nll < nll_of(hidden, targets, weight, groups, torch.ones(3), torch.zeros(3)) - 0.01
+    for params in (scales, offsets):
+        for group in range(3):
+            for step in (-0.05, 0.05):
+                params[group] += step
+                assert nll_of(hidden, targets, weight, groups, scales, offsets) > nll
+                params[group] -= step
+
+
+def test_a_group_without_tokens_keeps_scale_one_and_offset_zero():
+    hidden, targets, weight, groups = drawn_with([1.0, 0.7], [0.3, -0.3])
     groups = groups * 2  # groups 0 and 2 hold tokens, group 1 none
-    lse, target_logit = group_logsumexp(hidden, targets, weight, groups)
-    offsets = fit_offsets(lse, target_logit, groups[targets])
-    assert offsets[1] == 0 and torch.isfinite(offsets).all() and offsets[0] != 0
+    scales, offsets = fit_scales_and_offsets(hidden, targets, weight, groups, 3)
+    assert (scales[1], offsets[1]) == (1, 0) and offsets[0] != 0 and scales[2] != 1
 
 
 def tiny_gpt2(seed: int = 0, bias: bool = True):
@@ -84,7 +104,7 @@ def test_folding_shifts_every_logit_by_its_token_offset_and_survives_save(tmp_pa
     bias = model.transformer.ln_f.bias.detach().clone()
     with torch.no_grad():
         before = model(ids).logits
-        fold_offsets(model, *offset_fold(model, token_offsets, shift))
+        fold_offsets(model, *offset_fold(model, model.lm_head.weight, token_offsets, shift))
         after = model(ids).logits
     torch.testing.assert_close(after, before + token_offsets, rtol=0, atol=1e-4)
     assert model.lm_head.weight is not model.transformer.wte.weight
@@ -125,9 +145,10 @@ def test_a_final_layernorm_without_bias_carries_offsets_after_a_shift():
         before = model(ids).logits
     summary = calibrate_token_offsets(model, blocks, batch_size=4, counts=np.arange(64) * 40)
     assert "skipped" not in summary and summary["ln_f_bias_shift"] > 0 and summary["bfloat16_error_ratio"] < 2
-    token_offsets = torch.tensor(summary["offsets"])[count_groups(np.arange(64) * 40)]
+    groups = count_groups(np.arange(64) * 40)
+    token_scales, token_offsets = torch.tensor(summary["scales"])[groups], torch.tensor(summary["offsets"])[groups]
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, before + token_offsets.float(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(model(ids).logits, before * token_scales + token_offsets, rtol=0, atol=1e-4)
 
 
 def test_a_fold_that_would_not_be_exact_leaves_the_model_alone(monkeypatch):
@@ -144,22 +165,26 @@ def test_fold_errors_measure_the_float32_and_bfloat16_logit_errors():
     model = tiny_gpt2()
     hidden = model.transformer.ln_f(torch.randn(8, 16)).detach()
     weight, bias = model.lm_head.weight.detach(), model.transformer.ln_f.bias.detach()
-    token_offsets = torch.full((64,), 0.5)
+    token_scales, token_offsets = torch.ones(64), torch.full((64,), 0.5)
     no_shift = torch.zeros(16)
-    error, bf16_ratio = fold_errors(hidden, weight, no_shift, weight, token_offsets)  # no fold: off by the offsets
+    # no fold: off by the offsets
+    error, bf16_ratio = fold_errors(hidden, weight, no_shift, weight, token_scales, token_offsets)
     assert error == pytest.approx(0.5) and bf16_ratio == pytest.approx(1.0)
-    new_bias, new_weight = offset_fold(model, token_offsets, 0.0)
-    error, bf16_ratio = fold_errors(hidden, weight, new_bias - bias, new_weight, token_offsets)
+    new_bias, new_weight = offset_fold(model, weight, token_offsets, 0.0)
+    error, bf16_ratio = fold_errors(hidden, weight, new_bias - bias, new_weight, token_scales, token_offsets)
     assert error < 1e-5 and 0.5 < bf16_ratio < 2
+    # the scales are in the logits it checks against: an unscaled head is off by (s - 1) * z
+    error, _ = fold_errors(hidden, weight, new_bias - bias, new_weight, token_scales * 2, token_offsets)
+    assert error == pytest.approx(float((hidden[:256] @ weight.T).abs().max()), rel=1e-4)
     # a 1e-3 times smaller C (beta scaled down): unshifted, the same offsets need 1e3 times larger head rows; a
     # bias shifted by gamma makes C large again
     with torch.no_grad():
         model.transformer.ln_f.bias.mul_(1e-3)
     hidden, bias = model.transformer.ln_f(torch.randn(8, 16)).detach(), model.transformer.ln_f.bias.detach()
-    new_bias, new_weight = offset_fold(model, token_offsets, 0.0)
-    assert fold_errors(hidden, weight, new_bias - bias, new_weight, token_offsets)[1] > 10
-    new_bias, new_weight = offset_fold(model, token_offsets, 1.0)
-    error, bf16_ratio = fold_errors(hidden, weight, new_bias - bias, new_weight, token_offsets)
+    new_bias, new_weight = offset_fold(model, weight, token_offsets, 0.0)
+    assert fold_errors(hidden, weight, new_bias - bias, new_weight, token_scales, token_offsets)[1] > 10
+    new_bias, new_weight = offset_fold(model, weight, token_offsets, 1.0)
+    error, bf16_ratio = fold_errors(hidden, weight, new_bias - bias, new_weight, token_scales, token_offsets)
     assert error < 1e-5 and bf16_ratio < 2
 
 
@@ -211,7 +236,8 @@ def test_train_saves_and_evaluates_the_offset_model(tmp_path, micro_files, monke
     assert "lm_head.weight" in saved and "lm_head.weight" not in trained  # untied: the head is saved on its own
     torch.testing.assert_close(saved["transformer.wte.weight"], trained["transformer.wte.weight"], rtol=0, atol=0)
     card = (out / "README.md").read_text()
-    assert (f"- logit offsets {offsets['offsets']} for tokens seen [0, 1, 2, 3, 5, 10, 30, 100, 1000] or more times "
+    assert (f"- logit scales {offsets['scales']} and offsets {offsets['offsets']} for tokens seen "
+            f"[0, 1, 2, 3, 5, 10, 30, 100, 1000] or more times "
             f"in the training text, fitted on the held-out split after training (held-out perplexity "
             f"{offsets['validation_perplexity_before']:,.2f} -> {offsets['validation_perplexity_after']:,.2f}): "
             f"folded into the final LayerNorm and the LM head, which is untied from the input embeddings") in card

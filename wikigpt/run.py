@@ -152,7 +152,7 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
     # --calibrate_temperature: the held-out split chooses T; saved, evaluated and pushed with the model
     calibration = (calibrate_temperature(trainer.model, run.blocks["validation"], training_args.per_device_eval_batch_size)
                    if training_args.calibrate_temperature else None)
-    # --calibrate_token_offsets: then one logit offset per class of training count, in ln_f and an untied LM head
+    # --calibrate_token_offsets: then a logit scale and offset per class of training count, in ln_f and an untied head
     token_offsets = (calibrate_token_offsets(trainer.model, run.blocks["validation"],
                                              training_args.per_device_eval_batch_size,
                                              training_token_counts(trainer.train_dataset,

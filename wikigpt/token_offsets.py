@@ -1,28 +1,27 @@
-"""--calibrate_token_offsets: after training, fit one logit offset per token-frequency class on the held-out split
-and fold it into the saved LM head.
+"""--calibrate_token_offsets: after training, fit one logit scale and one logit offset per token-frequency class on
+the held-out split and fold them into the saved model.
 
 A model trained for many epochs on a small corpus misjudges how likely a token is by how often it saw it: new
 articles bring tokens it never saw or saw once more often than the training text did, while its many-times-seen
 tokens are slightly over-predicted. One softmax temperature (--calibrate_temperature) cannot tell these apart; one
-offset per class of training count can. Tokens are grouped by their count in the training text (COUNT_EDGES: 0,
-1, 2, 3-4, 5-9, 10-29, 30-99, 100-999, 1000+), and the offsets o_g are those that minimise the held-out NLL.
+scale and one offset per class of training count can. Tokens are grouped by their count in the training text
+(COUNT_EDGES: 0, 1, 2, 3-4, 5-9, 10-29, 30-99, 100-999, 1000+), token t of group g gets the logit s_g z_t + o_g,
+and (s, o) are those that minimise the held-out NLL: a convex function of 18 numbers (the logits are linear in
+them), minimised by L-BFGS over chunked passes of the held-out logits, with a small L2 pull towards s = 1, o = 0
+for groups the held-out text barely holds.
 
-Fitting is cheap and exact: with S_ig = logsumexp of the logits z_i over group g's tokens,
-    log p(y_i) = z_iy + o_g(y) - logsumexp_g (o_g + S_ig),
-so one pass over the held-out logits gives S, and the NLL is a convex function of a handful of numbers (Newton's
-method, a small L2 pull towards 0 for groups the held-out text barely holds).
-
-Folding is exact too. GPT-2's logits are W h, h = gamma * n + beta from ln_f, and n sums to 0 (LayerNorm subtracts
-the mean), so h . (1 / gamma) = sum(beta / gamma) = C for every input: adding (o_t / C) / gamma to row t of W adds
-o_t to token t's logit. C is whatever training left in beta, and can be near 0 (then the rows that carry the
-offsets grow huge and so do the logits' rounding errors), so beta first gains delta = k * gamma, which makes
-C' = C + k * width, and row t of W gains ((o_t - W_t . delta) / C') / gamma: the logits are W_t . h + W_t . delta +
-o_t - W_t . delta, exactly the old ones plus the offsets. k (in SHIFTS, signed like C) is the one whose folded
-logits have the smallest bfloat16 rounding error on the held-out positions. The head is untied from the input
-embeddings for it (config.tie_word_embeddings = False; the input embeddings are unchanged), and the saved model is
-a plain GPT2LMHeadModel for eval.py, generate.py and from_pretrained alike. Where no k keeps a float32 logit within
-1e-3 nats of its offset and the bfloat16 rounding error of the logits under twice the plain model's, the offsets
-are skipped with a warning and the model is saved without them.
+Folding is exact too. GPT-2's logits are W h: the head is untied from the input embeddings
+(config.tie_word_embeddings = False; the input embeddings are unchanged) and row t of W is multiplied by s_t, its
+group's scale. h = gamma * n + beta from ln_f, and n sums to 0 (LayerNorm subtracts the mean), so h . (1 / gamma) =
+sum(beta / gamma) = C for every input: adding (o_t / C) / gamma to row t of W adds o_t to token t's logit. C is
+whatever training left in beta, and can be near 0 (then the rows that carry the offsets grow huge and so do the
+logits' rounding errors), so beta first gains delta = k * gamma, which makes C' = C + k * width, and row t of W
+gains ((o_t - W_t . delta) / C') / gamma: the logits are W_t . h + W_t . delta + o_t - W_t . delta, exactly the
+scaled ones plus the offsets. k (in SHIFTS, signed like C) is the one whose folded logits have the smallest bfloat16
+rounding error on the held-out positions. The saved model is a plain GPT2LMHeadModel for eval.py, generate.py and
+from_pretrained alike. Where no k keeps a float32 logit within 1e-3 nats of s_t z_t + o_t and the bfloat16 rounding
+error of the logits under twice the plain model's, the calibration is skipped with a warning and the model is saved
+without it.
 """
 
 import logging
@@ -37,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 FLAG = "--calibrate_token_offsets"
 COUNT_EDGES = (0, 1, 2, 3, 5, 10, 30, 100, 1000)  # group g: COUNT_EDGES[g] <= training count < COUNT_EDGES[g + 1]
-L2 = 1e-3  # on the mean held-out NLL: keeps the offset of a group the held-out text (almost) never holds finite
+L2 = 1e-3  # on the mean held-out NLL: a group the held-out text (almost) never holds keeps a finite scale and offset
 FOLD_TOLERANCE = 1e-3  # largest float32 logit error of the fold (in nats) on the held-out positions
 BF16_TOLERANCE = 2.0  # the folded logits' mean bfloat16 rounding error, at most this many times the plain ones'
 SHIFTS = (0.0, 0.25, 0.5, 1.0, 2.0)  # ln_f's bias may gain k * gamma: n's entries are ~1 in size, so k ~ 1 or less
@@ -48,79 +47,98 @@ def count_groups(counts: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.searchsorted(COUNT_EDGES, counts, side="right") - 1, dtype=torch.long)
 
 
+def class_logits(z, token_scales, token_offsets):
+    """Logits of the calibrated softmax: s_g z_t + o_g for token t of group g."""
+    return z * token_scales + token_offsets
+
+
 @torch.no_grad()
-def group_logsumexp(hidden, targets, weight, groups, n_groups: int | None = None, chunk: int = 1024):
-    """(S, z_y): per position, logsumexp of the logits over each of `n_groups` groups' tokens (-inf for an empty
-    group), and the target's logit."""
-    n_groups = n_groups or int(groups.max()) + 1
-    members = [torch.nonzero(groups == g)[:, 0] for g in range(n_groups)]
-    lse, target_logit = [], []
+def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=None, n_groups: int = 0,
+                 chunk: int = 1024):
+    """Mean NLL of the logits s_g z_t + o_g and, given `groups` (each token's), its gradient and Hessian in
+    (s_1..s_G, o_1..o_G). Token t's features are z_t and 1 in its group's slots, so the softmax moments
+    sum_t p_t z_t^k over each group's tokens (k = 0, 1, 2) give both. Chunked: a vocabulary-wide row per position."""
+    nll, sums = 0.0, None
+    member = None if groups is None else torch.nn.functional.one_hot(groups, n_groups).to(hidden.dtype)
     for start in range(0, len(targets), chunk):
         z = hidden[start:start + chunk] @ weight.T
-        lse.append(torch.stack([torch.logsumexp(z[:, m], -1) if len(m) else torch.full((len(z),), -math.inf)
-                                for m in members], -1).double())
-        target_logit.append(z.gather(-1, targets[start:start + chunk, None])[:, 0].double())
-    return torch.cat(lse), torch.cat(target_logit)
+        y = targets[start:start + chunk]
+        logits = class_logits(z, token_scales, token_offsets)
+        lse = torch.logsumexp(logits, -1)
+        nll += float((lse - logits.gather(-1, y[:, None])[:, 0]).double().sum())
+        if member is None:
+            continue
+        p = torch.exp(logits - lse[:, None])
+        m0, m1, m2 = (t.double() for t in (p @ member, (p * z) @ member, (p * z * z) @ member))
+        expected = torch.cat([m1, m0], -1)  # E_p[features] per position
+        y_member = member[y].double()
+        target = torch.cat([y_member * z.gather(-1, y[:, None]).double(), y_member], -1)  # the target's features
+        chunk_sums = [m2.sum(0), m1.sum(0), m0.sum(0), (expected - target).sum(0), expected.T @ expected]
+        sums = chunk_sums if sums is None else [a + b for a, b in zip(sums, chunk_sums)]
+    n = len(targets)
+    if member is None:
+        return nll / n, None, None
+    m2, m1, m0, grad, outer = (t / n for t in sums)
+    g = torch.arange(n_groups)
+    hessian = -outer
+    hessian[g, g] += m2
+    hessian[g, n_groups + g] += m1
+    hessian[n_groups + g, g] += m1
+    hessian[n_groups + g, n_groups + g] += m0
+    return nll / n, grad, hessian
 
 
-def offsets_nll(offsets, lse, target_logit, target_group) -> float:
-    """Mean NLL of the offset softmax (without the L2 term)."""
-    return float((torch.logsumexp(offsets + lse, -1) - target_logit - offsets[target_group]).mean())
+def fit_scales_and_offsets(hidden, targets, weight, groups, n_groups: int, l2: float = L2, steps: int = 30,
+                           tol: float = 1e-8):
+    """(scales, offsets), one per group (1 and 0 for a group without tokens), minimising the mean held-out NLL of
+    s_g z_t + o_g plus l2 * (|s - 1|^2 + |o|^2): damped Newton steps on a convex function of 2 * n_groups numbers."""
+    prior = torch.cat([torch.ones(n_groups), torch.zeros(n_groups)]).double()
 
+    def evaluate(theta):
+        token_scales, token_offsets = (theta[:n_groups].float()[groups], theta[n_groups:].float()[groups])
+        nll, grad, hess = newton_terms(hidden, targets, weight, token_scales.to(hidden.device),
+                                       token_offsets.to(hidden.device), groups, n_groups)
+        return (nll + l2 * float((theta - prior).square().sum()), grad + 2 * l2 * (theta - prior),
+                hess + 2 * l2 * torch.eye(2 * n_groups, dtype=torch.float64))
 
-def fit_offsets(lse, target_logit, target_group, l2: float = L2, steps: int = 50, tol: float = 1e-9):
-    """Offsets (one per group, 0 for an empty group) minimising mean NLL + l2 * |o|^2: damped Newton steps."""
-    present = torch.isfinite(lse).all(0)  # a group without tokens has S = -inf everywhere and keeps offset 0
-    s = lse[:, present]
-    remap = torch.cumsum(present.long(), 0) - 1
-    y_group = remap[target_group]
-    observed = torch.bincount(y_group, minlength=s.shape[1]).double() / len(y_group)
-
-    def objective(o):
-        return float((torch.logsumexp(o + s, -1) - o[y_group]).mean()) + l2 * float(o @ o)
-
-    o = torch.zeros(s.shape[1], dtype=torch.float64)
-    current = objective(o)
+    params = prior.clone()
+    current, grad, hess = evaluate(params)
     for _ in range(steps):
-        q = torch.softmax(o + s, -1)
-        grad = q.mean(0) - observed + 2 * l2 * o
-        hess = torch.diag(q.mean(0)) - q.T @ q / len(q) + 2 * l2 * torch.eye(len(o), dtype=torch.float64)
-        step = torch.linalg.solve(hess, grad)
-        scale = 1.0
-        while scale > 1e-6:
-            trial = objective(o - scale * step)
-            if trial <= current:
+        step, scale = torch.linalg.solve(hess, grad), 1.0
+        while True:  # halve the Newton step until the objective does not rise
+            trial = params - scale * step
+            value, trial_grad, trial_hess = evaluate(trial)
+            if value <= current or scale < 1e-3:
                 break
             scale /= 2
-        o, improvement, current = o - scale * step, current - trial, trial
+        params, improvement, current, grad, hess = trial, current - value, value, trial_grad, trial_hess
         if improvement < tol:
             break
-    offsets = torch.zeros(lse.shape[1], dtype=torch.float64)
-    offsets[present] = o
-    return offsets
+    return params[:n_groups], params[n_groups:]
 
 
-def offset_fold(model, token_offsets: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ln_f bias, LM head weight) that add token t's offset to its logit: the bias gains delta = k * gamma (k =
-    `shift`, signed like C), row t of the head ((o_t - W_t . delta) / C') / gamma (see above)."""
-    norm, head = final_norm(model), model.get_output_embeddings()
-    gamma, beta, weight = (t.detach().double() for t in (norm.weight, norm.bias, head.weight))
+def offset_fold(model, weight: torch.Tensor, token_offsets: torch.Tensor, shift: float):
+    """(ln_f bias, LM head weight) that add token t's offset to the logits of head `weight`: the bias gains delta =
+    k * gamma (k = `shift`, signed like C), row t of the head ((o_t - W_t . delta) / C') / gamma (see above)."""
+    norm = final_norm(model)
+    gamma, beta, weight = norm.weight.detach().double(), norm.bias.detach().double(), weight.detach().double()
     direction = 1.0 / gamma
     delta = (-shift if float(beta @ direction) < 0 else shift) * gamma
     constant = float((beta + delta) @ direction)
     correction = token_offsets.to(weight.device).double() - weight @ delta
     new_weight = weight + (correction / constant)[:, None] * direction[None, :]
-    return (beta + delta).to(norm.bias.dtype), new_weight.to(head.weight.dtype)
+    return (beta + delta).to(norm.bias.dtype), new_weight.to(model.get_output_embeddings().weight.dtype)
 
 
-def fold_errors(hidden, weight, new_bias_shift, new_weight, token_offsets, rows: int = 256) -> tuple[float, float]:
+def fold_errors(hidden, weight, new_bias_shift, new_weight, token_scales, token_offsets, rows: int = 256):
     """How exact a fold is on `rows` held-out positions (ln_f outputs, which gain `new_bias_shift`): the largest
-    |logit shift - offset| in float32 (nats), and the mean bfloat16 rounding error of the folded logits over that
-    of the plain ones (the Trainer evaluates in bf16 autocast, and users load models in bf16)."""
+    |folded logit - (s_t * logit + o_t)| in float32 (nats), and the mean bfloat16 rounding error of the folded
+    logits over that of the plain ones (the Trainer evaluates in bf16 autocast, and users load models in bf16)."""
     h = hidden[:rows].float()
     h_folded = (h.double() + new_bias_shift.double()).float()
     plain, folded = h @ weight.float().T, h_folded @ new_weight.float().T
-    error = float((folded.double() - plain.double() - token_offsets.double()).abs().max())
+    wanted = class_logits(plain.double(), token_scales.double(), token_offsets.double())
+    error = float((folded.double() - wanted).abs().max())
     plain_bf16 = (h.bfloat16() @ weight.bfloat16().T).float() - plain
     folded_bf16 = (h_folded.bfloat16() @ new_weight.bfloat16().T).float() - folded
     ratio = float(folded_bf16.abs().mean() / plain_bf16.abs().mean().clamp_min(1e-12))
@@ -140,30 +158,32 @@ def fold_offsets(model, new_bias: torch.Tensor, new_weight: torch.Tensor) -> Non
 
 
 def calibrate_token_offsets(model, blocks, batch_size: int, counts: np.ndarray) -> dict:
-    """Fit per-group offsets on `blocks` (the held-out split) and fold them into `model`; returns what results.json
-    records (or why they were skipped)."""
+    """Fit per-group scales and offsets on `blocks` (the held-out split) and fold them into `model`; returns what
+    results.json records (or why they were skipped)."""
     was_training = model.training
     model.eval()
     try:
-        hidden, targets = held_out_logit_inputs(model, blocks, batch_size)
-        weight = model.get_output_embeddings().weight.float()
-        groups = count_groups(counts[:weight.shape[0]]).to(targets.device)
-        lse, target_logit = group_logsumexp(hidden, targets, weight, groups, len(COUNT_EDGES))
+        with torch.no_grad():
+            hidden, targets = held_out_logit_inputs(model, blocks, batch_size)
     finally:
         model.train(was_training)
-    offsets = fit_offsets(lse, target_logit, groups[targets])
-    nll_before = offsets_nll(torch.zeros_like(offsets), lse, target_logit, groups[targets])
-    nll_after = offsets_nll(offsets, lse, target_logit, groups[targets])
-    summary = {"count_edges": list(COUNT_EDGES), "offsets": [round(float(o), 6) for o in offsets],
+    weight = model.get_output_embeddings().weight.detach().float()
+    groups = count_groups(counts[:weight.shape[0]]).to(targets.device)
+    scales, offsets = fit_scales_and_offsets(hidden, targets, weight, groups, len(COUNT_EDGES))
+    token_scales, token_offsets = scales[groups].to(weight.device), offsets[groups].to(weight.device)
+    nll_before = newton_terms(hidden, targets, weight, 1.0, 0.0)[0]
+    nll_after = newton_terms(hidden, targets, weight, token_scales.float(), token_offsets.float())[0]
+    summary = {"count_edges": list(COUNT_EDGES), "scales": [round(float(x), 6) for x in scales],
+               "offsets": [round(float(o), 6) for o in offsets],
                "group_tokens": torch.bincount(groups, minlength=len(offsets)).tolist(), "tokens": len(targets),
                "validation_perplexity_before": round(math.exp(nll_before), 4),
                "validation_perplexity_after": round(math.exp(nll_after), 4)}
-    token_offsets = offsets[groups].to(weight.device)
     plain_weight, bias = model.get_output_embeddings().weight.detach(), final_norm(model).bias.detach()
+    scaled_weight = plain_weight.double() * token_scales.double()[:, None]
     folds = []  # (bf16 ratio, float32 error, shift, bias, weight) for each candidate shift
     for shift in SHIFTS:
-        new_bias, new_weight = offset_fold(model, token_offsets, shift)
-        error, bf16_ratio = fold_errors(hidden, plain_weight, new_bias - bias, new_weight, token_offsets)
+        new_bias, new_weight = offset_fold(model, scaled_weight, token_offsets, shift)
+        error, bf16_ratio = fold_errors(hidden, plain_weight, new_bias - bias, new_weight, token_scales, token_offsets)
         folds.append((bf16_ratio if error <= FOLD_TOLERANCE else math.inf, error, shift, new_bias, new_weight))
     bf16_ratio, error, shift, new_bias, new_weight = min(folds, key=lambda fold: (fold[0], fold[1]))
     if error > FOLD_TOLERANCE or bf16_ratio > BF16_TOLERANCE:
@@ -174,8 +194,8 @@ def calibrate_token_offsets(model, blocks, batch_size: int, counts: np.ndarray) 
                        "without them", FLAG, reason)
         return {**summary, "skipped": reason}
     fold_offsets(model, new_bias, new_weight)
-    logger.info("%s: offsets %s for training counts from %s, fitted on %d held-out tokens (perplexity %.2f -> %.2f), "
-                "folded into the LM head (ln_f bias shift %s x its weight, bfloat16 logit error %.2fx the plain "
-                "model's)", FLAG, summary["offsets"], list(COUNT_EDGES), len(targets), math.exp(nll_before),
-                math.exp(nll_after), shift, bf16_ratio)
+    logger.info("%s: scales %s and offsets %s for training counts from %s, fitted on %d held-out tokens (perplexity "
+                "%.2f -> %.2f), folded into the LM head (ln_f bias shift %s x its weight, bfloat16 logit error %.2fx "
+                "the plain model's)", FLAG, summary["scales"], summary["offsets"], list(COUNT_EDGES), len(targets),
+                math.exp(nll_before), math.exp(nll_after), shift, bf16_ratio)
     return {**summary, "ln_f_bias_shift": shift, "bfloat16_error_ratio": round(bf16_ratio, 4)}
