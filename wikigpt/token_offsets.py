@@ -78,7 +78,7 @@ def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=No
     n = len(targets)
     if member is None:
         return nll / n, None, None
-    m2, m1, m0, grad, outer = (t / n for t in sums)
+    m2, m1, m0, grad, outer = (t.cpu() / n for t in sums)
     g = torch.arange(n_groups)
     hessian = -outer
     hessian[g, g] += m2
@@ -95,9 +95,9 @@ def fit_scales_and_offsets(hidden, targets, weight, groups, n_groups: int, l2: f
     prior = torch.cat([torch.ones(n_groups), torch.zeros(n_groups)]).double()
 
     def evaluate(theta):
-        token_scales, token_offsets = (theta[:n_groups].float()[groups], theta[n_groups:].float()[groups])
-        nll, grad, hess = newton_terms(hidden, targets, weight, token_scales.to(hidden.device),
-                                       token_offsets.to(hidden.device), groups, n_groups)
+        per_group = theta.float().to(groups.device)
+        nll, grad, hess = newton_terms(hidden, targets, weight, per_group[:n_groups][groups],
+                                       per_group[n_groups:][groups], groups, n_groups)
         return (nll + l2 * float((theta - prior).square().sum()), grad + 2 * l2 * (theta - prior),
                 hess + 2 * l2 * torch.eye(2 * n_groups, dtype=torch.float64))
 
@@ -111,6 +111,8 @@ def fit_scales_and_offsets(hidden, targets, weight, groups, n_groups: int, l2: f
             if value <= current or scale < 1e-3:
                 break
             scale /= 2
+        if value > current:  # no step lowers it: at the minimum to rounding
+            break
         params, improvement, current, grad, hess = trial, current - value, value, trial_grad, trial_hess
         if improvement < tol:
             break
@@ -170,7 +172,7 @@ def calibrate_token_offsets(model, blocks, batch_size: int, counts: np.ndarray) 
     weight = model.get_output_embeddings().weight.detach().float()
     groups = count_groups(counts[:weight.shape[0]]).to(targets.device)
     scales, offsets = fit_scales_and_offsets(hidden, targets, weight, groups, len(COUNT_EDGES))
-    token_scales, token_offsets = scales[groups].to(weight.device), offsets[groups].to(weight.device)
+    token_scales, token_offsets = scales.to(groups.device)[groups], offsets.to(groups.device)[groups]
     nll_before = newton_terms(hidden, targets, weight, 1.0, 0.0)[0]
     nll_after = newton_terms(hidden, targets, weight, token_scales.float(), token_offsets.float())[0]
     summary = {"count_edges": list(COUNT_EDGES), "scales": [round(float(x), 6) for x in scales],
