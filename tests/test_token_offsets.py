@@ -191,7 +191,7 @@ def test_fold_errors_measure_the_float32_and_bfloat16_logit_errors():
 def test_model_without_gpt2_final_layernorm_is_refused():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
-    with pytest.raises(UsageError, match=r"--calibrate_token_offsets folds its offsets into GPT-2's final "
+    with pytest.raises(UsageError, match=r"--calibrate_token_offsets folds its scales and offsets into GPT-2's final "
                                          r"LayerNorm \(transformer.ln_f\), which LlamaForCausalLM does not have; "
                                          r"drop --calibrate_token_offsets"):
         check_calibration_model(model, "--calibrate_token_offsets")

@@ -32,7 +32,7 @@ def final_norm(model):
 def check_calibration_model(model, flag: str = FLAG) -> None:
     """GPT-2's ln_f (with a bias) and a bias-free LM head: what --calibrate_temperature and --calibrate_token_offsets
     fold into."""
-    what = "the temperature" if flag == FLAG else "its offsets"
+    what = "the temperature" if flag == FLAG else "its scales and offsets"
     if not isinstance(final_norm(model), torch.nn.LayerNorm) or final_norm(model).bias is None:
         raise UsageError(f"{flag} folds {what} into GPT-2's final LayerNorm (transformer.ln_f), which "
                          f"{type(model).__name__} does not have; drop {flag}")
