@@ -15,8 +15,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from wikigpt.calibration import check_calibration_model
 from wikigpt.errors import UsageError
-from wikigpt.token_offsets import (calibrate_token_offsets, count_groups, fit_scales_and_offsets, fold_errors,
-                                   fold_offsets, newton_terms, offset_fold)
+from wikigpt.token_offsets import (calibrate_token_offsets, count_groups, fit_class_calibration, fold_errors,
+                                   fold_offsets, newton_terms, offset_fold, rank_feature)
 
 
 def test_tokens_are_grouped_by_training_count():
@@ -24,64 +24,80 @@ def test_tokens_are_grouped_by_training_count():
     assert count_groups(counts).tolist() == [0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
 
 
-def drawn_with(true_scales, true_offsets, n: int = 30_000, width: int = 6, seed: int = 0):
+def test_rank_feature_is_log_one_plus_id_centred():
+    expected = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    torch.testing.assert_close(rank_feature(4), expected - expected.mean())
+
+
+def drawn_with(true_scales, true_offsets, true_slopes=None, n: int = 30_000, width: int = 6, seed: int = 0):
     """Hidden states, an output matrix, groups of its 40 tokens, and targets drawn from the softmax of
-    s_g z_t + o_g."""
+    s_g z_t + o_g + a_g r_t."""
     g = torch.Generator().manual_seed(seed)
     vocab = 40
     hidden, weight = torch.randn(n, width, generator=g), torch.randn(vocab, width, generator=g)
     groups = torch.arange(vocab) % len(true_offsets)
-    logits = hidden @ weight.T * torch.as_tensor(true_scales).float()[groups] + torch.as_tensor(true_offsets).float()[groups]
+    slopes = torch.zeros(len(true_offsets)) if true_slopes is None else torch.as_tensor(true_slopes).float()
+    logits = (hidden @ weight.T * torch.as_tensor(true_scales).float()[groups]
+              + torch.as_tensor(true_offsets).float()[groups] + slopes[groups] * rank_feature(vocab))
     return hidden, torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0], weight, groups
 
 
-def nll_of(hidden, targets, weight, groups, scales, offsets):
-    return newton_terms(hidden, targets, weight, scales.float()[groups], offsets.float()[groups])[0]
+def nll_of(hidden, targets, weight, groups, scales, offsets, slopes):
+    token_offsets = offsets.float()[groups] + slopes.float()[groups] * rank_feature(len(groups))
+    return newton_terms(hidden, targets, weight, scales.float()[groups], token_offsets)[0]
 
 
-def test_fit_recovers_the_scales_and_offsets_the_targets_were_drawn_with():
+def fit(hidden, targets, weight, groups, n_groups, **kwargs):
+    return fit_class_calibration(hidden, targets, weight, groups, n_groups, rank_feature(len(groups)), **kwargs)
+
+
+def test_fit_recovers_the_scales_offsets_and_slopes_the_targets_were_drawn_with():
     true_scales = torch.tensor([0.6, 1.0, 1.3, 0.9], dtype=torch.float64)
     true_offsets = torch.tensor([-1.0, 0.0, 0.7, 1.5], dtype=torch.float64)
-    hidden, targets, weight, groups = drawn_with(true_scales, true_offsets, n=120_000)
-    scales, offsets = fit_scales_and_offsets(hidden, targets, weight, groups, 4, l2=1e-7)
+    true_slopes = torch.tensor([0.5, 0.0, -0.8, 0.3], dtype=torch.float64)
+    hidden, targets, weight, groups = drawn_with(true_scales, true_offsets, true_slopes, n=120_000)
+    scales, offsets, slopes = fit(hidden, targets, weight, groups, 4, l2=1e-7)
     torch.testing.assert_close(scales, true_scales, atol=0.05, rtol=0)
     # a constant added to every offset leaves the softmax unchanged: compare them relative to their mean
     torch.testing.assert_close(offsets - offsets.mean(), true_offsets - true_offsets.mean(), atol=0.06, rtol=0)
+    torch.testing.assert_close(slopes, true_slopes, atol=0.08, rtol=0)
 
 
 def test_newton_terms_are_the_nll_gradient_and_hessian():
-    hidden, targets, weight, groups = drawn_with([1.0, 0.8, 1.2], [0.5, -0.5, 0.0], n=500, seed=2)
-    theta = torch.tensor([0.9, 1.1, 0.7, 0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    hidden, targets, weight, groups = drawn_with([1.0, 0.8, 1.2], [0.5, -0.5, 0.0], [0.3, 0.0, -0.4], n=500, seed=2)
+    theta = torch.tensor([0.9, 1.1, 0.7, 0.3, -0.2, 0.1, 0.2, -0.1, 0.4], dtype=torch.float64, requires_grad=True)
+    ranks = rank_feature(40).double()
 
     def nll(t):  # the same NLL, for autograd
-        logits = hidden.double() @ weight.double().T * t[:3][groups] + t[3:][groups]
+        logits = hidden.double() @ weight.double().T * t[:3][groups] + t[3:6][groups] + t[6:][groups] * ranks
         return torch.nn.functional.cross_entropy(logits, targets)
 
-    value, grad, hess = newton_terms(hidden.double(), targets, weight.double(), theta[:3][groups].detach(),
-                                     theta[3:][groups].detach(), groups, 3, chunk=128)
-    assert value == pytest.approx(float(nll(theta.detach())), rel=1e-9)
+    t = theta.detach()
+    value, grad, hess = newton_terms(hidden.double(), targets, weight.double(), t[:3][groups],
+                                     t[3:6][groups] + t[6:][groups] * ranks, groups, 3, ranks, chunk=128)
+    assert value == pytest.approx(float(nll(t)), rel=1e-9)
     torch.testing.assert_close(grad, torch.autograd.grad(nll(theta), theta)[0])
-    torch.testing.assert_close(hess, torch.autograd.functional.hessian(nll, theta.detach()))
+    torch.testing.assert_close(hess, torch.autograd.functional.hessian(nll, t))
 
 
-def test_fitted_scales_and_offsets_are_the_held_out_minimum():
-    hidden, targets, weight, groups = drawn_with([1.2, 0.8, 1.0], [0.5, -0.5, 0.0], seed=1)
-    scales, offsets = fit_scales_and_offsets(hidden, targets, weight, groups, 3, l2=1e-9)
-    nll = nll_of(hidden, targets, weight, groups, scales, offsets)
-    assert nll < nll_of(hidden, targets, weight, groups, torch.ones(3), torch.zeros(3)) - 0.01
-    for params in (scales, offsets):
+def test_fitted_scales_offsets_and_slopes_are_the_held_out_minimum():
+    hidden, targets, weight, groups = drawn_with([1.2, 0.8, 1.0], [0.5, -0.5, 0.0], [0.0, 0.6, -0.3], seed=1)
+    fitted = fit(hidden, targets, weight, groups, 3, l2=1e-9)
+    nll = nll_of(hidden, targets, weight, groups, *fitted)
+    assert nll < nll_of(hidden, targets, weight, groups, torch.ones(3), torch.zeros(3), torch.zeros(3)) - 0.01
+    for params in fitted:
         for group in range(3):
             for step in (-0.05, 0.05):
                 params[group] += step
-                assert nll_of(hidden, targets, weight, groups, scales, offsets) > nll
+                assert nll_of(hidden, targets, weight, groups, *fitted) > nll
                 params[group] -= step
 
 
-def test_a_group_without_tokens_keeps_scale_one_and_offset_zero():
-    hidden, targets, weight, groups = drawn_with([1.0, 0.7], [0.3, -0.3])
+def test_a_group_without_tokens_keeps_scale_one_offset_and_slope_zero():
+    hidden, targets, weight, groups = drawn_with([1.0, 0.7], [0.3, -0.3], [0.5, -0.5])
     groups = groups * 2  # groups 0 and 2 hold tokens, group 1 none
-    scales, offsets = fit_scales_and_offsets(hidden, targets, weight, groups, 3)
-    assert (scales[1], offsets[1]) == (1, 0) and offsets[0] != 0 and scales[2] != 1
+    scales, offsets, slopes = fit(hidden, targets, weight, groups, 3)
+    assert (scales[1], offsets[1], slopes[1]) == (1, 0, 0) and offsets[0] != 0 and scales[2] != 1 and slopes[2] != 0
 
 
 def tiny_gpt2(seed: int = 0, bias: bool = True):
@@ -146,7 +162,8 @@ def test_a_final_layernorm_without_bias_carries_offsets_after_a_shift():
     summary = calibrate_token_offsets(model, blocks, batch_size=4, counts=np.arange(64) * 40)
     assert "skipped" not in summary and summary["ln_f_bias_shift"] > 0 and summary["bfloat16_error_ratio"] < 2
     groups = count_groups(np.arange(64) * 40)
-    token_scales, token_offsets = torch.tensor(summary["scales"])[groups], torch.tensor(summary["offsets"])[groups]
+    token_scales = torch.tensor(summary["scales"])[groups]
+    token_offsets = torch.tensor(summary["offsets"])[groups] + torch.tensor(summary["rank_slopes"])[groups] * rank_feature(64)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before * token_scales + token_offsets, rtol=0, atol=1e-4)
 
@@ -225,7 +242,8 @@ def test_train_saves_and_evaluates_the_offset_model(tmp_path, micro_files, monke
                             monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
     offsets = results["token_offsets"]
-    assert "skipped" not in offsets and len(offsets["offsets"]) == 9 and offsets["bfloat16_error_ratio"] < 2
+    assert "skipped" not in offsets and len(offsets["offsets"]) == len(offsets["rank_slopes"]) == 9
+    assert offsets["bfloat16_error_ratio"] < 2
     assert offsets["validation_perplexity_after"] < offsets["validation_perplexity_before"]
     # the temperature is fitted first, the offsets on the calibrated model
     assert offsets["validation_perplexity_before"] == pytest.approx(results["calibration"]["validation_perplexity_after"],
@@ -236,7 +254,8 @@ def test_train_saves_and_evaluates_the_offset_model(tmp_path, micro_files, monke
     assert "lm_head.weight" in saved and "lm_head.weight" not in trained  # untied: the head is saved on its own
     torch.testing.assert_close(saved["transformer.wte.weight"], trained["transformer.wte.weight"], rtol=0, atol=0)
     card = (out / "README.md").read_text()
-    assert (f"- logit scales {offsets['scales']} and offsets {offsets['offsets']} for tokens seen "
+    assert (f"- logit scales {offsets['scales']}, offsets {offsets['offsets']} and slopes {offsets['rank_slopes']} "
+            f"on log(1 + token id) for tokens seen "
             f"[0, 1, 2, 3, 5, 10, 30, 100, 1000] or more times "
             f"in the training text, fitted on the held-out split after training (held-out perplexity "
             f"{offsets['validation_perplexity_before']:,.2f} -> {offsets['validation_perplexity_after']:,.2f}): "

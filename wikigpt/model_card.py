@@ -202,7 +202,8 @@ def _body(results: dict, evals: list[EvalResult], eval_results: dict | None, tit
                      f"{_fmt(calibration['validation_perplexity_before'], 2)} -> "
                      f"{_fmt(calibration['validation_perplexity_after'], 2)}): the saved logits are divided by it")
     if offsets := results.get("token_offsets"):
-        lines.append(f"- logit scales {offsets['scales']} and offsets {offsets['offsets']} for tokens seen "
+        slopes = (f" and slopes {offsets['rank_slopes']} on log(1 + token id)" if "rank_slopes" in offsets else "")
+        lines.append(f"- logit scales {offsets['scales']}, offsets {offsets['offsets']}{slopes} for tokens seen "
                      f"{offsets['count_edges']} or more times "
                      f"in the training text, fitted on the held-out split after training (held-out perplexity "
                      f"{_fmt(offsets['validation_perplexity_before'], 2)} -> "

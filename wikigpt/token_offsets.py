@@ -1,19 +1,22 @@
-"""--calibrate_token_offsets: after training, fit one logit scale and one logit offset per token-frequency class on
-the held-out split and fold them into the saved model.
+"""--calibrate_token_offsets: after training, fit one logit scale, one logit offset and one slope on the token's rank
+per token-frequency class on the held-out split and fold them into the saved model.
 
 A model trained for many epochs on a small corpus misjudges how likely a token is by how often it saw it: new
 articles bring tokens it never saw or saw once more often than the training text did, while its many-times-seen
 tokens are slightly over-predicted. One softmax temperature (--calibrate_temperature) cannot tell these apart; one
 scale and one offset per class of training count can. Tokens are grouped by their count in the training text
-(COUNT_EDGES: 0, 1, 2, 3-4, 5-9, 10-29, 30-99, 100-999, 1000+), token t of group g gets the logit s_g z_t + o_g,
-and (s, o) are those that minimise the held-out NLL: a convex function of 18 numbers (the logits are linear in
-them), minimised by L-BFGS over chunked passes of the held-out logits, with a small L2 pull towards s = 1, o = 0
-for groups the held-out text barely holds.
+(COUNT_EDGES: 0, 1, 2, 3-4, 5-9, 10-29, 30-99, 100-999, 1000+). Within a class, the tokens the model could not learn
+apart (those sharing one row under --tie_tokens_below get the same logit) still differ in how common they are in
+text at large, and GPT-2's vocabulary says so: its ids follow the BPE merge order, most frequent pairs first. So
+token t of group g gets the logit s_g z_t + o_g + a_g r_t, r_t = log(1 + t) (centred), and (s, o, a) are those
+that minimise the held-out NLL: a convex function of 27 numbers (the logits are linear in them), minimised by
+damped Newton steps over chunked passes of the held-out logits, with a small L2 pull towards s = 1, o = a = 0 for
+groups the held-out text barely holds. A tokenizer whose ids carry no such order gets slopes near 0.
 
 Folding is exact too. GPT-2's logits are W h: the head is untied from the input embeddings
 (config.tie_word_embeddings = False; the input embeddings are unchanged) and row t of W is multiplied by s_t, its
 group's scale. h = gamma * n + beta from ln_f, and n sums to 0 (LayerNorm subtracts the mean), so h . (1 / gamma) =
-sum(beta / gamma) = C for every input: adding (o_t / C) / gamma to row t of W adds o_t to token t's logit. C is
+sum(beta / gamma) = C for every input: adding (o_t / C) / gamma to row t of W adds o_t = o_g + a_g r_t to token t's logit. C is
 whatever training left in beta, and can be near 0 (then the rows that carry the offsets grow huge and so do the
 logits' rounding errors), so beta first gains delta = k * gamma, which makes C' = C + k * width, and row t of W
 gains ((o_t - W_t . delta) / C') / gamma: the logits are W_t . h + W_t . delta + o_t - W_t . delta, exactly the
@@ -47,59 +50,81 @@ def count_groups(counts: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.searchsorted(COUNT_EDGES, counts, side="right") - 1, dtype=torch.long)
 
 
+def rank_feature(vocab_size: int) -> torch.Tensor:
+    """log(1 + token id), centred on its vocabulary mean: GPT-2's ids follow the BPE merge order, most frequent pairs
+    first, so within a class of training count a low id marks a token common in the tokenizer's own text."""
+    ranks = torch.log1p(torch.arange(vocab_size, dtype=torch.float64))
+    return (ranks - ranks.mean()).float()
+
+
 def class_logits(z, token_scales, token_offsets):
-    """Logits of the calibrated softmax: s_g z_t + o_g for token t of group g."""
+    """Logits of the calibrated softmax: s_t z_t + o_t (o_t = o_g + a_g r_t for token t of group g)."""
     return z * token_scales + token_offsets
 
 
+# the features of token t in its group's slots, as powers (of z_t, of r_t): the logit is s_g z_t + o_g + a_g r_t
+FEATURES = ((1, 0), (0, 0), (0, 1))
+
+
 @torch.no_grad()
-def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=None, n_groups: int = 0,
+def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=None, n_groups: int = 0, ranks=None,
                  chunk: int = 1024):
-    """Mean NLL of the logits s_g z_t + o_g and, given `groups` (each token's), its gradient and Hessian in
-    (s_1..s_G, o_1..o_G). Token t's features are z_t and 1 in its group's slots, so the softmax moments
-    sum_t p_t z_t^k over each group's tokens (k = 0, 1, 2) give both. Chunked: a vocabulary-wide row per position."""
+    """Mean NLL of the logits s_t z_t + o_t and, given `groups` (each token's) and `ranks` (r_t), its gradient and
+    Hessian in (s_1..s_G, o_1..o_G, a_1..a_G). Token t's features are z_t, 1 and r_t in its group's slots, so the
+    softmax moments sum_t p_t z_t^i r_t^j over each group's tokens (i + j <= 2) give both. Chunked: a
+    vocabulary-wide row per position."""
     nll, sums = 0.0, None
-    member = None if groups is None else torch.nn.functional.one_hot(groups, n_groups).to(hidden.dtype)
+    if groups is not None:
+        member = torch.nn.functional.one_hot(groups, n_groups).to(hidden.dtype)
+        by_rank = [member * ranks.to(member)[:, None] ** j for j in range(3)]  # members weighted by r_t^j
     for start in range(0, len(targets), chunk):
         z = hidden[start:start + chunk] @ weight.T
         y = targets[start:start + chunk]
         logits = class_logits(z, token_scales, token_offsets)
         lse = torch.logsumexp(logits, -1)
         nll += float((lse - logits.gather(-1, y[:, None])[:, 0]).double().sum())
-        if member is None:
+        if groups is None:
             continue
         p = torch.exp(logits - lse[:, None])
-        m0, m1, m2 = (t.double() for t in (p @ member, (p * z) @ member, (p * z * z) @ member))
-        expected = torch.cat([m1, m0], -1)  # E_p[features] per position
+        p_z = [p, p * z, p * z * z]
+        moment = {(i, j): (p_z[i] @ by_rank[j]).double() for i in range(3) for j in range(3 - i)}  # positions x G
+        expected = torch.cat([moment[f] for f in FEATURES], -1)  # E_p[features] per position
+        z_y, r_y = z.gather(-1, y[:, None]).double(), ranks.to(z)[y][:, None].double()
         y_member = member[y].double()
-        target = torch.cat([y_member * z.gather(-1, y[:, None]).double(), y_member], -1)  # the target's features
-        chunk_sums = [m2.sum(0), m1.sum(0), m0.sum(0), (expected - target).sum(0), expected.T @ expected]
-        sums = chunk_sums if sums is None else [a + b for a, b in zip(sums, chunk_sums)]
+        target = torch.cat([y_member * z_y ** i * r_y ** j for i, j in FEATURES], -1)  # the target's features
+        chunk_sums = [{key: m.sum(0) for key, m in moment.items()}, (expected - target).sum(0), expected.T @ expected]
+        if sums is None:
+            sums = chunk_sums
+        else:
+            sums = [{key: sums[0][key] + chunk_sums[0][key] for key in moment}, sums[1] + chunk_sums[1],
+                    sums[2] + chunk_sums[2]]
     n = len(targets)
-    if member is None:
+    if groups is None:
         return nll / n, None, None
-    m2, m1, m0, grad, outer = (t.cpu() / n for t in sums)
-    g = torch.arange(n_groups)
-    hessian = -outer
-    hessian[g, g] += m2
-    hessian[g, n_groups + g] += m1
-    hessian[n_groups + g, g] += m1
-    hessian[n_groups + g, n_groups + g] += m0
+    moments, grad, outer = {key: m.cpu() / n for key, m in sums[0].items()}, sums[1].cpu() / n, sums[2].cpu() / n
+    hessian, g = -outer, torch.arange(n_groups)
+    for k, (ik, jk) in enumerate(FEATURES):
+        for l, (il, jl) in enumerate(FEATURES):
+            hessian[k * n_groups + g, l * n_groups + g] += moments[(ik + il, jk + jl)]
     return nll / n, grad, hessian
 
 
-def fit_scales_and_offsets(hidden, targets, weight, groups, n_groups: int, l2: float = L2, steps: int = 30,
-                           tol: float = 1e-8):
-    """(scales, offsets), one per group (1 and 0 for a group without tokens), minimising the mean held-out NLL of
-    s_g z_t + o_g plus l2 * (|s - 1|^2 + |o|^2): damped Newton steps on a convex function of 2 * n_groups numbers."""
-    prior = torch.cat([torch.ones(n_groups), torch.zeros(n_groups)]).double()
+def fit_class_calibration(hidden, targets, weight, groups, n_groups: int, ranks, l2: float = L2, steps: int = 30,
+                          tol: float = 1e-8):
+    """(scales, offsets, rank slopes), one each per group (1, 0 and 0 for a group without tokens), minimising the
+    mean held-out NLL of s_g z_t + o_g + a_g r_t plus l2 * (|s - 1|^2 + |o|^2 + |a|^2): damped Newton steps on a
+    convex function of 3 * n_groups numbers."""
+    prior = torch.cat([torch.ones(n_groups), torch.zeros(2 * n_groups)]).double()
+    ranks = ranks.to(groups.device)
+
+    def per_token(theta):
+        scales, offsets, slopes = theta.float().to(groups.device).view(3, n_groups)
+        return scales[groups], offsets[groups] + slopes[groups] * ranks
 
     def evaluate(theta):
-        per_group = theta.float().to(groups.device)
-        nll, grad, hess = newton_terms(hidden, targets, weight, per_group[:n_groups][groups],
-                                       per_group[n_groups:][groups], groups, n_groups)
+        nll, grad, hess = newton_terms(hidden, targets, weight, *per_token(theta), groups, n_groups, ranks)
         return (nll + l2 * float((theta - prior).square().sum()), grad + 2 * l2 * (theta - prior),
-                hess + 2 * l2 * torch.eye(2 * n_groups, dtype=torch.float64))
+                hess + 2 * l2 * torch.eye(3 * n_groups, dtype=torch.float64))
 
     params = prior.clone()
     current, grad, hess = evaluate(params)
@@ -116,7 +141,7 @@ def fit_scales_and_offsets(hidden, targets, weight, groups, n_groups: int, l2: f
         params, improvement, current, grad, hess = trial, current - value, value, trial_grad, trial_hess
         if improvement < tol:
             break
-    return params[:n_groups], params[n_groups:]
+    return params.view(3, n_groups).unbind()
 
 
 def offset_fold(model, weight: torch.Tensor, token_offsets: torch.Tensor, shift: float):
@@ -171,12 +196,14 @@ def calibrate_token_offsets(model, blocks, batch_size: int, counts: np.ndarray) 
         model.train(was_training)
     weight = model.get_output_embeddings().weight.detach().float()
     groups = count_groups(counts[:weight.shape[0]]).to(targets.device)
-    scales, offsets = fit_scales_and_offsets(hidden, targets, weight, groups, len(COUNT_EDGES))
-    token_scales, token_offsets = scales.to(groups.device)[groups], offsets.to(groups.device)[groups]
+    ranks = rank_feature(weight.shape[0]).to(groups.device)
+    scales, offsets, slopes = (x.to(groups.device) for x in
+                               fit_class_calibration(hidden, targets, weight, groups, len(COUNT_EDGES), ranks))
+    token_scales, token_offsets = scales[groups], offsets[groups] + slopes[groups] * ranks.double()
     nll_before = newton_terms(hidden, targets, weight, 1.0, 0.0)[0]
     nll_after = newton_terms(hidden, targets, weight, token_scales.float(), token_offsets.float())[0]
     summary = {"count_edges": list(COUNT_EDGES), "scales": [round(float(x), 6) for x in scales],
-               "offsets": [round(float(o), 6) for o in offsets],
+               "offsets": [round(float(o), 6) for o in offsets], "rank_slopes": [round(float(a), 6) for a in slopes],
                "group_tokens": torch.bincount(groups, minlength=len(offsets)).tolist(), "tokens": len(targets),
                "validation_perplexity_before": round(math.exp(nll_before), 4),
                "validation_perplexity_after": round(math.exp(nll_after), 4)}
@@ -196,8 +223,8 @@ def calibrate_token_offsets(model, blocks, batch_size: int, counts: np.ndarray) 
                        "without them", FLAG, reason)
         return {**summary, "skipped": reason}
     fold_offsets(model, new_bias, new_weight)
-    logger.info("%s: scales %s and offsets %s for training counts from %s, fitted on %d held-out tokens (perplexity "
+    logger.info("%s: scales %s, offsets %s and rank slopes %s for training counts from %s, fitted on %d held-out tokens (perplexity "
                 "%.2f -> %.2f), folded into the LM head (ln_f bias shift %s x its weight, bfloat16 logit error %.2fx "
-                "the plain model's)", FLAG, summary["scales"], summary["offsets"], list(COUNT_EDGES), len(targets),
+                "the plain model's)", FLAG, summary["scales"], summary["offsets"], summary["rank_slopes"], list(COUNT_EDGES), len(targets),
                 math.exp(nll_before), math.exp(nll_after), shift, bf16_ratio)
     return {**summary, "ln_f_bias_shift": shift, "bfloat16_error_ratio": round(bf16_ratio, 4)}

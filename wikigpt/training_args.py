@@ -110,10 +110,11 @@ class WikiTrainingArguments(TrainingArguments):
     )
     calibrate_token_offsets: bool = field(
         default=False,
-        metadata={"help": "After training (and --calibrate_temperature), fit one logit scale and one logit offset per "
-                          "class of training count (tokens seen 0, 1, 2, 3-4, ... times in the training text) on the "
-                          "held-out split and fold them into the final LayerNorm and an untied LM head: new text holds "
-                          "more rare tokens than the training text. GPT-2 models only. Off by default."},
+        metadata={"help": "After training (and --calibrate_temperature), fit one logit scale, one logit offset and one "
+                          "slope on log(1 + token id) per class of training count (tokens seen 0, 1, 2, 3-4, ... times "
+                          "in the training text) on the held-out split and fold them into the final LayerNorm and an "
+                          "untied LM head: new text holds more rare tokens than the training text. GPT-2 models only. "
+                          "Off by default."},
     )
 
     def __post_init__(self):
