@@ -73,10 +73,10 @@ def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=No
     Hessian in (s_1..s_G, o_1..o_G, a_1..a_G). Token t's features are z_t, 1 and r_t in its group's slots, so the
     softmax moments sum_t p_t z_t^i r_t^j over each group's tokens (i + j <= 2) give both. Chunked: a
     vocabulary-wide row per position."""
-    nll, sums = 0.0, None
+    nll, sums = 0.0, {}
     if groups is not None:
         member = torch.nn.functional.one_hot(groups, n_groups).to(hidden.dtype)
-        by_rank = [member * ranks.to(member)[:, None] ** j for j in range(3)]  # members weighted by r_t^j
+        by_rank = torch.cat([member * ranks.to(member)[:, None] ** j for j in range(3)], 1)  # members times r_t^j
     for start in range(0, len(targets), chunk):
         z = hidden[start:start + chunk] @ weight.T
         y = targets[start:start + chunk]
@@ -86,27 +86,26 @@ def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=No
         if groups is None:
             continue
         p = torch.exp(logits - lse[:, None])
-        p_z = [p, p * z, p * z * z]
-        moment = {(i, j): (p_z[i] @ by_rank[j]).double() for i in range(3) for j in range(3 - i)}  # positions x G
+        moment = {}  # (i, j): positions x G; one product per power of z reads its vocabulary-wide rows once
+        for i, p_z in enumerate((p, p * z, p * z * z)):
+            sums_j = (p_z @ by_rank[:, :(3 - i) * n_groups]).double()
+            moment.update({(i, j): sums_j[:, j * n_groups:(j + 1) * n_groups] for j in range(3 - i)})
         expected = torch.cat([moment[f] for f in FEATURES], -1)  # E_p[features] per position
         z_y, r_y = z.gather(-1, y[:, None]).double(), ranks.to(z)[y][:, None].double()
         y_member = member[y].double()
         target = torch.cat([y_member * z_y ** i * r_y ** j for i, j in FEATURES], -1)  # the target's features
-        chunk_sums = [{key: m.sum(0) for key, m in moment.items()}, (expected - target).sum(0), expected.T @ expected]
-        if sums is None:
-            sums = chunk_sums
-        else:
-            sums = [{key: sums[0][key] + chunk_sums[0][key] for key in moment}, sums[1] + chunk_sums[1],
-                    sums[2] + chunk_sums[2]]
+        chunk_sums = {**{key: m.sum(0) for key, m in moment.items()}, "grad": (expected - target).sum(0),
+                      "outer": expected.T @ expected}
+        sums = {key: sums.get(key, 0) + value for key, value in chunk_sums.items()}
     n = len(targets)
     if groups is None:
         return nll / n, None, None
-    moments, grad, outer = {key: m.cpu() / n for key, m in sums[0].items()}, sums[1].cpu() / n, sums[2].cpu() / n
-    hessian, g = -outer, torch.arange(n_groups)
+    sums = {key: value.cpu() / n for key, value in sums.items()}  # the moments (i, j), the gradient, E[f] E[f]^T
+    hessian, g = -sums["outer"], torch.arange(n_groups)
     for k, (ik, jk) in enumerate(FEATURES):
         for l, (il, jl) in enumerate(FEATURES):
-            hessian[k * n_groups + g, l * n_groups + g] += moments[(ik + il, jk + jl)]
-    return nll / n, grad, hessian
+            hessian[k * n_groups + g, l * n_groups + g] += sums[(ik + il, jk + jl)]
+    return nll / n, sums["grad"], hessian
 
 
 def fit_class_calibration(hidden, targets, weight, groups, n_groups: int, ranks, l2: float = L2, steps: int = 30,
