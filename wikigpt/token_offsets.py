@@ -17,8 +17,8 @@ Folding is exact too. GPT-2's logits are W h: the head is untied from the input 
 (config.tie_word_embeddings = False; the input embeddings are unchanged) and row t of W is multiplied by s_t, its
 group's scale. h = gamma * n + beta from ln_f, and n sums to 0 (LayerNorm subtracts the mean), so h . (1 / gamma) =
 sum(beta / gamma) = C for every input: adding (o_t / C) / gamma to row t of W adds o_t = o_g + a_g r_t to token t's
-logit. C is whatever training left in beta, and can be near 0 (then the rows that carry the offsets grow huge and so do the
-logits' rounding errors), so beta first gains delta = k * gamma, which makes C' = C + k * width, and row t of W
+logit. C is whatever training left in beta, and can be near 0 (then the rows that carry the offsets grow huge and
+so do the logits' rounding errors), so beta first gains delta = k * gamma, which makes C' = C + k * width, and row t of W
 gains ((o_t - W_t . delta) / C') / gamma: the logits are W_t . h + W_t . delta + o_t - W_t . delta, exactly the
 scaled ones plus the offsets. k (in SHIFTS, signed like C) is the one whose folded logits have the smallest bfloat16
 rounding error on the held-out positions. The saved model is a plain GPT2LMHeadModel for eval.py, generate.py and
