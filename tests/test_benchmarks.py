@@ -45,11 +45,14 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     assert report["runs"][0]["vocab_size"] == 50257
     # Same seed, same dropout masks: the chunked loss trains to the plain loss (tests/test_chunked_loss.py).
     assert report["levers"][1]["last_logged_loss"] == pytest.approx(report["runs"][0]["last_logged_loss"], rel=1e-5)
-    assert report["wikigpt_levers"][0]["last_logged_loss"] == pytest.approx(wiki["last_logged_loss"], rel=1e-5)
+    # wikigpt's rows run bf16 autocast where the CPU has it: logits rounded to bf16 in chunks of another shape round
+    # differently by host (AMX vs AVX512 kernels), ~1e-5 of the loss; a wrong loss is off by far more than 1e-4.
+    bf16_rel = 1e-4 if wiki["bf16"] else 1e-5
+    assert report["wikigpt_levers"][0]["last_logged_loss"] == pytest.approx(wiki["last_logged_loss"], rel=bf16_rel)
     # transformers' Python GELU: the formula of the fused default, so the same losses to rounding
     python_gelu = report["wikigpt_levers"][1]
     assert "activation_function=gelu_new" in python_gelu["train_py_args"]
-    assert python_gelu["last_logged_loss"] == pytest.approx(wiki["last_logged_loss"], rel=1e-5)
+    assert python_gelu["last_logged_loss"] == pytest.approx(wiki["last_logged_loss"], rel=bf16_rel)
     assert report["wikigpt_vs_nanogpt"] > 0 and "vs_nanogpt_eager" in wiki
     # The wikigpt row is train.py's path: train.py with the row's flags logs the same loss at the same step.
     argv = wiki["train_py_args"]
