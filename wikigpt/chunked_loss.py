@@ -37,8 +37,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, last_column_offset: float = 0.0,
-                teacher_hidden=None, teacher_weight=None, teacher_share: float = 0.0):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, last_column_offset: float = 0.0):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -52,25 +51,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            if teacher_hidden is not None:  # EXPERIMENT: targets (1 - a) one-hot + a softmax(teacher)
-                teacher_logits = (teacher_hidden[start:start + chunk_size] @ teacher_weight.T).float()
-                if last_column_offset:
-                    teacher_logits[:, -1] += last_column_offset
-                soft = torch.softmax(teacher_logits, dim=-1)
-                del teacher_logits
-                expected = (soft * logits).sum(1)
-                target_logit = (1 - teacher_share) * logits.gather(1, safe_t).squeeze(1) + teacher_share * expected
-                total += ((log_norm.squeeze(1) - target_logit) * valid).sum()
-            else:
-                total += ((log_norm - logits.gather(1, safe_t)).squeeze(1) * valid).sum()
+            total += ((log_norm - logits.gather(1, safe_t)).squeeze(1) * valid).sum()
             # d(sum of CE)/d(logits) = softmax - one-hot, zero for ignored tokens; reuses the logits' memory.
             grad = logits.sub_(log_norm).exp_()
-            if teacher_hidden is not None:
-                grad.sub_(soft, alpha=teacher_share)
-                grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -(1 - teacher_share), dtype=grad.dtype))
-                del soft
-            else:
-                grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad.dtype))
+            grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad.dtype))
             grad = grad.mul_(valid.unsqueeze(1)).to(weight.dtype)  # as autograd casts back through .float()
             grad_hidden[start:start + chunk_size] = grad @ weight
             grad_weight += (grad.T @ h).float()
@@ -82,7 +66,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None)
 
 
 def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_vocab: int,

@@ -92,8 +92,7 @@ class TiedTokens:
 
 
 def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_in_batch=None,
-                     ignore_index: int = IGNORE_INDEX, shift_labels=None, chunk_size: int | None = None,
-                     teacher=None):
+                     ignore_index: int = IGNORE_INDEX, shift_labels=None, chunk_size: int | None = None):
     """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) for a weight whose tied rows are equal.
 
     `chunk_size` (--chunked_loss_size): the narrow head's loss and gradients `chunk_size` tokens at a time."""
@@ -105,15 +104,7 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
     head = weight.index_select(0, torch.cat([tied.kept, torch.tensor([tied.shared])]).to(weight.device))
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     if chunk_size:
-        if teacher is not None:  # EXPERIMENT
-            teacher_model, teacher_hidden, share = teacher
-            teacher_head = teacher_model.lm_head.weight.index_select(
-                0, torch.cat([tied.kept, torch.tensor([tied.shared])]).to(weight.device))
-            total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], tied.log_n,
-                                                    teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
-                                                    teacher_head, share)
-        else:
-            total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], tied.log_n)
+        total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], tied.log_n)
     else:
         logits = (hidden @ head.T).float()
         logits[:, -1] += tied.log_n  # log-sum-exp of the n equal tied logits: the class's log-probability
@@ -127,11 +118,8 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
 
 
 def _narrow_head_loss(model, hidden_states, labels, **loss_kwargs):
-    teacher = None
-    if getattr(model, "_kd_teacher", None) is not None:
-        teacher = (model._kd_teacher, model._kd_hidden, model._kd_share)
     return narrow_head_loss(hidden_states, model.lm_head.weight, labels, model._tied_tokens,
-                            chunk_size=getattr(model, "_chunked_loss_size", None), teacher=teacher, **loss_kwargs)
+                            chunk_size=getattr(model, "_chunked_loss_size", None), **loss_kwargs)
 
 
 def _shared_row_ids(model, input_ids):
@@ -171,12 +159,6 @@ def tie_tokens(model, train_set, below: int, input_dropout: float = 0.0) -> tupl
     tied.tie(model.lm_head.weight)
     model._tied_tokens = tied
     replace_training_loss(model, _narrow_head_loss, input_ids_map=_shared_row_ids)
-    import os
-    if os.environ.get("KD_TEACHER"):  # EXPERIMENT
-        teacher = GPT2LMHeadModel.from_pretrained(os.environ["KD_TEACHER"]).eval().requires_grad_(False)
-        object.__setattr__(model, "_kd_teacher", teacher)
-        model._kd_share = float(os.environ.get("KD_SHARE", "0.5"))
-        logger.info("EXPERIMENT distilling from %s with share %s", os.environ["KD_TEACHER"], model._kd_share)
     logger.info("%s %d: %d tokens keep their own row, %d share one (%d of them occur in the training data); the "
                 "training LM head is %.1fx narrower", FLAG, below, len(tied.kept), len(tied.tied),
                 int((counts[tied.tied.numpy()] > 0).sum()), vocab_size / (len(tied.kept) + 1))

@@ -40,10 +40,6 @@ def _training_forward(self, input_ids=None, past_key_values=None, attention_mask
             or (input_ids_map is not None and input_ids is None)):
         return type(self).forward(self, input_ids=input_ids, **args, labels=labels, logits_to_keep=logits_to_keep,
                                   **kwargs)
-    if getattr(self, "_kd_teacher", None) is not None:  # EXPERIMENT: the teacher reads the real ids
-        import torch
-        with torch.no_grad():
-            self._kd_hidden = self._kd_teacher.transformer(input_ids=input_ids).last_hidden_state
     if input_ids_map is not None:
         input_ids = input_ids_map(self, input_ids)
     # As GPT2LMHeadModel.forward, with the LM head and loss replaced.
