@@ -34,10 +34,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     `real_vocab` < weight rows (a padded vocabulary): the padded columns are set to -inf before the softmax, so
     they get no probability and no gradient, while the matmuls keep the padded, tile-friendly width.
     `last_column_offset`: a constant added to the last column's logits (--tie_tokens_below's shared class).
+    `teacher_logits(start, stop)` (--distill_from): the teacher's fp32 logits of those rows, in this head's columns;
+    the target is then (1 - teacher_share) x one-hot + teacher_share x their softmax (wikigpt.distillation).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, last_column_offset: float = 0.0):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, last_column_offset: float = 0.0,
+                teacher_logits=None, teacher_share: float = 0.0):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -51,10 +54,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += ((log_norm - logits.gather(1, safe_t)).squeeze(1) * valid).sum()
-            # d(sum of CE)/d(logits) = softmax - one-hot, zero for ignored tokens; reuses the logits' memory.
+            target_logit = logits.gather(1, safe_t).squeeze(1)
+            if teacher_logits is not None:
+                soft = torch.softmax(teacher_logits(start, start + h.shape[0]), dim=-1)
+                expected = (soft[:, :real_vocab] * logits[:, :real_vocab]).sum(1)  # padded columns: 0 x -inf
+                target_logit = (1 - teacher_share) * target_logit + teacher_share * expected
+            total += ((log_norm.squeeze(1) - target_logit) * valid).sum()
+            # d(sum of CE)/d(logits) = softmax - target, zero for ignored tokens; reuses the logits' memory.
             grad = logits.sub_(log_norm).exp_()
-            grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad.dtype))
+            grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -1 + teacher_share, dtype=grad.dtype))
+            if teacher_logits is not None:
+                grad.sub_(soft, alpha=teacher_share)
+                del soft
             grad = grad.mul_(valid.unsqueeze(1)).to(weight.dtype)  # as autograd casts back through .float()
             grad_hidden[start:start + chunk_size] = grad @ weight
             grad_weight += (grad.T @ h).float()
@@ -66,15 +77,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype),
-                None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_vocab: int,
-                           num_items_in_batch=None, ignore_index: int = IGNORE_INDEX, shift_labels=None):
+                           num_items_in_batch=None, ignore_index: int = IGNORE_INDEX, shift_labels=None, teacher=None):
     """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) without the whole batch's logits.
 
     Same shift (position i predicts label i+1, the last position predicts nothing), same -100 handling, mean over
     real label tokens, or sum / num_items_in_batch when the Trainer passes it (gradient accumulation).
+    `teacher`: a wikigpt.distillation.Teacher whose distribution is mixed into the targets.
     """
     if ignore_index != IGNORE_INDEX:
         labels = labels.masked_fill(labels == ignore_index, IGNORE_INDEX)
@@ -82,7 +94,11 @@ def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden_states.device)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab)
+    if teacher is None:
+        total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab)
+    else:
+        total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab, 0.0,
+                                                teacher.full_logits(weight.shape[0], real_vocab), teacher.share)
     if num_items_in_batch is None:
         return total / (targets != IGNORE_INDEX).sum()
     if torch.is_tensor(num_items_in_batch):
@@ -90,10 +106,10 @@ def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_
     return total / num_items_in_batch
 
 
-def _chunked_loss(model, hidden_states, labels, **loss_kwargs):
+def _chunked_loss(model, hidden_states, labels, teacher=None, **loss_kwargs):
     # head_weight: the padded-width weight when --pad_vocab_multiple is on (wikigpt.padded_vocab)
     return chunked_causal_lm_loss(hidden_states, head_weight(model.lm_head), labels, model._chunked_loss_size,
-                                  model.lm_head.out_features, **loss_kwargs)
+                                  model.lm_head.out_features, teacher=teacher, **loss_kwargs)
 
 
 def use_chunked_loss(model, chunk_size: int):

@@ -84,6 +84,16 @@ class ModelArguments:
                           "row with this probability (its target stays), so the model learns to read text holding "
                           "more unknown tokens than its training text, as new articles do. 0: off."},
     )
+    distill_from: str | None = field(
+        default=None,
+        metadata={"help": "A GPT-2 teacher of the same tokenizer (folder or Hub id), e.g. an earlier run's "
+                          "checkpoint-N: each training target becomes --distill_share x the teacher's next-token "
+                          "distribution + the rest x the data's next token. The saved model holds the student "
+                          "alone."},
+    )
+    distill_share: float = field(
+        default=0.5, metadata={"help": "With --distill_from: the teacher's part of each training target, in (0, 1]."}
+    )
 
 
 def _check_type(key: str, value, default):

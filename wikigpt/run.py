@@ -32,6 +32,7 @@ from .block_offsets import random_offset_training
 from .calibration import calibrate_temperature, check_calibration_model
 from .results import write_json_atomic
 from .schedules import WikiTrainer
+from .distillation import attach_teacher, check_distill_args, load_teacher
 from .tied_tokens import tie_tokens, training_token_counts
 from .token_offsets import calibrate_token_offsets
 from .throughput import ThroughputCallback, add_throughput_callback
@@ -79,6 +80,7 @@ def parse_run_args(argv: list[str] | None = None, description: str | None = None
 def build_run(model_args: ModelArguments, data_args: DataArguments, training_args: WikiTrainingArguments) -> Run:
     """Check every argument, then build tokenizer, model, data and the Trainer with wikigpt's callbacks."""
     check_model_args(model_args)
+    check_distill_args(model_args)
     check_data_args(data_args)
     check_nan_guard_args(training_args)
     resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir,
@@ -97,6 +99,8 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     block_size = resolve_block_size(data_args.block_size, context_length(model.config))
     logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)
     resume.check_model(model.config)
+    teacher = (load_teacher(model, model_args.distill_from, block_size, model_args.trust_remote_code,
+                            model_args.allow_pickle) if model_args.distill_from else None)
 
     # Rank 0 tokenizes first and writes the datasets cache; the other ranks then read it.
     with training_args.main_process_first(desc="tokenize and group"):
@@ -111,6 +115,8 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     tying, tied = tie_tokens(model, train_set, below, model_args.tied_input_dropout) if below else ([], None)
     if tied:
         source["tied_tokens"] = tied  # below, kept, tied: results.json's model section
+    if teacher:  # after the tying: the teacher's distribution over the narrow head's classes
+        source["distilled_from"] = attach_teacher(model, teacher, model_args.distill_from, model_args.distill_share)
 
     push = defer_push(training_args)  # push once at the end, after the local save
     # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/schedules.py)

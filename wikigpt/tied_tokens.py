@@ -92,10 +92,13 @@ class TiedTokens:
 
 
 def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_in_batch=None,
-                     ignore_index: int = IGNORE_INDEX, shift_labels=None, chunk_size: int | None = None):
+                     ignore_index: int = IGNORE_INDEX, shift_labels=None, chunk_size: int | None = None,
+                     teacher=None):
     """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) for a weight whose tied rows are equal.
 
-    `chunk_size` (--chunked_loss_size): the narrow head's loss and gradients `chunk_size` tokens at a time."""
+    `chunk_size` (--chunked_loss_size): the narrow head's loss and gradients `chunk_size` tokens at a time.
+    `teacher` (--distill_from): its distribution over the narrow head's classes is mixed into the targets (the tied
+    class as one: the student spreads it evenly over the tied tokens whatever the target)."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden_states.device)
@@ -103,13 +106,17 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
     columns = torch.where(valid, tied.column.to(targets.device)[targets.clamp_min(0)], IGNORE_INDEX)
     head = weight.index_select(0, torch.cat([tied.kept, torch.tensor([tied.shared])]).to(weight.device))
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    if chunk_size:
+    if teacher is not None:
+        total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size or hidden.shape[0], head.shape[0],
+                                                tied.log_n, teacher.class_logits(tied.kept, tied.tied), teacher.share)
+    elif chunk_size:
         total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], tied.log_n)
     else:
         logits = (hidden @ head.T).float()
         logits[:, -1] += tied.log_n  # log-sum-exp of the n equal tied logits: the class's log-probability
         total = F.cross_entropy(logits, columns, ignore_index=IGNORE_INDEX, reduction="sum")
-    total = total + tied.log_n * (columns == len(tied.kept)).sum()  # a tied target: its 1/n share of the class
+    one_hot = 1 - teacher.share if teacher is not None else 1
+    total = total + one_hot * tied.log_n * (columns == len(tied.kept)).sum()  # a tied target: 1/n of the class
     if num_items_in_batch is None:
         return total / valid.sum()
     if torch.is_tensor(num_items_in_batch):
@@ -117,9 +124,9 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
     return total / num_items_in_batch
 
 
-def _narrow_head_loss(model, hidden_states, labels, **loss_kwargs):
+def _narrow_head_loss(model, hidden_states, labels, teacher=None, **loss_kwargs):
     return narrow_head_loss(hidden_states, model.lm_head.weight, labels, model._tied_tokens,
-                            chunk_size=getattr(model, "_chunked_loss_size", None), **loss_kwargs)
+                            chunk_size=getattr(model, "_chunked_loss_size", None), teacher=teacher, **loss_kwargs)
 
 
 def _shared_row_ids(model, input_ids):

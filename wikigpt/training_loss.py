@@ -40,11 +40,16 @@ def _training_forward(self, input_ids=None, past_key_values=None, attention_mask
             or (input_ids_map is not None and input_ids is None)):
         return type(self).forward(self, input_ids=input_ids, **args, labels=labels, logits_to_keep=logits_to_keep,
                                   **kwargs)
+    teacher = getattr(self, "_teacher", None)  # --distill_from (wikigpt.distillation): reads the real ids
+    if teacher is not None:
+        teacher.read(input_ids, attention_mask)
     if input_ids_map is not None:
         input_ids = input_ids_map(self, input_ids)
     # As GPT2LMHeadModel.forward, with the LM head and loss replaced.
     outputs = self.transformer(input_ids=input_ids, **args, **kwargs)
     loss_kwargs = {k: kwargs[k] for k in LOSS_KWARGS if k in kwargs}
+    if teacher is not None:
+        loss_kwargs["teacher"] = teacher
     loss = self._training_loss(self, outputs.last_hidden_state, labels, **loss_kwargs)
     return CausalLMOutputWithCrossAttentions(
         loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
