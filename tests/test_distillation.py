@@ -148,5 +148,6 @@ def test_a_teacher_with_a_shorter_context_is_refused(micro_files, tiny_checkpoin
     argv = micro_args(micro_files, out, "--distill_from", tiny_checkpoint, max_steps=2)
     argv[argv.index("--block_size") + 1] = 256  # longer than the teacher's 128 positions
     assert train_in_process(argv, monkeypatch) == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: --distill_from {str(tiny_checkpoint)!r} reads at most 128 "
-                                              f"tokens but the blocks hold 256; pass --block_size 128")
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"error: --distill_from {str(tiny_checkpoint)!r} reads at most 128 tokens but the blocks hold 256; "
+        f"pass --block_size 128")

@@ -11,7 +11,8 @@ train.py    run (one run: build, train, finish), training_args (TrainingArgument
             NaN/inf), preemption (SIGTERM saves), write_failures (disk full), early_stopping, schedules,
             time_budget (--max_train_minutes), weight_averaging (--ema_decay/--swa_start), optimizers (Muon),
             precision (CPU bf16), cpu_memory (glibc), throughput (tokens/s, MFU), training_loss (swap the training
-            loss) with chunked_loss and tied_tokens, padded_vocab, plots, model_card, hub, tuning (--hp_search)
+            loss) with chunked_loss, tied_tokens and distillation (--distill_from), padded_vocab, plots, model_card,
+            hub, tuning (--hp_search)
 eval.py     evaluation (arguments, checks, three methods, report, model card update)
 generate.py generation_settings (flags -> checked decoding settings), prompts (read, encode), generation
             (GenerationConfig -> model.generate -> finished samples, stop strings, streaming, JSONL)
