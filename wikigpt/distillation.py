@@ -13,7 +13,6 @@ checkpoints and the saved model hold the student alone.
 
 import logging
 import math
-import os
 
 import torch
 from transformers import GPT2LMHeadModel
@@ -25,7 +24,6 @@ from .model import load_causal_lm
 logger = logging.getLogger(__name__)
 
 FLAG = "--distill_from"
-TAU = float(os.environ.get("KD_TAU", "1"))
 WHOLE_BATCH = 2**62  # the chunk size of a run without --chunked_loss_size: one chunk, the plain loss's memory
 
 
@@ -55,7 +53,7 @@ class Teacher:
 
         def logits(start: int, stop: int) -> torch.Tensor:
             out = torch.full((stop - start, width), float("-inf"), device=weight.device)
-            out[:, :real_vocab] = (self.hidden[start:stop] @ weight.T).float() / TAU
+            out[:, :real_vocab] = (self.hidden[start:stop] @ weight.T).float()
             return out
 
         return logits
@@ -75,8 +73,8 @@ class Teacher:
 
         def logits(start: int, stop: int) -> torch.Tensor:
             hidden = self.hidden[start:stop]
-            class_logit = torch.logsumexp((hidden @ tied_weight.T).float() / TAU, dim=-1, keepdim=True) + log_n
-            return torch.cat([(hidden @ kept_weight.T).float() / TAU, class_logit], dim=1)
+            class_logit = torch.logsumexp((hidden @ tied_weight.T).float(), dim=-1, keepdim=True) + log_n
+            return torch.cat([(hidden @ kept_weight.T).float(), class_logit], dim=1)
 
         return logits
 
