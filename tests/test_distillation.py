@@ -99,27 +99,6 @@ def test_narrow_head_takes_the_teachers_tied_tokens_as_one_class(chunk_size, equ
     compare(student, _SharedRows(tiny_model(), tied.row), teacher, (tied.kept, tied.tied))
 
 
-@pytest.mark.parametrize("narrow", [False, True])  # the full head, and --tie_tokens_below's classes (8, 9 tied)
-def test_the_block_cache_takes_its_share_of_the_teachers_distribution(narrow):
-    teacher = teacher_of()
-    inputs = torch.tensor([[3, 3, 5, 8], [9, 4, 8, 4]])
-    plain, cached = Teacher(teacher.model, SHARE), Teacher(teacher.model, SHARE, cache_share=0.25)
-    plain.read(inputs), cached.read(inputs)
-    if narrow:  # columns: 0..7 the kept ids 0..7, 8 the tied class
-        kept, tied = torch.arange(8), torch.arange(8, VOCAB)
-        probs = [t.class_probs(kept, tied)(0, 8) for t in (plain, cached)]
-    else:
-        probs = [t.full_probs(VOCAB, VOCAB)(0, 8) for t in (plain, cached)]
-    cache = (probs[1] - 0.75 * probs[0]) / 0.25  # what the cache added: the counts of the block so far
-    expected = {0: {3: 1}, 1: {3: 1}, 2: {3: 2 / 3, 5: 1 / 3}, 3: {3: 1 / 2, 5: 1 / 4, 8: 1 / 4},
-                4: {9: 1}, 5: {9: 1 / 2, 4: 1 / 2}, 6: {9: 1 / 3, 4: 1 / 3, 8: 1 / 3}, 7: {9: 1 / 4, 4: 1 / 2, 8: 1 / 4}}
-    for row, shares in expected.items():
-        want = torch.zeros(cache.shape[1])
-        for token, share in shares.items():
-            want[min(token, 8) if narrow else token] += share  # 8 and 9 share the class's column
-        assert torch.allclose(cache[row], want, atol=1e-5), row
-
-
 class _SharedRows(torch.nn.Module):
     """A plain GPT-2 that reads W[row] for its inputs and head: each tied id is the shared row, as in training."""
 
@@ -141,11 +120,10 @@ def test_train_py_records_the_teacher_and_saves_the_student_alone(micro_files, t
     assert train_in_process(micro_args(micro_files, teacher_dir, "--tie_tokens_below", 2, max_steps=2,
                                        save_steps=2), monkeypatch) == 0
     argv = micro_args(micro_files, out, "--tie_tokens_below", 2, "--distill_from", teacher_dir / "checkpoint-2",
-                      "--distill_share", 0.25, "--distill_cache_share", 0.1, max_steps=2, save_steps=2)
+                      "--distill_share", 0.25, max_steps=2, save_steps=2)
     assert train_in_process(argv, monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["model"]["distilled_from"] == {"teacher": str(teacher_dir / "checkpoint-2"), "share": 0.25,
-                                                  "cache_share": 0.1}
+    assert results["model"]["distilled_from"] == {"teacher": str(teacher_dir / "checkpoint-2"), "share": 0.25}
     student, teacher = load_file(out / "model.safetensors"), load_file(teacher_dir / "model.safetensors")
     assert student.keys() == teacher.keys()  # no teacher weights in the student's file
     assert not torch.equal(student["transformer.h.0.attn.c_attn.weight"], teacher["transformer.h.0.attn.c_attn.weight"])
@@ -155,11 +133,6 @@ def test_train_py_records_the_teacher_and_saves_the_student_alone(micro_files, t
 @pytest.mark.parametrize("extra, message", [
     (["--distill_share", 0], "error: --distill_share is the teacher's part of each training target, in (0, 1]; "
                              "got 0.0. Pass e.g. --distill_share 0.5"),
-    (["--distill_cache_share", 0.1], "error: --distill_cache_share mixes a block cache into a teacher's "
-                                     "distribution; pass --distill_from too, or drop --distill_cache_share"),
-    (["--distill_from", "./x", "--distill_cache_share", 1], "error: --distill_cache_share is the block cache's part "
-                                                            "of the teacher's distribution, in [0, 1); got 1.0. Pass "
-                                                            "e.g. --distill_cache_share 0.1, or 0 for none"),
     (["--distill_from", "./no-such-teacher"], "error: --distill_from './no-such-teacher' does not exist; pass a "
                                               "checkpoint folder"),
 ])

@@ -9,11 +9,6 @@ The loss goes through wikigpt.chunked_loss, which forms softmax - target for its
 logits are made there a chunk at a time, never for the whole batch. The teacher is frozen, in eval mode (no
 dropout), reads the batch's real token ids (not --tied_input_dropout's), and is no submodule of the student:
 checkpoints and the saved model hold the student alone.
-
---distill_cache_share c mixes a cache of the block so far into the teacher (the block cache of eval.py's mixtures,
-wikigpt.mixture): its target at each position is (1 - c) x softmax(teacher logits) + c x how often each token
-occurred in the block up to that position. A new article repeats its names, and the network learns to copy from
-the context only from targets that ask for it at every position, not only where the next token happens to repeat.
 """
 
 import logging
@@ -36,21 +31,14 @@ def check_distill_args(args) -> None:
     if not 0 < args.distill_share <= 1:
         raise UsageError(f"--distill_share is the teacher's part of each training target, in (0, 1]; got "
                          f"{args.distill_share}. Pass e.g. --distill_share 0.5")
-    if not 0 <= args.distill_cache_share < 1:
-        raise UsageError(f"--distill_cache_share is the block cache's part of the teacher's distribution, in [0, 1); "
-                         f"got {args.distill_cache_share}. Pass e.g. --distill_cache_share 0.1, or 0 for none")
-    if args.distill_cache_share and not args.distill_from:
-        raise UsageError("--distill_cache_share mixes a block cache into a teacher's distribution; pass "
-                         "--distill_from too, or drop --distill_cache_share")
 
 
 class Teacher:
     """The frozen teacher model, its share of the targets, and its logits in the student's head columns."""
 
-    def __init__(self, model: GPT2LMHeadModel, share: float, cache_share: float = 0.0):
-        self.model, self.share, self.cache_share = model, share, cache_share
+    def __init__(self, model: GPT2LMHeadModel, share: float):
+        self.model, self.share = model, share
         self.hidden = None  # the batch's final hidden states, set by the training forward (wikigpt.training_loss)
-        self.input_ids = None  # the batch's real ids, for the block cache
 
     @torch.no_grad()
     def read(self, input_ids: torch.Tensor, attention_mask=None) -> None:
@@ -58,43 +46,20 @@ class Teacher:
             self.model.to(input_ids.device)
         hidden = self.model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         self.hidden = hidden.reshape(-1, hidden.shape[-1])
-        self.input_ids = input_ids
 
-    def _with_cache(self, probs, columns: torch.Tensor):
-        """`probs`, or (1 - cache_share) x them + cache_share x the block cache, whose counts are over
-        `columns[token id]` (the head's column of each token)."""
-        if not self.cache_share:
-            return probs
-        ids = columns.to(self.input_ids.device)[self.input_ids]  # batch x block
-        block = ids.shape[1]
-        # Sparse: position i of a block adds to the columns of its tokens 0..i only, each token once (at its first
-        # occurrence j in the block): cache_share x how often it occurs among tokens 0..i / (i + 1).
-        same = ids[:, :, None] == ids[:, None, :]  # same[b, j, k]: tokens j and k of block b are one token
-        first = ~same.tril(-1).any(2)  # no earlier position holds token j
-        seen = same.float().cumsum(2).transpose(1, 2)  # seen[b, i, j]: how often token j occurs among tokens 0..i
-        position = torch.arange(block, device=ids.device)
-        read = position[None, :, None] >= position[None, None, :]  # j <= i
-        share = seen * (read & first[:, None, :]) * (self.cache_share / (position + 1.0))[None, :, None]
-        at, share = ids[:, None, :].expand(-1, block, -1).reshape(-1, block), share.reshape(-1, block)
-
-        def mixed(start: int, stop: int) -> torch.Tensor:
-            return probs(start, stop).mul_(1 - self.cache_share).scatter_add_(1, at[start:stop], share[start:stop])
-
-        return mixed
-
-    def full_probs(self, width: int, real_vocab: int):
-        """(start, stop) -> the teacher's fp32 next-token probabilities, 0 in padded columns up to `width`."""
+    def full_logits(self, width: int, real_vocab: int):
+        """(start, stop) -> the teacher's fp32 logits over the vocabulary, -inf in padded columns up to `width`."""
         weight = self.model.lm_head.weight
 
-        def probs(start: int, stop: int) -> torch.Tensor:
-            out = torch.zeros((stop - start, width), device=weight.device)
-            out[:, :real_vocab] = torch.softmax((self.hidden[start:stop] @ weight.T).float(), dim=-1)
+        def logits(start: int, stop: int) -> torch.Tensor:
+            out = torch.full((stop - start, width), float("-inf"), device=weight.device)
+            out[:, :real_vocab] = (self.hidden[start:stop] @ weight.T).float()
             return out
 
-        return self._with_cache(probs, torch.arange(real_vocab))
+        return logits
 
-    def class_probs(self, kept: torch.Tensor, tied: torch.Tensor):
-        """(start, stop) -> the teacher's fp32 probabilities of the kept tokens, then of the tied tokens as one class.
+    def class_logits(self, kept: torch.Tensor, tied: torch.Tensor):
+        """(start, stop) -> the teacher's fp32 logits of the kept tokens, then of the tied tokens as one class.
 
         The class's logit is the log-sum-exp of the tied tokens' logits: the teacher's probability that the next
         token is one of them. A teacher trained with the same --tie_tokens_below has equal tied rows, so that is one
@@ -106,14 +71,12 @@ class Teacher:
         if torch.equal(tied_weight, tied_weight[:1].expand_as(tied_weight)):
             tied_weight, log_n = tied_weight[:1], math.log(len(tied))
 
-        def probs(start: int, stop: int) -> torch.Tensor:
+        def logits(start: int, stop: int) -> torch.Tensor:
             hidden = self.hidden[start:stop]
             class_logit = torch.logsumexp((hidden @ tied_weight.T).float(), dim=-1, keepdim=True) + log_n
-            return torch.softmax(torch.cat([(hidden @ kept_weight.T).float(), class_logit], dim=1), dim=-1)
+            return torch.cat([(hidden @ kept_weight.T).float(), class_logit], dim=1)
 
-        columns = torch.full((len(kept) + len(tied),), len(kept), dtype=torch.long)  # a tied token: the class
-        columns[kept] = torch.arange(len(kept))
-        return self._with_cache(probs, columns)
+        return logits
 
 
 def load_teacher(model, name: str, block_size: int, trust_remote_code: bool = False, allow_pickle: bool = False):
@@ -134,16 +97,12 @@ def load_teacher(model, name: str, block_size: int, trust_remote_code: bool = Fa
     return teacher.eval().requires_grad_(False)
 
 
-def attach_teacher(model, teacher: GPT2LMHeadModel, name: str, share: float, cache_share: float = 0.0) -> dict:
+def attach_teacher(model, teacher: GPT2LMHeadModel, name: str, share: float) -> dict:
     """Train `model` on targets mixed with `teacher`'s distribution (after --tie_tokens_below has narrowed the
     head). Returns results.json's summary."""
     if getattr(model, "_training_loss", None) is None:  # neither --chunked_loss_size nor --tie_tokens_below
         use_chunked_loss(model, WHOLE_BATCH)
-    object.__setattr__(model, "_teacher", Teacher(teacher, share, cache_share))
+    object.__setattr__(model, "_teacher", Teacher(teacher, share))
     logger.info("%s %s: each training target is %.2f x the teacher's next-token distribution + %.2f x the data's "
                 "next token", FLAG, name, share, 1 - share)
-    if not cache_share:
-        return {"teacher": name, "share": share}
-    logger.info("--distill_cache_share %.2f: the teacher's distribution is %.2f x its softmax + %.2f x the block "
-                "cache", cache_share, 1 - cache_share, cache_share)
-    return {"teacher": name, "share": share, "cache_share": cache_share}
+    return {"teacher": name, "share": share}

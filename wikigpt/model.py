@@ -94,12 +94,6 @@ class ModelArguments:
     distill_share: float = field(
         default=0.5, metadata={"help": "With --distill_from: the teacher's part of each training target, in (0, 1]."}
     )
-    distill_cache_share: float = field(
-        default=0.0,
-        metadata={"help": "With --distill_from: mix a cache of the block so far into the teacher's distribution, "
-                          "this share of it (how often each token occurred in the block up to that position), so "
-                          "the student learns to copy from the context. In [0, 1); 0: off."},
-    )
 
 
 def _check_type(key: str, value, default):

@@ -116,8 +116,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     if tied:
         source["tied_tokens"] = tied  # below, kept, tied: results.json's model section
     if teacher:  # after the tying: the teacher's distribution over the narrow head's classes
-        source["distilled_from"] = attach_teacher(model, teacher, model_args.distill_from, model_args.distill_share,
-                                                    model_args.distill_cache_share)
+        source["distilled_from"] = attach_teacher(model, teacher, model_args.distill_from, model_args.distill_share)
 
     push = defer_push(training_args)  # push once at the end, after the local save
     # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/schedules.py)
