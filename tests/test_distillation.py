@@ -14,9 +14,7 @@ from safetensors.torch import load_file
 from test_tied_tokens import VOCAB, STREAM, Stream, batch, tiny_model
 
 from wikigpt.chunked_loss import use_chunked_loss
-from transformers import get_cosine_schedule_with_warmup
-
-from wikigpt.distillation import ShareSchedule, Teacher, attach_teacher
+from wikigpt.distillation import Teacher, attach_teacher
 from wikigpt.padded_vocab import pad_vocab
 from wikigpt.tied_tokens import tie_tokens
 
@@ -79,7 +77,7 @@ def test_full_head_loss_and_gradients_mix_the_teacher_into_the_targets(pad, chun
         use_chunked_loss(student, chunk_size)  # 33 targets in chunks of 7
         attach(student, teacher)
     else:
-        assert attach_teacher(student, teacher.model, "teacher", SHARE) == ({"teacher": "teacher", "share": SHARE}, [])
+        assert attach_teacher(student, teacher.model, "teacher", SHARE) == {"teacher": "teacher", "share": SHARE}
     compare(student, tiny_model(), teacher)
 
 
@@ -122,39 +120,17 @@ def test_train_py_records_the_teacher_and_saves_the_student_alone(micro_files, t
     assert train_in_process(micro_args(micro_files, teacher_dir, "--tie_tokens_below", 2, max_steps=2,
                                        save_steps=2), monkeypatch) == 0
     argv = micro_args(micro_files, out, "--tie_tokens_below", 2, "--distill_from", teacher_dir / "checkpoint-2",
-                      "--distill_share", 0.25, "--distill_share_end", 0.1, max_steps=2, save_steps=2)
+                      "--distill_share", 0.25, max_steps=2, save_steps=2)
     assert train_in_process(argv, monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["model"]["distilled_from"] == {"teacher": str(teacher_dir / "checkpoint-2"), "share": 0.25,
-                                                  "share_end": 0.1}
+    assert results["model"]["distilled_from"] == {"teacher": str(teacher_dir / "checkpoint-2"), "share": 0.25}
     student, teacher = load_file(out / "model.safetensors"), load_file(teacher_dir / "model.safetensors")
     assert student.keys() == teacher.keys()  # no teacher weights in the student's file
     assert not torch.equal(student["transformer.h.0.attn.c_attn.weight"], teacher["transformer.h.0.attn.c_attn.weight"])
     assert np.isfinite(results["train"]["train_loss"])
 
 
-def test_the_share_falls_with_the_learning_rate_from_its_peak_to_the_end_value():
-    student, teacher = tiny_model(), teacher_of()
-    summary, (schedule,) = attach_teacher(student, teacher.model, "teacher", 0.75, 0.25)
-    assert summary == {"teacher": "teacher", "share": 0.75, "share_end": 0.25}
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=10)
-    shares = []
-    for _ in range(10):
-        schedule.on_step_begin(None, None, None, lr_scheduler=lr_scheduler)
-        shares.append(student._teacher.share)
-        optimizer.step()
-        lr_scheduler.step()
-    # warmup from the end value up (lr 0, half, then the peak), then half the fall at the cosine's midpoint
-    assert shares[:3] == [0.25, 0.5, 0.75]
-    assert shares[6] == pytest.approx(0.5)
-    assert shares[9] == pytest.approx(0.25 + 0.5 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))
-    assert all(a > b for a, b in zip(shares[2:], shares[3:]))
-
-
 @pytest.mark.parametrize("extra, message", [
-    (["--distill_share_end", 1.5], "error: --distill_share_end is the teacher's part of each training target at "
-                                   "the end of training, in [0, 1]; got 1.5. Pass e.g. --distill_share_end 0.25"),
     (["--distill_share", 0], "error: --distill_share is the teacher's part of each training target, in (0, 1]; "
                              "got 0.0. Pass e.g. --distill_share 0.5"),
     (["--distill_from", "./no-such-teacher"], "error: --distill_from './no-such-teacher' does not exist; pass a "

@@ -15,7 +15,7 @@ import logging
 import math
 
 import torch
-from transformers import GPT2LMHeadModel, TrainerCallback
+from transformers import GPT2LMHeadModel
 
 from .chunked_loss import use_chunked_loss
 from .errors import UsageError
@@ -31,9 +31,6 @@ def check_distill_args(args) -> None:
     if not 0 < args.distill_share <= 1:
         raise UsageError(f"--distill_share is the teacher's part of each training target, in (0, 1]; got "
                          f"{args.distill_share}. Pass e.g. --distill_share 0.5")
-    if args.distill_share_end is not None and not 0 <= args.distill_share_end <= 1:
-        raise UsageError(f"--distill_share_end is the teacher's part of each training target at the end of training, "
-                         f"in [0, 1]; got {args.distill_share_end}. Pass e.g. --distill_share_end 0.25")
 
 
 class Teacher:
@@ -82,20 +79,6 @@ class Teacher:
         return logits
 
 
-class ShareSchedule(TrainerCallback):
-    """--distill_share_end: the teacher's share moves with the learning rate, from --distill_share at the peak to
-    --distill_share_end where the schedule ends (and from the end value up during warmup). Early on the teacher's
-    smooth targets teach fastest; at the end the data's own tokens sharpen what the teacher blurred."""
-
-    def __init__(self, teacher: Teacher, start: float, end: float):
-        self.teacher, self.start, self.end = teacher, start, end
-
-    def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
-        # the factor of the schedule (the time budget's stretched one included) for the step about to run
-        factor = lr_scheduler.get_last_lr()[0] / lr_scheduler.base_lrs[0] if lr_scheduler is not None else 1.0
-        self.teacher.share = self.end + (self.start - self.end) * min(max(factor, 0.0), 1.0)
-
-
 def load_teacher(model, name: str, block_size: int, trust_remote_code: bool = False, allow_pickle: bool = False):
     """Checkpoint `name`, frozen, once it is known to fit `model` and the blocks (before any data is prepared)."""
     if not isinstance(model, GPT2LMHeadModel) or model.lm_head.bias is not None:
@@ -114,16 +97,12 @@ def load_teacher(model, name: str, block_size: int, trust_remote_code: bool = Fa
     return teacher.eval().requires_grad_(False)
 
 
-def attach_teacher(model, teacher: GPT2LMHeadModel, name: str, share: float, share_end: float | None = None):
+def attach_teacher(model, teacher: GPT2LMHeadModel, name: str, share: float) -> dict:
     """Train `model` on targets mixed with `teacher`'s distribution (after --tie_tokens_below has narrowed the
-    head). Returns (results.json's summary, the callbacks: the share's schedule with --distill_share_end)."""
+    head). Returns results.json's summary."""
     if getattr(model, "_training_loss", None) is None:  # neither --chunked_loss_size nor --tie_tokens_below
         use_chunked_loss(model, WHOLE_BATCH)
     object.__setattr__(model, "_teacher", Teacher(teacher, share))
     logger.info("%s %s: each training target is %.2f x the teacher's next-token distribution + %.2f x the data's "
-                "next token%s", FLAG, name, share, 1 - share,
-                "" if share_end is None else f", the share falling with the learning rate to {share_end:.2f}")
-    if share_end is None:
-        return {"teacher": name, "share": share}, []
-    return ({"teacher": name, "share": share, "share_end": share_end},
-            [ShareSchedule(model._teacher, share, share_end)])
+                "next token", FLAG, name, share, 1 - share)
+    return {"teacher": name, "share": share}

@@ -94,12 +94,6 @@ class ModelArguments:
     distill_share: float = field(
         default=0.5, metadata={"help": "With --distill_from: the teacher's part of each training target, in (0, 1]."}
     )
-    distill_share_end: float | None = field(
-        default=None,
-        metadata={"help": "With --distill_from: the teacher's part at the end of training, in [0, 1]. The share then "
-                          "moves with the learning rate: --distill_share at its peak, this value where the schedule "
-                          "ends. Default: --distill_share throughout."},
-    )
 
 
 def _check_type(key: str, value, default):

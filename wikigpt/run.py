@@ -115,10 +115,8 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     tying, tied = tie_tokens(model, train_set, below, model_args.tied_input_dropout) if below else ([], None)
     if tied:
         source["tied_tokens"] = tied  # below, kept, tied: results.json's model section
-    share_schedule = []
     if teacher:  # after the tying: the teacher's distribution over the narrow head's classes
-        source["distilled_from"], share_schedule = attach_teacher(model, teacher, model_args.distill_from,
-                                                                  model_args.distill_share, model_args.distill_share_end)
+        source["distilled_from"] = attach_teacher(model, teacher, model_args.distill_from, model_args.distill_share)
 
     push = defer_push(training_args)  # push once at the end, after the local save
     # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/schedules.py)
@@ -130,7 +128,6 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
                           optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args),  # --optim_matrices
                           callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
                                      *early_stopping_callbacks(training_args), *block_offsets, *tying,
-                                     *share_schedule,
                                      # the budget may end a step; weight averaging then swaps in for its save
                                      *(budget := time_budget_callbacks(training_args, resume.path)),
                                      *weight_averaging_callbacks(training_args, resume.path)])
