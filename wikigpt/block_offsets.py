@@ -34,7 +34,6 @@ class RandomOffsetBlocks(torch.utils.data.Dataset):
         # The same length at every offset (the Trainer plans its steps from len): the blocks that fit after the
         # largest offset. Each epoch drops < 2 blocks of tokens, at its ends, and which ones changes.
         self.n_blocks = (len(self.ids) - (block_size - 1)) // block_size
-        self.with_block_start = False  # --distill_ngram_share: each block's stream position as a column
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -49,10 +48,7 @@ class RandomOffsetBlocks(torch.utils.data.Dataset):
             raise IndexError(i)
         start = self.offset + i * self.block_size
         block = torch.from_numpy(self.ids[start:start + self.block_size])
-        item = {"input_ids": block, "labels": block.clone()}  # labels = inputs; the model shifts them
-        if self.with_block_start:
-            item["block_start"] = torch.tensor(start)
-        return item
+        return {"input_ids": block, "labels": block.clone()}  # labels = inputs; the model shifts them
 
 
 class SetEpochCallback(TrainerCallback):

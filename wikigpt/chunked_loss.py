@@ -34,13 +34,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     `real_vocab` < weight rows (a padded vocabulary): the padded columns are set to -inf before the softmax, so
     they get no probability and no gradient, while the matmuls keep the padded, tile-friendly width.
     `last_column_offset`: a constant added to the last column's logits (--tie_tokens_below's shared class).
-    `teacher_probs(start, stop)` (--distill_from): the teacher's fp32 distribution over this head's columns at those
-    rows; the target is then (1 - teacher_share) x one-hot + teacher_share x it (wikigpt.distillation).
+    `teacher_logits(start, stop)` (--distill_from): the teacher's fp32 logits of those rows, in this head's columns;
+    the target is then (1 - teacher_share) x one-hot + teacher_share x their softmax (wikigpt.distillation).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, last_column_offset: float = 0.0,
-                teacher_probs=None, teacher_share: float = 0.0):
+                teacher_logits=None, teacher_share: float = 0.0):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -55,15 +55,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
             target_logit = logits.gather(1, safe_t).squeeze(1)
-            if teacher_probs is not None:
-                soft = teacher_probs(start, start + h.shape[0])
+            if teacher_logits is not None:
+                soft = torch.softmax(teacher_logits(start, start + h.shape[0]), dim=-1)
                 expected = (soft[:, :real_vocab] * logits[:, :real_vocab]).sum(1)  # padded columns: 0 x -inf
                 target_logit = (1 - teacher_share) * target_logit + teacher_share * expected
             total += ((log_norm.squeeze(1) - target_logit) * valid).sum()
             # d(sum of CE)/d(logits) = softmax - target, zero for ignored tokens; reuses the logits' memory.
             grad = logits.sub_(log_norm).exp_()
             grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -1 + teacher_share, dtype=grad.dtype))
-            if teacher_probs is not None:
+            if teacher_logits is not None:
                 grad.sub_(soft, alpha=teacher_share)
                 del soft
             grad = grad.mul_(valid.unsqueeze(1)).to(weight.dtype)  # as autograd casts back through .float()
@@ -98,7 +98,7 @@ def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_
         total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab)
     else:
         total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab, 0.0,
-                                                teacher.full_probs(weight.shape[0], real_vocab), teacher.share)
+                                                teacher.full_logits(weight.shape[0], real_vocab), teacher.share)
     if num_items_in_batch is None:
         return total / (targets != IGNORE_INDEX).sum()
     if torch.is_tensor(num_items_in_batch):

@@ -94,13 +94,6 @@ class ModelArguments:
     distill_share: float = field(
         default=0.5, metadata={"help": "With --distill_from: the teacher's part of each training target, in (0, 1]."}
     )
-    distill_ngram_share: float = field(
-        default=0.0,
-        metadata={"help": "With --random_block_offset: this part of each training target is the next-token "
-                          "distribution of a Kneser-Ney 4-gram of the training text, cross-fitted (each position's "
-                          "from an n-gram fitted on the rest of the text), taken from the data's part; in [0, 1). "
-                          "0: off."},
-    )
 
 
 def _check_type(key: str, value, default):

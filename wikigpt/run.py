@@ -32,7 +32,7 @@ from .block_offsets import random_offset_training
 from .calibration import calibrate_temperature, check_calibration_model
 from .results import write_json_atomic
 from .schedules import WikiTrainer
-from .distillation import attach_ngram, attach_teacher, check_distill_args, load_teacher
+from .distillation import attach_teacher, check_distill_args, load_teacher
 from .tied_tokens import tie_tokens, training_token_counts
 from .token_offsets import calibrate_token_offsets
 from .throughput import ThroughputCallback, add_throughput_callback
@@ -117,8 +117,6 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         source["tied_tokens"] = tied  # below, kept, tied: results.json's model section
     if teacher:  # after the tying: the teacher's distribution over the narrow head's classes
         source["distilled_from"] = attach_teacher(model, teacher, model_args.distill_from, model_args.distill_share)
-    if model_args.distill_ngram_share:  # after the teacher: its part and the n-gram's
-        source["ngram_targets"] = attach_ngram(model, train_set, model_args.distill_ngram_share)
 
     push = defer_push(training_args)  # push once at the end, after the local save
     # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/schedules.py)

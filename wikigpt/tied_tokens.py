@@ -108,7 +108,7 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     if teacher is not None:
         total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size or hidden.shape[0], head.shape[0],
-                                                tied.log_n, teacher.class_probs(tied.kept, tied.tied), teacher.share)
+                                                tied.log_n, teacher.class_logits(tied.kept, tied.tied), teacher.share)
     elif chunk_size:
         total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], tied.log_n)
     else:

@@ -30,10 +30,8 @@ def replace_training_loss(model, loss, input_ids_map=None):
 
 def _training_forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                       position_ids=None, inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                      labels=None, use_cache=None, logits_to_keep=0, block_start=None, **kwargs):
-    """GPT2LMHeadModel.forward's signature (the Trainer reads it: input columns, **kwargs for num_items_in_batch).
-
-    `block_start`: each training block's position in the token stream (--distill_ngram_share's column)."""
+                      labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """GPT2LMHeadModel.forward's signature (the Trainer reads it: input columns, **kwargs for num_items_in_batch)."""
     args = dict(past_key_values=past_key_values, attention_mask=attention_mask, token_type_ids=token_type_ids,
                 position_ids=position_ids, inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask, use_cache=use_cache)
@@ -44,7 +42,7 @@ def _training_forward(self, input_ids=None, past_key_values=None, attention_mask
                                   **kwargs)
     teacher = getattr(self, "_teacher", None)  # --distill_from (wikigpt.distillation): reads the real ids
     if teacher is not None:
-        teacher.read(input_ids, attention_mask, block_start)
+        teacher.read(input_ids, attention_mask)
     if input_ids_map is not None:
         input_ids = input_ids_map(self, input_ids)
     # As GPT2LMHeadModel.forward, with the LM head and loss replaced.
