@@ -28,20 +28,26 @@ def test_matrices_go_to_muon_embeddings_and_vectors_to_adamw():
     assert other and all(n.endswith(".bias") or ".ln_" in n for n in other)
 
 
-def test_one_step_is_a_muon_step_and_an_adamw_step():
+def test_steps_are_torchs_muon_and_fused_adamw_steps():
+    """Three steps (momentum included) match torch's Muon and fused AdamW to the bit, each matrix shape batched."""
     model = tiny_model()
-    batch = torch.randint(0, 64, (2, 16))
-    model(batch, labels=batch).loss.backward()
     matrices, decayed, other = split_parameters(model)
-    # The same step from the two torch optimizers on their own, on copies of the parameters.
+    # The same steps from the two torch optimizers on their own, on copies of the parameters.
     muon_copy = [p.detach().clone().requires_grad_() for _, p in matrices]
     adamw_copy = [p.detach().clone().requires_grad_() for _, p in decayed]
-    for copy_, (_, p) in zip(muon_copy + adamw_copy, matrices + decayed):
-        copy_.grad = p.grad.clone()
-    torch.optim.Muon(muon_copy, lr=0.02, weight_decay=0.1).step()
-    torch.optim.AdamW(adamw_copy, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1).step()
-
-    MuonAdamWFactory()(model, **KWARGS, orthogonalize_in_fp32=False).step()
+    muon = torch.optim.Muon(muon_copy, lr=0.02, weight_decay=0.1)
+    adamw = torch.optim.AdamW(adamw_copy, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    optimizer = MuonAdamWFactory()(model, **KWARGS, orthogonalize_in_fp32=False)
+    for step in range(3):
+        batch = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(step))
+        model.zero_grad()
+        model(batch, labels=batch).loss.backward()
+        for copy_, (_, p) in zip(muon_copy + adamw_copy, matrices + decayed):
+            copy_.grad = p.grad.clone()
+        muon.step()
+        adamw.step()
+        optimizer.step()
+    assert {tuple(p.shape) for _, p in matrices} == {(16, 48), (16, 16), (16, 64), (64, 16)}  # wide, square, tall
     for expected, (name, p) in zip(muon_copy + adamw_copy, matrices + decayed):
         assert torch.equal(p.detach(), expected.detach()), name
 
@@ -78,7 +84,8 @@ def test_fp32_orthogonalisation_is_torchs_iteration_without_bf16_rounding():
 def test_fp32_orthogonalisation_where_the_cpu_lacks_native_bf16(monkeypatch):
     for native, fp32 in ((False, True), (True, False)):
         monkeypatch.setattr(optimizers, "cpu_has_native_bf16", lambda native=native: native)
-        assert MuonAdamWFactory()(tiny_model(), **KWARGS).orthogonalize_in_fp32 is fp32
+        dtype = MuonAdamWFactory()(tiny_model(), **KWARGS).muon.orthogonalize_dtype
+        assert dtype == (torch.float32 if fp32 else torch.bfloat16)
 
 
 def test_trains_and_resumes_with_muon(tmp_path, micro_files, monkeypatch):
