@@ -326,7 +326,10 @@ def wikigpt_lever_flags(bench: BenchmarkArguments, default_bf16: bool, bf16_rows
              # OFF: transformers' Python GELU ("gelu_new", GPT2Config's default) instead of torch's fused kernel
              ("wikigpt-fused_gelu", "--config_overrides " + shlex.quote(
                  ",".join(filter(None, [bench.config_overrides, "activation_function=gelu_new"])))),
-             ("wikigpt-unfused_adamw", "--optim adamw_torch")]
+             ("wikigpt-unfused_adamw", "--optim adamw_torch"),
+             # the attention kernel, either way (the CPU recipe sets eager; transformers' default is sdpa)
+             ("wikigpt+attention_eager", "--attn_implementation eager"),
+             ("wikigpt+attention_sdpa", "--attn_implementation sdpa")]
     if default_bf16:
         flags.insert(0, ("wikigpt-bf16", "--bf16 false"))
     elif bf16_rows:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from test_tied_tokens import VOCAB, STREAM, Stream, batch, tiny_model
 
 from wikigpt.chunked_loss import use_chunked_loss
-from wikigpt.distillation import Teacher, attach_teacher
+from wikigpt.distillation import Teacher, attach_teacher, load_teacher
+from wikigpt.model import ModelArguments, load_model
 from wikigpt.padded_vocab import pad_vocab
 from wikigpt.tied_tokens import tie_tokens
 
@@ -128,6 +129,12 @@ def test_train_py_records_the_teacher_and_saves_the_student_alone(micro_files, t
     assert student.keys() == teacher.keys()  # no teacher weights in the student's file
     assert not torch.equal(student["transformer.h.0.attn.c_attn.weight"], teacher["transformer.h.0.attn.c_attn.weight"])
     assert np.isfinite(results["train"]["train_loss"])
+
+
+def test_the_teacher_reads_with_the_students_attention_kernel(tiny_checkpoint, tokenizer):
+    for kernel in ("eager", "sdpa"):
+        student, _ = load_model(ModelArguments(preset="tiny", attn_implementation=kernel), tokenizer)
+        assert load_teacher(student, str(tiny_checkpoint), block_size=64).config._attn_implementation == kernel
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -78,7 +78,20 @@ def test_load_checkpoint(tiny_checkpoint, tokenizer):
     assert model.config.n_embd == 32 and describe_source(source) == f"fine-tuned from {tiny_checkpoint}"
 
 
+def test_attn_implementation_switches_the_kernel_and_keeps_the_loss(tiny_checkpoint, tokenizer):
+    scratch, _ = load_model(ModelArguments(preset="tiny", attn_implementation="eager"), tokenizer)
+    eager, _ = load_model(ModelArguments(model_name_or_path=str(tiny_checkpoint), attn_implementation="eager"),
+                          tokenizer)
+    sdpa, _ = load_model(ModelArguments(model_name_or_path=str(tiny_checkpoint)), tokenizer)
+    assert [m.config._attn_implementation for m in (scratch, eager, sdpa)] == ["eager", "eager", "sdpa"]
+    batch = torch.randint(0, len(tokenizer), (2, 64), generator=torch.Generator().manual_seed(0))
+    eager_loss, sdpa_loss = (m.eval()(batch, labels=batch).loss for m in (eager, sdpa))
+    assert torch.allclose(eager_loss, sdpa_loss, rtol=1e-5) and eager_loss > 0
+
+
 @pytest.mark.parametrize("args, message", [
+    (dict(preset="tiny", attn_implementation="fast"),
+     r"--attn_implementation 'fast' cannot be used: .* Pass eager or sdpa, or drop the flag"),
     (dict(model_name_or_path="x", config_overrides="n_layer=2"), r"--config_overrides only applies to a model built from scratch"),
     (dict(model_name_or_path="x", preset="tiny"), r"pass only one of them"),
     (dict(model_name_or_path="/definitely/not/here"), r"--model_name_or_path '/definitely/not/here' does not exist; pass a checkpoint folder"),

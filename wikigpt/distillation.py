@@ -94,6 +94,7 @@ def load_teacher(model, name: str, block_size: int, trust_remote_code: bool = Fa
     if teacher.config.n_positions < block_size:
         raise UsageError(f"{FLAG} {name!r} reads at most {teacher.config.n_positions} tokens but the blocks hold "
                          f"{block_size}; pass --block_size {teacher.config.n_positions} or a longer-context teacher")
+    teacher.set_attn_implementation(model.config._attn_implementation)  # the student's --attn_implementation
     return teacher.eval().requires_grad_(False)
 
 

@@ -84,6 +84,12 @@ class ModelArguments:
                           "row with this probability (its target stays), so the model learns to read text holding "
                           "more unknown tokens than its training text, as new articles do. 0: off."},
     )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel, as transformers' attn_implementation: sdpa (its default), eager (matmul "
+                          "+ softmax; on a CPU faster for blocks of a few hundred tokens and small heads), "
+                          "flash_attention_2 (GPU, needs flash-attn). A --distill_from teacher uses the same."},
+    )
     distill_from: str | None = field(
         default=None,
         metadata={"help": "A GPT-2 teacher of the same tokenizer (folder or Hub id), e.g. an earlier run's "
@@ -195,11 +201,22 @@ def load_model(args: ModelArguments, tokenizer):
                   "config_overrides": args.config_overrides}
         if args.pad_vocab_multiple:
             source["vocab_padded_to"] = padded_size(model.config.vocab_size, args.pad_vocab_multiple)
+    if args.attn_implementation:
+        use_attention(model, args.attn_implementation)
     if args.chunked_loss_size:
         use_chunked_loss(model, args.chunked_loss_size)
     source["parameters"] = model.num_parameters()
     source["non_embedding_parameters"] = non_embedding_parameters(model)
     return model, source
+
+
+def use_attention(model, implementation: str) -> None:
+    """transformers' own switch; its refusal (unknown name, missing package) becomes one line naming the flag."""
+    try:
+        model.set_attn_implementation(implementation)
+    except (ValueError, ImportError) as error:
+        raise UsageError(f"--attn_implementation {implementation!r} cannot be used: {error} Pass eager or sdpa, "
+                         f"or drop the flag") from None
 
 
 def non_embedding_parameters(model) -> int:
