@@ -73,19 +73,26 @@ def orthogonalize(updates: torch.Tensor, ns_coefficients: tuple[float, float, fl
     return x.mT if tall else x
 
 
+def evaluate_closure(closure):
+    """torch optimizers' step(closure): the loss, recomputed with gradients on, where a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class BatchedMuon(Muon):
     """torch.optim.Muon, stepping the matrices of one shape together (Newton-Schulz as batched matmuls)."""
 
     def __init__(self, params, orthogonalize_in_fp32: bool = False, **kwargs):
+        if kwargs.get("adjust_lr_fn") not in (None, "original"):
+            raise ValueError("BatchedMuon scales each update as torch's default adjust_lr_fn ('original') does")
         super().__init__(params, **kwargs)
         self.orthogonalize_dtype = torch.float32 if orthogonalize_in_fp32 else torch.bfloat16
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
@@ -106,7 +113,6 @@ class BatchedMuon(Muon):
         updates = orthogonalize(updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
                                 self.orthogonalize_dtype)
         rows, cols = shape
-        assert group["adjust_lr_fn"] in (None, "original"), "BatchedMuon implements torch's default scaling"
         torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         torch._foreach_add_(params, list(updates.to(params[0].dtype).unbind(0)),
                             alpha=-lr * math.sqrt(max(1, rows / cols)))
@@ -127,10 +133,7 @@ class MuonWithAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self.muon.step()
         self.adamw.step()
         return loss
