@@ -84,7 +84,7 @@ def evaluate_closure(closure):
 class BatchedMuon(Muon):
     """torch.optim.Muon, stepping the matrices of one shape together (Newton-Schulz as batched matmuls)."""
 
-    def __init__(self, params, orthogonalize_in_fp32: bool = False, **kwargs):
+    def __init__(self, params, *, orthogonalize_in_fp32: bool = False, **kwargs):
         if kwargs.get("adjust_lr_fn") not in (None, "original"):
             raise ValueError("BatchedMuon scales each update as torch's default adjust_lr_fn ('original') does")
         super().__init__(params, **kwargs)
@@ -152,8 +152,8 @@ class MuonAdamWFactory:
         if orthogonalize_in_fp32 is None:  # bf16 where the matrices live on a GPU or a CPU with native bf16
             on_cpu = any(p.device.type == "cpu" for _, p in matrices)
             orthogonalize_in_fp32 = on_cpu and not cpu_has_native_bf16()
-        muon = BatchedMuon([p for _, p in matrices], orthogonalize_in_fp32, lr=muon_lr, weight_decay=weight_decay,
-                           momentum=momentum)
+        muon = BatchedMuon([p for _, p in matrices], orthogonalize_in_fp32=orthogonalize_in_fp32, lr=muon_lr,
+                           weight_decay=weight_decay, momentum=momentum)
         vectors = [p for _, p in decayed + other]
         fused = all(p.device.type in ("cpu", "cuda") for p in vectors) or None  # else torch's default kernel
         adamw = AdamW([{"params": [p for _, p in decayed], "weight_decay": weight_decay},
