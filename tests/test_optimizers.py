@@ -4,13 +4,14 @@ import copy
 import json
 import shutil
 
+import pytest
 import torch
 from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from wikigpt import optimizers
-from wikigpt.optimizers import MuonAdamWFactory, split_parameters
+from wikigpt.optimizers import BatchedMuon, MuonAdamWFactory, split_parameters
 
 KWARGS = {"muon_lr": 0.02, "adamw_lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8}
 
@@ -79,6 +80,14 @@ def test_fp32_orthogonalisation_is_torchs_iteration_without_bf16_rounding():
         assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-6), name
         bf16_gap = (bf16_params[name].detach() - expected).abs().max().item()
         assert 1e-6 < bf16_gap < 0.02 * scale, name  # torch's bf16 result: the same step, rounded (NS amplifies it)
+
+
+def test_batched_muon_refuses_an_lr_scaling_it_does_not_implement():
+    matrix = torch.nn.Parameter(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"^BatchedMuon scales each update as torch's default adjust_lr_fn "
+                                         r"\('original'\) does$"):
+        BatchedMuon([matrix], adjust_lr_fn="match_rms_adamw")
+    assert BatchedMuon([matrix], adjust_lr_fn="original").param_groups[0]["params"] == [matrix]
 
 
 def test_fp32_orthogonalisation_where_the_cpu_lacks_native_bf16(monkeypatch):
