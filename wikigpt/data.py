@@ -282,6 +282,14 @@ def token_stream(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -
     """`tokenize`'s rows concatenated into one array of token ids (read from the datasets cache when it holds them)."""
     return pc.list_flatten(tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]).to_numpy()
 
+def article_token_ids(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -> list[np.ndarray]:
+    """Each article's token ids (WikiText's ` = Title = ` headings start them), from `tokenize`'s rows."""
+    rows = tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]
+    starts = np.concatenate([[0], np.cumsum(pc.list_value_length(rows).to_numpy(zero_copy_only=False))])
+    ids = pc.list_flatten(rows).to_numpy()
+    return [ids[starts[span.start]:starts[span.stop]] for span in article_spans(ds["text"])]
+
+
 def group_texts(tokenized: datasets.Dataset, block_size: int) -> datasets.Dataset:
     """Concatenate the whole split and cut it into `block_size` blocks; only the split's final remainder is dropped.
 

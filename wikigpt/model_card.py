@@ -205,7 +205,9 @@ def _body(results: dict, evals: list[EvalResult], eval_results: dict | None, tit
         slopes = (f" and slopes {offsets['rank_slopes']} on log(1 + token id)" if "rank_slopes" in offsets else "")
         lines.append(f"- logit scales {offsets['scales']}, offsets {offsets['offsets']}{slopes} for tokens seen "
                      f"{offsets['count_edges']} or more times "
-                     f"in the training text, fitted on the held-out split after training (held-out perplexity "
+                     f"in the training text, fitted on the held-out split"
+                     + (" (weighted to each class's share in a new article)" if "class_shares" in offsets else "")
+                     + f" after training (held-out perplexity "
                      f"{_fmt(offsets['validation_perplexity_before'], 2)} -> "
                      f"{_fmt(offsets['validation_perplexity_after'], 2)}): "
                      + (f"skipped ({offsets['skipped']})" if "skipped" in offsets else

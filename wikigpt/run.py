@@ -16,8 +16,8 @@ from . import __version__
 from .checkpoints import ResumePlan, plan_resume
 from .cli import parse_args
 from .cpu_memory import keep_freed_memory
-from .data import (DataArguments, check_data_args, detokenize_splits, load_raw_splits, prepare_lm_splits,
-                   resolve_block_size)
+from .data import (DataArguments, article_token_ids, check_data_args, detokenize_splits, load_raw_splits,
+                   prepare_lm_splits, resolve_block_size)
 from .early_stopping import best_model_summary, early_stopping_callbacks, end_early_stopping
 from .hub import defer_push, push_after_local_save
 from .model import (ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer,
@@ -34,7 +34,7 @@ from .results import write_json_atomic
 from .schedules import WikiTrainer
 from .distillation import attach_teacher, check_distill_args, load_teacher
 from .tied_tokens import tie_tokens, training_token_counts
-from .token_offsets import calibrate_token_offsets
+from .token_offsets import calibrate_token_offsets, new_article_shares
 from .throughput import ThroughputCallback, add_throughput_callback
 from .time_budget import TimeBudgetCallback, time_budget_callbacks
 from .training_args import WikiTrainingArguments, check_output_dir, tokens_per_step
@@ -60,6 +60,7 @@ class Run:
     block_size: int
     blocks: datasets.DatasetDict  # fixed blocks of every split (training may use re-cut ones: trainer.train_dataset)
     counts: dict  # rows/tokens/blocks per split
+    class_shares: object  # --calibrate_class_shares new_articles: each count class's share in a new article, or None
     resume: ResumePlan
     push: bool  # --push_to_hub was given: pushed by finish_run, after the local save
     preemption: PreemptionCallback
@@ -110,6 +111,10 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
         train_set, block_offsets = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
                                                           block_size, training_args)
+        class_shares = (new_article_shares(article_token_ids(raw["train"], tokenizer, data_args.preprocessing_num_workers),
+                                           model.get_output_embeddings().out_features)
+                        if training_args.calibrate_token_offsets and training_args.calibrate_class_shares == "new_articles"
+                        else None)
     # before the weight averaging callbacks: the tied rows are equal again before an average takes them in
     below = model_args.tie_tokens_below
     tying, tied = tie_tokens(model, train_set, below, model_args.tied_input_dropout) if below else ([], None)
@@ -135,7 +140,7 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
                                          training_args.peak_flops)
     return Run(model_args, data_args, training_args, trainer, model, tokenizer, source, block_size, blocks, counts,
-               resume, push, preemption, nan_guard, throughput, budget[0] if budget else None)
+               class_shares, resume, push, preemption, nan_guard, throughput, budget[0] if budget else None)
 
 
 def train_run(run: Run):
@@ -162,7 +167,8 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
     token_offsets = (calibrate_token_offsets(trainer.model, run.blocks["validation"],
                                              training_args.per_device_eval_batch_size,
                                              training_token_counts(trainer.train_dataset,
-                                                                   trainer.model.get_output_embeddings().out_features))
+                                                                   trainer.model.get_output_embeddings().out_features),
+                                             run.class_shares)
                      if training_args.calibrate_token_offsets else None)
     with writing(output_dir, "the final model", is_main):
         trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)

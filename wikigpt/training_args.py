@@ -116,6 +116,15 @@ class WikiTrainingArguments(TrainingArguments):
                           "untied LM head: new text holds more rare tokens than the training text. GPT-2 models only. "
                           "Off by default."},
     )
+    calibrate_class_shares: str = field(
+        default="new_articles",
+        metadata={"help": "With --calibrate_token_offsets, how much of the fit each class of training count gets. "
+                          "new_articles: the held-out tokens are weighted so that each class has the share it has in "
+                          "a new article, estimated by leaving each training article out in turn (a few held-out "
+                          "articles hold fewer never-seen tokens than new text does); held_out: the held-out split "
+                          "as it is. Text without article headings uses held_out.",
+                  "choices": ["new_articles", "held_out"]},
+    )
 
     def __post_init__(self):
         check_optimizer_args(self)
