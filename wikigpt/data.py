@@ -282,6 +282,7 @@ def token_stream(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -
     """`tokenize`'s rows concatenated into one array of token ids (read from the datasets cache when it holds them)."""
     return pc.list_flatten(tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]).to_numpy()
 
+
 def article_token_ids(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -> list[np.ndarray]:
     """Each article's token ids (WikiText's ` = Title = ` headings start them), from `tokenize`'s rows."""
     rows = tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]

@@ -60,7 +60,7 @@ def new_article_shares(articles: list[np.ndarray], vocab_size: int) -> np.ndarra
     counts = np.bincount(np.concatenate(articles), minlength=vocab_size)
     totals = np.zeros(len(COUNT_EDGES))
     for ids in articles:
-        tokens, inverse, own = np.unique(ids, return_inverse=True, return_counts=True)
+        tokens, own = np.unique(ids, return_counts=True)
         elsewhere = counts[tokens] - own  # each distinct token's count in the other articles
         totals += np.bincount(np.searchsorted(COUNT_EDGES, elsewhere, side="right") - 1, weights=own,
                               minlength=len(COUNT_EDGES))
@@ -89,7 +89,7 @@ def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=No
     """Mean NLL of the logits s_t z_t + o_t and, given `groups` (each token's) and `ranks` (r_t), its gradient and
     Hessian in (s_1..s_G, o_1..o_G, a_1..a_G). Token t's features are z_t, 1 and r_t in its group's slots, so the
     softmax moments sum_t p_t z_t^i r_t^j over each group's tokens (i + j <= 2) give both. Chunked: a
-    vocabulary-wide row per position."""
+    vocabulary-wide row per position. `weights` (one per position): a weighted mean instead."""
     nll, sums = 0.0, {}
     if groups is not None:
         member = torch.nn.functional.one_hot(groups, n_groups).to(hidden.dtype)
@@ -130,8 +130,8 @@ def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=No
 def fit_class_calibration(hidden, targets, weight, groups, n_groups: int, ranks, l2: float = L2, steps: int = 30,
                           tol: float = 1e-8, weights=None):
     """(scales, offsets, rank slopes), one each per group (1, 0 and 0 for a group without tokens), minimising the
-    mean held-out NLL of s_g z_t + o_g + a_g r_t plus l2 * (|s - 1|^2 + |o|^2 + |a|^2): damped Newton steps on a
-    convex function of 3 * n_groups numbers."""
+    mean held-out NLL of s_g z_t + o_g + a_g r_t (weighted by `weights`, one per position, if given) plus
+    l2 * (|s - 1|^2 + |o|^2 + |a|^2): damped Newton steps on a convex function of 3 * n_groups numbers."""
     prior = torch.cat([torch.ones(n_groups), torch.zeros(2 * n_groups)]).double()
     ranks = ranks.to(groups.device)
 
