@@ -48,9 +48,6 @@ class RandomOffsetBlocks(torch.utils.data.Dataset):
             raise IndexError(i)
         start = self.offset + i * self.block_size
         block = torch.from_numpy(self.ids[start:start + self.block_size])
-        inputs = getattr(self, "input_stream", None)  # EXPERIMENT LOAO_TIE
-        if inputs is not None:
-            return {"input_ids": torch.from_numpy(inputs[start:start + self.block_size]), "labels": block.clone()}
         return {"input_ids": block, "labels": block.clone()}  # labels = inputs; the model shifts them
 
 
@@ -76,17 +73,4 @@ def random_offset_training(data_args, raw_train, train_blocks, tokenizer, block_
                          f"{block_size} (the train split has {len(ids)}); pass more text, a smaller --block_size, "
                          f"or drop --random_block_offset")
     dataset = RandomOffsetBlocks(ids, block_size, training_args.seed)
-    import os
-    if os.environ.get("LOAO_TIE"):  # EXPERIMENT: inputs rare outside their own article read the shared row
-        from .data import article_token_ids
-        articles = article_token_ids(raw_train, tokenizer)
-        assert sum(map(len, articles)) == len(dataset.ids)
-        counts = np.bincount(dataset.ids)
-        shared = int(np.flatnonzero(np.bincount(dataset.ids, minlength=50257) < 3)[0])
-        parts = []
-        for a in articles:
-            own = np.bincount(a, minlength=len(counts))
-            parts.append(np.where(counts[a] - own[a] < 3, shared, a))
-        dataset.input_stream = np.concatenate(parts).astype(np.int64)
-        print("LOAO_TIE", shared, float((dataset.input_stream == shared).mean()))
     return dataset, [SetEpochCallback(dataset)]
