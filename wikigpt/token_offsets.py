@@ -11,7 +11,9 @@ text at large, and GPT-2's vocabulary says so: its ids follow the BPE merge orde
 token t of group g gets the logit s_g z_t + o_g + a_g r_t, r_t = log(1 + t) (centred), and (s, o, a) are those
 that minimise the held-out NLL: a convex function of 27 numbers (the logits are linear in them), minimised by
 damped Newton steps over chunked passes of the held-out logits, with a small L2 pull towards s = 1, o = a = 0 for
-groups the held-out text barely holds. A tokenizer whose ids carry no such order gets slopes near 0.
+groups the held-out text barely holds. A tokenizer whose ids carry no such order gets slopes near 0. With
+--calibrate_class_shares new_articles, each held-out token is weighted so that its group has the share it has in a
+new article (new_article_shares): a few held-out articles hold fewer never-seen tokens than new text does.
 
 Folding is exact too. GPT-2's logits are W h: the head is untied from the input embeddings
 (config.tie_word_embeddings = False; the input embeddings are unchanged) and row t of W is multiplied by s_t, its
