@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 from safetensors.torch import load_file
-from test_tied_tokens import VOCAB, STREAM, Stream, batch, tiny_model
+from test_tied_tokens import GROUPS, VOCAB, STREAM, Stream, batch, tiny_model
 
 from wikigpt.chunked_loss import use_chunked_loss
 from wikigpt.distillation import Teacher, attach_teacher, load_teacher
@@ -32,7 +32,7 @@ def teacher_of(seed=5) -> Teacher:
 def reference_loss(student, teacher: Teacher, inputs, labels, classes=None):
     """Mean over targets of (1 - a) CE(one-hot) + a CE(teacher), from full-vocabulary logits and autograd.
 
-    `classes`: (kept ids, tied ids): the soft part over the kept tokens and the tied tokens as one class."""
+    `classes`: (kept ids, [tied ids of each class]): the soft part over the kept tokens and each class as one."""
     logits = student(input_ids=inputs).logits[:, :-1].reshape(-1, VOCAB).float()
     with torch.no_grad():
         teacher_probs = teacher.model(input_ids=inputs).logits[:, :-1].reshape(-1, VOCAB).float().softmax(-1)
@@ -44,8 +44,10 @@ def reference_loss(student, teacher: Teacher, inputs, labels, classes=None):
         soft = -(teacher_probs * log_probs).sum(1)
     else:
         kept, tied = classes
-        class_probs = torch.cat([teacher_probs[:, kept], teacher_probs[:, tied].sum(1, keepdim=True)], 1)
-        class_log_probs = torch.cat([log_probs[:, kept], log_probs[:, tied].logsumexp(1, keepdim=True)], 1)
+        class_probs = torch.cat([teacher_probs[:, kept], *(teacher_probs[:, ids].sum(1, keepdim=True)
+                                                           for ids in tied)], 1)
+        class_log_probs = torch.cat([log_probs[:, kept], *(log_probs[:, ids].logsumexp(1, keepdim=True)
+                                                           for ids in tied)], 1)
         soft = -(class_probs * class_log_probs).sum(1)
     return (((1 - SHARE) * one_hot + SHARE * soft) * valid).sum() / valid.sum()
 
@@ -84,20 +86,23 @@ def test_full_head_loss_and_gradients_mix_the_teacher_into_the_targets(pad, chun
 
 @pytest.mark.parametrize("chunk_size", [None, 7])
 @pytest.mark.parametrize("equal_tied_rows", [False, True])  # True: a teacher trained with the same tying
-def test_narrow_head_takes_the_teachers_tied_tokens_as_one_class(chunk_size, equal_tied_rows):
+@pytest.mark.parametrize("groups", [None, GROUPS])  # --tied_token_groups: each group's tied tokens as one class
+def test_narrow_head_takes_the_teachers_tied_tokens_as_one_class(chunk_size, equal_tied_rows, groups):
     student = tiny_model()
     if chunk_size:
         use_chunked_loss(student, chunk_size)
-    (callback,), _ = tie_tokens(student, Stream(STREAM), 2)
+    (callback,), _ = tie_tokens(student, Stream(STREAM), 2, groups=groups)
     tied = callback.tied
     teacher = teacher_of()
     if equal_tied_rows:
         with torch.no_grad():
-            teacher.model.lm_head.weight[tied.tied] = teacher.model.lm_head.weight[tied.tied[0]].clone()
+            teacher.model.lm_head.weight[tied.tied] = teacher.model.lm_head.weight[tied.row[tied.tied]].clone()
     attach(student, teacher)
     assert (tied.row[batch()] != batch()).any()  # the batch holds tied tokens
+    classes = [tied.tied[tied.class_of == c] for c in range(len(tied.shared))]
+    assert len(classes) == (1 if groups is None else 3)
     # the reference reads the shared row for every tied token, as the narrow head's training forward does
-    compare(student, _SharedRows(tiny_model(), tied.row), teacher, (tied.kept, tied.tied))
+    compare(student, _SharedRows(tiny_model(), tied.row), teacher, (tied.kept, classes))
 
 
 class _SharedRows(torch.nn.Module):

@@ -33,13 +33,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     `real_vocab` < weight rows (a padded vocabulary): the padded columns are set to -inf before the softmax, so
     they get no probability and no gradient, while the matmuls keep the padded, tile-friendly width.
-    `last_column_offset`: a constant added to the last column's logits (--tie_tokens_below's shared class).
+    `class_offsets`: constants added to the last len(class_offsets) columns' logits (--tie_tokens_below's classes).
     `teacher_logits(start, stop)` (--distill_from): the teacher's fp32 logits of those rows, in this head's columns;
     the target is then (1 - teacher_share) x one-hot + teacher_share x their softmax (wikigpt.distillation).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, last_column_offset: float = 0.0,
+    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, class_offsets=None,
                 teacher_logits=None, teacher_share: float = 0.0):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
@@ -49,8 +49,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.T).float()  # the LM head (autocast applies), upcast like ForCausalLMLoss
             if real_vocab < logits.shape[-1]:
                 logits[:, real_vocab:] = float("-inf")
-            if last_column_offset:
-                logits[:, -1] += last_column_offset
+            if class_offsets is not None:
+                logits[:, logits.shape[1] - len(class_offsets):] += class_offsets
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -97,7 +97,7 @@ def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_
     if teacher is None:
         total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab)
     else:
-        total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab, 0.0,
+        total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab, None,
                                                 teacher.full_logits(weight.shape[0], real_vocab), teacher.share)
     if num_items_in_batch is None:
         return total / (targets != IGNORE_INDEX).sum()

@@ -12,7 +12,6 @@ checkpoints and the saved model hold the student alone.
 """
 
 import logging
-import math
 
 import torch
 from transformers import GPT2LMHeadModel
@@ -58,22 +57,33 @@ class Teacher:
 
         return logits
 
-    def class_logits(self, kept: torch.Tensor, tied: torch.Tensor):
-        """(start, stop) -> the teacher's fp32 logits of the kept tokens, then of the tied tokens as one class.
+    def class_logits(self, tied):
+        """(start, stop) -> the teacher's fp32 logits of `tied`'s kept tokens, then of each tied class as one
+        (wikigpt.tied_tokens.TiedTokens: the narrow head's columns).
 
-        The class's logit is the log-sum-exp of the tied tokens' logits: the teacher's probability that the next
-        token is one of them. A teacher trained with the same --tie_tokens_below has equal tied rows, so that is one
+        A class's logit is the log-sum-exp of its tokens' logits: the teacher's probability that the next token is
+        one of them. A teacher trained with the same --tie_tokens_below has equal rows within a class, so that is one
         row's logit + log(n), without the product over all tied rows (which costs as much as a full-width head).
         """
         weight = self.model.lm_head.weight
-        kept_weight, tied_weight = weight[kept.to(weight.device)], weight[tied.to(weight.device)]
-        log_n = 0.0
-        if torch.equal(tied_weight, tied_weight[:1].expand_as(tied_weight)):
-            tied_weight, log_n = tied_weight[:1], math.log(len(tied))
+        kept_weight = weight[tied.kept.to(weight.device)]
+        tied_weight = weight[tied.tied.to(weight.device)]
+        class_of = tied.class_of.to(weight.device)
+        if torch.equal(tied_weight, weight[tied.row[tied.tied].to(weight.device)]):
+            shared_weight, log_n = weight[tied.shared.to(weight.device)], tied.log_n.to(weight.device)
+        else:
+            shared_weight, log_n = None, None
 
         def logits(start: int, stop: int) -> torch.Tensor:
             hidden = self.hidden[start:stop]
-            class_logit = torch.logsumexp((hidden @ tied_weight.T).float(), dim=-1, keepdim=True) + log_n
+            if shared_weight is not None:
+                class_logit = (hidden @ shared_weight.T).float() + log_n
+            else:  # log-sum-exp of each class's logits
+                each = (hidden @ tied_weight.T).float()
+                top = each.max(dim=1, keepdim=True).values
+                sums = torch.zeros(len(hidden), len(tied.shared), device=each.device)
+                sums.index_add_(1, class_of, (each - top).exp())
+                class_logit = sums.log() + top
             return torch.cat([(hidden @ kept_weight.T).float(), class_logit], dim=1)
 
         return logits

@@ -84,6 +84,14 @@ class ModelArguments:
                           "row with this probability (its target stays), so the model learns to read text holding "
                           "more unknown tokens than its training text, as new articles do. 0: off."},
     )
+    tied_token_groups: str = field(
+        default="one",
+        metadata={"help": "With --tie_tokens_below: one (all tied tokens share one row) or spelling (six rows: a "
+                          "leading space or not x a first letter upper-case, lower-case or neither), so the model "
+                          "can tell which kind of unknown token comes next: a new name, a word's next piece, a "
+                          "number.",
+                  "choices": ["one", "spelling"]},
+    )
     attn_implementation: str | None = field(
         default=None,
         metadata={"help": "Attention kernel, as transformers' attn_implementation: sdpa (its default), eager (matmul "

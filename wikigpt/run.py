@@ -33,7 +33,7 @@ from .calibration import calibrate_temperature, check_calibration_model
 from .results import write_json_atomic
 from .schedules import WikiTrainer
 from .distillation import attach_teacher, check_distill_args, load_teacher
-from .tied_tokens import tie_tokens, training_token_counts
+from .tied_tokens import spelling_groups, tie_tokens, training_token_counts
 from .token_offsets import calibrate_token_offsets, new_article_shares
 from .throughput import ThroughputCallback, add_throughput_callback
 from .time_budget import TimeBudgetCallback, time_budget_callbacks
@@ -117,7 +117,9 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
                         else None)
     # before the weight averaging callbacks: the tied rows are equal again before an average takes them in
     below = model_args.tie_tokens_below
-    tying, tied = tie_tokens(model, train_set, below, model_args.tied_input_dropout) if below else ([], None)
+    groups = (spelling_groups(tokenizer, model.get_output_embeddings().out_features)
+              if below and model_args.tied_token_groups == "spelling" else None)
+    tying, tied = tie_tokens(model, train_set, below, model_args.tied_input_dropout, groups) if below else ([], None)
     if tied:
         source["tied_tokens"] = tied  # below, kept, tied: results.json's model section
     if teacher:  # after the tying: the teacher's distribution over the narrow head's classes

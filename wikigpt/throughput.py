@@ -55,7 +55,7 @@ def matmul_parameters(model) -> int:
         rows = head.weight.shape[0]
         tied_tokens = getattr(model, "_tied_tokens", None)  # --tie_tokens_below: training multiplies fewer rows
         if tied_tokens is not None:
-            rows = len(tied_tokens.kept) + 1
+            rows = tied_tokens.columns
         n += rows * head.weight.shape[1]  # tied head: the same tensor, but a second (matmul) use per token
     return n
 

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 FLAG = "--tie_tokens_below"
 DROPOUT_FLAG = "--tied_input_dropout"
+GROUPS_FLAG = "--tied_token_groups"
 IGNORE_INDEX = -100
 
 
@@ -54,6 +55,9 @@ def check_tied_tokens_args(args) -> None:
         if dropout:
             raise UsageError(f"{DROPOUT_FLAG} replaces training input tokens with the row {FLAG} shares: add "
                              f"{FLAG} K (e.g. 3), or drop {DROPOUT_FLAG}")
+        if args.tied_token_groups != "one":
+            raise UsageError(f"{GROUPS_FLAG} {args.tied_token_groups} groups the tokens {FLAG} ties: add {FLAG} K "
+                             f"(e.g. 3), or drop {GROUPS_FLAG}")
         return
     if below < 1:
         raise UsageError(f"{FLAG} is a count of occurrences in the training data, 1 or more (1: only the tokens it "
@@ -71,24 +75,53 @@ def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
     return np.bincount(ids, minlength=vocab_size)
 
 
-class TiedTokens:
-    """Kept and tied ids, each id's column in the narrow head, and each id's row in the training forward."""
+def spelling_groups(tokenizer, vocab_size: int) -> np.ndarray:
+    """--tied_token_groups spelling: each token id's group, 3 x (starts with a space) + (upper-case first letter: 0,
+    lower-case: 1, anything else: 2), from the token's own text. A new name, a word's next piece and a number are
+    different kinds of unknown token, and the context tells which one comes next."""
+    groups = np.full(vocab_size, 2, dtype=np.int64)
+    for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))):
+        text = tokenizer.convert_tokens_to_string([token]) if token is not None else ""
+        body = text[1:] if text[:1].isspace() else text
+        first = body[:1]
+        groups[token_id] = 3 * (body is not text) + (0 if first.isupper() else 1 if first.islower() else 2)
+    return groups
 
-    def __init__(self, counts: np.ndarray, below: int, input_dropout: float = 0.0):
+
+class TiedTokens:
+    """Kept and tied ids, each id's column in the narrow head, and each id's row in the training forward.
+
+    `groups` (--tied_token_groups): a group id per token; the tied tokens of each group share that group's row (its
+    first tied token's) and one column of the narrow head. None: all tied tokens share one."""
+
+    def __init__(self, counts: np.ndarray, below: int, input_dropout: float = 0.0, groups: np.ndarray | None = None):
+        groups = np.zeros(len(counts), dtype=np.int64) if groups is None else np.asarray(groups)
         tied = np.flatnonzero(counts < below)
         self.below, self.input_dropout = below, input_dropout
         self.kept = torch.as_tensor(np.flatnonzero(counts >= below), dtype=torch.long)
         self.tied = torch.as_tensor(tied, dtype=torch.long)
-        self.shared = int(tied[0])  # the row that stands for all of them
-        self.log_n = math.log(len(tied))
+        names, index, sizes = np.unique(groups[tied], return_index=True, return_counts=True)
+        self.shared = torch.as_tensor(tied[index], dtype=torch.long)  # each group's row, in group order
+        self.log_n = torch.as_tensor(np.log(sizes), dtype=torch.float32)  # each group's class: n equal logits
+        self.class_of = torch.as_tensor(np.searchsorted(names, groups[tied]), dtype=torch.long)  # per tied token
         self.column = torch.full((len(counts),), len(self.kept), dtype=torch.long)
         self.column[self.kept] = torch.arange(len(self.kept))
+        self.column[self.tied] += self.class_of
         self.row = torch.arange(len(counts))
-        self.row[self.tied] = self.shared
+        self.row[self.tied] = self.shared[self.class_of]
+        # --tied_input_dropout: a dropped input reads its own group's row (the largest group's if none of its group
+        # is tied), as an unknown token of that spelling would
+        position = np.searchsorted(names, groups).clip(max=len(names) - 1)
+        own = names[position] == groups
+        self.unknown_row = torch.as_tensor(np.where(own, tied[index][position], tied[index][sizes.argmax()]))
+
+    @property
+    def columns(self) -> int:
+        return len(self.kept) + len(self.shared)
 
     @torch.no_grad()
     def tie(self, weight: torch.Tensor) -> None:
-        weight[self.tied.to(weight.device)] = weight[self.shared].clone()
+        weight[self.tied.to(weight.device)] = weight[self.row[self.tied].to(weight.device)].clone()
 
 
 def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_in_batch=None,
@@ -104,19 +137,22 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
     targets = shift_labels.reshape(-1).to(hidden_states.device)
     valid = targets != ignore_index
     columns = torch.where(valid, tied.column.to(targets.device)[targets.clamp_min(0)], IGNORE_INDEX)
-    head = weight.index_select(0, torch.cat([tied.kept, torch.tensor([tied.shared])]).to(weight.device))
+    head = weight.index_select(0, torch.cat([tied.kept, tied.shared]).to(weight.device))
+    log_n = tied.log_n.to(hidden_states.device)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     if teacher is not None:
         total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size or hidden.shape[0], head.shape[0],
-                                                tied.log_n, teacher.class_logits(tied.kept, tied.tied), teacher.share)
+                                                log_n, teacher.class_logits(tied), teacher.share)
     elif chunk_size:
-        total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], tied.log_n)
+        total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], log_n)
     else:
         logits = (hidden @ head.T).float()
-        logits[:, -1] += tied.log_n  # log-sum-exp of the n equal tied logits: the class's log-probability
+        logits[:, len(tied.kept):] += log_n  # log-sum-exp of a group's n equal tied logits: its class's log-prob
         total = F.cross_entropy(logits, columns, ignore_index=IGNORE_INDEX, reduction="sum")
     one_hot = 1 - teacher.share if teacher is not None else 1
-    total = total + one_hot * tied.log_n * (columns == len(tied.kept)).sum()  # a tied target: 1/n of the class
+    tied_targets = (columns[valid] - len(tied.kept)).clamp_min(-1)  # -1: a kept target
+    in_class = torch.bincount(tied_targets + 1, minlength=len(log_n) + 1)[1:]
+    total = total + one_hot * (in_class * log_n).sum()  # a tied target: 1/n of its class
     if num_items_in_batch is None:
         return total / valid.sum()
     if torch.is_tensor(num_items_in_batch):
@@ -134,7 +170,8 @@ def _shared_row_ids(model, input_ids):
     tied = model._tied_tokens
     ids = tied.row.to(input_ids.device)[input_ids]
     if tied.input_dropout:  # --tied_input_dropout: inputs only, the targets stay
-        ids = ids.masked_fill(torch.rand(ids.shape, device=ids.device) < tied.input_dropout, tied.shared)
+        dropped = torch.rand(ids.shape, device=ids.device) < tied.input_dropout
+        ids = torch.where(dropped, tied.unknown_row.to(input_ids.device)[input_ids], ids)
     return ids
 
 
@@ -148,10 +185,12 @@ class TieTokensCallback(TrainerCallback):
         self.tied.tie(model.get_input_embeddings().weight)
 
 
-def tie_tokens(model, train_set, below: int, input_dropout: float = 0.0) -> tuple[list[TrainerCallback], dict | None]:
+def tie_tokens(model, train_set, below: int, input_dropout: float = 0.0,
+               groups: np.ndarray | None = None) -> tuple[list[TrainerCallback], dict | None]:
     """Tie the rows of the tokens `train_set` holds fewer than `below` times; train on the narrow head.
 
     `input_dropout` (--tied_input_dropout): the probability that a training input token reads the shared row.
+    `groups` (--tied_token_groups spelling): a group id per token; each group's tied tokens share their own row.
 
     Returns the callbacks that keep them tied and the summary results.json records (below, kept, tied), or
     ([], None) when no two tokens are that rare."""
@@ -162,14 +201,17 @@ def tie_tokens(model, train_set, below: int, input_dropout: float = 0.0) -> tupl
     if (counts < below).sum() < 2:
         logger.info("%s %d: no two tokens are that rare in the training data; nothing to tie", FLAG, below)
         return [], None
-    tied = TiedTokens(counts, below, input_dropout)
+    tied = TiedTokens(counts, below, input_dropout, groups)
     tied.tie(model.lm_head.weight)
     model._tied_tokens = tied
     replace_training_loss(model, _narrow_head_loss, input_ids_map=_shared_row_ids)
-    logger.info("%s %d: %d tokens keep their own row, %d share one (%d of them occur in the training data); the "
+    logger.info("%s %d: %d tokens keep their own row, %d share %s (%d of them occur in the training data); the "
                 "training LM head is %.1fx narrower", FLAG, below, len(tied.kept), len(tied.tied),
-                int((counts[tied.tied.numpy()] > 0).sum()), vocab_size / (len(tied.kept) + 1))
+                "one" if len(tied.shared) == 1 else f"{len(tied.shared)} by spelling",
+                int((counts[tied.tied.numpy()] > 0).sum()), vocab_size / tied.columns)
     summary = {"below": tied.below, "kept": len(tied.kept), "tied": len(tied.tied)}
+    if groups is not None:
+        summary["groups"] = torch.bincount(tied.class_of).tolist()  # tied tokens per shared row
     if input_dropout:
         summary["input_dropout"] = input_dropout
     return [TieTokensCallback(tied)], summary
