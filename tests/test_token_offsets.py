@@ -30,12 +30,16 @@ def test_rank_feature_is_log_one_plus_id_centred():
     torch.testing.assert_close(rank_feature(4), expected - expected.mean())
 
 
-def test_new_article_shares_count_each_article_against_the_others():
+def test_new_article_shares_count_each_article_against_the_others(caplog):
     # counts 0: 2, 1: 2, 2: 2, 3: 3. First article: 0 (twice) is in no other article, 1 in one other; second: 1 and
     # 2 in one other each; third: 2 in one other, 3 (three times) in none. 5 of 9 tokens unseen elsewhere, 4 seen once
     shares = new_article_shares([np.array([0, 0, 1]), np.array([1, 2]), np.array([2, 3, 3, 3])], vocab_size=6)
     np.testing.assert_allclose(shares, [5 / 9, 4 / 9, 0, 0, 0, 0, 0, 0, 0])
+    assert not caplog.records
     assert new_article_shares([np.array([0, 1, 2])], vocab_size=6) is None  # one article: nothing to leave out
+    assert caplog.records[-1].levelname == "WARNING" and caplog.records[-1].getMessage().startswith(
+        "--calibrate_class_shares new_articles: the training text holds 1 article (")
+    assert caplog.records[-1].getMessage().endswith("(as --calibrate_class_shares held_out)")
 
 
 def test_share_weights_give_each_group_its_share():
