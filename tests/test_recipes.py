@@ -42,15 +42,17 @@ def test_recipe_parses(name, monkeypatch):
         # new block boundaries every epoch, whole articles held out, a cosine planned for the time budget
         assert data.random_block_offset and 0 < data.validation_split_percentage <= 10 and data.block_size >= 256
         assert training.max_train_minutes > 0 and str(training.lr_scheduler_type).endswith("COSINE")
-        assert model.tie_tokens_below == 3  # tokens seen at most twice share one row
-        assert model.tied_input_dropout == 0.1  # and 10% of the training inputs read it
+        assert model.tied_token_groups == "spelling"  # rare tokens share six rows by spelling
+        assert model.tied_input_dropout == 0.1  # and 10% of the training inputs read their group's row
         assert training.optim_matrices == "muon"
         # after training: a temperature, then one logit offset per training-count class, from the held-out split
         assert training.calibrate_temperature and training.calibrate_token_offsets
     if name == "wikitext_scratch_cpu.yaml":
         assert data.validation_split_percentage == 5  # 4 of wiki.valid.raw's 60 articles
+        assert model.tie_tokens_below == 5  # tokens seen at most four times share those rows
     if name == "wikitext_scratch.yaml":
         assert data.block_size == 1024 and "n_positions=1024" in model.config_overrides  # the protocol's eval blocks
+        assert model.tie_tokens_below == 3
     if name == "gpt2_finetune.yaml":
         assert model.model_name_or_path == "gpt2" and model.preset is None
         assert (training.learning_rate, training.num_train_epochs, training.per_device_train_batch_size) == (5e-5, 3, 8)

@@ -23,10 +23,11 @@ p(shared class) / n_tied. From scratch only: a pretrained checkpoint's rows carr
 With --chunked_loss_size the narrow head's loss and gradients are computed in chunks (wikigpt.chunked_loss).
 With --tied_input_dropout P each training input token reads the shared row with probability P (the targets stay):
 new text holds more unknown tokens than the training text, and the model learns to read such contexts.
+With --tied_token_groups spelling the tied tokens share six rows, one per group of spelling (spelling_groups), each a
+column of the narrow head: the model then learns which kind of unknown token comes next, not only that one does.
 """
 
 import logging
-import math
 
 import numpy as np
 import pyarrow.compute as pc
@@ -82,9 +83,9 @@ def spelling_groups(tokenizer, vocab_size: int) -> np.ndarray:
     groups = np.full(vocab_size, 2, dtype=np.int64)
     for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))):
         text = tokenizer.convert_tokens_to_string([token]) if token is not None else ""
-        body = text[1:] if text[:1].isspace() else text
-        first = body[:1]
-        groups[token_id] = 3 * (body is not text) + (0 if first.isupper() else 1 if first.islower() else 2)
+        new_word = text[:1].isspace()
+        first = text[1:2] if new_word else text[:1]
+        groups[token_id] = 3 * new_word + (0 if first.isupper() else 1 if first.islower() else 2)
     return groups
 
 
