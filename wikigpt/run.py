@@ -111,10 +111,10 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
         train_set, block_offsets = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
                                                           block_size, training_args)
-        class_shares = (new_article_shares(article_token_ids(raw["train"], tokenizer, data_args.preprocessing_num_workers),
-                                           model.get_output_embeddings().out_features)
-                        if training_args.calibrate_token_offsets and training_args.calibrate_class_shares == "new_articles"
-                        else None)
+        class_shares = None
+        if training_args.calibrate_token_offsets and training_args.calibrate_class_shares == "new_articles":
+            articles = article_token_ids(raw["train"], tokenizer, data_args.preprocessing_num_workers)
+            class_shares = new_article_shares(articles, model.get_output_embeddings().out_features)
     # before the weight averaging callbacks: the tied rows are equal again before an average takes them in
     below = model_args.tie_tokens_below
     groups = (spelling_groups(tokenizer, model.get_output_embeddings().out_features)
