@@ -6,7 +6,11 @@ step the same parameters with the same gradients, alternating, in one process; p
 difference between the parameters they reach, and writes them as JSON. The default shape is the CPU recipe's
 12-layer student (12 x 128, vocabulary 50,257).
 
-    python benchmarks/optimizer_step.py [--output_json benchmarks/results/cpu_optimizer_step.json]
+torch's Muon always orthogonalises in bf16. wikigpt's does so where the CPU has native bf16 and in fp32 elsewhere
+(`--orthogonalize host`, the default). `--orthogonalize bf16` compares like with like: the parameters then agree
+to the bit. In fp32 they differ by bf16's rounding, which the JSON's `orthogonalize_dtype` names.
+
+    python benchmarks/optimizer_step.py [--orthogonalize host|bf16|fp32] [--output_json FILE.json]
 """
 
 import argparse
@@ -41,8 +45,11 @@ def main() -> None:
     parser.add_argument("--n_embd", type=int, default=128)
     parser.add_argument("--vocab_size", type=int, default=50257)
     parser.add_argument("--steps", type=int, default=30, help="timed steps of each (after 3 untimed)")
+    parser.add_argument("--orthogonalize", choices=("host", "bf16", "fp32"), default="host",
+                        help="wikigpt's Newton-Schulz dtype: the host's choice (default), or forced")
     parser.add_argument("--output_json")
     args = parser.parse_args()
+    in_fp32 = {"host": None, "bf16": False, "fp32": True}[args.orthogonalize]
     torch.manual_seed(0)
     config = GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=4, n_positions=256,
                         vocab_size=args.vocab_size)
@@ -50,7 +57,8 @@ def main() -> None:
     models["wikigpt"] = GPT2LMHeadModel(config)
     models["wikigpt"].load_state_dict(models["torch"].state_dict())
     optimizers = {"torch": torchs_optimizers(models["torch"]),
-                  "wikigpt": (MuonAdamWFactory()(models["wikigpt"], **HYPER),)}
+                  "wikigpt": (MuonAdamWFactory()(models["wikigpt"], **HYPER, orthogonalize_in_fp32=in_fp32),)}
+    dtype = optimizers["wikigpt"][0].muon.orthogonalize_dtype
     times = {name: [] for name in models}
     for step in range(3 + args.steps):
         grads = [torch.randn_like(p) for p in models["torch"].parameters()]
@@ -66,13 +74,14 @@ def main() -> None:
     difference = max((p - torch_params[n]).abs().max().item() for n, p in models["wikigpt"].named_parameters())
     result = {"shape": {"n_layer": args.n_layer, "n_embd": args.n_embd, "vocab_size": args.vocab_size},
               "threads": torch.get_num_threads(), "steps": args.steps,
+              "orthogonalize_dtype": str(dtype).removeprefix("torch."),
               "ms_per_step": {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()},
               "max_abs_parameter_difference": difference}
     result["speedup"] = result["ms_per_step"]["torch"]["median"] / result["ms_per_step"]["wikigpt"]["median"]
     for name, t in result["ms_per_step"].items():
         print(f"{name}: median {t['median']:.1f} ms (min {t['min']:.1f}) per optimizer step")
     print(f"speedup {result['speedup']:.2f}x; largest parameter difference after {3 + args.steps} steps: "
-          f"{difference:.3g}")
+          f"{difference:.3g} (wikigpt orthogonalises in {result['orthogonalize_dtype']}, torch in bfloat16)")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

@@ -8,7 +8,11 @@ import torch
 from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 
 import wikigpt.precision
+from transformers import GPT2Config, GPT2LMHeadModel
+
 from wikigpt.cli import parse_args
+from wikigpt.errors import UsageError
+from wikigpt.optimizers import MuonAdamWFactory
 from wikigpt.training_args import WikiTrainingArguments
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
@@ -18,6 +22,7 @@ BF16_LOSS_RTOL = 5e-3
 
 def training_args(*argv, flags=None, monkeypatch=None):
     if flags is not None:
+        monkeypatch.delenv(wikigpt.precision.OVERRIDE, raising=False)
         monkeypatch.setattr(wikigpt.precision, "cpu_flags", lambda: frozenset(flags))
     (args,) = parse_args((WikiTrainingArguments,), [*argv, "--output_dir", "unused"])
     return args
@@ -41,6 +46,30 @@ def test_default_precision_follows_the_cpu(flags, bf16, monkeypatch):
 def test_fp32_is_one_flag_away_on_a_bf16_cpu(monkeypatch):
     args = training_args("--bf16", "false", flags={"avx512_bf16"}, monkeypatch=monkeypatch)
     assert args.bf16 is False and args.mixed_precision == "no"
+
+
+@cpu_only
+@pytest.mark.parametrize("flags", [{"avx2"}, {"avx2", "avx512_bf16"}])
+@pytest.mark.parametrize("override, bf16", [("0", False), ("1", True)])
+def test_the_switch_makes_any_host_act_as_the_other_kind(flags, override, bf16, monkeypatch):
+    """WIKIGPT_CPU_BF16 overrides /proc/cpuinfo both ways: the bf16 default and the Muon dtype follow it."""
+    monkeypatch.setattr(wikigpt.precision, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setenv("WIKIGPT_CPU_BF16", override)
+    args = training_args()
+    assert args.bf16 is bf16 and args.mixed_precision == ("bf16" if bf16 else "no")
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=64))
+    optimizer = MuonAdamWFactory()(model, muon_lr=0.02, adamw_lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                                   eps=1e-8)
+    assert optimizer.muon.orthogonalize_dtype == (torch.bfloat16 if bf16 else torch.float32)
+
+
+@cpu_only
+def test_a_bad_switch_value_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setenv("WIKIGPT_CPU_BF16", "yes")
+    with pytest.raises(UsageError) as err:
+        training_args()
+    assert str(err.value) == ("WIKIGPT_CPU_BF16='yes' is not 0 or 1; set it to 0 (act as without native bf16), "
+                              "1 (as with it), or unset it")
 
 
 def logged_losses(files, out, monkeypatch, *extra, steps=20):

@@ -4,14 +4,21 @@ A CPU with AVX512-BF16 or AMX-BF16 runs bf16 matmuls faster than fp32 ones (oneD
 activation traffic; on a CPU without them (e.g. AVX2 only) bf16 matmuls fall back to slow conversion paths, so
 fp32 is faster there. `--bf16` left unset picks accordingly when no GPU is present; `--bf16 false` is exact fp32,
 `--bf16` forces bf16 (and on a machine without a GPU it no longer needs `--use_cpu`).
+
+WIKIGPT_CPU_BF16=0 makes wikigpt act as on a CPU without native bf16 (fp32 default, fp32 Muon), =1 as on one
+with it; unset, /proc/cpuinfo decides. Tests use it to cover both host paths on any host.
 """
 
 import functools
+import os
 
 import torch
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
+from .errors import UsageError
+
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names
+OVERRIDE = "WIKIGPT_CPU_BF16"
 
 
 @functools.cache
@@ -28,6 +35,13 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively; WIKIGPT_CPU_BF16=0/1 overrides what /proc/cpuinfo says."""
+    override = os.environ.get(OVERRIDE, "")
+    if override in ("0", "1"):
+        return override == "1"
+    if override:
+        raise UsageError(f"{OVERRIDE}={override!r} is not 0 or 1; set it to 0 (act as without native bf16), "
+                         f"1 (as with it), or unset it")
     return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
