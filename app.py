@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no usage reports
 
 from wikigpt.cli import parse_args  # noqa: E402
-from wikigpt.demo import (CAN_AND_CANNOT, EXAMPLES, DemoModel, Request, generate,  # noqa: E402
+from wikigpt.reporting.demo import (CAN_AND_CANNOT, EXAMPLES, DemoModel, Request, generate,  # noqa: E402
                           load_demo_model, model_facts)
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 

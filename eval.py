@@ -16,10 +16,10 @@ import logging
 from accelerate import Accelerator
 
 from wikigpt.cli import parse_args
-from wikigpt.data import DataArguments
+from wikigpt.data.blocks import DataArguments
 from wikigpt.errors import run_main
-from wikigpt.evaluation import EvalArguments, evaluate_split, update_model_card
-from wikigpt.results import write_json_atomic
+from wikigpt.evaluation.run import EvalArguments, evaluate_split, update_model_card
+from wikigpt.atomic_json import write_json_atomic
 
 logger = logging.getLogger("wikigpt.eval")
 

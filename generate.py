@@ -17,11 +17,11 @@ from transformers.utils import logging as hf_logging
 
 from wikigpt.cli import parse_args
 from wikigpt.errors import run_main
-from wikigpt.generation import JsonlWriter, can_stream, for_batched_generation, public_settings, sample
-from wikigpt.generation_settings import (GenerateArguments, check_arguments, check_settings, resolve_device,
+from wikigpt.generation.sampling import JsonlWriter, can_stream, for_batched_generation, public_settings, sample
+from wikigpt.generation.settings import (GenerateArguments, check_arguments, check_settings, resolve_device,
                                          resolve_settings)
 from wikigpt.model import context_length, load_pretrained, resolve_dtype
-from wikigpt.prompts import encode_prompts, read_prompts
+from wikigpt.generation.prompts import encode_prompts, read_prompts
 
 logger = logging.getLogger("wikigpt.generate")
 

@@ -14,8 +14,8 @@ import sys
 
 from wikigpt.cli import parse_args
 from wikigpt.errors import run_main
-from wikigpt.run import RUN_ARGUMENTS, build_run, finish_run, train_run
-from wikigpt.tuning import SearchArguments, searching, tune
+from wikigpt.train.run import RUN_ARGUMENTS, build_run, finish_run, train_run
+from wikigpt.train.hp_search import SearchArguments, searching, tune
 
 
 def main() -> None:
@@ -24,10 +24,10 @@ def main() -> None:
                                                                    description=__doc__)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
-    if searching(search_args):  # wikigpt/tuning.py: N runs as below, then trials.csv and best_recipe.yaml
+    if searching(search_args):  # wikigpt/train/hp_search.py: N runs as below, then trials.csv and best_recipe.yaml
         tune(argv, model_args, data_args, training_args, search_args)
         return
-    run = build_run(model_args, data_args, training_args)  # wikigpt/run.py: checks, model, data, callbacks, Trainer
+    run = build_run(model_args, data_args, training_args)  # wikigpt/train/run.py: checks, model, data, callbacks, Trainer
     train_result, train_seconds = train_run(run)
     finish_run(run, train_result, train_seconds)  # save, evaluate, results.json, model card, plot, push
 

@@ -1,5 +1,5 @@
 """CPU training steps under different memory allocator settings: glibc as it comes, with torch's huge pages, with
-wikigpt's keep-freed-memory setting (wikigpt/cpu_memory.py, train.py's default), and tcmalloc.
+wikigpt's keep-freed-memory setting (wikigpt/train/cpu_memory.py, train.py's default), and tcmalloc.
 
     python benchmarks/allocator_probe.py --output_json benchmarks/results/cpu_allocators.json
 
@@ -36,7 +36,7 @@ class ProbeArguments:
 
 def one_run(steps: int) -> dict:
     """Runs in the child process: time `steps` training steps, return tokens/s, system time and page faults."""
-    from wikigpt.cpu_memory import keep_freed_memory
+    from wikigpt.train.cpu_memory import keep_freed_memory
 
     keep_freed_memory()  # as train.py does; WIKIGPT_KEEP_FREED_MEMORY=0 turns it off
     import torch
@@ -69,7 +69,7 @@ def main() -> None:
         return
     from transformers import HfArgumentParser
 
-    from wikigpt.results import write_json_atomic
+    from wikigpt.atomic_json import write_json_atomic
 
     (args,) = HfArgumentParser(ProbeArguments).parse_args_into_dataclasses()
     if not os.path.exists(TCMALLOC):

@@ -30,10 +30,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from wikigpt.cli import parse_args  # noqa: E402
-from wikigpt.data import DataArguments, load_raw_splits, token_stream  # noqa: E402
+from wikigpt.data.blocks import DataArguments, load_raw_splits, token_stream  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
 from wikigpt.model import context_length, load_pretrained  # noqa: E402
-from wikigpt.results import write_json_atomic  # noqa: E402
+from wikigpt.atomic_json import write_json_atomic  # noqa: E402
 
 
 @dataclass

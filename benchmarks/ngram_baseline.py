@@ -2,14 +2,14 @@
 
     OMP_NUM_THREADS=1 python benchmarks/ngram_baseline.py   # orders 1-5, train wiki.valid.raw, test wiki.test.raw
 
-Same protocol as the neural models: both files are loaded and tokenized by wikigpt.data (Hub-format rows, GPT-2
+Same protocol as the neural models: both files are loaded and tokenized by wikigpt.data.blocks (Hub-format rows, GPT-2
 tokenizer) and each split's rows are concatenated into one token stream. The models are fit on the train stream and
 score every token of the test stream from the tokens before it, over the full tokenizer vocabulary (50,257 for GPT-2):
 token j is predicted from its last min(j, order - 1) tokens, so the first test token, which has no history, gets the
 order-1 distribution that every higher order interpolates down to. Perplexity = exp(mean negative log-likelihood)
 over all test tokens.
 
-The models are wikigpt.kneser_ney.KneserNey (interpolated modified Kneser-Ney, Chen & Goodman), fit once per order.
+The models are wikigpt.evaluation.kneser_ney.KneserNey (interpolated modified Kneser-Ney, Chen & Goodman), fit once per order.
 """
 
 import math
@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from wikigpt.cli import parse_args  # noqa: E402
-from wikigpt.data import DataArguments, load_raw_splits, token_stream  # noqa: E402
-from wikigpt.results import write_json_atomic  # noqa: E402
+from wikigpt.data.blocks import DataArguments, load_raw_splits, token_stream  # noqa: E402
+from wikigpt.atomic_json import write_json_atomic  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
-from wikigpt.kneser_ney import KneserNey  # noqa: E402
+from wikigpt.evaluation.kneser_ney import KneserNey  # noqa: E402
 from wikigpt.model import DEFAULT_TOKENIZER, load_tokenizer  # noqa: E402
 
 DATA = REPO / "data"  # the bundled WikiText-2 files and GPT-2 tokenizer
@@ -57,7 +57,7 @@ def display_path(path: str) -> str:
 
 
 def load_token_streams(args: NgramArguments):
-    """wikigpt.data's loading and tokenization, each split's rows concatenated into one stream."""
+    """wikigpt.data.blocks's loading and tokenization, each split's rows concatenated into one stream."""
     data_args = DataArguments(train_file=args.train_file, test_file=args.test_file)
     raw = load_raw_splits(data_args, seed=0, required=("train", "test"))
     tokenizer = load_tokenizer(args.tokenizer_name or DEFAULT_TOKENIZER)

@@ -1,7 +1,7 @@
 """One optimizer step of --optim_matrices muon: torch's Muon and AdamW as they come, against wikigpt's.
 
 torch.optim.Muon steps one matrix at a time and torch.optim.AdamW on a CPU takes its single-tensor kernel;
-wikigpt.optimizers steps the matrices of one shape as one batch (BatchedMuon) and AdamW with the fused kernel. Both
+wikigpt.train.optimizers steps the matrices of one shape as one batch (BatchedMuon) and AdamW with the fused kernel. Both
 step the same parameters with the same gradients, alternating, in one process; prints the medians and the largest
 difference between the parameters they reach, and writes them as JSON. The default shape is the CPU recipe's
 12-layer student (12 x 128, vocabulary 50,257).
@@ -24,7 +24,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from wikigpt.optimizers import MuonAdamWFactory, split_parameters  # noqa: E402
+from wikigpt.train.optimizers import MuonAdamWFactory, split_parameters  # noqa: E402
 
 HYPER = {"muon_lr": 0.02, "adamw_lr": 2e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8}
 

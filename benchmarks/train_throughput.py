@@ -7,7 +7,7 @@
 
 Both setups run N real optimizer steps through `Trainer.train()` on the same WikiText-2 blocks; the first
 --warmup_steps (compilation, allocator warm-up) are not timed. ms/step is wall time per optimizer step
-(CUDA synchronised), data loading included. MFU uses wikigpt.throughput's 6N + 12·L·H·Q·T per token of the
+(CUDA synchronised), data loading included. MFU uses wikigpt.train.throughput's 6N + 12·L·H·Q·T per token of the
 unpadded model for every row (padding adds no useful work). Peak memory: torch.cuda.max_memory_allocated on a
 GPU; on CPU the process's peak RSS (VmHWM, reset before each run). See benchmarks/README.md.
 """
@@ -35,17 +35,17 @@ import transformers  # noqa: E402
 from transformers import (AutoModelForCausalLM, GPT2Config, Trainer, TrainerCallback, TrainingArguments,  # noqa: E402
                           default_data_collator, set_seed)
 
-from wikigpt.chunked_loss import check_chunked_loss_args, use_chunked_loss  # noqa: E402
+from wikigpt.objectives.chunked_loss import check_chunked_loss_args, use_chunked_loss  # noqa: E402
 from wikigpt.cli import parse_args  # noqa: E402
-from wikigpt.cpu_memory import keep_freed_memory  # noqa: E402
-from wikigpt.results import write_json_atomic  # noqa: E402
+from wikigpt.train.cpu_memory import keep_freed_memory  # noqa: E402
+from wikigpt.atomic_json import write_json_atomic  # noqa: E402
 from wikigpt.errors import UsageError, run_main  # noqa: E402
-from wikigpt.data import DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size  # noqa: E402
+from wikigpt.data.blocks import DataArguments, load_raw_splits, prepare_lm_splits, resolve_block_size  # noqa: E402
 from wikigpt.model import DEFAULT_TOKENIZER, PRESETS, load_model, load_tokenizer, parse_config_overrides  # noqa: E402
 from wikigpt.padded_vocab import head_width, pad_vocab  # noqa: E402
-from wikigpt.precision import cpu_has_native_bf16  # noqa: E402
-from wikigpt.run import build_run, parse_run_args, train_run  # noqa: E402
-from wikigpt.throughput import current_device_name, model_flops_per_token, resolve_peak_flops  # noqa: E402
+from wikigpt.train.precision import cpu_has_native_bf16  # noqa: E402
+from wikigpt.train.run import build_run, parse_run_args, train_run  # noqa: E402
+from wikigpt.train.throughput import current_device_name, model_flops_per_token, resolve_peak_flops  # noqa: E402
 
 from nanogpt_model import GPT, GPTConfig  # noqa: E402
 
@@ -95,7 +95,7 @@ class BenchmarkArguments:
     preprocessing: bool = field(default=True, metadata={"help": "Time tokenize+group of WT2 valid+test (cold/cached)."})
     preprocessing_num_workers: int = field(default=2, metadata={"help": "Processes for the preprocessing timing."})
     peak_flops: float | None = field(default=None, metadata={"help": "Peak FLOP/s of the device for MFU "
-                                                                    "(default: wikigpt.throughput's table)."})
+                                                                    "(default: wikigpt.train.throughput's table)."})
     output_json: str | None = field(default=None, metadata={"help": "Write the results here as JSON."})
     repeats: int = field(default=1, metadata={"help": "Run every setup this many times (round-robin); report the "
                                                       "median ms/step."})
@@ -290,7 +290,7 @@ def describe_wikigpt(bench: BenchmarkArguments, argv: list[str]) -> str:
 
 
 def run_wikigpt(bench, argv, flops, peaks, name: str = "wikigpt") -> dict:
-    """train.py's own path: wikigpt.run's build_run and train_run (no final save/eval: only training is timed)."""
+    """train.py's own path: wikigpt.train.run's build_run and train_run (no final save/eval: only training is timed)."""
     run = build_run(*parse_run_args(argv))
     peak = peaks.get("bf16" if run.training_args.bf16 else "fp32")
     fp32_state = float32_matmul_state()
@@ -311,7 +311,7 @@ def wikigpt_lever_flags(bench: BenchmarkArguments, default_bf16: bool, bf16_rows
     """(row name, train.py flags): train.py's path with one flag changed at a time."""
     flags = [("wikigpt+compile", "--torch_compile true"),
              ("wikigpt+chunked_loss", f"--chunked_loss_size {bench.chunked_loss_size}"),
-             # exact: the tokens the training data never contains share one row (wikigpt/tied_tokens.py)
+             # exact: the tokens the training data never contains share one row (wikigpt/objectives/rare_tokens.py)
              ("wikigpt+tie_tokens", "--tie_tokens_below 1"),
              # tokens seen once (2) or at most twice (3, the CPU recipe's) join them: a modelling choice, rare tokens
              # as one class, which the held-out articles chose for quality (docs/results.md)
@@ -604,7 +604,7 @@ def main() -> None:
     report.update(flops_per_token=flops, peak_flops_per_device=peak, peak_flops_source=peak_source,
                   measured_peak_flops=measured_peaks, tokens_per_step=bench.batch_size * bench.block_size)
 
-    # train.py's allocator setting (wikigpt/cpu_memory.py) is process-wide: set it before any row, so every row,
+    # train.py's allocator setting (wikigpt/train/cpu_memory.py) is process-wide: set it before any row, so every row,
     # nanoGPT's included, runs with the same allocator
     keep_freed_memory()
     chosen = set(filter(None, (bench.lever_names or "").split(",")))

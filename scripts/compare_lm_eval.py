@@ -5,7 +5,7 @@
         [--tokenizer_name DIR] [--max_documents 10] [--output_file parity.json]
 
 The harness's `wikitext` task reads EleutherAI/wikitext_document_level from the Hub. Offline, this script
-writes the same documents (wikigpt.wikitext.split_documents, byte-identical to that dataset's builder) to a
+writes the same documents (wikigpt.data.wikitext.split_documents, byte-identical to that dataset's builder) to a
 local JSONL, runs the harness's own task definition on it (its `preprocess_wikitext.py` and metrics) through
 `lm_eval.simple_evaluate`, runs wikigpt's evaluation on the same text, and prints both with the relative
 difference. Exit status 1 if any metric differs in the 4th significant digit.
@@ -54,9 +54,9 @@ def main() -> None:
     from accelerate import Accelerator
     from lm_eval.tasks import TaskManager
 
-    from wikigpt.data import DataArguments, load_raw_splits
-    from wikigpt.evaluation import EvalArguments, evaluate_split
-    from wikigpt.wikitext import split_documents
+    from wikigpt.data.blocks import DataArguments, load_raw_splits
+    from wikigpt.evaluation.run import EvalArguments, evaluate_split
+    from wikigpt.data.wikitext import split_documents
 
     work = tempfile.mkdtemp(prefix="wikigpt-lm-eval-")
     rows = load_raw_splits(DataArguments(test_file=args.test_file), 0, ("test",))["test"]["text"]

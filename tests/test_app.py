@@ -1,4 +1,4 @@
-"""app.py, the web demo: its handlers (wikigpt/demo.py) on bad input, the same text as generate.py for a seed, the
+"""app.py, the web demo: its handlers (wikigpt/reporting/demo.py) on bad input, the same text as generate.py for a seed, the
 facts of a train.py run; and the page itself in a headless chromium (skipped where none is installed)."""
 
 import io
@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import generate as generate_script
 from scripts.demo_page import facts_text, find_chromium, free_port, generate_on_page, open_page, start_app
-from wikigpt.demo import Request, generate, load_demo_model, model_facts
+from wikigpt.reporting.demo import Request, generate, load_demo_model, model_facts
 from wikigpt.errors import run_main
 
 

@@ -43,7 +43,7 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     wiki = report["runs"][1]
     assert wiki["vocab_size"] == report["levers"][0]["vocab_size"] == 50304  # CPU wikigpt: padded
     assert report["runs"][0]["vocab_size"] == 50257
-    # Same seed, same dropout masks: the chunked loss trains to the plain loss (tests/test_chunked_loss.py).
+    # Same seed, same dropout masks: the chunked loss trains to the plain loss (tests/objectives/test_chunked_loss.py).
     assert report["levers"][1]["last_logged_loss"] == pytest.approx(report["runs"][0]["last_logged_loss"], rel=1e-5)
     # wikigpt's rows run bf16 autocast where the CPU has it: logits rounded to bf16 in chunks of another shape round
     # differently by host (AMX vs AVX512 kernels), ~1e-5 of the loss; a wrong loss is off by far more than 1e-4.

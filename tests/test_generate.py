@@ -1,4 +1,4 @@
-"""generate.py / wikigpt/generation.py: batching, seeds, stop strings, JSONL records, errors end to end.
+"""generate.py / wikigpt/generation/sampling.py: batching, seeds, stop strings, JSONL records, errors end to end.
 
 Settings and their checks: test_generation_settings.py; reading and encoding prompts: test_prompts.py."""
 
@@ -17,9 +17,9 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 import generate
 from wikigpt.cli import parse_args
 from wikigpt.errors import UsageError, run_main
-from wikigpt.generation import (StopStringStreamer, build_generation_config, finish_sample, for_batched_generation,
+from wikigpt.generation.sampling import (StopStringStreamer, build_generation_config, finish_sample, for_batched_generation,
                                 generate_batch)
-from wikigpt.generation_settings import FALLBACKS, GenerateArguments, resolve_settings
+from wikigpt.generation.settings import FALLBACKS, GenerateArguments, resolve_settings
 from wikigpt.model import load_pretrained
 
 PROMPTS = ["Hello world, this is a long prompt with many words", "Hi", "The capital of France is"]

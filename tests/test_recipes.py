@@ -9,9 +9,9 @@ from conftest import REPO, TOKENIZER_DIR
 from runs import micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 
 from wikigpt.cli import parse_args
-from wikigpt.data import DataArguments
+from wikigpt.data.blocks import DataArguments
 from wikigpt.model import ModelArguments
-from wikigpt.training_args import WikiTrainingArguments
+from wikigpt.train.arguments import WikiTrainingArguments
 
 RECIPES = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 # Switches this CPU-only machine cannot run (bf16/TF32 need CUDA; compiling takes ~45 s), the rest as written.
@@ -21,7 +21,7 @@ CPU_ONLY_FLAGS = {"gpu_fast.yaml": ["--bf16", "false", "--tf32", "false", "--tor
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_parses(name, monkeypatch):
     # parsed as on a machine with a GPU: a CPU-only one with native bf16 sets use_cpu for bf16 autocast
-    monkeypatch.setattr("wikigpt.precision.no_accelerator", lambda: False)
+    monkeypatch.setattr("wikigpt.train.precision.no_accelerator", lambda: False)
     model, data, training = parse_args((ModelArguments, DataArguments, WikiTrainingArguments),
                                        [str(REPO / "configs" / name), *CPU_ONLY_FLAGS.get(name, [])])
     if name == "quickstart.yaml":

@@ -1,23 +1,21 @@
 """wikigpt: train, evaluate and sample GPT-2-family causal LMs on WikiText-2 with the Hugging Face stack.
 
-The package is flat; each module does one job. By script:
+One subpackage per concern; each module does one job.
 
-Shared      cli (flags + config file), errors (one-line errors), model (GPT-2 presets; the one checkpoint and
-            tokenizer loader), data (WikiText -> blocks), wikitext (articles, detokenizer, word/byte counts),
-            perplexity (token windows, NLL scoring, corpus perplexity through the `evaluate` module in
-            corpus_perplexity/), results (atomic JSON)
-train.py    run (one run: build, train, finish), training_args (TrainingArguments defaults, output-dir rules),
-            checkpoints (complete? which to resume), block_offsets (--random_block_offset), nan_guard (stop at
-            NaN/inf), preemption (SIGTERM saves), write_failures (disk full), early_stopping, schedules,
-            time_budget (--max_train_minutes), weight_averaging (--ema_decay/--swa_start), optimizers (Muon),
-            precision (CPU bf16), cpu_memory (glibc), throughput (tokens/s, MFU), training_loss (swap the training
-            loss) with chunked_loss, tied_tokens and distillation (--distill_from), padded_vocab, plots, model_card,
-            hub, tuning (--hp_search)
-eval.py     evaluation (arguments, checks, three methods, report, model card update)
-generate.py generation_settings (flags -> checked decoding settings), prompts (read, encode), generation
-            (GenerationConfig -> model.generate -> finished samples, stop strings, streaming, JSONL)
-app.py      demo (load, sample, describe a run, without the web page)
-benchmarks  kneser_ney (the n-gram baseline)
+(top)        cli (flags + config file), errors (one-line errors, exit codes), model (presets, the checkpoint
+             and tokenizer loader), padded_vocab (the head's matmul width), atomic_json (result files)
+data/        blocks (text -> grouped blocks, held-out articles), wikitext (articles, detokenizer),
+             block_offsets (--random_block_offset)
+train/       run (train.py's run), arguments (TrainingArguments defaults), trainer (the Trainer subclass),
+             optimizers (Muon), time_budget, precision (CPU bf16), cpu_memory, throughput, early_stopping,
+             weight_averaging, hp_search (--hp_search)
+objectives/  training_loss (swap the loss), chunked_loss, rare_tokens (rare tokens share rows),
+             distillation (--distill_from)
+calibration/ temperature, token_offsets (per-class scales, offsets and slopes folded into the head)
+reliability/ checkpoints, preemption (SIGTERM), nan_guard, write_failures (disk full)
+evaluation/  run (eval.py), perplexity, corpus_perplexity (the `evaluate` module), kneser_ney, mixture
+generation/  settings (flags -> decoding settings), prompts, sampling (model.generate, streaming, JSONL)
+reporting/   model_card, plots, hub, demo (app.py without the web page)
 """
 
 import os

@@ -12,7 +12,7 @@ import sys
 import yaml
 from transformers import HfArgumentParser
 
-from .errors import UsageError
+from wikigpt.errors import UsageError
 
 CONFIG_EXTENSIONS = (".yaml", ".yml", ".json")
 

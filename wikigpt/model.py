@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from .chunked_loss import check_chunked_loss_args, use_chunked_loss
-from .errors import UsageError, loading
-from .padded_vocab import check_pad_vocab_args, pad_vocab, padded_size
-from .tied_tokens import check_tied_tokens_args
+from wikigpt.objectives.chunked_loss import check_chunked_loss_args, use_chunked_loss
+from wikigpt.errors import UsageError, loading
+from wikigpt.padded_vocab import check_pad_vocab_args, pad_vocab, padded_size
+from wikigpt.objectives.rare_tokens import check_tied_tokens_args
 
 # Sizes from the GPT-2 paper (Radford et al., 2019); `tiny` is a CPU smoke model (< 1M non-embedding params).
 PRESETS: dict[str, dict] = {

@@ -14,7 +14,7 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from wikigpt.errors import UsageError
 
 FLAG = "--pad_vocab_multiple"
 

@@ -1,0 +1,1 @@
+"""After training: the softmax temperature and per-class logit offsets, folded into the head."""

@@ -1,0 +1,1 @@
+"""Text to training blocks: reading and splitting WikiText, articles, block offsets."""

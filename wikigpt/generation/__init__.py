@@ -1,0 +1,1 @@
+"""Sampling: decoding settings, prompts, model.generate and its records."""

@@ -1,0 +1,1 @@
+"""Faults: complete checkpoints, preemption, NaN/inf guard, failed writes."""

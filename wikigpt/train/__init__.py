@@ -1,0 +1,1 @@
+"""One training run: arguments, the Trainer subclass, optimizers, budgets, precision, search."""

@@ -1,0 +1,214 @@
+"""One training run, as train.py runs it: checked arguments -> tokenizer, model, data, callbacks, Trainer -> train
+-> save, evaluate, results.json, model card, plot, push.
+
+train.py is `parse_run_args`, `build_run`, `train_run`, `finish_run`; benchmarks/train_throughput.py times
+`train_run` of a `build_run` from the same argument dataclasses, so what it measures is what users run.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import datasets
+from transformers import Trainer, default_data_collator, set_seed
+
+from wikigpt import __version__
+from wikigpt.reliability.checkpoints import ResumePlan, plan_resume
+from wikigpt.cli import parse_args
+from wikigpt.train.cpu_memory import keep_freed_memory
+from wikigpt.data.blocks import (DataArguments, article_token_ids, check_data_args, detokenize_splits, load_raw_splits,
+                   prepare_lm_splits, resolve_block_size)
+from wikigpt.train.early_stopping import best_model_summary, early_stopping_callbacks, end_early_stopping
+from wikigpt.reporting.hub import defer_push, push_after_local_save
+from wikigpt.model import (ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer,
+                    tokenizer_for)
+from wikigpt.reporting.model_card import describe_run, write_model_card
+from wikigpt.reliability.nan_guard import NonFiniteGuard, check_nan_guard_args
+from wikigpt.train.optimizers import optimizer_cls_and_kwargs
+from wikigpt.evaluation.perplexity import compute_perplexity, nll_and_count
+from wikigpt.reporting.plots import check_report_to, plot_training_curves
+from wikigpt.reliability.preemption import PreemptionCallback
+from wikigpt.data.block_offsets import random_offset_training
+from wikigpt.calibration.temperature import calibrate_temperature, check_calibration_model
+from wikigpt.atomic_json import write_json_atomic
+from wikigpt.train.trainer import WikiTrainer
+from wikigpt.objectives.distillation import attach_teacher, check_distill_args, load_teacher
+from wikigpt.objectives.rare_tokens import spelling_groups, tie_tokens, training_token_counts
+from wikigpt.calibration.token_offsets import calibrate_token_offsets, new_article_shares
+from wikigpt.train.throughput import ThroughputCallback, add_throughput_callback
+from wikigpt.train.time_budget import TimeBudgetCallback, time_budget_callbacks
+from wikigpt.train.arguments import WikiTrainingArguments, check_output_dir, tokens_per_step
+from wikigpt.reliability.write_failures import CHECKPOINTS, writing
+from wikigpt.train.weight_averaging import weight_averaging_callbacks
+
+logger = logging.getLogger("wikigpt.train")
+
+RUN_ARGUMENTS = (ModelArguments, DataArguments, WikiTrainingArguments)
+
+
+@dataclass
+class Run:
+    """Everything a built run holds: its arguments, the Trainer, the data, and the callbacks read after training."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    training_args: WikiTrainingArguments
+    trainer: Trainer
+    model: object  # the model as built (trainer.model_wrapped may be a compiled or distributed wrapper of it)
+    tokenizer: object
+    source: dict  # where the weights came from (wikigpt.model.load_model)
+    block_size: int
+    blocks: datasets.DatasetDict  # fixed blocks of every split (training may use re-cut ones: trainer.train_dataset)
+    counts: dict  # rows/tokens/blocks per split
+    class_shares: object  # --calibrate_class_shares new_articles: each count class's share in a new article, or None
+    resume: ResumePlan
+    push: bool  # --push_to_hub was given: pushed by finish_run, after the local save
+    preemption: PreemptionCallback
+    nan_guard: NonFiniteGuard
+    throughput: ThroughputCallback
+    time_budget: TimeBudgetCallback | None  # --max_train_minutes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return tokens_per_step(self.training_args, self.block_size)
+
+
+def parse_run_args(argv: list[str] | None = None, description: str | None = None):
+    """(model_args, data_args, training_args) from a command line (config file first, then flags)."""
+    return parse_args(RUN_ARGUMENTS, argv, description=description)
+
+
+def build_run(model_args: ModelArguments, data_args: DataArguments, training_args: WikiTrainingArguments) -> Run:
+    """Check every argument, then build tokenizer, model, data and the Trainer with wikigpt's callbacks."""
+    check_model_args(model_args)
+    check_distill_args(model_args)
+    check_data_args(data_args)
+    check_nan_guard_args(training_args)
+    resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                         training_args.overwrite_output_dir)
+    training_args.resume_from_checkpoint = resume.path
+    check_output_dir(training_args)
+    check_report_to(training_args)
+    set_seed(training_args.seed)
+    keep_freed_memory()  # glibc: reuse freed memory instead of faulting in fresh pages every step (cpu_memory.py)
+
+    tokenizer = load_tokenizer(tokenizer_for(model_args), model_args.trust_remote_code)
+    model, source = load_model(model_args, tokenizer)
+    for flag in ("calibrate_temperature", "calibrate_token_offsets"):
+        if getattr(training_args, flag):
+            check_calibration_model(model, f"--{flag}")
+    block_size = resolve_block_size(data_args.block_size, context_length(model.config))
+    logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)
+    resume.check_model(model.config)
+    teacher = (load_teacher(model, model_args.distill_from, block_size, model_args.trust_remote_code,
+                            model_args.allow_pickle) if model_args.distill_from else None)
+
+    # Rank 0 tokenizes first and writes the datasets cache; the other ranks then read it.
+    with training_args.main_process_first(desc="tokenize and group"):
+        raw = load_raw_splits(data_args, training_args.seed, required=("train", "validation"))
+        if data_args.detokenize:
+            raw = detokenize_splits(raw)  # after the held-out articles are chosen from the raw lines
+        blocks, counts = prepare_lm_splits(raw, tokenizer, block_size, data_args.preprocessing_num_workers)
+        train_set, block_offsets = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
+                                                          block_size, training_args)
+        class_shares = None
+        if training_args.calibrate_token_offsets and training_args.calibrate_class_shares == "new_articles":
+            articles = article_token_ids(raw["train"], tokenizer, data_args.preprocessing_num_workers)
+            class_shares = new_article_shares(articles, model.get_output_embeddings().out_features)
+    # before the weight averaging callbacks: the tied rows are equal again before an average takes them in
+    below = model_args.tie_tokens_below
+    groups = (spelling_groups(tokenizer, model.get_output_embeddings().out_features)
+              if below and model_args.tied_token_groups == "spelling" else None)
+    tying, tied = tie_tokens(model, train_set, below, model_args.tied_input_dropout, groups) if below else ([], None)
+    if tied:
+        source["tied_tokens"] = tied  # below, kept, tied: results.json's model section
+    if teacher:  # after the tying: the teacher's distribution over the narrow head's classes
+        source["distilled_from"] = attach_teacher(model, teacher, model_args.distill_from, model_args.distill_share)
+
+    push = defer_push(training_args)  # push once at the end, after the local save
+    # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/train/trainer.py)
+    trainer = WikiTrainer(model=model, args=training_args, train_dataset=train_set,
+                          eval_dataset=blocks["validation"], processing_class=tokenizer,
+                          data_collator=default_data_collator,
+                          # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
+                          compute_metrics=compute_perplexity, preprocess_logits_for_metrics=nll_and_count,
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args),  # --optim_matrices
+                          callbacks=[preemption := PreemptionCallback(), nan_guard := NonFiniteGuard(),
+                                     *early_stopping_callbacks(training_args), *block_offsets, *tying,
+                                     # the budget may end a step; weight averaging then swaps in for its save
+                                     *(budget := time_budget_callbacks(training_args, resume.path)),
+                                     *weight_averaging_callbacks(training_args, resume.path)])
+    resume.set_aside(trainer.is_world_process_zero())  # skipped checkpoints, an overwritten run's
+    throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
+                                         training_args.peak_flops)
+    return Run(model_args, data_args, training_args, trainer, model, tokenizer, source, block_size, blocks, counts,
+               class_shares, resume, push, preemption, nan_guard, throughput, budget[0] if budget else None)
+
+
+def train_run(run: Run):
+    """Trainer.train(), then stop with one line on a diverged or interrupted run. Returns (TrainOutput, seconds)."""
+    start = time.time()
+    # full disk, quota: one line, exit 4 (wikigpt.reliability.write_failures)
+    with writing(run.training_args.output_dir, CHECKPOINTS, run.trainer.is_world_process_zero()):
+        train_result = run.trainer.train(resume_from_checkpoint=run.resume.path)
+    train_seconds = time.time() - start
+    run.nan_guard.raise_if_diverged(run.training_args)  # before anything saves the broken model
+    run.preemption.exit_if_interrupted(run.training_args.output_dir, run.trainer.is_world_process_zero())
+    return train_result, train_seconds
+
+
+def finish_run(run: Run, train_result, train_seconds: float) -> dict:
+    """Save the model, evaluate validation/test, write results.json, the model card and the plot, push. Returns results."""
+    trainer, training_args, block_size = run.trainer, run.training_args, run.block_size
+    output_dir, is_main = training_args.output_dir, trainer.is_world_process_zero()
+    end_early_stopping(trainer)  # the evaluations below are reports, not patience steps
+    # --calibrate_temperature: the held-out split chooses T; saved, evaluated and pushed with the model
+    calibration = (calibrate_temperature(trainer.model, run.blocks["validation"], training_args.per_device_eval_batch_size)
+                   if training_args.calibrate_temperature else None)
+    # --calibrate_token_offsets: then a logit scale and offset per class of training count, in ln_f and an untied head
+    token_offsets = (calibrate_token_offsets(trainer.model, run.blocks["validation"],
+                                             training_args.per_device_eval_batch_size,
+                                             training_token_counts(trainer.train_dataset,
+                                                                   trainer.model.get_output_embeddings().out_features),
+                                             run.class_shares)
+                     if training_args.calibrate_token_offsets else None)
+    with writing(output_dir, "the final model", is_main):
+        trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
+        trainer.save_state()
+
+    results = {
+        "wikigpt_version": __version__,
+        "model": {**run.source, "description": describe_source(run.source)},
+        "block_size": block_size,
+        "data": run.counts,
+        "train": {**train_result.metrics, "global_step": train_result.global_step,
+                  "tokens_seen": train_result.global_step * run.tokens_per_step,
+                  "wall_time_s": round(train_seconds, 2)},
+        "throughput": run.throughput.summary,
+        **best_model_summary(trainer),  # best checkpoint and metric, step training stopped at (early stopping)
+        **(run.time_budget.summary(train_result.global_step) if run.time_budget else {}),  # --max_train_minutes
+        **describe_run(run.data_args, training_args, run.model, block_size),
+        **({"calibration": calibration} if calibration else {}),
+        **({"token_offsets": token_offsets} if token_offsets else {}),
+    }
+    if run.push:
+        results["hub_model_id"] = training_args.hub_model_id
+    for split in ("validation", "test"):
+        if split in run.blocks:
+            prefix = "eval" if split == "validation" else split
+            # {prefix}_perplexity = exp({prefix}_token_loss), every block once (wikigpt.evaluation.perplexity, corpus_perplexity)
+            metrics = trainer.evaluate(run.blocks[split], metric_key_prefix=prefix)
+            results[split] = metrics
+            logger.info("%s perplexity = %.4f (corpus-level exp(sum NLL / tokens) over %d blocks of %d)",
+                        split, metrics[f"{prefix}_perplexity"], run.counts[split]["blocks"], block_size)
+    if is_main:
+        with writing(output_dir, "results.json"):
+            write_json_atomic(f"{output_dir}/results.json", results)
+        with writing(output_dir, "training_curves.png"):
+            plot_training_curves(trainer.state.log_history, f"{output_dir}/training_curves.png",
+                                 run.tokens_per_step, describe_source(run.source))
+        with writing(output_dir, "README.md (the model card)"):
+            write_model_card(output_dir, results)
+    if run.push:
+        push_after_local_save(trainer)
+    return results
