@@ -122,6 +122,15 @@ CASES = [
          ("--text_column 'text'", "pass --text_column with one of them")),
     Case("train.py", "fewer_tokens_than_a_block", lambda i: i.train("--train_file", i.file("short.raw", "Hello.\n")),
          ("fewer than one block of --block_size 32", "a smaller --block_size")),
+    # the test split chooses nothing
+    Case("train.py", "validation_file_is_the_test_file_and_calibrates",
+         lambda i: i.train("--test_file", i.files["validation"], "--calibrate_temperature", "true"),
+         ("--validation_file", "is the test split (it is --test_file's text)", "--calibrate_temperature would "
+          "choose with it", "drop --validation_file")),
+    Case("train.py", "validation_file_is_wikitext_test_and_stops_early",
+         lambda i: i.train("--validation_file", i.file("wiki.test.raw", i.files["validation"].read_bytes()),
+                           "--calibrate_token_offsets", "true"),
+         ("is the test split (it is WikiText's wiki.test.raw)", "--calibrate_token_offsets would choose")),
     # types and ranges
     Case("train.py", "learning_rate_not_a_number", lambda i: i.train("--learning_rate", "fast"),
          ("--learning_rate", "invalid float value: 'fast'", "--help")),

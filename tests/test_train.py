@@ -1,11 +1,13 @@
 """train.py end to end on CPU: a tiny run that saves a reloadable model, checkpoints, config files, bad input."""
 
 import json
+import logging
 import math
 import sys
 
 import pytest
 from conftest import TOKENIZER_DIR, WT2, run_script, tiny_train_args
+from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,3 +123,13 @@ def test_non_empty_output_dir_is_not_overwritten(tmp_path, small_files, monkeypa
     assert code == 2
     assert "error: --output_dir" in capsys.readouterr().err
     assert (out / "model.safetensors").read_text() == "precious"
+
+
+def test_validation_that_is_test_is_reported_as_such(micro_files, tmp_path, monkeypatch, caplog):
+    """Nothing chooses with it (no early stopping, no calibration): the run goes on and says so once."""
+    argv = micro_args(micro_files, tmp_path / "out", "--test_file", micro_files["validation"], max_steps=2)
+    with caplog.at_level(logging.WARNING, logger="wikigpt.train"):
+        assert train_in_process(argv, monkeypatch) == 0
+    lines = [r.getMessage() for r in caplog.records if "is the test split" in r.getMessage()]
+    assert lines == ["--validation_file is the test split (it is --test_file's text): its perplexity is test "
+                     "perplexity, and it chose nothing in this run"]

@@ -1,7 +1,8 @@
 """Argument parsing shared by the scripts: HfArgumentParser, plus a YAML/JSON config file as first argument.
 
 `python train.py configs/x.yaml --learning_rate 1e-3` reads the file's keys as defaults and lets the
-command line override them; an unknown key in the file is an error that names it.
+command line override them; an unknown key in the file is an error that names it. Several files may come
+first (`configs/cpu/recipe.yaml configs/cpu/student.yaml`): a later file's keys override an earlier one's.
 """
 
 import difflib
@@ -30,21 +31,30 @@ def _read_config(path: str) -> dict:
     return values
 
 
+def read_config(path: str, parser: HfArgumentParser) -> dict:
+    """One config file's keys, each checked against the parser's argument names."""
+    values = _read_config(path)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"config file {path!r} has unknown keys {unknown}; remove them or fix the spelling "
+                         f"(see --help for the accepted names)")
+    return values
+
+
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types, description=description)
-    if argv and argv[0].endswith(CONFIG_EXTENSIONS) and not argv[0].startswith("-"):
+    values, paths = {}, []
+    while argv and argv[0].endswith(CONFIG_EXTENSIONS) and not argv[0].startswith("-"):
         path = argv.pop(0)
         if not os.path.isfile(path):
             raise UsageError(f"config file {path!r} does not exist; pass the path of a .yaml or .json file")
-        values = _read_config(path)
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"config file {path!r} has unknown keys {unknown}; remove them or fix the spelling "
-                             f"(see --help for the accepted names)")
+        values.update(read_config(path, parser))
+        paths.append(path)
+    if paths:
         parser.set_defaults(**values)
-        # Fields that are required on the command line are satisfied by the file.
+        # Fields that are required on the command line are satisfied by the files.
         for action in parser._actions:
             if action.dest in values:
                 action.required = False

@@ -195,6 +195,26 @@ def hold_out(train: datasets.Dataset, percentage: float, seed: int) -> tuple[dat
     return train.select([i for i in range(n) if i not in held_set]), train.select(held_rows)
 
 
+TEST_FILE_NAMES = ("wiki.test.raw", "wiki.test.tokens")
+
+
+def validation_is_test(args: DataArguments) -> str | None:
+    """Why the validation file is the test split (the same file, the same bytes, or WikiText's test file), else
+    None: validation perplexity is then test perplexity, and whatever it chooses is chosen on test."""
+    validation, test = args.validation_file, args.test_file
+    if not validation or not os.path.isfile(validation):
+        return None
+    if os.path.basename(validation) in TEST_FILE_NAMES:
+        return f"it is WikiText's {os.path.basename(validation)}"
+    if test and os.path.isfile(test):
+        same = os.path.samefile(validation, test) or (
+            os.path.getsize(validation) == os.path.getsize(test)
+            and open(validation, "rb").read() == open(test, "rb").read())
+        if same:
+            return "it is --test_file's text"
+    return None
+
+
 def check_data_args(args: DataArguments) -> None:
     """Fail fast on bad local paths, before any model is built or file written."""
     for flag, path in _local_files(args).values():

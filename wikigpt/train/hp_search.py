@@ -456,12 +456,14 @@ def yaml_value(value):
 
 
 def given_settings(argv: list[str], parsed: tuple) -> dict:
-    """The settings a run was started with: its config file's keys, then the flags on its command line."""
+    """The settings a run was started with: its config files' keys, then the flags on its command line."""
     from wikigpt.cli import CONFIG_EXTENSIONS, _read_config
 
     settings = {}
-    if argv and argv[0].endswith(CONFIG_EXTENSIONS) and not argv[0].startswith("-"):
-        settings.update(_read_config(argv[0]))
+    for path in argv:
+        if not path.endswith(CONFIG_EXTENSIONS) or path.startswith("-"):
+            break
+        settings.update(_read_config(path))
     names = {f.name: obj for obj in parsed for f in dataclasses.fields(obj)}
     for arg in argv:
         name = arg[2:].split("=")[0] if arg.startswith("--") else None

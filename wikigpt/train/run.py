@@ -15,8 +15,9 @@ from transformers import Trainer, default_data_collator, set_seed
 from wikigpt import __version__
 from wikigpt.reliability.checkpoints import ResumePlan, plan_resume
 from wikigpt.cli import parse_args
+from wikigpt.errors import UsageError
 from wikigpt.train.cpu_memory import keep_freed_memory
-from wikigpt.data.blocks import (DataArguments, article_token_ids, check_data_args, detokenize_splits, load_raw_splits,
+from wikigpt.data.blocks import (DataArguments, validation_is_test, article_token_ids, check_data_args, detokenize_splits, load_raw_splits,
                    prepare_lm_splits, resolve_block_size)
 from wikigpt.train.early_stopping import best_model_summary, early_stopping_callbacks, end_early_stopping
 from wikigpt.reporting.hub import defer_push, push_after_local_save
@@ -78,11 +79,30 @@ def parse_run_args(argv: list[str] | None = None, description: str | None = None
     return parse_args(RUN_ARGUMENTS, argv, description=description)
 
 
+SELECTING_FLAGS = ("early_stopping_patience", "load_best_model_at_end", "calibrate_temperature",
+                   "calibrate_token_offsets")
+
+
+def check_validation_is_not_test(data_args: DataArguments, training_args: WikiTrainingArguments) -> None:
+    """The test split chooses nothing: refuse a run that would select with it, and say so for one that reports it."""
+    why = validation_is_test(data_args)
+    if not why:
+        return
+    chooses = [f"--{flag}" for flag in SELECTING_FLAGS if getattr(training_args, flag)]
+    if chooses:
+        raise UsageError(f"--validation_file {data_args.validation_file!r} is the test split ({why}) and "
+                         f"{', '.join(chooses)} would choose with it; drop --validation_file to hold out "
+                         f"training articles, or turn {', '.join(chooses)} off")
+    logger.warning("--validation_file is the test split (%s): its perplexity is test perplexity, and it chose "
+                   "nothing in this run", why)
+
+
 def build_run(model_args: ModelArguments, data_args: DataArguments, training_args: WikiTrainingArguments) -> Run:
     """Check every argument, then build tokenizer, model, data and the Trainer with wikigpt's callbacks."""
     check_model_args(model_args)
     check_distill_args(model_args)
     check_data_args(data_args)
+    check_validation_is_not_test(data_args, training_args)
     check_nan_guard_args(training_args)
     resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir,
                          training_args.overwrite_output_dir)
