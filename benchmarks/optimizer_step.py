@@ -29,10 +29,31 @@ from wikigpt.train.optimizers import MuonAdamWFactory, split_parameters  # noqa:
 HYPER = {"muon_lr": 0.02, "adamw_lr": 2e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8}
 
 
+class TorchMuon:
+    """torch.optim.Muon on nn.Linear's (out, in) layout: GPT-2's non-square Conv1D (in, out) weights are stepped
+    as transposed copies (gradients in, weights back), so its scale rule reads their shape as wikigpt's does."""
+
+    def __init__(self, matrices):
+        self.pairs = [(p, p.detach().T.clone().requires_grad_() if p.size(0) != p.size(1) else p)
+                      for p in matrices]
+        self.muon = torch.optim.Muon([q for _, q in self.pairs], lr=HYPER["muon_lr"],
+                                     weight_decay=HYPER["weight_decay"])
+
+    @torch.no_grad()
+    def step(self):
+        for p, q in self.pairs:
+            if q is not p:
+                q.grad = p.grad.T.clone()
+        self.muon.step()
+        for p, q in self.pairs:
+            if q is not p:
+                p.copy_(q.T)
+
+
 def torchs_optimizers(model):
     """torch's Muon and AdamW with their defaults, split as wikigpt splits the parameters."""
     matrices, decayed, other = split_parameters(model)
-    muon = torch.optim.Muon([p for _, p in matrices], lr=HYPER["muon_lr"], weight_decay=HYPER["weight_decay"])
+    muon = TorchMuon([p for _, p in matrices])
     adamw = torch.optim.AdamW([{"params": [p for _, p in decayed], "weight_decay": HYPER["weight_decay"]},
                                {"params": [p for _, p in other], "weight_decay": 0.0}],
                               lr=HYPER["adamw_lr"], betas=HYPER["betas"], eps=HYPER["eps"])

@@ -30,11 +30,19 @@ def test_matrices_go_to_muon_embeddings_and_vectors_to_adamw():
 
 
 def test_steps_are_torchs_muon_and_fused_adamw_steps():
-    """Three steps (momentum included) match torch's Muon and fused AdamW to the bit, each matrix shape batched."""
+    """Three steps (momentum included) match torch's Muon and fused AdamW to the bit, each matrix shape batched.
+
+    GPT-2's Conv1D weights are (in, out); torch's Muon reads a shape as nn.Linear's (out, in). So torch steps the
+    transposed copies of the non-square ones, with transposed gradients: the same update in the layout its scale
+    rule is written for (a square matrix's scale is 1 either way, and transposing it would change the rounding)."""
+
+    def linear_layout(t):
+        return t.T if t.size(0) != t.size(1) else t
+
     model = tiny_model()
     matrices, decayed, other = split_parameters(model)
-    # The same steps from the two torch optimizers on their own, on copies of the parameters.
-    muon_copy = [p.detach().clone().requires_grad_() for _, p in matrices]
+    # The same steps from the two torch optimizers on their own, on (out, in) copies of the parameters.
+    muon_copy = [linear_layout(p.detach()).clone().requires_grad_() for _, p in matrices]
     adamw_copy = [p.detach().clone().requires_grad_() for _, p in decayed]
     muon = torch.optim.Muon(muon_copy, lr=0.02, weight_decay=0.1)
     adamw = torch.optim.AdamW(adamw_copy, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
@@ -43,14 +51,48 @@ def test_steps_are_torchs_muon_and_fused_adamw_steps():
         batch = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(step))
         model.zero_grad()
         model(batch, labels=batch).loss.backward()
-        for copy_, (_, p) in zip(muon_copy + adamw_copy, matrices + decayed):
+        for copy_, (_, p) in zip(muon_copy, matrices):
+            copy_.grad = linear_layout(p.grad).clone()
+        for copy_, (_, p) in zip(adamw_copy, decayed):
             copy_.grad = p.grad.clone()
         muon.step()
         adamw.step()
         optimizer.step()
     assert {tuple(p.shape) for _, p in matrices} == {(16, 48), (16, 16), (16, 64), (64, 16)}  # wide, square, tall
-    for expected, (name, p) in zip(muon_copy + adamw_copy, matrices + decayed):
+    for expected, (name, p) in zip(muon_copy, matrices):
+        assert torch.equal(p.detach(), linear_layout(expected.detach())), name
+    for expected, (name, p) in zip(adamw_copy, decayed):
         assert torch.equal(p.detach(), expected.detach()), name
+
+
+def test_plain_matrices_step_as_torchs_muon():
+    """Matrices not marked (in, out) (nn.Linear's layout) take torch's rule as it is, to the bit."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((8, 24), (24, 8), (8, 24), (8, 8))]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    batched, reference = BatchedMuon(ours, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
+    for step in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step))
+            b.grad = a.grad.clone()
+        batched.step()
+        reference.step()
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(ours, theirs))
+
+
+def test_gpt2_conv1d_matrices_are_scaled_by_out_over_in():
+    """c_attn (16 -> 48) and the MLP's up projection (16 -> 64) take sqrt(3) and 2; its down projection 1."""
+    model = tiny_model()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # rank one: every orthogonalised update has the same spectral shape
+    optimizer = MuonAdamWFactory()(model, **{**KWARGS, "weight_decay": 0.0}, orthogonalize_in_fp32=True)
+    optimizer.step()
+    steps = {n: (p.detach() - start[n]).norm().item() for n, p in split_parameters(model)[0]}
+    unit = steps["transformer.h.0.attn.c_proj.weight"]  # square: scale 1
+    assert steps["transformer.h.0.attn.c_attn.weight"] / unit == pytest.approx(3 ** 0.5, rel=1e-3)
+    assert steps["transformer.h.0.mlp.c_fc.weight"] / unit == pytest.approx(2.0, rel=1e-3)
+    assert steps["transformer.h.0.mlp.c_proj.weight"] / unit == pytest.approx(1.0, rel=1e-3)
 
 
 def newton_schulz_float64(grad, steps=5, a=3.4445, b=-4.7750, c=2.0315):
@@ -75,7 +117,7 @@ def test_fp32_orthogonalisation_is_torchs_iteration_without_bf16_rounding():
     for name, p in split_parameters(model)[0]:  # the Muon matrices: first step, momentum buffer = grad
         g = grads[name]
         update = g + 0.95 * g  # nesterov: grad + momentum * buffer
-        scale = max(1, g.size(0) / g.size(1)) ** 0.5
+        scale = max(1, g.size(1) / g.size(0)) ** 0.5  # Conv1D: (in, out), scaled by out / in
         expected = start[name] * (1 - 0.02 * 0.1) - 0.02 * scale * newton_schulz_float64(update)
         assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-6), name
         bf16_gap = (bf16_params[name].detach() - expected).abs().max().item()
