@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 from safetensors.torch import load_file
-from test_tied_tokens import GROUPS, VOCAB, STREAM, Stream, batch, tiny_model
+from test_rare_tokens import GROUPS, VOCAB, STREAM, Stream, batch, tiny_model
 
 from wikigpt.objectives.chunked_loss import use_chunked_loss
 from wikigpt.objectives.distillation import Teacher, attach_teacher, load_teacher
