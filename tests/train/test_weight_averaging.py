@@ -77,3 +77,19 @@ def test_swa_averages_only_the_last_steps(tmp_path, micro_files, raw_run, monkey
     assert train_in_process(argv, monkeypatch) == 0
     raw = [weights(raw_run / f"checkpoint-{k}") for k in (2, 3)]
     assert close(weights(out), {name: (raw[0][name] + raw[1][name]) / 2 for name in raw[0]})
+
+
+def test_the_average_leaves_a_teacher_out_of_its_copy():
+    """A --distill_from teacher rides on the model; the averaged copy holds the student alone, once."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from wikigpt.train.weight_averaging import WeightAveragingCallback
+
+    config = GPT2Config(n_layer=1, n_head=1, n_embd=8, n_positions=16, vocab_size=32)
+    student, teacher = GPT2LMHeadModel(config), GPT2LMHeadModel(config)
+    object.__setattr__(student, "_teacher", teacher)
+    callback = WeightAveragingCallback(ema_decay=0.9)
+    callback.on_train_begin(None, None, None, model=student)
+    assert student._teacher is teacher  # the student still trains against it
+    assert "_teacher" not in callback.averaged.module.__dict__
+    assert sum(p.numel() for p in callback.averaged.parameters()) == sum(p.numel() for p in student.parameters())

@@ -25,6 +25,8 @@ from transformers import TrainerCallback
 from wikigpt.reliability.checkpoints import WritesIntoCheckpoints
 from wikigpt.errors import UsageError
 
+TEACHER_ATTRIBUTE = "_teacher"  # wikigpt.objectives.distillation.attach_teacher
+
 logger = logging.getLogger(__name__)
 
 RAW_WEIGHTS_FILE = "raw_weights.safetensors"  # in each checkpoint-N: the weights training continues from
@@ -72,8 +74,14 @@ class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         multi_avg_fn = get_ema_multi_avg_fn(self.ema_decay) if self.ema_decay is not None else None
-        # A copy that shares nothing with the model; tied weights (wte = lm_head) stay one tensor in it too.
-        self.averaged = AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
+        # A copy that shares nothing with the model; tied weights (wte = lm_head) stay one tensor in it too. A
+        # --distill_from teacher rides on the model as a plain attribute: set aside, so it is not copied too.
+        teacher = model.__dict__.pop(TEACHER_ATTRIBUTE, None)
+        try:
+            self.averaged = AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
+        finally:
+            if teacher is not None:
+                object.__setattr__(model, TEACHER_ATTRIBUTE, teacher)
         if not self.resume_from:
             return
         path = os.path.join(self.resume_from, RAW_WEIGHTS_FILE)
