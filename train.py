@@ -1,4 +1,4 @@
-"""Train a GPT-2-family causal LM on WikiText-2 (or any text) with the Hugging Face Trainer.
+r"""Train a GPT-2-family causal LM on WikiText-2 (or any text) with the Hugging Face Trainer.
 
     python train.py --preset tiny --train_file wiki.valid.raw --validation_file wiki.test.raw \
         --tokenizer_name path/to/gpt2-tokenizer --output_dir out/tiny --max_steps 30
@@ -20,14 +20,15 @@ from wikigpt.train.hp_search import SearchArguments, searching, tune
 
 def main() -> None:
     argv = sys.argv[1:]
-    model_args, data_args, training_args, search_args = parse_args((*RUN_ARGUMENTS, SearchArguments), argv,
-                                                                   description=__doc__)
+    # model, data, levers, calibration, training (wikigpt/train/run.py RUN_ARGUMENTS), then the search's flags
+    *run_args, search_args = parse_args((*RUN_ARGUMENTS, SearchArguments), argv, description=__doc__)
+    training_args = run_args[-1]
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
     if searching(search_args):  # wikigpt/train/hp_search.py: N runs as below, then trials.csv and best_recipe.yaml
-        tune(argv, model_args, data_args, training_args, search_args)
+        tune(argv, *run_args, search_args)
         return
-    run = build_run(model_args, data_args, training_args)  # wikigpt/train/run.py: checks, model, data, callbacks, Trainer
+    run = build_run(*run_args)  # wikigpt/train/run.py: checks, model, data, callbacks, Trainer
     train_result, train_seconds = train_run(run)
     finish_run(run, train_result, train_seconds)  # save, evaluate, results.json, model card, plot, push
 

@@ -312,17 +312,17 @@ def wikigpt_lever_flags(bench: BenchmarkArguments, default_bf16: bool, bf16_rows
     flags = [("wikigpt+compile", "--torch_compile true"),
              ("wikigpt+chunked_loss", f"--chunked_loss_size {bench.chunked_loss_size}"),
              # exact: the tokens the training data never contains share one row (wikigpt/objectives/rare_tokens.py)
-             ("wikigpt+tie_tokens", "--tie_tokens_below 1"),
+             ("wikigpt+tie_tokens", "--rare_tokens_below 1"),
              # tokens seen once (2) or at most twice (3, the CPU recipe's) join them: a modelling choice, rare tokens
              # as one class, which the held-out articles chose for quality (docs/results.md)
-             ("wikigpt+tie_tokens2", "--tie_tokens_below 2"),
-             ("wikigpt+tie_tokens3", "--tie_tokens_below 3"),
+             ("wikigpt+tie_tokens2", "--rare_tokens_below 2"),
+             ("wikigpt+tie_tokens3", "--rare_tokens_below 3"),
              ("wikigpt+tie_tokens+chunked_loss",
-              f"--tie_tokens_below 1 --chunked_loss_size {bench.chunked_loss_size}"),
+              f"--rare_tokens_below 1 --chunked_loss_size {bench.chunked_loss_size}"),
              ("wikigpt+tie_tokens2+chunked_loss",
-              f"--tie_tokens_below 2 --chunked_loss_size {bench.chunked_loss_size}"),
+              f"--rare_tokens_below 2 --chunked_loss_size {bench.chunked_loss_size}"),
              ("wikigpt+tie_tokens3+chunked_loss",  # the CPU recipe's speed flags
-              f"--tie_tokens_below 3 --chunked_loss_size {bench.chunked_loss_size}"),
+              f"--rare_tokens_below 3 --chunked_loss_size {bench.chunked_loss_size}"),
              # OFF: transformers' Python GELU ("gelu_new", GPT2Config's default) instead of torch's fused kernel
              ("wikigpt-fused_gelu", "--config_overrides " + shlex.quote(
                  ",".join(filter(None, [bench.config_overrides, "activation_function=gelu_new"])))),
@@ -378,9 +378,11 @@ def autocast(bf16: bool):
 
 def run_hand_loop(bench, argv, tokenizer, train_blocks, flops, peaks) -> dict:
     """wikigpt's model and optimizer settings (from train.py's flags), trained by a plain PyTorch loop: no Trainer."""
-    model_args, _, training_args = parse_run_args(argv)
+    model_args, _, lever_args, _, training_args = parse_run_args(argv)
     set_seed(training_args.seed)
     model, _ = load_model(model_args, tokenizer)
+    if lever_args.chunked_loss_size:
+        use_chunked_loss(model, lever_args.chunked_loss_size)
     device = training_args.device
     model.to(device).train()
     compiled = torch.compile(model) if training_args.torch_compile else model
@@ -611,7 +613,7 @@ def main() -> None:
     levers = [s for s in lever_setups(on_gpu, bench.chunked_loss_size) if bench.levers and (not chosen or s.name in chosen)]
     with tempfile.TemporaryDirectory(prefix="wikigpt-bench-") as out_dir:
         argv = wikigpt_argv(bench, on_gpu, out_dir)
-        default_bf16 = parse_run_args(argv)[2].bf16
+        default_bf16 = parse_run_args(argv)[-1].bf16
         wiki_levers = [(name, flags) for name, flags in wikigpt_lever_flags(bench, default_bf16, bf16_rows)
                        if bench.wikigpt_levers and (not chosen or name in chosen)]
         nano = [s for s in nanogpt_setups(on_gpu, bf16_rows) if bench.references and (not chosen or s.name in chosen)]

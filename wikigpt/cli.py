@@ -3,10 +3,15 @@
 `python train.py configs/x.yaml --learning_rate 1e-3` reads the file's keys as defaults and lets the
 command line override them; an unknown key in the file is an error that names it. Several files may come
 first (`configs/cpu/recipe.yaml configs/cpu/student.yaml`): a later file's keys override an earlier one's.
+Renamed flags (OLD_NAMES) keep working under their old names, on the command line and as config-file keys,
+with one warning line per old name.
 """
 
+import argparse
+import copy
 import difflib
 import json
+import logging
 import os
 import sys
 
@@ -16,9 +21,51 @@ from transformers import HfArgumentParser
 from wikigpt.errors import UsageError
 
 CONFIG_EXTENSIONS = (".yaml", ".yml", ".json")
+# Renamed flags, old name -> new name: the old flag is an alias of the new one (old_flags), an old config-file key
+# is read as the new one (_read_config), and either logs OLD_NAME_NOTICE once.
+OLD_NAMES = {
+    "tie_tokens_below": "rare_tokens_below",
+    "tied_token_groups": "rare_token_groups",
+    "tied_input_dropout": "rare_input_dropout",
+}
+OLD_NAME_NOTICE = "--{old} is now --{new}; the old name still works"
+
+logger = logging.getLogger("wikigpt.cli")
 
 
-def _read_config(path: str) -> dict:
+def old_flags(new: str) -> list[str]:
+    """The old spellings of flag `new` (field metadata "aliases" for HfArgumentParser), as the old flag had them."""
+    return [flag for old, name in OLD_NAMES.items() if name == new for flag in (f"--{old}", f"--{old.replace('_', '-')}")]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's lines and names a renamed flag by its new name only (the old name, in
+    OLD_NAMES, still parses)."""
+
+    def _format_action_invocation(self, action):
+        kept = [o for o in action.option_strings if o.lstrip("-").replace("-", "_") not in OLD_NAMES]
+        if kept != action.option_strings:
+            action = copy.copy(action)
+            action.option_strings = kept
+        return super()._format_action_invocation(action)
+
+
+def _rename_old_keys(values: dict, path: str, renamed: list | None) -> dict:
+    out = {}
+    for key, value in values.items():
+        new = OLD_NAMES.get(key, key)
+        if new != key:
+            if new in values:
+                raise UsageError(f"config file {path!r} sets both {key} and {new}, one setting under its old and "
+                                 f"new name; keep {new}")
+            if renamed is not None:
+                renamed.append(key)
+        out[new] = value
+    return out
+
+
+def _read_config(path: str, renamed: list | None = None) -> dict:
+    """A config file's mapping, old key names (OLD_NAMES) read as the new ones and appended to `renamed`."""
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
@@ -28,12 +75,12 @@ def _read_config(path: str) -> dict:
         return {}
     if not isinstance(values, dict):
         raise UsageError(f"config file {path!r} must hold a mapping of argument names to values")
-    return values
+    return _rename_old_keys(values, path, renamed)
 
 
-def read_config(path: str, parser: HfArgumentParser) -> dict:
+def read_config(path: str, parser: HfArgumentParser, renamed: list | None = None) -> dict:
     """One config file's keys, each checked against the parser's argument names."""
-    values = _read_config(path)
+    values = _read_config(path, renamed)
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -42,16 +89,29 @@ def read_config(path: str, parser: HfArgumentParser) -> dict:
     return values
 
 
+def old_names_given(argv: list[str]) -> list[str]:
+    """The OLD_NAMES keys among the flags of a command line (--tie_tokens_below, --tie-tokens-below=2, ...)."""
+    names = (arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--"))
+    return [name for name in names if name in OLD_NAMES]
+
+
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types, description=description)
-    values, paths = {}, []
+    # usage: the groups of --help list every flag; a usage line listing them too would be longer than they are
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter,
+                              usage="%(prog)s [CONFIG.yaml ...] [--FLAG VALUE ...]")
+    values, paths, renamed = {}, [], []
     while argv and argv[0].endswith(CONFIG_EXTENSIONS) and not argv[0].startswith("-"):
         path = argv.pop(0)
         if not os.path.isfile(path):
             raise UsageError(f"config file {path!r} does not exist; pass the path of a .yaml or .json file")
-        values.update(read_config(path, parser))
+        values.update(read_config(path, parser, renamed))
         paths.append(path)
+    renamed += old_names_given(argv)
+    known = {action.dest for action in parser._actions}
+    for old in dict.fromkeys(renamed):  # one line per old name, however often it was given
+        if OLD_NAMES[old] in known:
+            logger.warning(OLD_NAME_NOTICE.format(old=old, new=OLD_NAMES[old]))
     if paths:
         parser.set_defaults(**values)
         # Fields that are required on the command line are satisfied by the files.

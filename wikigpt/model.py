@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from wikigpt.objectives.chunked_loss import check_chunked_loss_args, use_chunked_loss
 from wikigpt.errors import UsageError, loading
 from wikigpt.padded_vocab import check_pad_vocab_args, pad_vocab, padded_size
-from wikigpt.objectives.rare_tokens import check_tied_tokens_args
 
 # Sizes from the GPT-2 paper (Radford et al., 2019); `tiny` is a CPU smoke model (< 1M non-embedding params).
 PRESETS: dict[str, dict] = {
@@ -41,11 +39,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"  # its title in --help (HfArgumentParser)
+
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Start from this checkpoint (Hub id or local folder) instead of from scratch."}
+        default=None, metadata={"help": "Start from this checkpoint (Hub id or local folder). Default: a new model "
+                                        "from --preset."}
     )
     preset: str | None = field(
-        default=None, metadata={"help": f"From-scratch model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET})."}
+        default=None, metadata={"help": f"From-scratch model size: {', '.join(PRESETS)}. Default: {DEFAULT_PRESET}."}
     )
     config_overrides: str | None = field(
         default=None, metadata={"help": 'From scratch only: GPT2Config fields, e.g. "n_layer=6,n_embd=384,resid_pdrop=0.2".'}
@@ -56,57 +57,19 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the checkpoint's repo to run."})
     allow_pickle: bool = field(
         default=False,
-        metadata={"help": "Also load pickle weights (pytorch_model.bin), which can run code when loaded; "
-                          "default: safetensors only."},
+        metadata={"help": "Also load pickle weights (pytorch_model.bin), which can run code when loaded. Default: "
+                          "safetensors only."},
     )
     pad_vocab_multiple: int | None = field(
         default=None,
-        metadata={"help": "From scratch only: pad the embedding/LM head to a multiple of this (64: 50257 -> 50304) "
-                          "for faster GPU matmuls; the tokenizer, loss and perplexity keep the real vocabulary."},
-    )
-    chunked_loss_size: int | None = field(
-        default=None,
-        metadata={"help": "Compute the training loss from the hidden states this many tokens at a time (e.g. 4096), "
-                          "so the fp32 logits of the whole batch never exist; same loss. GPT-2 models only."},
-    )
-    tie_tokens_below: int | None = field(
-        default=None,
-        metadata={"help": "From scratch only: tokens that occur fewer than this many times in the training data "
-                          "share one embedding row, and the training LM head computes logits for the other tokens "
-                          "plus that row only (on WikiText-2: 2.9x narrower at 1, 4.4x at 2). 1: the tokens the "
-                          "data never contains (what full-softmax training can learn about them); 2: also those it "
-                          "holds once, so the model learns how likely a token it has not seen is. The saved model "
-                          "is a plain GPT-2."},
-    )
-    tied_input_dropout: float = field(
-        default=0.0,
-        metadata={"help": "With --tie_tokens_below: during training, each input token reads the shared rare-token "
-                          "row with this probability (its target stays), so the model learns to read text holding "
-                          "more unknown tokens than its training text, as new articles do. 0: off."},
-    )
-    tied_token_groups: str = field(
-        default="one",
-        metadata={"help": "With --tie_tokens_below: one (all tied tokens share one row) or spelling (six rows: a "
-                          "leading space or not x a first letter upper-case, lower-case or neither), so the model "
-                          "can tell which kind of unknown token comes next: a new name, a word's next piece, a "
-                          "number.",
-                  "choices": ["one", "spelling"]},
+        metadata={"help": "From scratch only: pad the embedding and LM head to a multiple of this (e.g. 64) for "
+                          "faster GPU matmuls; the tokenizer, loss and perplexity keep the real vocabulary. Default: "
+                          "off."},
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel, as transformers' attn_implementation: sdpa (its default), eager (matmul "
-                          "+ softmax; on a CPU faster for blocks of a few hundred tokens and small heads), "
-                          "flash_attention_2 (GPU, needs flash-attn). A --distill_from teacher uses the same."},
-    )
-    distill_from: str | None = field(
-        default=None,
-        metadata={"help": "A GPT-2 teacher of the same tokenizer (folder or Hub id), e.g. an earlier run's "
-                          "checkpoint-N: each training target becomes --distill_share x the teacher's next-token "
-                          "distribution + the rest x the data's next token. The saved model holds the student "
-                          "alone."},
-    )
-    distill_share: float = field(
-        default=0.5, metadata={"help": "With --distill_from: the teacher's part of each training target, in (0, 1]."}
+        metadata={"help": "Attention kernel, as transformers' attn_implementation: sdpa, eager or flash_attention_2 "
+                          "(GPU, needs flash-attn); a --distill_from teacher uses the same. Default: sdpa."},
     )
 
 
@@ -188,8 +151,6 @@ def check_model_args(args: ModelArguments) -> None:
     if args.model_name_or_path and os.path.isfile(args.model_name_or_path):
         raise UsageError(f"--model_name_or_path {args.model_name_or_path!r} is a file; pass the checkpoint folder")
     check_pad_vocab_args(args.pad_vocab_multiple, args.model_name_or_path)
-    check_chunked_loss_args(args.chunked_loss_size)
-    check_tied_tokens_args(args)
 
 
 def load_model(args: ModelArguments, tokenizer):
@@ -211,8 +172,6 @@ def load_model(args: ModelArguments, tokenizer):
             source["vocab_padded_to"] = padded_size(model.config.vocab_size, args.pad_vocab_multiple)
     if args.attn_implementation:
         use_attention(model, args.attn_implementation)
-    if args.chunked_loss_size:
-        use_chunked_loss(model, args.chunked_loss_size)
     source["parameters"] = model.num_parameters()
     source["non_embedding_parameters"] = non_embedding_parameters(model)
     return model, source

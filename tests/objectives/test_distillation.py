@@ -1,5 +1,5 @@
 """--distill_from (wikigpt/objectives/distillation.py): the loss and gradients are those of the cross-entropy against
-(1 - share) x one-hot + share x the teacher's softmax, on the full head and on --tie_tokens_below's narrow head
+(1 - share) x one-hot + share x the teacher's softmax, on the full head and on --rare_tokens_below's narrow head
 (the tied tokens as one class); train.py records the teacher and saves the student alone; bad teachers are refused.
 """
 
@@ -17,7 +17,7 @@ from wikigpt.objectives.chunked_loss import use_chunked_loss
 from wikigpt.objectives.distillation import Teacher, attach_teacher, load_teacher
 from wikigpt.model import ModelArguments, load_model
 from wikigpt.padded_vocab import pad_vocab
-from wikigpt.objectives.rare_tokens import tie_tokens
+from wikigpt.objectives.rare_tokens import share_rare_rows
 
 SHARE = 0.3
 
@@ -86,12 +86,12 @@ def test_full_head_loss_and_gradients_mix_the_teacher_into_the_targets(pad, chun
 
 @pytest.mark.parametrize("chunk_size", [None, 7])
 @pytest.mark.parametrize("equal_tied_rows", [False, True])  # True: a teacher trained with the same tying
-@pytest.mark.parametrize("groups", [None, GROUPS])  # --tied_token_groups: each group's tied tokens as one class
+@pytest.mark.parametrize("groups", [None, GROUPS])  # --rare_token_groups: each group's tied tokens as one class
 def test_narrow_head_takes_the_teachers_tied_tokens_as_one_class(chunk_size, equal_tied_rows, groups):
     student = tiny_model()
     if chunk_size:
         use_chunked_loss(student, chunk_size)
-    (callback,), _ = tie_tokens(student, Stream(STREAM), 2, groups=groups)
+    (callback,), _ = share_rare_rows(student, Stream(STREAM), 2, groups=groups)
     tied = callback.tied
     teacher = teacher_of()
     if equal_tied_rows:
@@ -123,9 +123,9 @@ class _SharedRows(torch.nn.Module):
 
 def test_train_py_records_the_teacher_and_saves_the_student_alone(micro_files, tmp_path, monkeypatch):
     teacher_dir, out = tmp_path / "teacher", tmp_path / "student"
-    assert train_in_process(micro_args(micro_files, teacher_dir, "--tie_tokens_below", 2, max_steps=2,
+    assert train_in_process(micro_args(micro_files, teacher_dir, "--rare_tokens_below", 2, max_steps=2,
                                        save_steps=2), monkeypatch) == 0
-    argv = micro_args(micro_files, out, "--tie_tokens_below", 2, "--distill_from", teacher_dir / "checkpoint-2",
+    argv = micro_args(micro_files, out, "--rare_tokens_below", 2, "--distill_from", teacher_dir / "checkpoint-2",
                       "--distill_share", 0.25, max_steps=2, save_steps=2)
     assert train_in_process(argv, monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())

@@ -1,4 +1,4 @@
-"""--tie_tokens_below (wikigpt/objectives/rare_tokens.py): the narrow head's loss and gradients are those of a GPT-2 whose tied
+"""--rare_tokens_below (wikigpt/objectives/rare_tokens.py): the narrow head's loss and gradients are those of a GPT-2 whose tied
 rows are one shared parameter, the saved model's full softmax gives the training loss's probabilities, and
 train.py saves a plain GPT-2 whose tied rows are equal.
 """
@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from wikigpt.objectives.chunked_loss import use_chunked_loss
-from wikigpt.objectives.rare_tokens import TiedTokens, narrow_head_loss, spelling_groups, tie_tokens
+from wikigpt.objectives.rare_tokens import TiedTokens, narrow_head_loss, share_rare_rows, spelling_groups
 
 VOCAB = 40
 # the training stream: ids 3..9 twice or more, 10 and 11 once, the rest never
 STREAM = np.array([3, 4, 5, 6, 7, 8, 9] * 3 + [10, 11])
-GROUPS = np.arange(VOCAB) % 3  # --tied_token_groups: three groups, whose tied tokens share rows 0, 1 and 2
+GROUPS = np.arange(VOCAB) % 3  # --rare_token_groups: three groups, whose tied tokens share rows 0, 1 and 2
 
 
 class Stream(torch.utils.data.Dataset):  # as wikigpt.data.block_offsets.RandomOffsetBlocks: the token stream in `ids`
@@ -55,7 +55,7 @@ def test_loss_and_gradients_are_those_of_one_shared_row(below, groups, chunk_siz
     narrow, reference = tiny_model(), tiny_model()
     if chunk_size:
         use_chunked_loss(narrow, chunk_size)
-    (callback,), summary = tie_tokens(narrow, Stream(STREAM), below, groups=groups)
+    (callback,), summary = share_rare_rows(narrow, Stream(STREAM), below, groups=groups)
     expected = {"below": below, "kept": len(callback.tied.kept), "tied": len(callback.tied.tied)}
     assert summary == (expected if groups is None else {**expected, "groups": [11, 11, 11]})
     reference.load_state_dict(narrow.state_dict())
@@ -77,7 +77,7 @@ def test_loss_and_gradients_are_those_of_one_shared_row(below, groups, chunk_siz
 @pytest.mark.parametrize("below, groups", [(1, None), (2, None), (2, GROUPS)])
 def test_the_saved_models_full_softmax_is_the_training_loss(below, groups):
     model = tiny_model()
-    tie_tokens(model, Stream(STREAM), below, groups=groups)
+    share_rare_rows(model, Stream(STREAM), below, groups=groups)
     inputs = batch()
     model.eval()
     full = model(input_ids=inputs, labels=inputs).loss.item()  # eval: GPT2LMHeadModel's own full-head forward
@@ -87,7 +87,7 @@ def test_the_saved_models_full_softmax_is_the_training_loss(below, groups):
 
 def test_a_step_keeps_the_tied_rows_equal():
     model = tiny_model()
-    (callback,), _ = tie_tokens(model, Stream(STREAM), 2)
+    (callback,), _ = share_rare_rows(model, Stream(STREAM), 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     model.train()
     model(input_ids=batch(), labels=batch()).loss.backward()
@@ -128,15 +128,15 @@ def test_spelling_groups_of_the_gpt2_tokenizer(tokenizer):
 def test_nothing_rare_leaves_the_model_alone():
     model = tiny_model()
     forward = model.forward
-    assert tie_tokens(model, Stream(np.arange(VOCAB)), 1) == ([], None) and model.forward == forward
+    assert share_rare_rows(model, Stream(np.arange(VOCAB)), 1) == ([], None) and model.forward == forward
 
 
 def test_train_py_saves_a_plain_gpt2_with_equal_tied_rows(micro_files, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    argv = micro_args(micro_files, out, "--tie_tokens_below", 2, "--random_block_offset", max_steps=4, save_steps=4)
+    argv = micro_args(micro_files, out, "--rare_tokens_below", 2, "--random_block_offset", max_steps=4, save_steps=4)
     assert train_in_process(argv, monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
-    tied = results["model"]["tied_tokens"]
+    tied = results["model"]["rare_tokens"]
     assert tied["below"] == 2 and tied["kept"] + tied["tied"] == 50257 and 500 < tied["kept"] < 5_000
     rows = {tuple(row.tolist()) for row in load_file(out / "model.safetensors")["transformer.wte.weight"]}
     assert len(rows) == tied["kept"] + 1  # the kept rows, and one shared by the tied tokens
@@ -144,10 +144,10 @@ def test_train_py_saves_a_plain_gpt2_with_equal_tied_rows(micro_files, tmp_path,
 
 def test_train_py_ties_by_spelling(micro_files, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    argv = micro_args(micro_files, out, "--tie_tokens_below", 2, "--tied_token_groups", "spelling", max_steps=2,
+    argv = micro_args(micro_files, out, "--rare_tokens_below", 2, "--rare_token_groups", "spelling", max_steps=2,
                       save_steps=2)
     assert train_in_process(argv, monkeypatch) == 0
-    tied = json.loads((out / "results.json").read_text())["model"]["tied_tokens"]
+    tied = json.loads((out / "results.json").read_text())["model"]["rare_tokens"]
     assert len(tied["groups"]) == 6 and sum(tied["groups"]) == tied["tied"]
     rows = {tuple(row.tolist()) for row in load_file(out / "model.safetensors")["transformer.wte.weight"]}
     assert len(rows) == tied["kept"] + 6  # the kept rows, and one per spelling group
@@ -156,7 +156,7 @@ def test_train_py_ties_by_spelling(micro_files, tmp_path, monkeypatch):
 @pytest.mark.parametrize("groups", [None, GROUPS])  # GROUPS: a dropped input reads its own group's row
 def test_input_dropout_replaces_inputs_with_the_shared_row_and_keeps_the_targets(groups):
     model, reference = tiny_model(), tiny_model()
-    (callback,), summary = tie_tokens(model, Stream(STREAM), 2, input_dropout=0.5, groups=groups)
+    (callback,), summary = share_rare_rows(model, Stream(STREAM), 2, input_dropout=0.5, groups=groups)
     assert summary["input_dropout"] == 0.5
     reference.load_state_dict(model.state_dict())
     inputs = batch()

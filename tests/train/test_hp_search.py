@@ -19,7 +19,7 @@ from wikigpt.cli import parse_args
 from wikigpt.errors import run_main
 from wikigpt.train.run import RUN_ARGUMENTS
 from wikigpt.train.time_budget import BUDGET_FILE
-from wikigpt.train.hp_search import SearchArguments, load_search_space
+from wikigpt.train.hp_search import SearchArguments, given_settings, load_search_space
 from wikigpt.train.weight_averaging import RAW_WEIGHTS_FILE
 
 SPACE = """\
@@ -105,7 +105,8 @@ def test_best_recipe_trains_the_best_trial_again(search, tmp_path, monkeypatch):
     recipe = out / "best_recipe.yaml"
     values = yaml.safe_load(recipe.read_text())
     assert "hp_search" not in values and "hp_space" not in values
-    model_args, data_args, training_args, search_args = parse_args((*RUN_ARGUMENTS, SearchArguments), [str(recipe)])
+    model_args, data_args, _, _, training_args, search_args = parse_args((*RUN_ARGUMENTS, SearchArguments),
+                                                                         [str(recipe)])
     assert search_args.hp_search is None
     assert training_args.learning_rate == float(best["learning_rate"])
     assert training_args.lr_scheduler_type.value == best["lr_scheduler_type"]
@@ -141,10 +142,19 @@ def test_trials_save_their_checkpoints_with_a_time_budget_and_weight_averaging(m
 
 
 def test_the_shipped_search_space_fits_the_cpu_recipe():
-    recipe, space = REPO / "configs" / "wikitext_scratch_cpu.yaml", REPO / "configs" / "search_spaces" / "cpu.yaml"
-    model_args, data_args, training_args, search_args = parse_args(
+    recipe, space = REPO / "configs" / "cpu" / "recipe.yaml", REPO / "configs" / "search_spaces" / "cpu.yaml"
+    model_args, data_args, _, _, training_args, search_args = parse_args(
         (*RUN_ARGUMENTS, SearchArguments), [str(recipe), "--hp_search", "8", "--hp_space", str(space)])
     searched = load_search_space(search_args, model_args, data_args, training_args)
     assert searched.params["n_embd"].values() == [96, 128, 192]  # each a multiple of the recipe's 4 heads
     assert searched.model_overrides({"dropout": 0.2, "n_layer": 6}) == {
         "n_layer": 6, "resid_pdrop": 0.2, "embd_pdrop": 0.2, "attn_pdrop": 0.2}
+
+
+def test_a_recipe_records_old_flag_names_under_the_new_ones(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("tie_tokens_below: 5\nlearning_rate: 1.0e-3\n")
+    argv = [str(config), "--tied_input_dropout", "0.1", "--hp_search", "2", "--output_dir", str(tmp_path / "o")]
+    settings = given_settings(argv, parse_args((*RUN_ARGUMENTS, SearchArguments), argv))
+    assert settings == {"rare_tokens_below": 5, "learning_rate": 1.0e-3, "rare_input_dropout": 0.1,
+                        "output_dir": str(tmp_path / "o")}

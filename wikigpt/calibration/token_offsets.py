@@ -6,7 +6,7 @@ articles bring tokens it never saw or saw once more often than the training text
 tokens are slightly over-predicted. One softmax temperature (--calibrate_temperature) cannot tell these apart; one
 scale and one offset per class of training count can. Tokens are grouped by their count in the training text
 (COUNT_EDGES: 0, 1, 2, 3-4, 5-9, 10-29, 30-99, 100-999, 1000+). Within a class, the tokens the model could not learn
-apart (those sharing one row under --tie_tokens_below get the same logit) still differ in how common they are in
+apart (those sharing one row under --rare_tokens_below get the same logit) still differ in how common they are in
 text at large, and GPT-2's vocabulary says so: its ids follow the BPE merge order, most frequent pairs first. So
 token t of group g gets the logit s_g z_t + o_g + a_g r_t, r_t = log(1 + t) (centred), and (s, o, a) are those
 that minimise the held-out NLL: a convex function of 27 numbers (the logits are linear in them), minimised by

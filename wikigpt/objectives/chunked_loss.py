@@ -33,7 +33,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     `real_vocab` < weight rows (a padded vocabulary): the padded columns are set to -inf before the softmax, so
     they get no probability and no gradient, while the matmuls keep the padded, tile-friendly width.
-    `class_offsets`: constants added to the last len(class_offsets) columns' logits (--tie_tokens_below's classes).
+    `class_offsets`: constants added to the last len(class_offsets) columns' logits (--rare_tokens_below's classes).
     `teacher_logits(start, stop)` (--distill_from): the teacher's fp32 logits of those rows, in this head's columns;
     the target is then (1 - teacher_share) x one-hot + teacher_share x their softmax (wikigpt.objectives.distillation).
     """

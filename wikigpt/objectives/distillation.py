@@ -7,7 +7,7 @@ the loss is the cross-entropy against it ("born-again" self-distillation when th
 
 The loss goes through wikigpt.objectives.chunked_loss, which forms softmax - target for its gradient anyway; the teacher's
 logits are made there a chunk at a time, never for the whole batch. The teacher is frozen, in eval mode (no
-dropout), reads the batch's real token ids (not --tied_input_dropout's), and is no submodule of the student:
+dropout), reads the batch's real token ids (not --rare_input_dropout's), and is no submodule of the student:
 checkpoints and the saved model hold the student alone.
 """
 
@@ -62,7 +62,7 @@ class Teacher:
         (wikigpt.objectives.rare_tokens.TiedTokens: the narrow head's columns).
 
         A class's logit is the log-sum-exp of its tokens' logits: the teacher's probability that the next token is
-        one of them. A teacher trained with the same --tie_tokens_below has equal rows within a class, so that is one
+        one of them. A teacher trained with the same --rare_tokens_below has equal rows within a class, so that is one
         row's logit + log(n), without the product over all tied rows (which costs as much as a full-width head).
         """
         weight = self.model.lm_head.weight
@@ -109,9 +109,9 @@ def load_teacher(model, name: str, block_size: int, trust_remote_code: bool = Fa
 
 
 def attach_teacher(model, teacher: GPT2LMHeadModel, name: str, share: float) -> dict:
-    """Train `model` on targets mixed with `teacher`'s distribution (after --tie_tokens_below has narrowed the
+    """Train `model` on targets mixed with `teacher`'s distribution (after --rare_tokens_below has narrowed the
     head). Returns results.json's summary."""
-    if getattr(model, "_training_loss", None) is None:  # neither --chunked_loss_size nor --tie_tokens_below
+    if getattr(model, "_training_loss", None) is None:  # neither --chunked_loss_size nor --rare_tokens_below
         use_chunked_loss(model, WHOLE_BATCH)
     object.__setattr__(model, "_teacher", Teacher(teacher, share))
     logger.info("%s %s: each training target is %.2f x the teacher's next-token distribution + %.2f x the data's "

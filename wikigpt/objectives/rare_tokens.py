@@ -1,4 +1,4 @@
-"""--tie_tokens_below K: tokens the training data holds fewer than K times share one embedding row.
+"""--rare_tokens_below K: tokens the training data holds fewer than K times share one embedding row.
 
 A small model on a small corpus spends most of its compute in the LM head: at 8 x 128 on WikiText-2 the
 50,257-wide head is ~75% of a training step's FLOPs, while the training split holds only ~17,400 distinct tokens.
@@ -21,9 +21,9 @@ to it again (weight decay alone moved them), so the saved, evaluated or sampled 
 whose full 50,257-way softmax gives exactly the probabilities the training loss used: a tied token gets
 p(shared class) / n_tied. From scratch only: a pretrained checkpoint's rows carry what it learned.
 With --chunked_loss_size the narrow head's loss and gradients are computed in chunks (wikigpt.objectives.chunked_loss).
-With --tied_input_dropout P each training input token reads the shared row with probability P (the targets stay):
+With --rare_input_dropout P each training input token reads the shared row with probability P (the targets stay):
 new text holds more unknown tokens than the training text, and the model learns to read such contexts.
-With --tied_token_groups spelling the tied tokens share six rows, one per group of spelling (spelling_groups), each a
+With --rare_token_groups spelling the tied tokens share six rows, one per group of spelling (spelling_groups), each a
 column of the narrow head: the model then learns which kind of unknown token comes next, not only that one does.
 """
 
@@ -41,14 +41,15 @@ from wikigpt.objectives.training_loss import replace_training_loss
 
 logger = logging.getLogger(__name__)
 
-FLAG = "--tie_tokens_below"
-DROPOUT_FLAG = "--tied_input_dropout"
-GROUPS_FLAG = "--tied_token_groups"
+FLAG = "--rare_tokens_below"
+DROPOUT_FLAG = "--rare_input_dropout"
+GROUPS_FLAG = "--rare_token_groups"
 IGNORE_INDEX = -100
 
 
-def check_tied_tokens_args(args) -> None:
-    below, dropout = args.tie_tokens_below, args.tied_input_dropout
+def check_rare_tokens_args(args, model_name_or_path: str | None = None) -> None:
+    """`args`: wikigpt.objectives.arguments.LeverArguments; `model_name_or_path`: the run's checkpoint, if any."""
+    below, dropout = args.rare_tokens_below, args.rare_input_dropout
     if not 0 <= dropout < 1:
         raise UsageError(f"{DROPOUT_FLAG} is the probability that a training input token reads the shared row, "
                          f"0 or more and below 1 (e.g. 0.05); got {dropout}")
@@ -56,14 +57,14 @@ def check_tied_tokens_args(args) -> None:
         if dropout:
             raise UsageError(f"{DROPOUT_FLAG} replaces training input tokens with the row {FLAG} shares: add "
                              f"{FLAG} K (e.g. 3), or drop {DROPOUT_FLAG}")
-        if args.tied_token_groups != "one":
-            raise UsageError(f"{GROUPS_FLAG} {args.tied_token_groups} groups the tokens {FLAG} ties: add {FLAG} K "
+        if args.rare_token_groups != "one":
+            raise UsageError(f"{GROUPS_FLAG} {args.rare_token_groups} groups the tokens {FLAG} ties: add {FLAG} K "
                              f"(e.g. 3), or drop {GROUPS_FLAG}")
         return
     if below < 1:
         raise UsageError(f"{FLAG} is a count of occurrences in the training data, 1 or more (1: only the tokens it "
                          f"never contains; 2: also those it holds once); got {below}")
-    if args.model_name_or_path:
+    if model_name_or_path:
         raise UsageError(f"{FLAG} only applies to a model built from scratch (a checkpoint's embedding rows hold "
                          f"what it learned); drop {FLAG}, or drop --model_name_or_path")
 
@@ -77,7 +78,7 @@ def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
 
 
 def spelling_groups(tokenizer, vocab_size: int) -> np.ndarray:
-    """--tied_token_groups spelling: each token id's group, 3 x (starts with a space) + (upper-case first letter: 0,
+    """--rare_token_groups spelling: each token id's group, 3 x (starts with a space) + (upper-case first letter: 0,
     lower-case: 1, anything else: 2), from the token's own text. A new name, a word's next piece and a number are
     different kinds of unknown token, and the context tells which one comes next."""
     groups = np.full(vocab_size, 2, dtype=np.int64)
@@ -92,7 +93,7 @@ def spelling_groups(tokenizer, vocab_size: int) -> np.ndarray:
 class TiedTokens:
     """Kept and tied ids, each id's column in the narrow head, and each id's row in the training forward.
 
-    `groups` (--tied_token_groups): a group id per token; the tied tokens of each group share that group's row (its
+    `groups` (--rare_token_groups): a group id per token; the tied tokens of each group share that group's row (its
     first tied token's) and one column of the narrow head. None: all tied tokens share one."""
 
     def __init__(self, counts: np.ndarray, below: int, input_dropout: float = 0.0, groups: np.ndarray | None = None):
@@ -110,7 +111,7 @@ class TiedTokens:
         self.column[self.tied] += self.class_of
         self.row = torch.arange(len(counts))
         self.row[self.tied] = self.shared[self.class_of]
-        # --tied_input_dropout: a dropped input reads its own group's row (the largest group's if none of its group
+        # --rare_input_dropout: a dropped input reads its own group's row (the largest group's if none of its group
         # is tied), as an unknown token of that spelling would
         position = np.searchsorted(names, groups).clip(max=len(names) - 1)
         own = names[position] == groups
@@ -170,7 +171,7 @@ def _shared_row_ids(model, input_ids):
     # the same vectors (tied rows are equal); the gradient of every tied input goes to the shared row
     tied = model._tied_tokens
     ids = tied.row.to(input_ids.device)[input_ids]
-    if tied.input_dropout:  # --tied_input_dropout: inputs only, the targets stay
+    if tied.input_dropout:  # --rare_input_dropout: inputs only, the targets stay
         dropped = torch.rand(ids.shape, device=ids.device) < tied.input_dropout
         ids = torch.where(dropped, tied.unknown_row.to(input_ids.device)[input_ids], ids)
     return ids
@@ -186,12 +187,12 @@ class TieTokensCallback(TrainerCallback):
         self.tied.tie(model.get_input_embeddings().weight)
 
 
-def tie_tokens(model, train_set, below: int, input_dropout: float = 0.0,
+def share_rare_rows(model, train_set, below: int, input_dropout: float = 0.0,
                groups: np.ndarray | None = None) -> tuple[list[TrainerCallback], dict | None]:
     """Tie the rows of the tokens `train_set` holds fewer than `below` times; train on the narrow head.
 
-    `input_dropout` (--tied_input_dropout): the probability that a training input token reads the shared row.
-    `groups` (--tied_token_groups spelling): a group id per token; each group's tied tokens share their own row.
+    `input_dropout` (--rare_input_dropout): the probability that a training input token reads the shared row.
+    `groups` (--rare_token_groups spelling): a group id per token; each group's tied tokens share their own row.
 
     Returns the callbacks that keep them tied and the summary results.json records (below, kept, tied), or
     ([], None) when no two tokens are that rare."""

@@ -1,5 +1,5 @@
 """Replace a GPT2LMHeadModel's training loss, and only that: the shared wrap of --chunked_loss_size and
---tie_tokens_below.
+--rare_tokens_below.
 
 Only the training forward with labels changes (model.training and labels given): it runs the transformer, hands
 its final hidden states to the new loss, and returns that loss with `logits=None`, which the Trainer's training

@@ -17,23 +17,26 @@ from wikigpt.train.weight_averaging import check_weight_averaging_args
 
 @dataclass
 class WikiTrainingArguments(TrainingArguments):
-    """HF TrainingArguments; only the defaults differ (GPT-2/nanoGPT-style LM pre-training settings)."""
+    """HF TrainingArguments with GPT-2/nanoGPT-style LM pre-training defaults, and wikigpt's own training flags."""
+
+    _argument_group_name = "training"  # its title in --help (HfArgumentParser)
 
     output_dir: str | None = field(default="out/wikigpt", metadata={"help": "Where the model and results go."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into a non-empty --output_dir (its files may be replaced). A new run there "
-                          "renames the earlier run's checkpoint-N folders to previous-run-checkpoint-N, so it never "
-                          "resumes from, rotates or names them."}
+        default=False, metadata={"help": "Allow writing into a non-empty --output_dir; the earlier run's "
+                                         "checkpoint-N folders are renamed previous-run-checkpoint-N. Default: off."}
     )
-    learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate (6e-4: GPT-2 small from scratch)."})
+    learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate. Default: 6e-4."})
     lr_scheduler_type: str = field(
         default="cosine",
-        metadata={"help": "Learning-rate schedule after warmup. warmup_stable_decay needs --lr_scheduler_kwargs "
-                          "'{\"num_decay_steps\": 0.2}' (a fraction of all steps, or a step count)."},
+        metadata={"help": "Learning-rate schedule after warmup. Default: cosine. warmup_stable_decay needs "
+                          "--lr_scheduler_kwargs '{\"num_decay_steps\": 0.2}' (a fraction of all steps, or a step "
+                          "count)."},
     )
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction (< 1) of all steps."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 is steadier than 0.999 for LMs)."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction (< 1) of all steps. "
+                                                                "Default: 0.05."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay. Default: 0.1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2. Default: 0.95."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Blocks per device per step."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Blocks per device per eval step."})
     num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training blocks."})
@@ -44,86 +47,56 @@ class WikiTrainingArguments(TrainingArguments):
     logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss."})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 autocast (mixed precision). Default: on when training on a CPU with native bf16 "
-                          "matmuls (AVX512-BF16 or AMX), off elsewhere; --bf16 false trains in exact fp32.",
+        metadata={"help": "bf16 mixed precision. Default: on when training on a CPU with native bf16 matmuls "
+                          "(AVX512-BF16 or AMX), off elsewhere; --bf16 false trains in fp32.",
                   "nargs": "?", "const": True},
     )
     peak_flops: float | None = field(
-        default=None, metadata={"help": "Peak FLOP/s of one device for the logged MFU (default: looked up from the GPU "
-                                        "name, e.g. 989e12 for an H100 SXM; no MFU on CPU or an unknown GPU)."}
+        default=None, metadata={"help": "Peak FLOP/s of one device, for the logged MFU. Default: looked up from the "
+                                        "GPU name; no MFU on a CPU or an unknown GPU."}
     )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "Continue a run: a checkpoint-N folder, or 'latest' (also the bare flag) for the newest "
-                          "complete checkpoint in --output_dir; incomplete ones are skipped.",
+                          "complete checkpoint in --output_dir.",
                   "nargs": "?", "const": "latest"},
     )
     early_stopping_patience: int | None = field(
         default=None,
-        metadata={"help": "Stop after this many evaluations without a better validation perplexity, and end with "
-                          "the best checkpoint (turns on --load_best_model_at_end; --metric_for_best_model defaults "
-                          "to perplexity). Needs --eval_strategy and --save_strategy equal (epoch or steps)."},
+        metadata={"help": "Stop after this many evaluations without a better validation perplexity and end with the "
+                          "best checkpoint; needs --eval_strategy and --save_strategy equal. Default: off."},
     )
     early_stopping_threshold: float = field(
         default=0.0,
-        metadata={"help": "With --early_stopping_patience: the smallest improvement of the metric that counts "
-                          "(perplexity units by default)."},
+        metadata={"help": "With --early_stopping_patience: the smallest improvement that counts. Default: 0."},
     )
 
     ema_decay: float | None = field(
         default=None,
-        metadata={"help": "Evaluate and save an exponential moving average of the weights, updated every step "
-                          "(e.g. 0.999: the last ~1,000 steps); training continues from the raw weights. Off by "
-                          "default."},
+        metadata={"help": "Evaluate and save an exponential moving average of the weights with this decay per step, "
+                          "in (0, 1), e.g. 0.999; training continues from the raw weights. Default: off."},
     )
     swa_start: float | None = field(
         default=None,
-        metadata={"help": "Evaluate and save the uniform average of the weights of every step after this fraction "
-                          "of training (e.g. 0.75: the last quarter); an alternative to --ema_decay. Off by default."},
+        metadata={"help": "Evaluate and save the uniform average of the weights of every step after this fraction of "
+                          "training, in [0, 1), e.g. 0.75; an alternative to --ema_decay. Default: off."},
     )
 
     max_train_minutes: float | None = field(
         default=None,
-        metadata={"help": "Train for this many minutes of wall time: the learning-rate schedule is planned for the "
-                          "steps that fit (measured as training runs) and ends with them; then the run saves, "
-                          "evaluates and stops. Counts the training loop with its evaluations and checkpoints, not "
-                          "data preparation or the final evaluation. Set --num_train_epochs high enough to fill it."},
+        metadata={"help": "Train for this many minutes of wall time, the learning-rate schedule planned for the "
+                          "steps that fit; set --num_train_epochs high enough to fill it. Default: off."},
     )
 
     optim_matrices: str = field(
         default="adamw",
-        metadata={"help": "Optimizer of the 2-D weight matrices inside the blocks: adamw (the Trainer's --optim for "
-                          "everything), or muon (torch.optim.Muon at --muon_learning_rate; embeddings, the tied LM "
-                          "head, LayerNorms and biases stay on AdamW at --learning_rate).",
+        metadata={"help": "Optimizer of the 2-D weight matrices inside the blocks: adamw (--optim for everything) or "
+                          "muon (at --muon_learning_rate; the rest stays on AdamW). Default: adamw.",
                   "choices": ["adamw", "muon"]},
     )
     muon_learning_rate: float = field(
-        default=0.02, metadata={"help": "Peak learning rate of Muon with --optim_matrices muon (scheduled like "
-                                        "--learning_rate)."}
-    )
-
-    calibrate_temperature: bool = field(
-        default=False,
-        metadata={"help": "After training, fit one softmax temperature on the held-out split (the T that minimises "
-                          "its perplexity) and fold it into the final LayerNorm, so the saved model's own softmax is "
-                          "calibrated for new text. GPT-2 models only. Off by default."},
-    )
-    calibrate_token_offsets: bool = field(
-        default=False,
-        metadata={"help": "After training (and --calibrate_temperature), fit one logit scale, one logit offset and one "
-                          "slope on log(1 + token id) per class of training count (tokens seen 0, 1, 2, 3-4, ... times "
-                          "in the training text) on the held-out split and fold them into the final LayerNorm and an "
-                          "untied LM head: new text holds more rare tokens than the training text. GPT-2 models only. "
-                          "Off by default."},
-    )
-    calibrate_class_shares: str = field(
-        default="new_articles",
-        metadata={"help": "With --calibrate_token_offsets, how much of the fit each class of training count gets. "
-                          "new_articles: the held-out tokens are weighted so that each class has the share it has in "
-                          "a new article, estimated by leaving each training article out in turn (a few held-out "
-                          "articles hold fewer never-seen tokens than new text does); held_out: the held-out split "
-                          "as it is. Text without article headings uses held_out.",
-                  "choices": ["new_articles", "held_out"]},
+        default=0.02, metadata={"help": "With --optim_matrices muon: Muon's peak learning rate, scheduled like "
+                                        "--learning_rate. Default: 0.02."}
     )
 
     def __post_init__(self):

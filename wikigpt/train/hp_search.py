@@ -53,13 +53,15 @@ SEARCH_FLAGS = ("hp_search", "hp_space")
 
 @dataclass
 class SearchArguments:
+    _argument_group_name = "search"  # its title in --help (HfArgumentParser)
+
     hp_search: int | None = field(
         default=None,
-        metadata={"help": "Run a hyper-parameter search of this many trials (optuna) over --hp_space instead of one "
-                          "training run; writes trials.csv and best_recipe.yaml to --output_dir."},
+        metadata={"help": "Run a hyper-parameter search of this many trials (1 or more) over --hp_space instead of "
+                          "one training run; writes trials.csv and best_recipe.yaml. Default: off."},
     )
     hp_space: str | None = field(
-        default=None, metadata={"help": "With --hp_search: YAML file of the search space, one entry per key, e.g. "
+        default=None, metadata={"help": "With --hp_search: the search-space YAML file, e.g. "
                                         "configs/search_spaces/cpu.yaml (see docs/tuning.md)."}
     )
 
@@ -456,8 +458,9 @@ def yaml_value(value):
 
 
 def given_settings(argv: list[str], parsed: tuple) -> dict:
-    """The settings a run was started with: its config files' keys, then the flags on its command line."""
-    from wikigpt.cli import CONFIG_EXTENSIONS, _read_config
+    """The settings a run was started with: its config files' keys, then the flags on its command line (under their
+    current names: an old name in OLD_NAMES is recorded under its new one)."""
+    from wikigpt.cli import CONFIG_EXTENSIONS, OLD_NAMES, _read_config
 
     settings = {}
     for path in argv:
@@ -467,6 +470,7 @@ def given_settings(argv: list[str], parsed: tuple) -> dict:
     names = {f.name: obj for obj in parsed for f in dataclasses.fields(obj)}
     for arg in argv:
         name = arg[2:].split("=")[0] if arg.startswith("--") else None
+        name = OLD_NAMES.get(name.replace("-", "_"), name) if name else None
         if name and name.startswith("no_") and name[3:] in names:
             name = name[3:]
         if name in names:
@@ -510,9 +514,9 @@ def config_overrides_text(base: str | None, overrides: dict) -> str | None:
     return ",".join(f"{k}={v}" for k, v in merged.items())
 
 
-def trial_arguments(space: SearchSpace, values: dict, model_args, data_args, training_args, base_block_size: int,
-                    run_dir: str):
-    """The run arguments of one trial: the search's own with the trial's values in place."""
+def trial_arguments(space: SearchSpace, values: dict, model_args, data_args, lever_args, calibration_args,
+                    training_args, base_block_size: int, run_dir: str):
+    """The run arguments of one trial (RUN_ARGUMENTS' objects): the search's own with the trial's values in place."""
     block_size = values.get("block_size", base_block_size)
     trial_model_args = dataclasses.replace(
         model_args, config_overrides=config_overrides_text(model_args.config_overrides, space.model_overrides(values)))
@@ -520,21 +524,25 @@ def trial_arguments(space: SearchSpace, values: dict, model_args, data_args, tra
     trial_training_args = dataclasses.replace(
         training_args, **space.training_values(values, training_args, block_size), output_dir=run_dir,
         overwrite_output_dir=True)
-    return trial_model_args, trial_data_args, trial_training_args
+    return trial_model_args, trial_data_args, lever_args, calibration_args, trial_training_args
 
 
-def tune(argv: list[str], model_args, data_args, training_args, search_args) -> dict:
-    """train.py --hp_search: check the space and the run, run the trials, write trials.csv and best_recipe.yaml."""
+def tune(argv: list[str], model_args, data_args, lever_args, calibration_args, training_args, search_args) -> dict:
+    """train.py --hp_search: check the space and the run, run the trials, write trials.csv and best_recipe.yaml.
+
+    Takes RUN_ARGUMENTS' objects in their order, then SearchArguments."""
     from wikigpt.train.run import build_run
 
     space = load_search_space(search_args, model_args, data_args, training_args)
-    settings = given_settings(argv, (model_args, data_args, training_args, search_args))
+    settings = given_settings(argv, (model_args, data_args, lever_args, calibration_args, training_args, search_args))
     pristine = dataclasses.replace(training_args)  # the Trainer sets each trial's values on training_args itself
-    base = build_run(model_args, data_args, training_args)  # every check of train.py, before anything trains
+    # every check of train.py, before anything trains
+    base = build_run(model_args, data_args, lever_args, calibration_args, training_args)
 
     def build_trial(number: int, values: dict):
         run_dir = os.path.join(training_args.output_dir, f"run-{number}")
-        return build_run(*trial_arguments(space, values, model_args, data_args, pristine, base.block_size, run_dir))
+        return build_run(*trial_arguments(space, values, model_args, data_args, lever_args, calibration_args,
+                                          pristine, base.block_size, run_dir))
 
     trainer = SearchTrainer(space=space, build_trial=build_trial, base_run=base, n_trials=search_args.hp_search,
                             args=training_args, train_dataset=base.trainer.train_dataset,

@@ -30,11 +30,14 @@ from wikigpt.evaluation.perplexity import compute_perplexity, nll_and_count
 from wikigpt.reporting.plots import check_report_to, plot_training_curves
 from wikigpt.reliability.preemption import PreemptionCallback
 from wikigpt.data.block_offsets import random_offset_training
+from wikigpt.calibration.arguments import CalibrationArguments
 from wikigpt.calibration.temperature import calibrate_temperature, check_calibration_model
 from wikigpt.atomic_json import write_json_atomic
 from wikigpt.train.trainer import WikiTrainer
-from wikigpt.objectives.distillation import attach_teacher, check_distill_args, load_teacher
-from wikigpt.objectives.rare_tokens import spelling_groups, tie_tokens, training_token_counts
+from wikigpt.objectives.arguments import LeverArguments, check_lever_args
+from wikigpt.objectives.chunked_loss import use_chunked_loss
+from wikigpt.objectives.distillation import attach_teacher, load_teacher
+from wikigpt.objectives.rare_tokens import share_rare_rows, spelling_groups, training_token_counts
 from wikigpt.calibration.token_offsets import calibrate_token_offsets, new_article_shares
 from wikigpt.train.throughput import ThroughputCallback, add_throughput_callback
 from wikigpt.train.time_budget import TimeBudgetCallback, time_budget_callbacks
@@ -44,7 +47,8 @@ from wikigpt.train.weight_averaging import weight_averaging_callbacks
 
 logger = logging.getLogger("wikigpt.train")
 
-RUN_ARGUMENTS = (ModelArguments, DataArguments, WikiTrainingArguments)
+# The argument dataclasses of a run, in the order of their groups in `train.py --help`.
+RUN_ARGUMENTS = (ModelArguments, DataArguments, LeverArguments, CalibrationArguments, WikiTrainingArguments)
 
 
 @dataclass
@@ -53,6 +57,8 @@ class Run:
 
     model_args: ModelArguments
     data_args: DataArguments
+    lever_args: LeverArguments
+    calibration_args: CalibrationArguments
     training_args: WikiTrainingArguments
     trainer: Trainer
     model: object  # the model as built (trainer.model_wrapped may be a compiled or distributed wrapper of it)
@@ -75,7 +81,8 @@ class Run:
 
 
 def parse_run_args(argv: list[str] | None = None, description: str | None = None):
-    """(model_args, data_args, training_args) from a command line (config file first, then flags)."""
+    """(model_args, data_args, lever_args, calibration_args, training_args) from a command line (config files
+    first, then flags)."""
     return parse_args(RUN_ARGUMENTS, argv, description=description)
 
 
@@ -83,12 +90,14 @@ SELECTING_FLAGS = ("early_stopping_patience", "load_best_model_at_end", "calibra
                    "calibrate_token_offsets")
 
 
-def check_validation_is_not_test(data_args: DataArguments, training_args: WikiTrainingArguments) -> None:
+def check_validation_is_not_test(data_args: DataArguments, calibration_args: CalibrationArguments,
+                                 training_args: WikiTrainingArguments) -> None:
     """The test split chooses nothing: refuse a run that would select with it, and say so for one that reports it."""
     why = validation_is_test(data_args)
     if not why:
         return
-    chooses = [f"--{flag}" for flag in SELECTING_FLAGS if getattr(training_args, flag)]
+    chooses = [f"--{flag}" for flag in SELECTING_FLAGS
+               if getattr(calibration_args if flag.startswith("calibrate_") else training_args, flag)]
     if chooses:
         raise UsageError(f"--validation_file {data_args.validation_file!r} is the test split ({why}) and "
                          f"{', '.join(chooses)} would choose with it; drop --validation_file to hold out "
@@ -97,12 +106,15 @@ def check_validation_is_not_test(data_args: DataArguments, training_args: WikiTr
                    "nothing in this run", why)
 
 
-def build_run(model_args: ModelArguments, data_args: DataArguments, training_args: WikiTrainingArguments) -> Run:
-    """Check every argument, then build tokenizer, model, data and the Trainer with wikigpt's callbacks."""
+def build_run(model_args: ModelArguments, data_args: DataArguments, lever_args: LeverArguments,
+              calibration_args: CalibrationArguments, training_args: WikiTrainingArguments) -> Run:
+    """Check every argument, then build tokenizer, model, data and the Trainer with wikigpt's callbacks.
+
+    Takes RUN_ARGUMENTS' objects in their order: `build_run(*parse_run_args(argv))`."""
     check_model_args(model_args)
-    check_distill_args(model_args)
+    check_lever_args(lever_args, model_args.model_name_or_path)
     check_data_args(data_args)
-    check_validation_is_not_test(data_args, training_args)
+    check_validation_is_not_test(data_args, calibration_args, training_args)
     check_nan_guard_args(training_args)
     resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir,
                          training_args.overwrite_output_dir)
@@ -114,14 +126,16 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
 
     tokenizer = load_tokenizer(tokenizer_for(model_args), model_args.trust_remote_code)
     model, source = load_model(model_args, tokenizer)
+    if lever_args.chunked_loss_size:
+        use_chunked_loss(model, lever_args.chunked_loss_size)
     for flag in ("calibrate_temperature", "calibrate_token_offsets"):
-        if getattr(training_args, flag):
+        if getattr(calibration_args, flag):
             check_calibration_model(model, f"--{flag}")
     block_size = resolve_block_size(data_args.block_size, context_length(model.config))
     logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)
     resume.check_model(model.config)
-    teacher = (load_teacher(model, model_args.distill_from, block_size, model_args.trust_remote_code,
-                            model_args.allow_pickle) if model_args.distill_from else None)
+    teacher = (load_teacher(model, lever_args.distill_from, block_size, model_args.trust_remote_code,
+                            model_args.allow_pickle) if lever_args.distill_from else None)
 
     # Rank 0 tokenizes first and writes the datasets cache; the other ranks then read it.
     with training_args.main_process_first(desc="tokenize and group"):
@@ -132,18 +146,20 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
         train_set, block_offsets = random_offset_training(data_args, raw["train"], blocks["train"], tokenizer,
                                                           block_size, training_args)
         class_shares = None
-        if training_args.calibrate_token_offsets and training_args.calibrate_class_shares == "new_articles":
-            articles = article_token_ids(raw["train"], tokenizer, data_args.preprocessing_num_workers)
+        if calibration_args.calibrate_token_offsets and calibration_args.calibrate_class_shares == "new_articles":
+            articles = article_token_ids(raw["train"], tokenizer, data_args.preprocessing_num_workers,
+                                         rows_are_articles=data_args.detokenize)
             class_shares = new_article_shares(articles, model.get_output_embeddings().out_features)
     # before the weight averaging callbacks: the tied rows are equal again before an average takes them in
-    below = model_args.tie_tokens_below
+    below = lever_args.rare_tokens_below
     groups = (spelling_groups(tokenizer, model.get_output_embeddings().out_features)
-              if below and model_args.tied_token_groups == "spelling" else None)
-    tying, tied = tie_tokens(model, train_set, below, model_args.tied_input_dropout, groups) if below else ([], None)
+              if below and lever_args.rare_token_groups == "spelling" else None)
+    tying, tied = (share_rare_rows(model, train_set, below, lever_args.rare_input_dropout, groups) if below
+                   else ([], None))
     if tied:
-        source["tied_tokens"] = tied  # below, kept, tied: results.json's model section
+        source["rare_tokens"] = tied  # below, kept, tied: results.json's model section
     if teacher:  # after the tying: the teacher's distribution over the narrow head's classes
-        source["distilled_from"] = attach_teacher(model, teacher, model_args.distill_from, model_args.distill_share)
+        source["distilled_from"] = attach_teacher(model, teacher, lever_args.distill_from, lever_args.distill_share)
 
     push = defer_push(training_args)  # push once at the end, after the local save
     # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/train/trainer.py)
@@ -161,8 +177,9 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, training_arg
     resume.set_aside(trainer.is_world_process_zero())  # skipped checkpoints, an overwritten run's
     throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
                                          training_args.peak_flops)
-    return Run(model_args, data_args, training_args, trainer, model, tokenizer, source, block_size, blocks, counts,
-               class_shares, resume, push, preemption, nan_guard, throughput, budget[0] if budget else None)
+    return Run(model_args, data_args, lever_args, calibration_args, training_args, trainer, model, tokenizer, source,
+               block_size, blocks, counts, class_shares, resume, push, preemption, nan_guard, throughput,
+               budget[0] if budget else None)
 
 
 def train_run(run: Run):
@@ -180,18 +197,19 @@ def train_run(run: Run):
 def finish_run(run: Run, train_result, train_seconds: float) -> dict:
     """Save the model, evaluate validation/test, write results.json, the model card and the plot, push. Returns results."""
     trainer, training_args, block_size = run.trainer, run.training_args, run.block_size
+    calibration_args = run.calibration_args
     output_dir, is_main = training_args.output_dir, trainer.is_world_process_zero()
     end_early_stopping(trainer)  # the evaluations below are reports, not patience steps
     # --calibrate_temperature: the held-out split chooses T; saved, evaluated and pushed with the model
     calibration = (calibrate_temperature(trainer.model, run.blocks["validation"], training_args.per_device_eval_batch_size)
-                   if training_args.calibrate_temperature else None)
+                   if calibration_args.calibrate_temperature else None)
     # --calibrate_token_offsets: then a logit scale and offset per class of training count, in ln_f and an untied head
     token_offsets = (calibrate_token_offsets(trainer.model, run.blocks["validation"],
                                              training_args.per_device_eval_batch_size,
                                              training_token_counts(trainer.train_dataset,
                                                                    trainer.model.get_output_embeddings().out_features),
                                              run.class_shares)
-                     if training_args.calibrate_token_offsets else None)
+                     if calibration_args.calibrate_token_offsets else None)
     with writing(output_dir, "the final model", is_main):
         trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
         trainer.save_state()

@@ -53,7 +53,7 @@ def matmul_parameters(model) -> int:
     head = model.get_output_embeddings()
     if head is not None and any(id(p) in lookups for p in head.parameters()):
         rows = head.weight.shape[0]
-        tied_tokens = getattr(model, "_tied_tokens", None)  # --tie_tokens_below: training multiplies fewer rows
+        tied_tokens = getattr(model, "_tied_tokens", None)  # --rare_tokens_below: training multiplies fewer rows
         if tied_tokens is not None:
             rows = tied_tokens.columns
         n += rows * head.weight.shape[1]  # tied head: the same tensor, but a second (matmul) use per token
