@@ -271,8 +271,8 @@ def offset_run_args(micro_files, out, *extra):
 
 def test_train_saves_and_evaluates_the_offset_model(tmp_path, micro_files, monkeypatch, trained_size_checkpoint):
     out = tmp_path / "run"
-    assert train_in_process(offset_run_args(micro_files, out, "--model_name_or_path", trained_size_checkpoint),
-                            monkeypatch) == 0
+    assert train_in_process(offset_run_args(micro_files, out, "--model_name_or_path", trained_size_checkpoint,
+                                            "--calibrate_class_shares", "new_articles"), monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
     offsets = results["token_offsets"]
     assert "skipped" not in offsets and len(offsets["offsets"]) == len(offsets["rank_slopes"]) == 9
@@ -294,7 +294,7 @@ def test_train_saves_and_evaluates_the_offset_model(tmp_path, micro_files, monke
             f"after training (held-out perplexity "
             f"{offsets['validation_perplexity_before']:,.2f} -> {offsets['validation_perplexity_after']:,.2f}): "
             f"folded into the final LayerNorm and the LM head, which is untied from the input embeddings") in card
-    # --calibrate_class_shares new_articles (the default): the training file's 5 articles, each left out in turn
+    # --calibrate_class_shares new_articles: the training file's 5 articles, each left out in turn
     shares = offsets["class_shares"]
     assert sum(shares["new_articles"]) == pytest.approx(1) and sum(shares["held_out"]) == pytest.approx(1)
     assert shares["new_articles"][0] > shares["held_out"][0] > 0
