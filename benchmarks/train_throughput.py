@@ -15,6 +15,8 @@ GPU; on CPU the process's peak RSS (VmHWM, reset before each run). See benchmark
 import gc
 import logging
 import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as train.py sets it: time what users run
 import platform
 import resource
 import shlex

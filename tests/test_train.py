@@ -133,3 +133,18 @@ def test_validation_that_is_test_is_reported_as_such(micro_files, tmp_path, monk
     lines = [r.getMessage() for r in caplog.records if "is the test split" in r.getMessage()]
     assert lines == ["--validation_file is the test split (it is --test_file's text): its perplexity is test "
                      "perplexity, and it chose nothing in this run"]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--rare_tokens_below", "2"], "--rare_tokens_below"),
+    (["--optim_matrices", "muon", "--calibrate_temperature", "true"], "--optim_matrices muon, --calibrate_temperature"),
+])
+def test_levers_are_refused_under_fsdp_before_anything_is_built(flags, named, micro_files, tmp_path, monkeypatch,
+                                                                  capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    out = tmp_path / "out"
+    assert train_in_process(micro_args(micro_files, out, *flags), monkeypatch) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {named} cannot train under FSDP (it reads or rewrites whole weights); use DDP "
+                      f"(accelerate_config.yaml) or one process, or drop {named}"]
+    assert not out.exists()

@@ -285,6 +285,11 @@ def test_train_saves_and_evaluates_the_offset_model(tmp_path, micro_files, monke
     assert results["validation"]["eval_perplexity"] == pytest.approx(offsets["validation_perplexity_after"], rel=3e-3)
     trained, saved = load_file(out / "checkpoint-10" / "model.safetensors"), load_file(out / "model.safetensors")
     assert "lm_head.weight" in saved and "lm_head.weight" not in trained  # untied: the head is saved on its own
+    # the saved model's true size, head included, in results.json and config.json (not the size as built)
+    assert results["model"]["parameters"] == sum(t.numel() for t in saved.values())
+    assert results["model"]["parameters"] > sum(t.numel() for t in trained.values())
+    config = json.loads((out / "config.json").read_text())
+    assert config["wikigpt"]["parameters"] == results["model"]["parameters"]
     torch.testing.assert_close(saved["transformer.wte.weight"], trained["transformer.wte.weight"], rtol=0, atol=0)
     card = (out / "README.md").read_text()
     assert (f"- logit scales {offsets['scales']}, offsets {offsets['offsets']} and slopes {offsets['rank_slopes']} "

@@ -1,9 +1,13 @@
 """--distill_from (wikigpt/objectives/distillation.py): the loss and gradients are those of the cross-entropy against
 (1 - share) x one-hot + share x the teacher's softmax, on the full head and on --rare_tokens_below's narrow head
 (the tied tokens as one class); train.py records the teacher and saves the student alone; bad teachers are refused.
+So is a teacher whose recorded split (wikigpt_run.json, or an older run's results.json)
+differs from the student's: it may have trained on the student's held-out articles.
 """
 
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from wikigpt.objectives.distillation import Teacher, attach_teacher, load_teache
 from wikigpt.model import ModelArguments, load_model
 from wikigpt.padded_vocab import pad_vocab
 from wikigpt.objectives.rare_tokens import share_rare_rows
+from wikigpt.reliability.run_record import split_record
 
 SHARE = 0.3
 
@@ -163,3 +168,119 @@ def test_a_teacher_with_a_shorter_context_is_refused(micro_files, tiny_checkpoin
     assert capsys.readouterr().err.splitlines()[-1].startswith(
         f"error: --distill_from {str(tiny_checkpoint)!r} reads at most 128 tokens but the blocks hold 256; "
         f"pass --block_size 128")
+
+
+SPLIT_FIX = (
+    "train the teacher with the student's --seed and --validation_split_percentage, or drop "
+    "--distill_from"
+)
+
+
+def held_out_args(files, out, *extra, **kwargs) -> list:
+    """micro_args without --validation_file: validation articles are held out of train_file."""
+    argv = micro_args(files, out, *extra, **kwargs)
+    at = argv.index("--validation_file")
+    return argv[:at] + argv[at + 2 :]
+
+
+@pytest.fixture(scope="module")
+def split_teacher(tmp_path_factory, micro_files):
+    """A 1-step run holding out 5% of the training file's articles by --seed 42: its folder and its
+    checkpoint-1 hold wikigpt_run.json."""
+    out = tmp_path_factory.mktemp("split-teacher") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert (
+            train_in_process(
+                held_out_args(micro_files, out, max_steps=1, save_steps=1), monkeypatch
+            )
+            == 0
+        )
+    return out
+
+
+def student_split(files, *extra) -> dict:
+    """The split record of the student run these flags describe, as train.py builds it."""
+    from wikigpt.train.run import parse_run_args
+
+    _, data_args, _, _, training_args = parse_run_args(
+        [str(a) for a in held_out_args(files, "unused", *extra)]
+    )
+    return split_record(data_args, training_args)
+
+
+@pytest.mark.parametrize(
+    "extra, flag, there, here, folder",
+    [
+        (["--seed", 7], "seed", "42", "7", ""),
+        (
+            ["--validation_split_percentage", 10],
+            "validation_split_percentage",
+            "5.0",
+            "10.0",
+            "checkpoint-1",
+        ),
+    ],
+)
+def test_a_teacher_trained_on_another_split_is_refused(
+    micro_files, split_teacher, tmp_path, monkeypatch, capsys, extra, flag, there, here, folder
+):
+    teacher = split_teacher / folder if folder else split_teacher
+    out = tmp_path / "run"
+    argv = held_out_args(micro_files, out, "--distill_from", teacher, *extra, max_steps=1)
+    assert train_in_process(argv, monkeypatch) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --distill_from {str(teacher)!r} was trained with --{flag} {there} and this run "
+        f"has {here}, so it may have trained on this run's held-out articles; {SPLIT_FIX}"
+    )
+    assert not out.exists()
+
+
+def test_an_older_teacher_run_whose_results_show_another_split_is_refused(
+    micro_files, split_teacher, tmp_path, tokenizer, monkeypatch, capsys
+):
+    from wikigpt.data.blocks import DataArguments, load_raw_splits, prepare_lm_splits
+
+    teacher = tmp_path / "teacher"  # a run of an older wikigpt: results.json, no wikigpt_run.json
+    shutil.copytree(split_teacher, teacher)
+    for record in teacher.rglob("wikigpt_run.json"):
+        record.unlink()
+    there = json.loads((teacher / "results.json").read_text())["data"]
+    raw = load_raw_splits(DataArguments(train_file=str(micro_files["train"])), 7)
+    _, here = prepare_lm_splits(raw, tokenizer, 32)
+    argv = held_out_args(
+        micro_files, tmp_path / "run", "--distill_from", teacher, "--seed", 7, max_steps=1
+    )
+    assert train_in_process(argv, monkeypatch) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --distill_from {str(teacher)!r} was trained on train/validation splits of "
+        f"{there['train']['tokens']:,} / {there['validation']['tokens']:,} tokens "
+        f"(its results.json) and this run has {here['train']['tokens']:,} / {here['validation']['tokens']:,}, so it "
+        f"may have trained on this run's held-out articles; {SPLIT_FIX}"
+    )
+
+
+def test_a_teacher_with_the_students_split_is_taken_silently(
+    micro_files, split_teacher, tokenizer, caplog
+):
+    student, _ = load_model(ModelArguments(preset="tiny"), tokenizer)
+    split = student_split(micro_files)
+    with caplog.at_level(logging.INFO, logger="wikigpt.objectives.distillation"):
+        for teacher in (split_teacher, split_teacher / "checkpoint-1"):
+            assert load_teacher(student, str(teacher), block_size=32, split=split) is not None
+    assert [
+        r.getMessage() for r in caplog.records if r.name == "wikigpt.objectives.distillation"
+    ] == []
+
+
+def test_a_teacher_without_a_record_is_taken_with_a_notice(
+    micro_files, tiny_checkpoint, tokenizer, caplog
+):
+    student, _ = load_model(ModelArguments(preset="tiny"), tokenizer)
+    with caplog.at_level(logging.INFO, logger="wikigpt.objectives.distillation"):
+        load_teacher(student, str(tiny_checkpoint), block_size=32, split=student_split(micro_files))
+    assert [
+        r.getMessage() for r in caplog.records if r.name == "wikigpt.objectives.distillation"
+    ] == [
+        f"--distill_from {str(tiny_checkpoint)!r} has no record of its training split; if it "
+        f"trained on this run's held-out articles, every held-out number of this run is biased"
+    ]

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import WT2
 from runs import micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from wikigpt.errors import UsageError
 from wikigpt.objectives.chunked_loss import use_chunked_loss
 from wikigpt.objectives.rare_tokens import TiedTokens, narrow_head_loss, share_rare_rows, spelling_groups
 
@@ -176,3 +178,58 @@ def test_input_dropout_replaces_inputs_with_the_shared_row_and_keeps_the_targets
     torch.manual_seed(7)
     assert model(input_ids=inputs, labels=inputs).loss.item() == pytest.approx(
         reference(input_ids=inputs, labels=inputs).loss.item(), rel=1e-6)
+
+
+def small_tokenizer(kind: str):
+    """A WordPiece, SentencePiece-style (Unigram with Metaspace) or word-level tokenizer trained on WikiText lines."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = (WT2 / "wiki.valid.raw").read_text(encoding="utf-8").splitlines()[:400]
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=600, special_tokens=["[UNK]"])
+    elif kind == "sentencepiece":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=600, special_tokens=["<unk>"], unk_token="<unk>")
+    else:
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.WordLevelTrainer(vocab_size=600, special_tokens=["[UNK]"])
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, name_or_path=kind)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("wordpiece", {"The": 3, "the": 4, "##s": 1, ",": 5}),  # words start unmarked; '##' continues one
+    ("sentencepiece", {"▁The": 3, "▁the": 4, "s": 1, ",": 2}),  # '▁' starts a word
+])
+def test_spelling_groups_read_other_tokenizers_word_starts(kind, expected):
+    tokenizer = small_tokenizer(kind)
+    groups = spelling_groups(tokenizer, len(tokenizer))
+    vocab = tokenizer.get_vocab()
+    assert {token: int(groups[vocab[token]]) for token in expected} == expected
+    assert len(set(groups.tolist())) == 6  # the six groups do not collapse
+
+
+def test_spelling_groups_refuse_a_tokenizer_without_word_starts():
+    with pytest.raises(UsageError) as err:
+        spelling_groups(small_tokenizer("wordlevel"), 600)
+    assert str(err.value) == ("--rare_token_groups spelling reads word starts from 'Ġ' (byte-level BPE), '▁' "
+                              "(SentencePiece) or '##' (WordPiece) tokens, and tokenizer 'wordlevel' marks none; "
+                              "pass --rare_token_groups one")
+
+
+@pytest.mark.parametrize("kind, name", [("wordpiece", "WordPiece"), ("sentencepiece", "Unigram"),
+                                        ("wordlevel", "WordLevel")])
+def test_rank_slopes_refuse_a_vocabulary_not_in_merge_order(kind, name, tokenizer):
+    from wikigpt.calibration.token_offsets import check_rank_order
+
+    check_rank_order(tokenizer)  # GPT-2's byte-level BPE: ids in merge order
+    with pytest.raises(UsageError) as err:
+        check_rank_order(small_tokenizer(kind))
+    assert str(err.value) == (f"--calibrate_token_offsets fits a slope on log(1 + token id), which follows a BPE "
+                              f"vocabulary's merge order; tokenizer {kind!r} is {name}: use a BPE tokenizer or "
+                              f"drop --calibrate_token_offsets")

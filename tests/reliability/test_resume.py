@@ -6,13 +6,20 @@ All runs (tests/runs.py micro_args): a 16-wide tiny GPT-2, block 32, 10 optimize
 position in the shuffled data, so the resumed run must reproduce the reference: same global_step, and eval loss
 and per-step training losses equal within 1e-5 absolute, learning rates within 1e-12 (in practice all are
 bit-identical on CPU; resuming with --ignore_data_skip, which restarts the data order, fails by ~1e-3).
+
+With the CPU recipe's levers (rare-token rows, Muon, the chunked loss, a teacher, calibrations),
+a resumed run ends where the uninterrupted one does, its saved model loads as plain GPT-2 with
+eval.py's perplexity, and resuming with another lever setting is refused (wikigpt_run.json).
 """
 
 import json
+import math
 import os
 import signal
 
 import pytest
+import torch
+from conftest import run_script
 from runs import micro_args, micro_files, start_paused, train_in_process  # noqa: F401 - micro_files is a fixture
 
 MAX_STEPS = 10
@@ -102,3 +109,132 @@ def test_overwrite_output_dir_never_resumes_or_names_the_earlier_run(tmp_path, m
     assert last_good_checkpoint(str(out)) == str(out / "checkpoint-2")
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["max_steps"] == 2
+
+
+LEVERS = [
+    "--rare_tokens_below",
+    4,
+    "--rare_token_groups",
+    "spelling",
+    "--rare_input_dropout",
+    0.1,
+    "--optim_matrices",
+    "muon",
+    "--chunked_loss_size",
+    64,
+    "--calibrate_temperature",
+    "true",
+    "--calibrate_token_offsets",
+    "true",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    4,
+]
+
+
+def lever_args(files, out, teacher, *extra) -> list:
+    """The micro run with the CPU recipe's levers; the teacher is the tiny_checkpoint fixture."""
+    return micro_args(files, out, *LEVERS, "--distill_from", teacher, *extra)
+
+
+@pytest.fixture(scope="module")
+def lever_reference(tmp_path_factory, micro_files, tiny_checkpoint):
+    out = tmp_path_factory.mktemp("lever-reference") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert train_in_process(lever_args(micro_files, out, tiny_checkpoint), monkeypatch) == 0
+    return out
+
+
+def plain_perplexity(model_dir, validation_file) -> float:
+    """exp(mean NLL) of plain AutoModelForCausalLM.from_pretrained(model_dir) on 32-token blocks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from wikigpt.data.blocks import DataArguments, load_raw_splits, prepare_lm_splits
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    raw = load_raw_splits(
+        DataArguments(validation_file=str(validation_file)), 42, required=("validation",)
+    )
+    blocks, _ = prepare_lm_splits(raw, AutoTokenizer.from_pretrained(model_dir), 32)
+    ids = torch.tensor(blocks["validation"]["input_ids"])
+    with torch.no_grad():
+        loss = model(
+            input_ids=ids, labels=ids
+        ).loss  # every block has 31 scored tokens: the mean is over all
+    return math.exp(loss.item())
+
+
+def test_a_run_with_the_levers_resumes_to_the_same_model(
+    tmp_path, micro_files, tiny_checkpoint, lever_reference, monkeypatch
+):
+    out = tmp_path / "run"
+    argv = lever_args(micro_files, out, tiny_checkpoint)
+    proc = start_paused(argv, tmp_path / "markers", 6)
+    proc.kill()  # steps 5-6 are lost; checkpoint-4 (with its wikigpt_run.json) is the last save
+    proc.communicate(timeout=60)
+    assert sorted(os.listdir(out)) == ["checkpoint-4"]
+    record = json.loads((out / "checkpoint-4" / "wikigpt_run.json").read_text())
+    assert (
+        record["levers"]["rare_tokens_below"] == 4 and record["levers"]["optim_matrices"] == "muon"
+    )
+
+    assert train_in_process([*argv, "--resume_from_checkpoint", "latest"], monkeypatch) == 0
+    results = json.loads((out / "results.json").read_text())
+    expected = json.loads((lever_reference / "results.json").read_text())
+    assert results["train"]["global_step"] == MAX_STEPS
+    assert results["validation"]["eval_loss"] == pytest.approx(
+        expected["validation"]["eval_loss"], rel=1e-3
+    )
+    assert (
+        json.loads((out / "wikigpt_run.json").read_text()) == record
+    )  # the final folder's record too
+
+    # The saved model, calibrations folded in, is plain GPT-2: from_pretrained gives eval.py's.
+    report = tmp_path / "eval.json"
+    proc = run_script(
+        "eval.py",
+        "--model",
+        out,
+        "--validation_file",
+        micro_files["validation"],
+        "--split",
+        "validation",
+        "--methods",
+        "blocks",
+        "--output_file",
+        report,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_eval = json.loads(report.read_text())["metrics"]["perplexity"]["value"]
+    plain = plain_perplexity(out, micro_files["validation"])
+    assert plain == pytest.approx(from_eval, rel=1e-4)
+    assert plain == pytest.approx(
+        results["validation"]["eval_perplexity"], rel=1e-4
+    )  # results.json's
+
+
+def test_resuming_with_another_lever_setting_is_refused(
+    tmp_path, micro_files, tiny_checkpoint, lever_reference, monkeypatch, capsys
+):
+    checkpoint = lever_reference / "checkpoint-8"  # kept: --save_total_limit 2 keeps 8 and 10
+    before = sorted(p.name for p in lever_reference.rglob("*"))
+    argv = lever_args(
+        micro_files,
+        tmp_path / "run",
+        tiny_checkpoint,
+        "--rare_tokens_below",
+        5,
+        "--resume_from_checkpoint",
+        checkpoint,
+    )
+    assert train_in_process(argv, monkeypatch) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --resume_from_checkpoint {str(checkpoint)!r} was trained with "
+        f"--rare_tokens_below 4; this run has 5: resume with the checkpoint's settings or start a "
+        f"new --output_dir"
+    )
+    assert (
+        sorted(p.name for p in lever_reference.rglob("*")) == before
+        and not (tmp_path / "run").exists()
+    )

@@ -4,6 +4,7 @@ import math
 
 import pytest
 from huggingface_hub import ModelCard
+from runs import micro_files  # noqa: F401 - a fixture
 
 from wikigpt.data.blocks import DataArguments
 from wikigpt.reporting.model_card import TOKEN_PPL_METHOD, dataset_info, split_dataset_info, write_model_card
@@ -163,3 +164,27 @@ def test_precision_includes_what_accelerate_launch_set(monkeypatch):
     assert precision(WikiTrainingArguments(output_dir="unused")) == "fp32"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch with mixed_precision: bf16
     assert precision(WikiTrainingArguments(output_dir="unused")) == "bf16 mixed"
+
+
+def test_a_run_states_its_levers_in_results_config_and_card(tmp_path, micro_files, monkeypatch):
+    import json
+
+    from runs import micro_args, train_in_process  # noqa: I001
+
+    out = tmp_path / "run"
+    argv = micro_args(micro_files, out, "--rare_tokens_below", 2, "--rare_token_groups", "spelling",
+                      "--optim_matrices", "muon", "--calibrate_temperature", "true", max_steps=2, save_steps=2)
+    assert train_in_process(argv, monkeypatch) == 0
+    results = json.loads((out / "results.json").read_text())
+    levers = results["levers"]
+    rare = levers["rare_tokens"]
+    assert (rare["below"], rare["groups_by"], len(rare["groups"])) == (2, "spelling", 6)
+    assert levers["muon"] == {"learning_rate": 0.02} and "teacher" not in levers
+    assert levers["calibration"] == {"fitted": ["temperature"], "class_shares": "held_out"}
+    assert json.loads((out / "config.json").read_text())["wikigpt"] == {
+        "parameters": results["model"]["parameters"], "levers": levers}
+    card = (out / "README.md").read_text()
+    assert (f"- rare tokens: the {rare['tied']:,} tokens seen fewer than 2 times in the training text share 6 "
+            f"embedding rows (by spelling): as inputs they are indistinguishable") in card
+    assert "- Muon for the block matrices (learning rate 0.02), AdamW for the rest" in card
+    assert "Fine-tuning `ln_f` or the head, or re-tying the head to the input embeddings, undoes them." in card

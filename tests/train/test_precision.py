@@ -102,15 +102,21 @@ def test_compiled_and_eager_training_agree(micro_files, tmp_path, monkeypatch):
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
-def test_cpu_allocations_use_huge_pages_unless_the_user_says_otherwise():
+def test_train_py_uses_huge_pages_and_importing_wikigpt_leaves_the_allocator_alone():
     import os
     import subprocess
     import sys
 
     from conftest import REPO
 
-    code = "import os, wikigpt, torch; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True).stdout == "1\n"
-    env["THP_MEM_ALLOC_ENABLE"] = "0"
-    assert subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True).stdout == "0\n"
+    def setting(module, value=None):
+        code = f"import os, {module}, torch; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if value is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = value
+        return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                              text=True).stdout
+
+    assert setting("wikigpt.train.run") == "None\n"  # a library import changes nothing
+    assert setting("train") == "1\n"  # train.py's process: huge pages
+    assert setting("train", "0") == "0\n"  # unless the user says otherwise

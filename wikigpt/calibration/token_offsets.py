@@ -35,6 +35,8 @@ import math
 import numpy as np
 import torch
 
+from wikigpt.errors import UsageError
+
 from wikigpt.calibration.temperature import final_norm, held_out_logit_inputs
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,16 @@ def new_article_shares(articles: list[np.ndarray], vocab_size: int) -> np.ndarra
         totals += np.bincount(np.searchsorted(COUNT_EDGES, elsewhere, side="right") - 1, weights=own,
                               minlength=len(COUNT_EDGES))
     return totals / totals.sum()
+
+
+def check_rank_order(tokenizer, flag: str = "--calibrate_token_offsets") -> None:
+    """The rank slopes read a token's id as its frequency rank, which holds for BPE vocabularies (ids in merge
+    order, most frequent first: GPT-2's, SentencePiece BPE's); refuse a WordPiece, Unigram or word-level one."""
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    kind = type(model).__name__ if model is not None else type(tokenizer).__name__
+    if kind != "BPE":
+        raise UsageError(f"{flag} fits a slope on log(1 + token id), which follows a BPE vocabulary's merge order; "
+                         f"tokenizer {tokenizer.name_or_path!r} is {kind}: use a BPE tokenizer or drop {flag}")
 
 
 def rank_feature(vocab_size: int) -> torch.Tensor:

@@ -67,16 +67,28 @@ def block_cache_nll(blocks) -> np.ndarray:
     return np.array(nll)
 
 
-def check_run_split(model_dir: str, counts: dict, flag: str = "--ngram_order") -> None:
-    """Refuse a train/validation split that is not the one a train.py run folder trained and selected on."""
+def recorded_split_tokens(model_dir: str) -> dict | None:
+    """The train/validation token counts a train.py run folder's results.json records, or None
+    (no such file, or one without them: not a train.py run folder)."""
     try:
         with open(os.path.join(model_dir, "results.json"), encoding="utf-8") as f:
             recorded = json.load(f).get("data") or {}
+        there = {s: (recorded.get(s) or {}).get("tokens") for s in ("train", "validation")}
     except (OSError, ValueError, AttributeError):
-        return  # not a train.py run folder: nothing to compare with
-    here = {s: counts[s]["tokens"] for s in ("train", "validation")}
-    there = {s: (recorded.get(s) or {}).get("tokens") for s in ("train", "validation")}
-    if None not in there.values() and here != there:
+        return None
+    return None if None in there.values() else there
+
+
+def split_tokens(counts: dict) -> dict:
+    """The train/validation token counts of prepared splits (prepare_lm_splits' counts)."""
+    return {s: counts[s]["tokens"] for s in ("train", "validation")}
+
+
+def check_run_split(model_dir: str, counts: dict, flag: str = "--ngram_order") -> None:
+    """Refuse a train/validation split that is not the one a train.py run folder trained and selected on."""
+    there = recorded_split_tokens(model_dir)
+    here = split_tokens(counts)
+    if there is not None and here != there:
         raise UsageError(
             f"{flag}: these data flags give train/validation splits of {here['train']:,} / "
             f"{here['validation']:,} tokens, but {model_dir} trained on {there['train']:,} / {there['validation']:,} "

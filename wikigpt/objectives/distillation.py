@@ -9,16 +9,25 @@ The loss goes through wikigpt.objectives.chunked_loss, which forms softmax - tar
 logits are made there a chunk at a time, never for the whole batch. The teacher is frozen, in eval mode (no
 dropout), reads the batch's real token ids (not --rare_input_dropout's), and is no submodule of the student:
 checkpoints and the saved model hold the student alone.
+
+A teacher that trained on the student's held-out articles leaks them into the student's targets
+and biases every held-out number of the run: a teacher whose record (wikigpt_run.json,
+wikigpt/reliability/run_record.py) or results.json shows another split is refused; one with
+neither is taken, with a notice.
 """
 
 import logging
+import os
 
 import torch
 from transformers import GPT2LMHeadModel
 
 from wikigpt.objectives.chunked_loss import use_chunked_loss
 from wikigpt.errors import UsageError
+from wikigpt.evaluation.mixture import recorded_split_tokens, split_tokens
 from wikigpt.model import load_causal_lm
+from wikigpt.reliability.run_record import (may_hold_out, read_run_record, run_folder_of, shown,
+                                           trained_with)
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +98,62 @@ class Teacher:
         return logits
 
 
-def load_teacher(model, name: str, block_size: int, trust_remote_code: bool = False, allow_pickle: bool = False):
-    """Checkpoint `name`, frozen, once it is known to fit `model` and the blocks (before any data is prepared)."""
+SPLIT_FIX = (f"train the teacher with the student's --seed and --validation_split_percentage, "
+             f"or drop {FLAG}")
+DATA_FIX = (f"train the teacher on the student's data (--train_file, --validation_file, "
+            f"--dataset_dir, --dataset_name), or drop {FLAG}")
+SPLIT_FLAGS = ("seed", "validation_split_percentage")  # where the held-out articles are held out
+DATA_FLAGS = ("train_file", "validation_file", "dataset_dir", "dataset_name", "dataset_config_name")
+
+
+def _teacher_record(name: str) -> dict | None:
+    return read_run_record(name) if os.path.isdir(name) else None
+
+
+def check_teacher_split(name: str, split: dict) -> None:
+    """Refuse teacher `name` when its record shows a split other than the student's `split`
+    (wikigpt.reliability.run_record.split_record): its training text may then hold the student's
+    held-out articles. A teacher with neither a record nor a results.json (a Hub id, a folder
+    from elsewhere) is taken, with one notice line."""
+    record = _teacher_record(name)
+    if record is None:
+        if not (os.path.isdir(name) and recorded_split_tokens(run_folder_of(name))):
+            logger.warning("%s %r has no record of its training split; if it trained on this "
+                           "run's held-out articles, every held-out number of this run is biased",
+                           FLAG, name)
+        return  # an older run's folder: check_teacher_tokens compares its results.json's split
+    there = record.get("split") or {}
+    # --seed and --validation_split_percentage choose the held-out articles only where they are
+    # held out of the training text; a separate validation file is the same whatever the seed.
+    flags = (*SPLIT_FLAGS, *DATA_FLAGS) if may_hold_out(split) else DATA_FLAGS
+    for flag in flags:
+        if flag in there and there[flag] != split[flag]:
+            fix = SPLIT_FIX if flag in SPLIT_FLAGS else DATA_FIX
+            raise UsageError(f"{FLAG} {name!r} was trained {trained_with(flag, there[flag])} and "
+                             f"this run has {shown(split[flag])}, so it may have trained on this "
+                             f"run's held-out articles; {fix}")
+
+
+def check_teacher_tokens(name: str, counts: dict) -> None:
+    """A teacher folder of an older run (a results.json, no record): refuse it when its
+    train/validation token counts differ from the student's `counts` (as check_run_split)."""
+    if not os.path.isdir(name) or _teacher_record(name) is not None:
+        return
+    there = recorded_split_tokens(run_folder_of(name))
+    here = split_tokens(counts)
+    if there is not None and there != here:
+        raise UsageError(f"{FLAG} {name!r} was trained on train/validation splits of "
+                         f"{there['train']:,} / {there['validation']:,} tokens (its results.json) "
+                         f"and this run has {here['train']:,} / {here['validation']:,}, so it may "
+                         f"have trained on this run's held-out articles; {SPLIT_FIX}")
+
+
+def load_teacher(model, name: str, block_size: int, trust_remote_code: bool = False,
+                 allow_pickle: bool = False, split: dict | None = None):
+    """Checkpoint `name`, frozen, once it is known to fit `model` and the blocks (before any data is prepared).
+
+    `split`: the student's (wikigpt.reliability.run_record.split_record), checked against the
+    teacher's record."""
     if not isinstance(model, GPT2LMHeadModel) or model.lm_head.bias is not None:
         raise UsageError(f"{FLAG} trains GPT-2 models (GPT2LMHeadModel); the model being trained is "
                          f"{type(model).__name__}: drop {FLAG}")
@@ -104,13 +167,19 @@ def load_teacher(model, name: str, block_size: int, trust_remote_code: bool = Fa
     if teacher.config.n_positions < block_size:
         raise UsageError(f"{FLAG} {name!r} reads at most {teacher.config.n_positions} tokens but the blocks hold "
                          f"{block_size}; pass --block_size {teacher.config.n_positions} or a longer-context teacher")
+    if split is not None:
+        check_teacher_split(name, split)
     teacher.set_attn_implementation(model.config._attn_implementation)  # the student's --attn_implementation
     return teacher.eval().requires_grad_(False)
 
 
-def attach_teacher(model, teacher: GPT2LMHeadModel, name: str, share: float) -> dict:
+def attach_teacher(model, teacher: GPT2LMHeadModel, name: str, share: float,
+                   counts: dict | None = None) -> dict:
     """Train `model` on targets mixed with `teacher`'s distribution (after --rare_tokens_below has narrowed the
-    head). Returns results.json's summary."""
+    head). `counts`: the student's split sizes (prepare_lm_splits), checked against an older teacher
+    run's results.json. Returns results.json's summary."""
+    if counts is not None:
+        check_teacher_tokens(name, counts)
     if getattr(model, "_training_loss", None) is None:  # neither --chunked_loss_size nor --rare_tokens_below
         use_chunked_loss(model, WHOLE_BATCH)
     object.__setattr__(model, "_teacher", Teacher(teacher, share))

@@ -77,15 +77,44 @@ def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
     return np.bincount(ids, minlength=vocab_size)
 
 
+# Where a token says it starts a new word: GPT-2's byte-level BPE and SentencePiece mark a leading space, WordPiece
+# marks a word's continuation. A tokenizer with none of these gives the spelling groups nothing to read.
+WORD_MARKERS = {"Ġ": "byte-level BPE", "▁": "SentencePiece", "##": "WordPiece"}
+MARKED_SHARE = 0.05  # a convention is the tokenizer's when at least this share of its vocabulary carries it
+
+
+def word_marker(tokenizer) -> str:
+    """The tokenizer's word-boundary marker (a key of WORD_MARKERS), read from its vocabulary; UsageError if none."""
+    vocab = tokenizer.get_vocab()
+    shares = {marker: sum(token.startswith(marker) for token in vocab) / max(1, len(vocab))
+              for marker in WORD_MARKERS}
+    marker = max(shares, key=shares.get)
+    if shares[marker] < MARKED_SHARE:
+        raise UsageError(f"{GROUPS_FLAG} spelling reads word starts from 'Ġ' (byte-level BPE), '▁' "
+                         f"(SentencePiece) or '##' (WordPiece) tokens, and tokenizer "
+                         f"{tokenizer.name_or_path!r} marks none; pass {GROUPS_FLAG} one")
+    return marker
+
+
 def spelling_groups(tokenizer, vocab_size: int) -> np.ndarray:
-    """--rare_token_groups spelling: each token id's group, 3 x (starts with a space) + (upper-case first letter: 0,
+    """--rare_token_groups spelling: each token id's group, 3 x (starts a new word) + (upper-case first letter: 0,
     lower-case: 1, anything else: 2), from the token's own text. A new name, a word's next piece and a number are
-    different kinds of unknown token, and the context tells which one comes next."""
+    different kinds of unknown token, and the context tells which one comes next. A new word is a leading space
+    for byte-level BPE (GPT-2) and SentencePiece, and any token but a '##' continuation for WordPiece."""
+    marker = word_marker(tokenizer)
     groups = np.full(vocab_size, 2, dtype=np.int64)
     for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))):
-        text = tokenizer.convert_tokens_to_string([token]) if token is not None else ""
-        new_word = text[:1].isspace()
-        first = text[1:2] if new_word else text[:1]
+        if token is None:
+            continue
+        if marker == "Ġ":  # byte-level: the token's bytes as text (a leading space, accented letters)
+            text = tokenizer.convert_tokens_to_string([token])
+            new_word, first = text[:1].isspace(), text[1:2] if text[:1].isspace() else text[:1]
+        elif marker == "▁":
+            new_word = token.startswith(marker)
+            first = token[len(marker):len(marker) + 1] if new_word else token[:1]
+        else:  # WordPiece: words start unmarked, continuations carry '##'
+            new_word = not token.startswith(marker)
+            first = token[:1] if new_word else token[len(marker):len(marker) + 1]
         groups[token_id] = 3 * new_word + (0 if first.isupper() else 1 if first.islower() else 2)
     return groups
 

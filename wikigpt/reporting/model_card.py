@@ -104,6 +104,50 @@ def describe_run(data_args, training_args, model, block_size: int) -> dict:
     }
 
 
+def describe_levers(lever_args, calibration_args, training_args, source: dict) -> dict:
+    """The small-data levers a run used, as results.json, config.json and the card state them."""
+    levers = {}
+    if rare := source.get("rare_tokens"):
+        levers["rare_tokens"] = {**rare, "groups_by": lever_args.rare_token_groups}
+    if teacher := source.get("distilled_from"):
+        levers["teacher"] = teacher
+    if training_args.optim_matrices == "muon":
+        levers["muon"] = {"learning_rate": training_args.muon_learning_rate}
+    if lever_args.chunked_loss_size:
+        levers["chunked_loss_size"] = lever_args.chunked_loss_size
+    calibrations = [name for name in ("temperature", "token_offsets")
+                    if getattr(calibration_args, f"calibrate_{name}")]
+    if calibrations:
+        levers["calibration"] = {"fitted": calibrations, "class_shares": calibration_args.calibrate_class_shares}
+    return levers
+
+
+def levers_paragraph(levers: dict) -> list[str]:
+    """What the levers mean for a user of the saved model: plain text lines of the card."""
+    lines = []
+    if rare := levers.get("rare_tokens"):
+        rows = len(rare.get("groups") or [1])
+        lines.append(f"- rare tokens: the {rare['tied']:,} tokens seen fewer than {rare['below']} times in the "
+                     f"training text share {rows} embedding row{'s' if rows > 1 else ''} "
+                     f"(by {rare['groups_by']}): as inputs they are indistinguishable, and as outputs each "
+                     f"group's probability is spread evenly over its tokens")
+    if teacher := levers.get("teacher"):
+        lines.append(f"- trained against the next-token distribution of `{teacher['teacher']}` (share "
+                     f"{teacher['share']}); the teacher is not part of this model")
+    if muon := levers.get("muon"):
+        lines.append(f"- Muon for the block matrices (learning rate {muon['learning_rate']}), AdamW for the rest")
+    if calibration := levers.get("calibration"):
+        lines.append(f"- calibrated after training on the held-out split: {', '.join(calibration['fitted'])}")
+    if not lines:
+        return []
+    lines += ["", "Using it further: the calibrations live in the final LayerNorm (`ln_f`) and the LM head. "
+              "Fine-tuning `ln_f` or the head, or re-tying the head to the input embeddings, undoes them. "
+              "fp16 can overflow the scaled logits, and quantising the head rounds the per-class offsets: "
+              "measure perplexity again after either. The shared rare-token rows stay shared only while "
+              "nothing trains them apart."]
+    return lines
+
+
 def _split_label(dataset: dict) -> tuple[str, str]:
     if dataset.get("id"):
         return dataset["id"], f"{dataset['id']} ({dataset['config']})" if dataset.get("config") else dataset["id"]
@@ -212,6 +256,8 @@ def _body(results: dict, evals: list[EvalResult], eval_results: dict | None, tit
                      f"{_fmt(offsets['validation_perplexity_after'], 2)}): "
                      + (f"skipped ({offsets['skipped']})" if "skipped" in offsets else
                         "folded into the final LayerNorm and the LM head, which is untied from the input embeddings"))
+    if levers := results.get("levers"):
+        lines += ["", "## Levers for small data", "", *levers_paragraph(levers), ""]
     if throughput:
         mfu = throughput.get("mfu")
         lines.append(f"- throughput: {_fmt(throughput.get('tokens_per_second'), 0)} tokens/s"

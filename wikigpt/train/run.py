@@ -6,6 +6,7 @@ train.py is `parse_run_args`, `build_run`, `train_run`, `finish_run`; benchmarks
 """
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -21,9 +22,9 @@ from wikigpt.data.blocks import (DataArguments, validation_is_test, article_toke
                    prepare_lm_splits, resolve_block_size)
 from wikigpt.train.early_stopping import best_model_summary, early_stopping_callbacks, end_early_stopping
 from wikigpt.reporting.hub import defer_push, push_after_local_save
-from wikigpt.model import (ModelArguments, check_model_args, context_length, describe_source, load_model, load_tokenizer,
+from wikigpt.model import (ModelArguments, non_embedding_parameters, check_model_args, context_length, describe_source, load_model, load_tokenizer,
                     tokenizer_for)
-from wikigpt.reporting.model_card import describe_run, write_model_card
+from wikigpt.reporting.model_card import describe_levers, describe_run, write_model_card
 from wikigpt.reliability.nan_guard import NonFiniteGuard, check_nan_guard_args
 from wikigpt.train.optimizers import optimizer_cls_and_kwargs
 from wikigpt.evaluation.perplexity import compute_perplexity, nll_and_count
@@ -38,11 +39,13 @@ from wikigpt.objectives.arguments import LeverArguments, check_lever_args
 from wikigpt.objectives.chunked_loss import use_chunked_loss
 from wikigpt.objectives.distillation import attach_teacher, load_teacher
 from wikigpt.objectives.rare_tokens import share_rare_rows, spelling_groups, training_token_counts
-from wikigpt.calibration.token_offsets import calibrate_token_offsets, new_article_shares
+from wikigpt.calibration.token_offsets import calibrate_token_offsets, check_rank_order, new_article_shares
 from wikigpt.train.throughput import ThroughputCallback, add_throughput_callback
 from wikigpt.train.time_budget import TimeBudgetCallback, time_budget_callbacks
 from wikigpt.train.arguments import WikiTrainingArguments, check_output_dir, tokens_per_step
 from wikigpt.reliability.write_failures import CHECKPOINTS, writing
+from wikigpt.reliability.run_record import (RECORD_FILE, RunRecordCallback, check_resume_record,
+                                           run_record, write_run_record)
 from wikigpt.train.weight_averaging import weight_averaging_callbacks
 
 logger = logging.getLogger("wikigpt.train")
@@ -106,6 +109,29 @@ def check_validation_is_not_test(data_args: DataArguments, calibration_args: Cal
                    "nothing in this run", why)
 
 
+def fsdp_requested(training_args: WikiTrainingArguments) -> bool:
+    """--fsdp, or `accelerate launch` with an FSDP config (configs/accelerate/fsdp.yaml)."""
+    return bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def check_levers_under_fsdp(lever_args: LeverArguments, calibration_args: CalibrationArguments,
+                            training_args: WikiTrainingArguments) -> None:
+    """FSDP shards every weight; the levers below read or rewrite whole weights (re-tied rare rows, the narrow
+    head, a teacher's logits, Muon's orthogonalised matrices, the calibrations folded into ln_f and the head). None
+    is tested sharded, so each is refused before anything is built."""
+    if not fsdp_requested(training_args):
+        return
+    given = [flag for flag, on in (("--rare_tokens_below", lever_args.rare_tokens_below),
+                                   ("--chunked_loss_size", lever_args.chunked_loss_size),
+                                   ("--distill_from", lever_args.distill_from),
+                                   ("--optim_matrices muon", training_args.optim_matrices == "muon"),
+                                   ("--calibrate_temperature", calibration_args.calibrate_temperature),
+                                   ("--calibrate_token_offsets", calibration_args.calibrate_token_offsets)) if on]
+    if given:
+        raise UsageError(f"{', '.join(given)} cannot train under FSDP (it reads or rewrites whole weights); "
+                         f"use DDP (accelerate_config.yaml) or one process, or drop {', '.join(given)}")
+
+
 def build_run(model_args: ModelArguments, data_args: DataArguments, lever_args: LeverArguments,
               calibration_args: CalibrationArguments, training_args: WikiTrainingArguments) -> Run:
     """Check every argument, then build tokenizer, model, data and the Trainer with wikigpt's callbacks.
@@ -115,10 +141,13 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, lever_args: 
     check_lever_args(lever_args, model_args.model_name_or_path)
     check_data_args(data_args)
     check_validation_is_not_test(data_args, calibration_args, training_args)
+    check_levers_under_fsdp(lever_args, calibration_args, training_args)
     check_nan_guard_args(training_args)
     resume = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir,
                          training_args.overwrite_output_dir)
     training_args.resume_from_checkpoint = resume.path
+    # split and levers go with each checkpoint; a resumed run keeps them (reliability/run_record.py)
+    record = run_record(model_args, data_args, lever_args, calibration_args, training_args)
     check_output_dir(training_args)
     check_report_to(training_args)
     set_seed(training_args.seed)
@@ -126,6 +155,8 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, lever_args: 
 
     tokenizer = load_tokenizer(tokenizer_for(model_args), model_args.trust_remote_code)
     model, source = load_model(model_args, tokenizer)
+    if calibration_args.calibrate_token_offsets:
+        check_rank_order(tokenizer)
     if lever_args.chunked_loss_size:
         use_chunked_loss(model, lever_args.chunked_loss_size)
     for flag in ("calibrate_temperature", "calibrate_token_offsets"):
@@ -134,8 +165,10 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, lever_args: 
     block_size = resolve_block_size(data_args.block_size, context_length(model.config))
     logger.info("model: %s, %.2fM parameters", describe_source(source), source["parameters"] / 1e6)
     resume.check_model(model.config)
+    check_resume_record(resume.path, record)  # after the shapes: those name the model flags to fix
     teacher = (load_teacher(model, lever_args.distill_from, block_size, model_args.trust_remote_code,
-                            model_args.allow_pickle) if lever_args.distill_from else None)
+                            model_args.allow_pickle, split=record["split"])
+               if lever_args.distill_from else None)
 
     # Rank 0 tokenizes first and writes the datasets cache; the other ranks then read it.
     with training_args.main_process_first(desc="tokenize and group"):
@@ -159,7 +192,8 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, lever_args: 
     if tied:
         source["rare_tokens"] = tied  # below, kept, tied: results.json's model section
     if teacher:  # after the tying: the teacher's distribution over the narrow head's classes
-        source["distilled_from"] = attach_teacher(model, teacher, lever_args.distill_from, lever_args.distill_share)
+        source["distilled_from"] = attach_teacher(model, teacher, lever_args.distill_from,
+                                                  lever_args.distill_share, counts)
 
     push = defer_push(training_args)  # push once at the end, after the local save
     # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/train/trainer.py)
@@ -173,7 +207,8 @@ def build_run(model_args: ModelArguments, data_args: DataArguments, lever_args: 
                                      *early_stopping_callbacks(training_args), *block_offsets, *tying,
                                      # the budget may end a step; weight averaging then swaps in for its save
                                      *(budget := time_budget_callbacks(training_args, resume.path)),
-                                     *weight_averaging_callbacks(training_args, resume.path)])
+                                     *weight_averaging_callbacks(training_args, resume.path),
+                                     RunRecordCallback(record)])
     resume.set_aside(trainer.is_world_process_zero())  # skipped checkpoints, an overwritten run's
     throughput = add_throughput_callback(trainer, block_size, tokens_per_step(training_args, block_size),
                                          training_args.peak_flops)
@@ -210,6 +245,11 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
                                                                    trainer.model.get_output_embeddings().out_features),
                                              run.class_shares)
                      if calibration_args.calibrate_token_offsets else None)
+    # the saved model as it is: a calibrated head is untied, so it holds more parameters than the model built
+    run.source["parameters"] = trainer.model.num_parameters()
+    run.source["non_embedding_parameters"] = non_embedding_parameters(trainer.model)
+    levers = describe_levers(run.lever_args, run.calibration_args, training_args, run.source)
+    trainer.model.config.wikigpt = {"parameters": run.source["parameters"], "levers": levers}  # in config.json
     with writing(output_dir, "the final model", is_main):
         trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
         trainer.save_state()
@@ -226,6 +266,7 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
         **best_model_summary(trainer),  # best checkpoint and metric, step training stopped at (early stopping)
         **(run.time_budget.summary(train_result.global_step) if run.time_budget else {}),  # --max_train_minutes
         **describe_run(run.data_args, training_args, run.model, block_size),
+        **({"levers": levers} if levers else {}),
         **({"calibration": calibration} if calibration else {}),
         **({"token_offsets": token_offsets} if token_offsets else {}),
     }
@@ -240,6 +281,9 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
             logger.info("%s perplexity = %.4f (corpus-level exp(sum NLL / tokens) over %d blocks of %d)",
                         split, metrics[f"{prefix}_perplexity"], run.counts[split]["blocks"], block_size)
     if is_main:
+        with writing(output_dir, RECORD_FILE):  # the split and levers, as in every checkpoint
+            write_run_record(output_dir, run_record(run.model_args, run.data_args, run.lever_args,
+                                                    calibration_args, training_args))
         with writing(output_dir, "results.json"):
             write_json_atomic(f"{output_dir}/results.json", results)
         with writing(output_dir, "training_curves.png"):
