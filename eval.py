@@ -27,8 +27,10 @@ logger = logging.getLogger("wikigpt.eval")
 def main() -> None:
     eval_args, data_args = parse_args((EvalArguments, DataArguments), description=__doc__)
     accelerator = Accelerator()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
     report = evaluate_split(eval_args, data_args, accelerator)
     if accelerator.is_main_process:
         for name, metric in report["metrics"].items():
@@ -39,7 +41,9 @@ def main() -> None:
         if eval_args.output_file:
             write_json_atomic(eval_args.output_file, report)
         if eval_args.update_model_card and (card := update_model_card(eval_args.model, report)):
-            logger.info("added these metrics to the model card %s (and eval_%s.json)", card, eval_args.split)
+            logger.info(
+                "added these metrics to the model card %s (and eval_%s.json)", card, eval_args.split
+            )
         print(json.dumps(report, indent=2))
 
 

@@ -17,9 +17,20 @@ from transformers.utils import logging as hf_logging
 
 from wikigpt.cli import parse_args
 from wikigpt.errors import run_main
-from wikigpt.generation.sampling import JsonlWriter, can_stream, for_batched_generation, public_settings, sample
-from wikigpt.generation.settings import (GenerateArguments, check_arguments, check_settings, resolve_device,
-                                         resolve_settings)
+from wikigpt.generation.sampling import (
+    JsonlWriter,
+    can_stream,
+    for_batched_generation,
+    public_settings,
+    sample,
+)
+from wikigpt.generation.settings import (
+    GenerateArguments,
+    check_arguments,
+    check_settings,
+    resolve_device,
+    resolve_settings,
+)
 from wikigpt.model import context_length, load_pretrained, resolve_dtype
 from wikigpt.generation.prompts import encode_prompts, read_prompts
 
@@ -36,8 +47,14 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
 
-    model, tokenizer = load_pretrained(args.model, args.tokenizer_name, device=device, dtype=dtype,
-                                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    model, tokenizer = load_pretrained(
+        args.model,
+        args.tokenizer_name,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+    )
     tokenizer = for_batched_generation(tokenizer)
     settings, from_checkpoint = resolve_settings(args, model.generation_config)
     context = context_length(model.config)
@@ -46,30 +63,57 @@ def main() -> None:
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     set_seed(seed)
-    record_settings = public_settings(settings, stop=args.stop, seed=seed, batch_size=args.batch_size,
-                                      model=args.model, device=str(device), dtype=str(dtype).removeprefix("torch."))
+    record_settings = public_settings(
+        settings,
+        stop=args.stop,
+        seed=seed,
+        batch_size=args.batch_size,
+        model=args.model,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
     stream = can_stream(args, prompts, settings)
     several = len(prompts) * settings["num_return_sequences"] > 1
     total_tokens = total_seconds = 0
     with JsonlWriter(args.output_file) if args.output_file else contextlib.nullcontext() as writer:
         if stream and args.echo_prompt:
             print(prompts[0], end="", flush=True)
-        for batch in sample(model, tokenizer, prompts, encoded, settings, args.stop, args.batch_size,
-                            stream_to=sys.stdout if stream else None):
+        for batch in sample(
+            model,
+            tokenizer,
+            prompts,
+            encoded,
+            settings,
+            args.stop,
+            args.batch_size,
+            stream_to=sys.stdout if stream else None,
+        ):
             for record in batch:
                 if stream:
                     print(flush=True)  # end the streamed line
                 else:
                     if several:
-                        print(f"=== prompt {record['prompt_index'] + 1}, sample {record['sample_index'] + 1} ===")
-                    print((record["prompt"] if args.echo_prompt else "") + record["completion"], flush=True)
+                        print(
+                            f"=== prompt {record['prompt_index'] + 1}, sample {record['sample_index'] + 1} ==="
+                        )
+                    print(
+                        (record["prompt"] if args.echo_prompt else "") + record["completion"],
+                        flush=True,
+                    )
                 if writer is not None:
                     writer.write({**record, "settings": record_settings})
             total_tokens += sum(record["new_tokens"] for record in batch)
             total_seconds += batch[0]["seconds"]
-    logger.info("%d new tokens in %.2f s: %.1f tokens/s (%s, %s, %d sample%s)", total_tokens, total_seconds,
-                total_tokens / max(total_seconds, 1e-9), device, record_settings["dtype"],
-                len(prompts) * settings["num_return_sequences"], "s" if several else "")
+    logger.info(
+        "%d new tokens in %.2f s: %.1f tokens/s (%s, %s, %d sample%s)",
+        total_tokens,
+        total_seconds,
+        total_tokens / max(total_seconds, 1e-9),
+        device,
+        record_settings["dtype"],
+        len(prompts) * settings["num_return_sequences"],
+        "s" if several else "",
+    )
     if args.output_file:
         logger.info("wrote %s", args.output_file)
 

@@ -27,16 +27,24 @@ from wikigpt.train.hp_search import SearchArguments, searching, tune
 def main() -> None:
     argv = sys.argv[1:]
     # model, data, levers, calibration, training (wikigpt/train/run.py RUN_ARGUMENTS), then the search's flags
-    *run_args, search_args = parse_args((*RUN_ARGUMENTS, SearchArguments), argv, description=__doc__)
+    *run_args, search_args = parse_args(
+        (*RUN_ARGUMENTS, SearchArguments), argv, description=__doc__
+    )
     training_args = run_args[-1]
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if training_args.should_log else logging.WARNING)
-    if searching(search_args):  # wikigpt/train/hp_search.py: N runs as below, then trials.csv and best_recipe.yaml
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    if searching(
+        search_args
+    ):  # wikigpt/train/hp_search.py: N runs as below, then trials.csv and best_recipe.yaml
         tune(argv, *run_args, search_args)
         return
     run = build_run(*run_args)  # wikigpt/train/run.py: checks, model, data, callbacks, Trainer
     train_result, train_seconds = train_run(run)
-    finish_run(run, train_result, train_seconds)  # save, evaluate, results.json, model card, plot, push
+    finish_run(
+        run, train_result, train_seconds
+    )  # save, evaluate, results.json, model card, plot, push
 
 
 if __name__ == "__main__":

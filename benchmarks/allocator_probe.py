@@ -21,10 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TCMALLOC = "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 OFF = {"WIKIGPT_KEEP_FREED_MEMORY": "0"}
-SETTINGS = {"glibc": {**OFF, "THP_MEM_ALLOC_ENABLE": "0"}, "glibc+thp": {**OFF, "THP_MEM_ALLOC_ENABLE": "1"},
-            "glibc+keep": {"THP_MEM_ALLOC_ENABLE": "0"},
-            "glibc+keep+thp": {"THP_MEM_ALLOC_ENABLE": "1"},
-            "tcmalloc": {**OFF, "THP_MEM_ALLOC_ENABLE": "0", "LD_PRELOAD": TCMALLOC}}
+SETTINGS = {
+    "glibc": {**OFF, "THP_MEM_ALLOC_ENABLE": "0"},
+    "glibc+thp": {**OFF, "THP_MEM_ALLOC_ENABLE": "1"},
+    "glibc+keep": {"THP_MEM_ALLOC_ENABLE": "0"},
+    "glibc+keep+thp": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "tcmalloc": {**OFF, "THP_MEM_ALLOC_ENABLE": "0", "LD_PRELOAD": TCMALLOC},
+}
 
 
 @dataclass
@@ -43,7 +46,9 @@ def one_run(steps: int) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=8, n_head=4, n_embd=128, n_positions=256, vocab_size=50257))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=8, n_head=4, n_embd=128, n_positions=256, vocab_size=50257)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
     batch = torch.randint(0, 50257, (4, 256))
 
@@ -58,9 +63,11 @@ def one_run(steps: int) -> dict:
     for _ in range(steps):
         step()
     seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    return {"tokens_per_second": round(batch.numel() * steps / seconds, 1),
-            "system_seconds": round(after.ru_stime - before.ru_stime, 2),
-            "minor_page_faults": after.ru_minflt - before.ru_minflt}
+    return {
+        "tokens_per_second": round(batch.numel() * steps / seconds, 1),
+        "system_seconds": round(after.ru_stime - before.ru_stime, 2),
+        "minor_page_faults": after.ru_minflt - before.ru_minflt,
+    }
 
 
 def main() -> None:
@@ -77,13 +84,20 @@ def main() -> None:
     results = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
         for name, env in SETTINGS.items():
-            out = subprocess.run([sys.executable, __file__, "--child", str(args.steps)], env={**os.environ, **env},
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(args.steps)],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
             print(name, results[name][-1], flush=True)
     if args.output_json:
-        write_json_atomic(args.output_json, {"threads": os.cpu_count(), "steps": args.steps, "batch": [4, 256],
-                                             "results": results})
+        write_json_atomic(
+            args.output_json,
+            {"threads": os.cpu_count(), "steps": args.steps, "batch": [4, 256], "results": results},
+        )
 
 
 if __name__ == "__main__":

@@ -39,12 +39,22 @@ from wikigpt.atomic_json import write_json_atomic  # noqa: E402
 @dataclass
 class CopyProbeArguments:
     model: str = field(metadata={"help": "Checkpoint folder (train.py's --output_dir) or Hub id."})
-    test_file: str = field(default=str(REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"),
-                           metadata={"help": "Text the spans come from (.raw/.txt/.jsonl/.csv/.parquet)."})
-    span: int = field(default=100, metadata={"help": "Tokens per span; each sample is 2 x span tokens."})
-    samples: int = field(default=16, metadata={"help": "Spans, taken every --stride tokens from the start."})
-    stride: int = field(default=1000, metadata={"help": "Tokens from one span's start to the next one's."})
-    output_json: str | None = field(default=None, metadata={"help": "Also write the results here as JSON."})
+    test_file: str = field(
+        default=str(REPO / "data" / "wikitext-2-raw" / "wiki.test.raw"),
+        metadata={"help": "Text the spans come from (.raw/.txt/.jsonl/.csv/.parquet)."},
+    )
+    span: int = field(
+        default=100, metadata={"help": "Tokens per span; each sample is 2 x span tokens."}
+    )
+    samples: int = field(
+        default=16, metadata={"help": "Spans, taken every --stride tokens from the start."}
+    )
+    stride: int = field(
+        default=1000, metadata={"help": "Tokens from one span's start to the next one's."}
+    )
+    output_json: str | None = field(
+        default=None, metadata={"help": "Also write the results here as JSON."}
+    )
 
 
 def copy_probe(model, ids: torch.Tensor) -> dict:
@@ -56,41 +66,76 @@ def copy_probe(model, ids: torch.Tensor) -> dict:
     with torch.no_grad():
         out = model(x, output_attentions=True)
     logits = out.logits.float()
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # nll[:, t]: x[t + 1]
-    first, second = nll[:, :span - 1].mean().item(), nll[:, span:].mean().item()
-    query = torch.arange(span, 2 * span)  # the second reading; its token at q first occurred at q - span
+    nll = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none"
+    )  # nll[:, t]: x[t + 1]
+    first, second = nll[:, : span - 1].mean().item(), nll[:, span:].mean().item()
+    query = torch.arange(
+        span, 2 * span
+    )  # the second reading; its token at q first occurred at q - span
     later = torch.arange(1, 2 * span)
-    induction = [round(a[:, :, query, query - span + 1].mean(dim=(0, 2)).max().item(), 4) for a in out.attentions]
-    previous = [round(a[:, :, later, later - 1].mean(dim=(0, 2)).max().item(), 4) for a in out.attentions]
-    return {"nll_first_reading": round(first, 5), "nll_second_reading": round(second, 5),
-            "copy_gain_nats": round(first - second, 5), "induction_score_by_layer": induction,
-            "previous_token_score_by_layer": previous}
+    induction = [
+        round(a[:, :, query, query - span + 1].mean(dim=(0, 2)).max().item(), 4)
+        for a in out.attentions
+    ]
+    previous = [
+        round(a[:, :, later, later - 1].mean(dim=(0, 2)).max().item(), 4) for a in out.attentions
+    ]
+    return {
+        "nll_first_reading": round(first, 5),
+        "nll_second_reading": round(second, 5),
+        "copy_gain_nats": round(first - second, 5),
+        "induction_score_by_layer": induction,
+        "previous_token_score_by_layer": previous,
+    }
 
 
 def main() -> None:
     (args,) = parse_args((CopyProbeArguments,), description=__doc__)
-    for flag, value, least in (("--span", args.span, 2), ("--samples", args.samples, 1), ("--stride", args.stride, 1)):
+    for flag, value, least in (
+        ("--span", args.span, 2),
+        ("--samples", args.samples, 1),
+        ("--stride", args.stride, 1),
+    ):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}; got {value}")
     model, tokenizer = load_pretrained(args.model, device=torch.device("cpu"))
     if 2 * args.span > context_length(model.config):
-        raise UsageError(f"--span {args.span}: a sample is 2 x span = {2 * args.span} tokens, more than the model's "
-                         f"context of {context_length(model.config)}; pass --span {context_length(model.config) // 2} "
-                         f"or less")
+        raise UsageError(
+            f"--span {args.span}: a sample is 2 x span = {2 * args.span} tokens, more than the model's "
+            f"context of {context_length(model.config)}; pass --span {context_length(model.config) // 2} "
+            f"or less"
+        )
     raw = load_raw_splits(DataArguments(test_file=args.test_file), seed=0, required=("test",))
     stream = token_stream(raw["test"], tokenizer)
     needed = (args.samples - 1) * args.stride + args.span
     if len(stream) < needed:
-        raise UsageError(f"--test_file holds {len(stream)} tokens; {args.samples} spans of {args.span} every "
-                         f"{args.stride} need {needed}: pass fewer --samples, a smaller --stride or a longer file")
-    ids = torch.stack([torch.from_numpy(stream[i * args.stride:i * args.stride + args.span]).long()
-                       for i in range(args.samples)])
-    report = {"model": args.model, "test_file": args.test_file, "span": args.span, "samples": args.samples,
-              "stride": args.stride, **copy_probe(model, ids)}
-    print(f"{args.model}: NLL per token {report['nll_first_reading']:.3f} reading a span the first time, "
-          f"{report['nll_second_reading']:.3f} the second time: copying gains {report['copy_gain_nats']:.3f} nats")
-    print(f"best head per layer: induction score {report['induction_score_by_layer']}, previous-token score "
-          f"{report['previous_token_score_by_layer']}")
+        raise UsageError(
+            f"--test_file holds {len(stream)} tokens; {args.samples} spans of {args.span} every "
+            f"{args.stride} need {needed}: pass fewer --samples, a smaller --stride or a longer file"
+        )
+    ids = torch.stack(
+        [
+            torch.from_numpy(stream[i * args.stride : i * args.stride + args.span]).long()
+            for i in range(args.samples)
+        ]
+    )
+    report = {
+        "model": args.model,
+        "test_file": args.test_file,
+        "span": args.span,
+        "samples": args.samples,
+        "stride": args.stride,
+        **copy_probe(model, ids),
+    }
+    print(
+        f"{args.model}: NLL per token {report['nll_first_reading']:.3f} reading a span the first time, "
+        f"{report['nll_second_reading']:.3f} the second time: copying gains {report['copy_gain_nats']:.3f} nats"
+    )
+    print(
+        f"best head per layer: induction score {report['induction_score_by_layer']}, previous-token score "
+        f"{report['previous_token_score_by_layer']}"
+    )
     if args.output_json:
         write_json_atomic(args.output_json, report)
         print(f"wrote {args.output_json}")

@@ -19,7 +19,9 @@ NAMES = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=8 * 256)
     parser.add_argument("--width", type=int, default=4 * 256)
     parser.add_argument("--calls", type=int, default=30)
@@ -34,9 +36,14 @@ def main() -> None:
             ACT2FN[name](x).backward(grad)
             times[name].append((time.perf_counter() - start) * 1000)
             x.grad = None
-    result = {"shape": [args.tokens, args.width], "dtype": "float32", "threads": torch.get_num_threads(),
-              "ms_forward_backward": {name: {"median": statistics.median(t), "min": min(t)} for name, t in
-                                      times.items()}}
+    result = {
+        "shape": [args.tokens, args.width],
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+        "ms_forward_backward": {
+            name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()
+        },
+    }
     for name, t in result["ms_forward_backward"].items():
         print(f"{name}: median {t['median']:.2f} ms (min {t['min']:.2f}) forward + backward")
     if args.output_json:

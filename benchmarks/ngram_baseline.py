@@ -35,20 +35,32 @@ from wikigpt.model import DEFAULT_TOKENIZER, load_tokenizer  # noqa: E402
 
 DATA = REPO / "data"  # the bundled WikiText-2 files and GPT-2 tokenizer
 JSON_VERSION = 1
-FIRST_TOKEN = ("every test token is scored; token j is predicted from its last min(j, order-1) tokens, so the "
-               "first token (no history) gets the order-1 distribution")
+FIRST_TOKEN = (
+    "every test token is scored; token j is predicted from its last min(j, order-1) tokens, so the "
+    "first token (no history) gets the order-1 distribution"
+)
 
 
 @dataclass
 class NgramArguments:
-    train_file: str = field(default=str(DATA / "wikitext-2-raw" / "wiki.valid.raw"),
-                            metadata={"help": "Text the n-gram counts come from (.raw/.txt/.jsonl/.csv/.parquet)."})
-    test_file: str = field(default=str(DATA / "wikitext-2-raw" / "wiki.test.raw"),
-                           metadata={"help": "Text whose token-level perplexity is reported."})
-    tokenizer_name: str = field(default=str(DATA / "gpt2-tokenizer"), metadata={"help": "Tokenizer folder or id."})
-    max_order: int = field(default=5, metadata={"help": "Fit and score every order from 1 to this one."})
-    output_json: str = field(default=str(REPO / "benchmarks" / "results" / "ngram_baseline.json"),
-                             metadata={"help": "Write the results here as JSON."})
+    train_file: str = field(
+        default=str(DATA / "wikitext-2-raw" / "wiki.valid.raw"),
+        metadata={"help": "Text the n-gram counts come from (.raw/.txt/.jsonl/.csv/.parquet)."},
+    )
+    test_file: str = field(
+        default=str(DATA / "wikitext-2-raw" / "wiki.test.raw"),
+        metadata={"help": "Text whose token-level perplexity is reported."},
+    )
+    tokenizer_name: str = field(
+        default=str(DATA / "gpt2-tokenizer"), metadata={"help": "Tokenizer folder or id."}
+    )
+    max_order: int = field(
+        default=5, metadata={"help": "Fit and score every order from 1 to this one."}
+    )
+    output_json: str = field(
+        default=str(REPO / "benchmarks" / "results" / "ngram_baseline.json"),
+        metadata={"help": "Write the results here as JSON."},
+    )
 
 
 def display_path(path: str) -> str:
@@ -83,26 +95,43 @@ def main() -> None:
         model = KneserNey(train, order, vocab_size)
         nll = -float(np.mean(model.log_probs(test)))
         seconds = time.perf_counter() - start
-        results.append({
-            "order": order, "perplexity": round(math.exp(nll), 2), "nll_per_token": round(nll, 5),
-            "train_tokens": len(train), "test_tokens": len(test), "seconds": round(seconds, 2),
-            "discounts": {str(k): [round(d, 4) for d in model.discounts[k]] for k in range(1, order + 1)},
-            "distinct_ngrams": int(np.count_nonzero(model.counts[order])),
-        })
-        print(f"order {order}: perplexity {results[-1]['perplexity']:,.2f} ({seconds:.1f} s)", flush=True)
+        results.append(
+            {
+                "order": order,
+                "perplexity": round(math.exp(nll), 2),
+                "nll_per_token": round(nll, 5),
+                "train_tokens": len(train),
+                "test_tokens": len(test),
+                "seconds": round(seconds, 2),
+                "discounts": {
+                    str(k): [round(d, 4) for d in model.discounts[k]] for k in range(1, order + 1)
+                },
+                "distinct_ngrams": int(np.count_nonzero(model.counts[order])),
+            }
+        )
+        print(
+            f"order {order}: perplexity {results[-1]['perplexity']:,.2f} ({seconds:.1f} s)",
+            flush=True,
+        )
     header = f"{'order':>5} | {'test perplexity':>15} | {'train tokens':>12} | {'test tokens':>11} | {'seconds':>7}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
-        print(f"{r['order']:>5} | {r['perplexity']:>15,.2f} | {r['train_tokens']:>12,} | {r['test_tokens']:>11,} | "
-              f"{r['seconds']:>7.1f}")
+        print(
+            f"{r['order']:>5} | {r['perplexity']:>15,.2f} | {r['train_tokens']:>12,} | {r['test_tokens']:>11,} | "
+            f"{r['seconds']:>7.1f}"
+        )
     report = {
         "version": JSON_VERSION,
         "method": "interpolated modified Kneser-Ney (Chen & Goodman), order 1 interpolated with uniform",
         "command": "python " + shlex.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
-        "train_file": display_path(args.train_file), "test_file": display_path(args.test_file),
+        "train_file": display_path(args.train_file),
+        "test_file": display_path(args.test_file),
         "tokenizer": display_path(args.tokenizer_name),
-        "vocab_size": vocab_size, "train_tokens": len(train), "test_tokens": len(test),
-        "first_token": FIRST_TOKEN, "results": results,
+        "vocab_size": vocab_size,
+        "train_tokens": len(train),
+        "test_tokens": len(test),
+        "first_token": FIRST_TOKEN,
+        "results": results,
     }
     write_json_atomic(args.output_json, report)  # a half-written file never replaces the last one
     print(f"wrote {args.output_json}")

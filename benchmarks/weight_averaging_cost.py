@@ -38,7 +38,9 @@ def median_ms(fn, warmup: int, repeats: int) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -58,15 +60,27 @@ def main():
         optimizer.step()
         optimizer.zero_grad()
 
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.decay), use_buffers=False)
+    averaged = AveragedModel(
+        model, multi_avg_fn=get_ema_multi_avg_fn(args.decay), use_buffers=False
+    )
     step_ms = median_ms(train_step, args.warmup, args.repeats)
     ema_ms = median_ms(lambda: averaged.update_parameters(model), args.warmup, args.repeats * 5)
-    result = {"preset": args.preset, "parameters": sum(p.numel() for p in model.parameters()),
-              "block_size": args.block_size, "batch_size": args.batch_size, "train_step_ms": round(step_ms, 2),
-              "ema_update_ms": round(ema_ms, 3), "ema_share_of_step": round(ema_ms / step_ms, 4),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
-              platform.machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-    print(f"{args.preset}: {result['parameters'] / 1e6:.2f}M parameters, batch {args.batch_size} x {args.block_size}")
+    result = {
+        "preset": args.preset,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "block_size": args.block_size,
+        "batch_size": args.batch_size,
+        "train_step_ms": round(step_ms, 2),
+        "ema_update_ms": round(ema_ms, 3),
+        "ema_share_of_step": round(ema_ms / step_ms, 4),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+    print(
+        f"{args.preset}: {result['parameters'] / 1e6:.2f}M parameters, batch {args.batch_size} x {args.block_size}"
+    )
     print(f"  training step  {step_ms:9.2f} ms")
     print(f"  EMA update     {ema_ms:9.3f} ms  ({ema_ms / step_ms:.2%} of a step)")
     if args.output_json:

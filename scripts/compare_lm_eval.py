@@ -40,7 +40,9 @@ METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--test_file", required=True)
     parser.add_argument("--tokenizer_name")
@@ -65,7 +67,9 @@ def main() -> None:
     text_file = os.path.join(work, "docs.raw")
     with open(text_file, "w", encoding="utf-8") as f:
         f.write("\n".join(pages))
-    pages = split_documents(load_raw_splits(DataArguments(test_file=text_file), 0, ("test",))["test"]["text"])
+    pages = split_documents(
+        load_raw_splits(DataArguments(test_file=text_file), 0, ("test",))["test"]["text"]
+    )
     with open(os.path.join(work, "docs.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"page": page}) + "\n" for page in pages)
     shutil.copy(harness_wikitext.__file__, os.path.join(work, "preprocess_wikitext.py"))
@@ -74,25 +78,50 @@ def main() -> None:
 
     tokenizer = args.tokenizer_name or args.model
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={args.model},tokenizer={tokenizer},dtype=float32",
-        tasks=["wikitext_local"], task_manager=TaskManager(include_path=work), batch_size=args.batch_size,
+        model="hf",
+        model_args=f"pretrained={args.model},tokenizer={tokenizer},dtype=float32",
+        tasks=["wikitext_local"],
+        task_manager=TaskManager(include_path=work),
+        batch_size=args.batch_size,
         device="cpu" if not __import__("torch").cuda.is_available() else "cuda",
     )
     harness = {m: out["results"]["wikitext_local"][f"{m},none"] for m in METRICS}
 
-    ours = evaluate_split(EvalArguments(model=args.model, tokenizer_name=args.tokenizer_name, methods="documents",
-                                        batch_size=args.batch_size),
-                          DataArguments(test_file=text_file), Accelerator())
+    ours = evaluate_split(
+        EvalArguments(
+            model=args.model,
+            tokenizer_name=args.tokenizer_name,
+            methods="documents",
+            batch_size=args.batch_size,
+        ),
+        DataArguments(test_file=text_file),
+        Accelerator(),
+    )
     rows_out, agree = [], True
     for m in METRICS:
         a, b = ours["metrics"][m]["value"], harness[m]
         same = f"{a:.4g}" == f"{b:.4g}"
         agree &= same
-        rows_out.append({"metric": m, "wikigpt": a, "lm_eval": b, "relative_difference": abs(a - b) / abs(b),
-                         "same_4_significant_digits": same})
-        print(f"{m:16s} wikigpt {a:.6g}  lm-eval {b:.6g}  rel.diff {abs(a - b) / abs(b):.2e}  {'OK' if same else 'DIFFERENT'}")
-    report = {"model": args.model, "documents": len(pages), "lm_eval_version": lm_eval.__version__,
-              "counts": ours["counts"]["documents"], "metrics": rows_out, "agree": agree}
+        rows_out.append(
+            {
+                "metric": m,
+                "wikigpt": a,
+                "lm_eval": b,
+                "relative_difference": abs(a - b) / abs(b),
+                "same_4_significant_digits": same,
+            }
+        )
+        print(
+            f"{m:16s} wikigpt {a:.6g}  lm-eval {b:.6g}  rel.diff {abs(a - b) / abs(b):.2e}  {'OK' if same else 'DIFFERENT'}"
+        )
+    report = {
+        "model": args.model,
+        "documents": len(pages),
+        "lm_eval_version": lm_eval.__version__,
+        "counts": ours["counts"]["documents"],
+        "metrics": rows_out,
+        "agree": agree,
+    }
     if args.output_file:
         with open(args.output_file, "w") as f:
             json.dump(report, f, indent=2)

@@ -16,7 +16,9 @@ os.environ["WANDB_DISABLED"] = "true"
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "data"  # bundled: WikiText-2 raw validation/test and the GPT-2 tokenizer (data/README.md)
+DATA = (
+    REPO / "data"
+)  # bundled: WikiText-2 raw validation/test and the GPT-2 tokenizer (data/README.md)
 WT2 = DATA / "wikitext-2-raw"
 TOKENIZER_DIR = DATA / "gpt2-tokenizer"
 
@@ -61,16 +63,48 @@ def tiny_checkpoint(tmp_path_factory, tokenizer):
     return d
 
 
-def run_script(script: str, *args, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run one of the top-level scripts as a user would, offline."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tiny_train_args(small_files, output_dir, *extra) -> list[str]:
-    return ["--preset", "tiny", "--tokenizer_name", TOKENIZER_DIR,
-            "--train_file", small_files["train"], "--validation_file", small_files["validation"],
-            "--block_size", 64, "--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 8,
-            "--max_steps", 6, "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", 2,
-            "--output_dir", output_dir, "--disable_tqdm", "true", *extra]
+    return [
+        "--preset",
+        "tiny",
+        "--tokenizer_name",
+        TOKENIZER_DIR,
+        "--train_file",
+        small_files["train"],
+        "--validation_file",
+        small_files["validation"],
+        "--block_size",
+        64,
+        "--per_device_train_batch_size",
+        4,
+        "--per_device_eval_batch_size",
+        8,
+        "--max_steps",
+        6,
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        2,
+        "--output_dir",
+        output_dir,
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]

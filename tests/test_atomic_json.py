@@ -17,7 +17,9 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
     path = tmp_path / "results.json"
     write_json_atomic(str(path), {"eval_loss": 3.5})
     with pytest.raises(RuntimeError):
-        write_json_atomic(str(path), {"eval_loss": 1.0, "note": Unprintable()})  # fails after "eval_loss" is written
+        write_json_atomic(
+            str(path), {"eval_loss": 1.0, "note": Unprintable()}
+        )  # fails after "eval_loss" is written
     assert json.loads(path.read_text()) == {"eval_loss": 3.5}
     assert os.listdir(tmp_path) == ["results.json"]
 

@@ -19,7 +19,9 @@ def write(path, text):
 def test_layered_config_files_then_flags(tmp_path):
     base = write(tmp_path / "recipe.yaml", "learning_rate: 2.0e-3\nnum_train_epochs: 12\nseed: 3\n")
     top = write(tmp_path / "student.yaml", "learning_rate: 1.4e-3\nnum_train_epochs: 15\n")
-    (args,) = parse_args((WikiTrainingArguments,), [base, top, "--num_train_epochs", "9", "--output_dir", "o"])
+    (args,) = parse_args(
+        (WikiTrainingArguments,), [base, top, "--num_train_epochs", "9", "--output_dir", "o"]
+    )
     assert (args.learning_rate, args.num_train_epochs, args.seed) == (1.4e-3, 9, 3)
 
 
@@ -28,8 +30,10 @@ def test_an_unknown_key_in_a_later_file_names_that_file(tmp_path):
     top = write(tmp_path / "student.yaml", "learning_rat: 1.4e-3\n")
     with pytest.raises(UsageError) as err:
         parse_args((WikiTrainingArguments,), [base, top])
-    assert str(err.value) == (f"config file {top!r} has unknown keys ['learning_rat']; remove them or fix the "
-                              f"spelling (see --help for the accepted names)")
+    assert str(err.value) == (
+        f"config file {top!r} has unknown keys ['learning_rat']; remove them or fix the "
+        f"spelling (see --help for the accepted names)"
+    )
 
 
 # ---- renamed flags (OLD_NAMES): the old name still works, with one notice line ----
@@ -46,24 +50,41 @@ def test_an_old_flag_parses_as_the_new_one_with_one_notice(old, caplog):
     (new,) = parse_args((LeverArguments,), ["--rare_tokens_below", "3"])
     assert notices(caplog) == []
     (levers,) = parse_args((LeverArguments,), [*old, "--tied_input_dropout", "0.1", *old])
-    assert levers == LeverArguments(rare_tokens_below=3, rare_input_dropout=0.1) and new.rare_tokens_below == 3
-    assert notices(caplog) == [NOTICE, "--tied_input_dropout is now --rare_input_dropout; the old name still works"]
-    assert [r.levelname for r in caplog.records if r.name == "wikigpt.cli"] == ["WARNING", "WARNING"]
+    assert (
+        levers == LeverArguments(rare_tokens_below=3, rare_input_dropout=0.1)
+        and new.rare_tokens_below == 3
+    )
+    assert notices(caplog) == [
+        NOTICE,
+        "--tied_input_dropout is now --rare_input_dropout; the old name still works",
+    ]
+    assert [r.levelname for r in caplog.records if r.name == "wikigpt.cli"] == [
+        "WARNING",
+        "WARNING",
+    ]
 
 
 def test_an_old_config_key_loads_to_the_new_field_with_one_notice(tmp_path, caplog):
     config = write(tmp_path / "recipe.yaml", "tie_tokens_below: 5\ntied_token_groups: spelling\n")
     (levers,) = parse_args((LeverArguments,), [config, "--tie_tokens_below", "4"])
-    assert (levers.rare_tokens_below, levers.rare_token_groups) == (4, "spelling")  # the command line wins
-    assert notices(caplog) == [NOTICE, "--tied_token_groups is now --rare_token_groups; the old name still works"]
+    assert (levers.rare_tokens_below, levers.rare_token_groups) == (
+        4,
+        "spelling",
+    )  # the command line wins
+    assert notices(caplog) == [
+        NOTICE,
+        "--tied_token_groups is now --rare_token_groups; the old name still works",
+    ]
 
 
 def test_a_config_file_with_both_names_of_a_flag_is_refused(tmp_path):
     config = write(tmp_path / "recipe.yaml", "tie_tokens_below: 5\nrare_tokens_below: 3\n")
     with pytest.raises(UsageError) as err:
         parse_args((LeverArguments,), [config])
-    assert str(err.value) == (f"config file {config!r} sets both tie_tokens_below and rare_tokens_below, one "
-                              f"setting under its old and new name; keep rare_tokens_below")
+    assert str(err.value) == (
+        f"config file {config!r} sets both tie_tokens_below and rare_tokens_below, one "
+        f"setting under its old and new name; keep rare_tokens_below"
+    )
 
 
 def test_every_old_name_is_an_alias_of_its_new_flag():

@@ -37,8 +37,8 @@ def test_heads_that_attend_evenly_score_one_over_the_position(tiny_checkpoint):
     n_embd = model.config.n_embd
     with torch.no_grad():
         for block in model.transformer.h:
-            block.attn.c_attn.weight[:, :2 * n_embd] = 0
-            block.attn.c_attn.bias[:2 * n_embd] = 0
+            block.attn.c_attn.weight[:, : 2 * n_embd] = 0
+            block.attn.c_attn.bias[: 2 * n_embd] = 0
     span = 10
     result = copy_probe_module.copy_probe(model, torch.randint(0, 5000, (2, span)))
     induction = sum(1 / (q + 1) for q in range(span, 2 * span)) / span
@@ -57,7 +57,7 @@ def head_looking_back(checkpoint, span: int, target) -> GPT2LMHeadModel:
     with torch.no_grad():
         model.transformer.wte.weight.zero_()
         model.transformer.wpe.weight.zero_()
-        model.transformer.wpe.weight[:2 * span, :2 * span] = torch.eye(2 * span)
+        model.transformer.wpe.weight[: 2 * span, : 2 * span] = torch.eye(2 * span)
         model.transformer.h[0].ln_1.weight.fill_(1)
         model.transformer.h[0].ln_1.bias.zero_()
         for columns in (slice(0, head), slice(n_embd, n_embd + head)):  # head 0's query and key
@@ -74,7 +74,9 @@ def test_a_previous_token_head_scores_one_and_copies_nothing(tiny_checkpoint):
     model = head_looking_back(tiny_checkpoint, span, lambda q: max(q - 1, 0))
     result = copy_probe_module.copy_probe(model, torch.randint(0, 5000, (2, span)))
     assert result["previous_token_score_by_layer"][0] > 0.99
-    assert result["induction_score_by_layer"][0] < 0.2  # layer 0's other head, attending about evenly: 0.11
+    assert (
+        result["induction_score_by_layer"][0] < 0.2
+    )  # layer 0's other head, attending about evenly: 0.11
 
 
 def test_an_induction_head_scores_one(tiny_checkpoint):
@@ -83,13 +85,27 @@ def test_an_induction_head_scores_one(tiny_checkpoint):
     model = head_looking_back(tiny_checkpoint, span, lambda q: q - span + 1 if q >= span else q)
     result = copy_probe_module.copy_probe(model, torch.randint(0, 5000, (2, span)))
     assert result["induction_score_by_layer"][0] > 0.99
-    assert result["previous_token_score_by_layer"][0] < 0.3  # the other head, attending about evenly: 0.19
+    assert (
+        result["previous_token_score_by_layer"][0] < 0.3
+    )  # the other head, attending about evenly: 0.19
 
 
 def test_script_writes_the_json(tmp_path, tiny_checkpoint):
     out = tmp_path / "probe.json"
-    proc = run_script("benchmarks/copy_probe.py", "--model", tiny_checkpoint, "--span", 30, "--samples", 4,
-                      "--stride", 200, "--output_json", out, env={"HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    proc = run_script(
+        "benchmarks/copy_probe.py",
+        "--model",
+        tiny_checkpoint,
+        "--span",
+        30,
+        "--samples",
+        4,
+        "--stride",
+        200,
+        "--output_json",
+        out,
+        env={"HF_DATASETS_CACHE": str(tmp_path / "cache")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert (report["span"], report["samples"], report["stride"]) == (30, 4, 200)
@@ -97,15 +113,21 @@ def test_script_writes_the_json(tmp_path, tiny_checkpoint):
     # a random tiny model is close to uniform over the 50,257 tokens (ln 50257 = 10.8) on both readings
     assert 10 < report["nll_first_reading"] < 11.5 and 10 < report["nll_second_reading"] < 11.5
     assert f"copying gains {report['copy_gain_nats']:.3f} nats" in proc.stdout
-    assert len(report["induction_score_by_layer"]) == len(report["previous_token_score_by_layer"]) == 2  # 2 layers
+    assert (
+        len(report["induction_score_by_layer"]) == len(report["previous_token_score_by_layer"]) == 2
+    )  # 2 layers
     assert f"induction score {report['induction_score_by_layer']}" in proc.stdout
 
 
 def test_span_longer_than_half_the_context_is_one_error_line(tmp_path, tiny_checkpoint):
     out = tmp_path / "probe.json"
-    proc = run_script("benchmarks/copy_probe.py", "--model", tiny_checkpoint, "--span", 100, "--output_json", out)
+    proc = run_script(
+        "benchmarks/copy_probe.py", "--model", tiny_checkpoint, "--span", 100, "--output_json", out
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert errors == ["error: --span 100: a sample is 2 x span = 200 tokens, more than the model's context of 128; "
-                      "pass --span 64 or less"]
+    assert errors == [
+        "error: --span 100: a sample is 2 x span = 200 tokens, more than the model's context of 128; "
+        "pass --span 64 or less"
+    ]
     assert not out.exists()

@@ -2,7 +2,14 @@
 
 from conftest import run_script
 
-GROUPS = ["model", "data", "levers for small data", "calibration after training", "training", "search"]
+GROUPS = [
+    "model",
+    "data",
+    "levers for small data",
+    "calibration after training",
+    "training",
+    "search",
+]
 
 
 def test_train_help_lists_the_flags_in_groups():
@@ -24,4 +31,6 @@ def test_train_help_lists_the_flags_in_groups():
     assert group_of("--calibrate_temperature") == "calibration after training"
     assert group_of("--learning_rate") == "training"
     assert group_of("--hp_search") == "search"
-    assert "--tie_tokens_below" not in done.stdout  # the old name parses, but --help names the new one
+    assert (
+        "--tie_tokens_below" not in done.stdout
+    )  # the old name parses, but --help names the new one

@@ -21,17 +21,46 @@ RTOL = 1e-5
 
 
 def train_args(small_files, validation, out, per_device_train, per_device_eval):
-    return ["--preset", "tiny", "--config_overrides", "resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0",
-            "--tokenizer_name", TOKENIZER_DIR, "--train_file", small_files["train"], "--validation_file", validation,
-            "--block_size", 64, "--per_device_train_batch_size", per_device_train,
-            "--per_device_eval_batch_size", per_device_eval, "--max_steps", 6, "--eval_strategy", "no",
-            "--save_strategy", "no", "--logging_steps", 2, "--output_dir", out, "--disable_tqdm", "true",
-            "--use_cpu", "--bf16", "false"]  # fp32 in both (bf16 autocast is the default on a bf16 CPU)
+    return [
+        "--preset",
+        "tiny",
+        "--config_overrides",
+        "resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0",
+        "--tokenizer_name",
+        TOKENIZER_DIR,
+        "--train_file",
+        small_files["train"],
+        "--validation_file",
+        validation,
+        "--block_size",
+        64,
+        "--per_device_train_batch_size",
+        per_device_train,
+        "--per_device_eval_batch_size",
+        per_device_eval,
+        "--max_steps",
+        6,
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        2,
+        "--output_dir",
+        out,
+        "--disable_tqdm",
+        "true",
+        "--use_cpu",
+        "--bf16",
+        "false",
+    ]  # fp32 in both (bf16 autocast is the default on a bf16 CPU)
 
 
 def run(cmd, cache_dir):
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache_dir), "DATASETS_VERBOSITY": "info"}
-    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +68,31 @@ def runs(tmp_path_factory, small_files):
     d = tmp_path_factory.mktemp("multiprocess")
     # 36 lines of WT2 test -> an odd number of 64-token blocks, so the last eval batch is uneven
     validation = write_lines(d / "valid.raw", WT2 / "wiki.test.raw", 0, 36)
-    one = run([sys.executable, REPO / "train.py", *train_args(small_files, validation, d / "one", 4, 8)],
-              d / "cache-one")
-    two = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2,
-               "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", 0,
-               REPO / "train.py", *train_args(small_files, validation, d / "two", 2, 4)], d / "cache-two")
+    one = run(
+        [sys.executable, REPO / "train.py", *train_args(small_files, validation, d / "one", 4, 8)],
+        d / "cache-one",
+    )
+    two = run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            2,
+            "--num_machines",
+            1,
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            0,
+            REPO / "train.py",
+            *train_args(small_files, validation, d / "two", 2, 4),
+        ],
+        d / "cache-two",
+    )
     return d, one, two
 
 
@@ -58,10 +107,16 @@ def test_two_processes_train_and_evaluate_like_one(runs):
     r1, r2 = results(d, "one"), results(d, "two")
     assert r1["hardware"]["processes"] == 1 and r1["hardware"]["distributed"] == "NO"
     assert r2["hardware"]["processes"] == 2 and r2["hardware"]["distributed"] == "MULTI_CPU"
-    assert r1["hyperparameters"]["global_batch_blocks"] == r2["hyperparameters"]["global_batch_blocks"] == 4
+    assert (
+        r1["hyperparameters"]["global_batch_blocks"]
+        == r2["hyperparameters"]["global_batch_blocks"]
+        == 4
+    )
     assert r1["train"]["tokens_seen"] == r2["train"]["tokens_seen"] == 6 * 4 * 64
     assert r2["train"]["train_loss"] == pytest.approx(r1["train"]["train_loss"], rel=RTOL)
-    assert r2["validation"]["eval_token_loss"] == pytest.approx(r1["validation"]["eval_token_loss"], rel=RTOL)
+    assert r2["validation"]["eval_token_loss"] == pytest.approx(
+        r1["validation"]["eval_token_loss"], rel=RTOL
+    )
     w1, w2 = load_file(d / "one" / "model.safetensors"), load_file(d / "two" / "model.safetensors")
     assert w1.keys() == w2.keys()
     for name in w1:
@@ -72,7 +127,9 @@ def test_eval_counts_every_block_exactly_once_with_an_uneven_last_batch(runs):
     d, _, _ = runs
     r1, r2 = results(d, "one"), results(d, "two")
     blocks = r1["data"]["validation"]["blocks"]
-    assert blocks % 2 == 1 and blocks % 8 != 0  # the premise: 2 x 4 per eval step leaves a ragged last batch
+    assert (
+        blocks % 2 == 1 and blocks % 8 != 0
+    )  # the premise: 2 x 4 per eval step leaves a ragged last batch
     for r in (r1, r2):
         assert r["validation"]["eval_blocks"] == blocks
         assert r["validation"]["eval_tokens"] == blocks * 63
@@ -83,8 +140,11 @@ def test_preprocessing_runs_once_on_the_main_process_first(runs):
     other ("Loading cached processed dataset"), and every computation finishes before any cache read starts:
     rank 0 tokenized first while rank 1 waited at the barrier, and nothing was tokenized twice."""
     _, _, two = runs
-    events = re.findall(r"INFO datasets\.arrow_dataset: (Caching processed dataset|Loading cached processed dataset)"
-                        r" at \S*/(cache-[0-9a-f]+)", two.stderr)  # the map's fingerprint names its cache file
+    events = re.findall(
+        r"INFO datasets\.arrow_dataset: (Caching processed dataset|Loading cached processed dataset)"
+        r" at \S*/(cache-[0-9a-f]+)",
+        two.stderr,
+    )  # the map's fingerprint names its cache file
     computed = [path for kind, path in events if kind.startswith("Caching")]
     loaded = [path for kind, path in events if kind.startswith("Loading")]
     assert len(computed) >= 4  # tokenize + group for train and validation at least

@@ -31,21 +31,44 @@ def test_wheel_installs_every_module_the_package_imports(tmp_path):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "wikigpt", src / "wikigpt", ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
-                   check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            str(src),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("wikigpt-*.whl")
     sources = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "wikigpt").rglob("*.py"))
     missing = set(sources) - set(zipfile.ZipFile(wheel).namelist())
     assert not missing, f"the wheel leaves out {sorted(missing)}"
 
     site = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True
+    )
     modules = [p[:-3].replace("/", ".") for p in sources if "corpus_perplexity" not in p]
-    env = {**os.environ, "PYTHONPATH": str(site)}  # the installed copy only: the checkout is not on the path
-    done = subprocess.run([sys.executable, "-c", IMPORT_ALL, *modules], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+    }  # the installed copy only: the checkout is not on the path
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL, *modules],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["package"] == str(site / "wikigpt" / "__init__.py")
-    assert len(modules) > 40 and "wikigpt.train.run" in modules  # every subpackage's modules were imported
+    assert (
+        len(modules) > 40 and "wikigpt.train.run" in modules
+    )  # every subpackage's modules were imported
     assert math.isclose(report["perplexity"], math.exp(2.0), rel_tol=1e-9)

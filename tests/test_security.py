@@ -12,7 +12,9 @@ from wikigpt.model import ModelArguments, load_causal_lm
 
 
 def tiny_model():
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=100, n_positions=32))
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=100, n_positions=32)
+    )
 
 
 def test_pickle_only_checkpoint_needs_allow_pickle(tmp_path):
@@ -23,7 +25,8 @@ def test_pickle_only_checkpoint_needs_allow_pickle(tmp_path):
         load_causal_lm(str(tmp_path), flag="--model_name_or_path")
     assert str(err.value) == (
         f"--model_name_or_path {str(tmp_path)!r} holds only pickle weights (pytorch_model.bin), which can run code "
-        f"when loaded; convert them to safetensors, or pass --allow_pickle if you trust the source")
+        f"when loaded; convert them to safetensors, or pass --allow_pickle if you trust the source"
+    )
     loaded = load_causal_lm(str(tmp_path), flag="--model_name_or_path", allow_pickle=True)
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
     assert ModelArguments().allow_pickle is False
@@ -33,18 +36,24 @@ def test_remote_code_in_a_checkpoint_does_not_run_by_default(tmp_path):
     model_dir, marker = tmp_path / "model", tmp_path / "code-ran"
     tiny_model().save_pretrained(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    config["auto_map"] = {
+        "AutoConfig": "modeling_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilModel",
+    }
     (model_dir / "config.json").write_text(json.dumps(config))
     (model_dir / "modeling_evil.py").write_text(
         f"open({str(marker)!r}, 'w').close()\n"
         "from transformers import GPT2Config, GPT2LMHeadModel\n"
         "class EvilConfig(GPT2Config): pass\n"
-        "class EvilModel(GPT2LMHeadModel): config_class = EvilConfig\n")
+        "class EvilModel(GPT2LMHeadModel): config_class = EvilConfig\n"
+    )
     assert ModelArguments().trust_remote_code is False
     assert type(load_causal_lm(str(model_dir), flag="--model_name_or_path")) is GPT2LMHeadModel
     assert not marker.exists()
     trusted = load_causal_lm(str(model_dir), flag="--model_name_or_path", trust_remote_code=True)
-    assert type(trusted).__name__ == "EvilModel" and marker.exists()  # the opt-in really runs it: the default is what keeps it from running
+    assert (
+        type(trusted).__name__ == "EvilModel" and marker.exists()
+    )  # the opt-in really runs it: the default is what keeps it from running
 
 
 def test_hub_token_is_never_written_or_printed(tmp_path, micro_files, monkeypatch, capsys, caplog):
@@ -58,5 +67,7 @@ def test_hub_token_is_never_written_or_printed(tmp_path, micro_files, monkeypatc
     assert (out / "checkpoint-2" / "training_args.bin").exists()
     for text in (printed.out, printed.err, caplog.text):
         assert "SECRET" not in text
-    for path in files:  # training_args.bin is a pickle of the arguments: the token must not be in it
+    for (
+        path
+    ) in files:  # training_args.bin is a pickle of the arguments: the token must not be in it
         assert b"SECRET" not in path.read_bytes(), path

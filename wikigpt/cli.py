@@ -35,7 +35,12 @@ logger = logging.getLogger("wikigpt.cli")
 
 def old_flags(new: str) -> list[str]:
     """The old spellings of flag `new` (field metadata "aliases" for HfArgumentParser), as the old flag had them."""
-    return [flag for old, name in OLD_NAMES.items() if name == new for flag in (f"--{old}", f"--{old.replace('_', '-')}")]
+    return [
+        flag
+        for old, name in OLD_NAMES.items()
+        if name == new
+        for flag in (f"--{old}", f"--{old.replace('_', '-')}")
+    ]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -43,7 +48,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     OLD_NAMES, still parses)."""
 
     def _format_action_invocation(self, action):
-        kept = [o for o in action.option_strings if o.lstrip("-").replace("-", "_") not in OLD_NAMES]
+        kept = [
+            o for o in action.option_strings if o.lstrip("-").replace("-", "_") not in OLD_NAMES
+        ]
         if kept != action.option_strings:
             action = copy.copy(action)
             action.option_strings = kept
@@ -56,8 +63,10 @@ def _rename_old_keys(values: dict, path: str, renamed: list | None) -> dict:
         new = OLD_NAMES.get(key, key)
         if new != key:
             if new in values:
-                raise UsageError(f"config file {path!r} sets both {key} and {new}, one setting under its old and "
-                                 f"new name; keep {new}")
+                raise UsageError(
+                    f"config file {path!r} sets both {key} and {new}, one setting under its old and "
+                    f"new name; keep {new}"
+                )
             if renamed is not None:
                 renamed.append(key)
         out[new] = value
@@ -70,7 +79,9 @@ def _read_config(path: str, renamed: list | None = None) -> dict:
         with open(path, encoding="utf-8") as f:
             values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     except (OSError, ValueError, yaml.YAMLError) as err:
-        raise UsageError(f"config file {path!r} could not be read ({str(err).splitlines()[0]}); fix its syntax") from err
+        raise UsageError(
+            f"config file {path!r} could not be read ({str(err).splitlines()[0]}); fix its syntax"
+        ) from err
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -84,8 +95,10 @@ def read_config(path: str, parser: HfArgumentParser, renamed: list | None = None
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UsageError(f"config file {path!r} has unknown keys {unknown}; remove them or fix the spelling "
-                         f"(see --help for the accepted names)")
+        raise UsageError(
+            f"config file {path!r} has unknown keys {unknown}; remove them or fix the spelling "
+            f"(see --help for the accepted names)"
+        )
     return values
 
 
@@ -98,13 +111,19 @@ def old_names_given(argv: list[str]) -> list[str]:
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # usage: the groups of --help list every flag; a usage line listing them too would be longer than they are
-    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter,
-                              usage="%(prog)s [CONFIG.yaml ...] [--FLAG VALUE ...]")
+    parser = HfArgumentParser(
+        dataclass_types,
+        description=description,
+        formatter_class=HelpFormatter,
+        usage="%(prog)s [CONFIG.yaml ...] [--FLAG VALUE ...]",
+    )
     values, paths, renamed = {}, [], []
     while argv and argv[0].endswith(CONFIG_EXTENSIONS) and not argv[0].startswith("-"):
         path = argv.pop(0)
         if not os.path.isfile(path):
-            raise UsageError(f"config file {path!r} does not exist; pass the path of a .yaml or .json file")
+            raise UsageError(
+                f"config file {path!r} does not exist; pass the path of a .yaml or .json file"
+            )
         values.update(read_config(path, parser, renamed))
         paths.append(path)
     renamed += old_names_given(argv)
@@ -125,18 +144,27 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
 
     parser.error = error
     try:
-        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except ValueError as err:  # TrainingArguments.__post_init__ rejects some values and flag combinations
+        *parsed, remaining = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
+    except (
+        ValueError
+    ) as err:  # TrainingArguments.__post_init__ rejects some values and flag combinations
         message = " ".join(str(err).split())
         # "weekly is not a valid IntervalStrategy": name the flag that was given the value.
-        given = [f"{argv[i - 1]} {argv[i]}: " for i in range(1, len(argv))
-                 if argv[i - 1].startswith("--") and argv[i] and message.startswith(argv[i] + " ")]
+        given = [
+            f"{argv[i - 1]} {argv[i]}: "
+            for i in range(1, len(argv))
+            if argv[i - 1].startswith("--") and argv[i] and message.startswith(argv[i] + " ")
+        ]
         prefix = given[-1] if given else ""
         raise UsageError(f"{prefix}{message} (fix the flags named here; {help_hint})") from err
     if remaining:
         unknown = next((a for a in remaining if a.startswith("-")), remaining[0])
         flag = unknown.split("=")[0]
-        close = difflib.get_close_matches(flag, [o for a in parser._actions for o in a.option_strings], n=1)
+        close = difflib.get_close_matches(
+            flag, [o for a in parser._actions for o in a.option_strings], n=1
+        )
         fix = f"did you mean {close[0]}?" if close else "check the spelling"
         raise UsageError(f"unrecognized argument {flag!r}; {fix} ({help_hint})")
     return tuple(parsed)

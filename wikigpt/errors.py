@@ -52,7 +52,11 @@ def loading(flag: str, value: str, local_hint: str):
                 f"check that it is complete, or pass another path to {flag}"
             ) from err
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hugging Face Hub is unreachable or has no such repo"
+        why = (
+            "HF_HUB_OFFLINE=1 is set"
+            if offline
+            else "the Hugging Face Hub is unreachable or has no such repo"
+        )
         raise UsageError(
             f"{flag} {value!r} is not a local path and could not be fetched ({why}: {_first_line(err)}); "
             f"{local_hint}"

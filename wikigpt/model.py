@@ -30,9 +30,19 @@ DEFAULT_PRESET = "gpt2"
 # Any transformers version loads it; --config_overrides activation_function=gelu_new restores the Python one.
 FROM_SCRATCH_DEFAULTS = {"activation_function": "gelu_pytorch_tanh"}
 # Bookkeeping fields of the config file, not architecture.
-NOT_OVERRIDABLE = {"transformers_version", "architectures", "model_type", "dtype", "vocab_size", "id2label", "label2id"}
+NOT_OVERRIDABLE = {
+    "transformers_version",
+    "architectures",
+    "model_type",
+    "dtype",
+    "vocab_size",
+    "id2label",
+    "label2id",
+}
 DEFAULT_TOKENIZER = "gpt2"
-TOKENIZER_HINT = "to run offline pass --tokenizer_name DIR, a local folder holding the GPT-2 tokenizer files"
+TOKENIZER_HINT = (
+    "to run offline pass --tokenizer_name DIR, a local folder holding the GPT-2 tokenizer files"
+)
 CHECKPOINT_HINT = "to run offline pass a local checkpoint folder (config.json + model.safetensors)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,34 +52,54 @@ class ModelArguments:
     _argument_group_name = "model"  # its title in --help (HfArgumentParser)
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Start from this checkpoint (Hub id or local folder). Default: a new model "
-                                        "from --preset."}
+        default=None,
+        metadata={
+            "help": "Start from this checkpoint (Hub id or local folder). Default: a new model "
+            "from --preset."
+        },
     )
     preset: str | None = field(
-        default=None, metadata={"help": f"From-scratch model size: {', '.join(PRESETS)}. Default: {DEFAULT_PRESET}."}
+        default=None,
+        metadata={
+            "help": f"From-scratch model size: {', '.join(PRESETS)}. Default: {DEFAULT_PRESET}."
+        },
     )
     config_overrides: str | None = field(
-        default=None, metadata={"help": 'From scratch only: GPT2Config fields, e.g. "n_layer=6,n_embd=384,resid_pdrop=0.2".'}
+        default=None,
+        metadata={
+            "help": 'From scratch only: GPT2Config fields, e.g. "n_layer=6,n_embd=384,resid_pdrop=0.2".'
+        },
     )
     tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer (Hub id or local folder). Default: the checkpoint's, else gpt2."}
+        default=None,
+        metadata={
+            "help": "Tokenizer (Hub id or local folder). Default: the checkpoint's, else gpt2."
+        },
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the checkpoint's repo to run."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the checkpoint's repo to run."}
+    )
     allow_pickle: bool = field(
         default=False,
-        metadata={"help": "Also load pickle weights (pytorch_model.bin), which can run code when loaded. Default: "
-                          "safetensors only."},
+        metadata={
+            "help": "Also load pickle weights (pytorch_model.bin), which can run code when loaded. Default: "
+            "safetensors only."
+        },
     )
     pad_vocab_multiple: int | None = field(
         default=None,
-        metadata={"help": "From scratch only: pad the embedding and LM head to a multiple of this (e.g. 64) for "
-                          "faster GPU matmuls; the tokenizer, loss and perplexity keep the real vocabulary. Default: "
-                          "off."},
+        metadata={
+            "help": "From scratch only: pad the embedding and LM head to a multiple of this (e.g. 64) for "
+            "faster GPU matmuls; the tokenizer, loss and perplexity keep the real vocabulary. Default: "
+            "off."
+        },
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel, as transformers' attn_implementation: sdpa, eager or flash_attention_2 "
-                          "(GPU, needs flash-attn); a --distill_from teacher uses the same. Default: sdpa."},
+        metadata={
+            "help": "Attention kernel, as transformers' attn_implementation: sdpa, eager or flash_attention_2 "
+            "(GPU, needs flash-attn); a --distill_from teacher uses the same. Default: sdpa."
+        },
     )
 
 
@@ -85,22 +115,32 @@ def _check_type(key: str, value, default):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise UsageError(f"--config_overrides {key}={value!r} has the wrong type: {key} takes "
-                         f"{type(default).__name__} (default {default!r})")
+        raise UsageError(
+            f"--config_overrides {key}={value!r} has the wrong type: {key} takes "
+            f"{type(default).__name__} (default {default!r})"
+        )
     return value
 
 
 def parse_config_overrides(text: str) -> dict:
     """Parse "key=value,key=value" into typed GPT2Config fields; unknown keys and wrong types are errors."""
-    defaults = {k: v for k, v in GPT2Config().to_dict().items() if k not in NOT_OVERRIDABLE and not k.startswith("_")}
+    defaults = {
+        k: v
+        for k, v in GPT2Config().to_dict().items()
+        if k not in NOT_OVERRIDABLE and not k.startswith("_")
+    }
     overrides = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, raw_value = (part.strip() for part in item.partition("="))
         if not sep or not key:
-            raise UsageError(f'--config_overrides item {item!r} is not key=value; write e.g. "n_layer=6,n_embd=384"')
+            raise UsageError(
+                f'--config_overrides item {item!r} is not key=value; write e.g. "n_layer=6,n_embd=384"'
+            )
         if key not in defaults:
-            raise UsageError(f"--config_overrides key {key!r} is not a GPT2Config field; check the spelling "
-                             f"(e.g. n_layer, n_head, n_embd, n_positions, resid_pdrop)")
+            raise UsageError(
+                f"--config_overrides key {key!r} is not a GPT2Config field; check the spelling "
+                f"(e.g. n_layer, n_head, n_embd, n_positions, resid_pdrop)"
+            )
         try:
             value = ast.literal_eval(raw_value)
         except (ValueError, SyntaxError):
@@ -109,17 +149,23 @@ def parse_config_overrides(text: str) -> dict:
     return overrides
 
 
-def build_config(preset: str | None, config_overrides: str | None, vocab_size: int, eos_token_id: int) -> GPT2Config:
+def build_config(
+    preset: str | None, config_overrides: str | None, vocab_size: int, eos_token_id: int
+) -> GPT2Config:
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise UsageError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
     fields = {**FROM_SCRATCH_DEFAULTS, **PRESETS[name]}
     if config_overrides:
         fields.update(parse_config_overrides(config_overrides))
-    config = GPT2Config(vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id, **fields)
+    config = GPT2Config(
+        vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id, **fields
+    )
     if config.n_embd % config.n_head:
-        raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
-                         f"fix --preset/--config_overrides")
+        raise UsageError(
+            f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
+            f"fix --preset/--config_overrides"
+        )
     return config
 
 
@@ -138,18 +184,26 @@ def check_vocabulary(tokenizer, model, whose: str, fix: str) -> None:
     """A tokenizer with more tokens than the model has embedding rows would index past them mid-run."""
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
-        raise UsageError(f"--tokenizer_name has {len(tokenizer)} tokens but the {whose} vocabulary has {vocab}; {fix}")
+        raise UsageError(
+            f"--tokenizer_name has {len(tokenizer)} tokens but the {whose} vocabulary has {vocab}; {fix}"
+        )
 
 
 def check_model_args(args: ModelArguments) -> None:
     """Argument combinations that cannot work, before anything is loaded."""
     if args.model_name_or_path and args.config_overrides:
-        raise UsageError("--config_overrides only applies to a model built from scratch; drop it, "
-                         "or drop --model_name_or_path to train a new model")
+        raise UsageError(
+            "--config_overrides only applies to a model built from scratch; drop it, "
+            "or drop --model_name_or_path to train a new model"
+        )
     if args.model_name_or_path and args.preset:
-        raise UsageError("--preset builds a new model and --model_name_or_path loads one; pass only one of them")
+        raise UsageError(
+            "--preset builds a new model and --model_name_or_path loads one; pass only one of them"
+        )
     if args.model_name_or_path and os.path.isfile(args.model_name_or_path):
-        raise UsageError(f"--model_name_or_path {args.model_name_or_path!r} is a file; pass the checkpoint folder")
+        raise UsageError(
+            f"--model_name_or_path {args.model_name_or_path!r} is a file; pass the checkpoint folder"
+        )
     check_pad_vocab_args(args.pad_vocab_multiple, args.model_name_or_path)
 
 
@@ -157,19 +211,30 @@ def load_model(args: ModelArguments, tokenizer):
     """Returns (model, source) where `source` says truthfully where the weights came from."""
     check_model_args(args)
     if args.model_name_or_path:
-        model = load_causal_lm(args.model_name_or_path, flag="--model_name_or_path",
-                               trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        model = load_causal_lm(
+            args.model_name_or_path,
+            flag="--model_name_or_path",
+            trust_remote_code=args.trust_remote_code,
+            allow_pickle=args.allow_pickle,
+        )
         check_vocabulary(tokenizer, model, "checkpoint's", "use the checkpoint's own tokenizer")
         source = {"kind": "pretrained", "base_model": args.model_name_or_path}
     else:
-        config = build_config(args.preset, args.config_overrides, len(tokenizer), tokenizer.eos_token_id)
+        config = build_config(
+            args.preset, args.config_overrides, len(tokenizer), tokenizer.eos_token_id
+        )
         model = mark_causal_lm_loss(GPT2LMHeadModel(config))
         if args.pad_vocab_multiple:
             pad_vocab(model, args.pad_vocab_multiple)
-        source = {"kind": "from_scratch", "preset": args.preset or DEFAULT_PRESET,
-                  "config_overrides": args.config_overrides}
+        source = {
+            "kind": "from_scratch",
+            "preset": args.preset or DEFAULT_PRESET,
+            "config_overrides": args.config_overrides,
+        }
         if args.pad_vocab_multiple:
-            source["vocab_padded_to"] = padded_size(model.config.vocab_size, args.pad_vocab_multiple)
+            source["vocab_padded_to"] = padded_size(
+                model.config.vocab_size, args.pad_vocab_multiple
+            )
     if args.attn_implementation:
         use_attention(model, args.attn_implementation)
     source["parameters"] = model.num_parameters()
@@ -182,13 +247,19 @@ def use_attention(model, implementation: str) -> None:
     try:
         model.set_attn_implementation(implementation)
     except (ValueError, ImportError) as error:
-        raise UsageError(f"--attn_implementation {implementation!r} cannot be used: {error} Pass eager or sdpa, "
-                         f"or drop the flag") from None
+        raise UsageError(
+            f"--attn_implementation {implementation!r} cannot be used: {error} Pass eager or sdpa, "
+            f"or drop the flag"
+        ) from None
 
 
 def non_embedding_parameters(model) -> int:
-    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-                  for p in m.parameters()}
+    embeddings = {
+        id(p)
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None
+        for p in m.parameters()
+    }
     position = getattr(getattr(model, "transformer", None), "wpe", None)
     if position is not None:
         embeddings |= {id(p) for p in position.parameters()}
@@ -198,7 +269,9 @@ def non_embedding_parameters(model) -> int:
 def describe_source(source: dict) -> str:
     if source["kind"] == "pretrained":
         return f"fine-tuned from {source['base_model']}"
-    extra = f" with overrides {source['config_overrides']}" if source.get("config_overrides") else ""
+    extra = (
+        f" with overrides {source['config_overrides']}" if source.get("config_overrides") else ""
+    )
     return f"trained from scratch (preset {source['preset']}{extra}; random initialisation, not gpt2 weights)"
 
 
@@ -211,40 +284,74 @@ def context_length(config) -> int:
     return 1024
 
 
-def load_causal_lm(name: str, *, flag: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
-                   allow_pickle: bool = False):
+def load_causal_lm(
+    name: str,
+    *,
+    flag: str,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+):
     """Any causal-LM checkpoint (Hub id or local folder); a failed load becomes one line naming `flag`.
 
     Safetensors only unless `allow_pickle`: unpickling a pytorch_model.bin can run arbitrary code.
     """
     if os.path.isfile(name):
-        raise UsageError(f"{flag} {name!r} is a file; pass the checkpoint folder (config.json + model.safetensors)")
+        raise UsageError(
+            f"{flag} {name!r} is a file; pass the checkpoint folder (config.json + model.safetensors)"
+        )
     # A Hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise UsageError(f"{flag} {name!r} does not exist; pass a checkpoint folder (config.json + "
-                         f"model.safetensors, e.g. train.py's --output_dir) or a Hub id")
-    if not allow_pickle and os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")):
-        pickles = sorted(os.path.basename(p) for p in glob.glob(os.path.join(name, "pytorch_model*.bin")))
+        raise UsageError(
+            f"{flag} {name!r} does not exist; pass a checkpoint folder (config.json + "
+            f"model.safetensors, e.g. train.py's --output_dir) or a Hub id"
+        )
+    if (
+        not allow_pickle
+        and os.path.isdir(name)
+        and not glob.glob(os.path.join(name, "*.safetensors"))
+    ):
+        pickles = sorted(
+            os.path.basename(p) for p in glob.glob(os.path.join(name, "pytorch_model*.bin"))
+        )
         if pickles:
-            raise UsageError(f"{flag} {name!r} holds only pickle weights ({', '.join(pickles)}), which can run "
-                             f"code when loaded; convert them to safetensors, or pass --allow_pickle if you trust "
-                             f"the source")
+            raise UsageError(
+                f"{flag} {name!r} holds only pickle weights ({', '.join(pickles)}), which can run "
+                f"code when loaded; convert them to safetensors, or pass --allow_pickle if you trust "
+                f"the source"
+            )
     with loading(flag, name, CHECKPOINT_HINT):
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype,
-                                                     use_safetensors=None if allow_pickle else True)
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            use_safetensors=None if allow_pickle else True,
+        )
     return mark_causal_lm_loss(model)
 
 
-def load_pretrained(name: str, tokenizer_name: str | None = None, *, device: torch.device,
-                    dtype: torch.dtype | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
-                    vocab_fix: str = "use the checkpoint's own tokenizer"):
+def load_pretrained(
+    name: str,
+    tokenizer_name: str | None = None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    vocab_fix: str = "use the checkpoint's own tokenizer",
+):
     """(model, tokenizer) of checkpoint `name` for eval.py, generate.py and the demo (--model, --tokenizer_name).
 
     The tokenizer is `tokenizer_name` when given, else the checkpoint's own; the model is on `device`, in eval
     mode. `vocab_fix` ends the error for a tokenizer larger than the model's vocabulary.
     """
-    model = load_causal_lm(name, flag="--model", trust_remote_code=trust_remote_code, dtype=dtype,
-                           allow_pickle=allow_pickle)
+    model = load_causal_lm(
+        name,
+        flag="--model",
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+    )
     tokenizer = load_tokenizer(tokenizer_name or name, trust_remote_code)
     check_vocabulary(tokenizer, model, "model's", vocab_fix)
     return model.to(device).eval(), tokenizer

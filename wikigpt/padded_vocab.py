@@ -23,11 +23,15 @@ def check_pad_vocab_args(multiple: int | None, model_name_or_path: str | None) -
     if multiple is None:
         return
     if multiple <= 0:
-        raise UsageError(f"{FLAG} must be a positive integer such as 64 or 128; got {multiple}. "
-                         f"Pass e.g. {FLAG} 64, or leave it out for no padding")
+        raise UsageError(
+            f"{FLAG} must be a positive integer such as 64 or 128; got {multiple}. "
+            f"Pass e.g. {FLAG} 64, or leave it out for no padding"
+        )
     if model_name_or_path:
-        raise UsageError(f"{FLAG} only applies to a model built from scratch (a checkpoint keeps its own "
-                         f"vocabulary size); drop it, or drop --model_name_or_path")
+        raise UsageError(
+            f"{FLAG} only applies to a model built from scratch (a checkpoint keeps its own "
+            f"vocabulary size); drop it, or drop --model_name_or_path"
+        )
 
 
 def padded_size(vocab_size: int, multiple: int) -> int:
@@ -58,7 +62,9 @@ def pad_vocab(model, multiple: int):
     """
     head = model.get_output_embeddings()
     if head is None or not isinstance(head, torch.nn.Linear):
-        raise UsageError(f"{FLAG} needs a model whose LM head is a plain linear layer (GPT-2); drop {FLAG}")
+        raise UsageError(
+            f"{FLAG} needs a model whose LM head is a plain linear layer (GPT-2); drop {FLAG}"
+        )
     extra = padded_size(head.out_features, multiple) - head.out_features
     if extra:
         head._padded_rows = extra

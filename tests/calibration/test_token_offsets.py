@@ -15,9 +15,18 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from wikigpt.calibration.temperature import check_calibration_model
 from wikigpt.errors import UsageError
-from wikigpt.calibration.token_offsets import (calibrate_token_offsets, count_groups, fit_class_calibration, fold_errors,
-                                   fold_offsets, new_article_shares, newton_terms, offset_fold, rank_feature,
-                                   share_weights)
+from wikigpt.calibration.token_offsets import (
+    calibrate_token_offsets,
+    count_groups,
+    fit_class_calibration,
+    fold_errors,
+    fold_offsets,
+    new_article_shares,
+    newton_terms,
+    offset_fold,
+    rank_feature,
+    share_weights,
+)
 
 
 def test_tokens_are_grouped_by_training_count():
@@ -33,12 +42,17 @@ def test_rank_feature_is_log_one_plus_id_centred():
 def test_new_article_shares_count_each_article_against_the_others(caplog):
     # counts 0: 2, 1: 2, 2: 2, 3: 3. First article: 0 (twice) is in no other article, 1 in one other; second: 1 and
     # 2 in one other each; third: 2 in one other, 3 (three times) in none. 5 of 9 tokens unseen elsewhere, 4 seen once
-    shares = new_article_shares([np.array([0, 0, 1]), np.array([1, 2]), np.array([2, 3, 3, 3])], vocab_size=6)
+    shares = new_article_shares(
+        [np.array([0, 0, 1]), np.array([1, 2]), np.array([2, 3, 3, 3])], vocab_size=6
+    )
     np.testing.assert_allclose(shares, [5 / 9, 4 / 9, 0, 0, 0, 0, 0, 0, 0])
     assert not caplog.records
-    assert new_article_shares([np.array([0, 1, 2])], vocab_size=6) is None  # one article: nothing to leave out
+    assert (
+        new_article_shares([np.array([0, 1, 2])], vocab_size=6) is None
+    )  # one article: nothing to leave out
     assert caplog.records[-1].levelname == "WARNING" and caplog.records[-1].getMessage().startswith(
-        "--calibrate_class_shares new_articles: the training text holds 1 article (")
+        "--calibrate_class_shares new_articles: the training text holds 1 article ("
+    )
     assert caplog.records[-1].getMessage().endswith("(as --calibrate_class_shares held_out)")
 
 
@@ -47,20 +61,36 @@ def test_share_weights_give_each_group_its_share():
     targets = torch.tensor([0, 1, 3, 1])  # held-out groups 0, 1, 1, 1: shares 0.25 / 0.75 / 0
     weights, held = share_weights(groups, targets, np.array([0.5, 0.25, 0.25]))
     torch.testing.assert_close(held, torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(weights, torch.tensor([2.0, 1 / 3, 1 / 3, 1 / 3], dtype=torch.float64))
+    torch.testing.assert_close(
+        weights, torch.tensor([2.0, 1 / 3, 1 / 3, 1 / 3], dtype=torch.float64)
+    )
 
 
-def drawn_with(true_scales, true_offsets, true_slopes=None, n: int = 30_000, width: int = 6, seed: int = 0):
+def drawn_with(
+    true_scales, true_offsets, true_slopes=None, n: int = 30_000, width: int = 6, seed: int = 0
+):
     """Hidden states, an output matrix, groups of its 40 tokens, and targets drawn from the softmax of
     s_g z_t + o_g + a_g r_t."""
     g = torch.Generator().manual_seed(seed)
     vocab = 40
     hidden, weight = torch.randn(n, width, generator=g), torch.randn(vocab, width, generator=g)
     groups = torch.arange(vocab) % len(true_offsets)
-    slopes = torch.zeros(len(true_offsets)) if true_slopes is None else torch.as_tensor(true_slopes).float()
-    logits = (hidden @ weight.T * torch.as_tensor(true_scales).float()[groups]
-              + torch.as_tensor(true_offsets).float()[groups] + slopes[groups] * rank_feature(vocab))
-    return hidden, torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0], weight, groups
+    slopes = (
+        torch.zeros(len(true_offsets))
+        if true_slopes is None
+        else torch.as_tensor(true_slopes).float()
+    )
+    logits = (
+        hidden @ weight.T * torch.as_tensor(true_scales).float()[groups]
+        + torch.as_tensor(true_offsets).float()[groups]
+        + slopes[groups] * rank_feature(vocab)
+    )
+    return (
+        hidden,
+        torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0],
+        weight,
+        groups,
+    )
 
 
 def nll_of(hidden, targets, weight, groups, scales, offsets, slopes):
@@ -69,7 +99,9 @@ def nll_of(hidden, targets, weight, groups, scales, offsets, slopes):
 
 
 def fit(hidden, targets, weight, groups, n_groups, **kwargs):
-    return fit_class_calibration(hidden, targets, weight, groups, n_groups, rank_feature(len(groups)), **kwargs)
+    return fit_class_calibration(
+        hidden, targets, weight, groups, n_groups, rank_feature(len(groups)), **kwargs
+    )
 
 
 def test_a_weight_of_two_fits_as_a_repeated_position():
@@ -92,32 +124,57 @@ def test_fit_recovers_the_scales_offsets_and_slopes_the_targets_were_drawn_with(
     scales, offsets, slopes = fit(hidden, targets, weight, groups, 4, l2=1e-7)
     torch.testing.assert_close(scales, true_scales, atol=0.05, rtol=0)
     # a constant added to every offset leaves the softmax unchanged: compare them relative to their mean
-    torch.testing.assert_close(offsets - offsets.mean(), true_offsets - true_offsets.mean(), atol=0.06, rtol=0)
+    torch.testing.assert_close(
+        offsets - offsets.mean(), true_offsets - true_offsets.mean(), atol=0.06, rtol=0
+    )
     torch.testing.assert_close(slopes, true_slopes, atol=0.08, rtol=0)
 
 
 def test_newton_terms_are_the_nll_gradient_and_hessian():
-    hidden, targets, weight, groups = drawn_with([1.0, 0.8, 1.2], [0.5, -0.5, 0.0], [0.3, 0.0, -0.4], n=500, seed=2)
-    theta = torch.tensor([0.9, 1.1, 0.7, 0.3, -0.2, 0.1, 0.2, -0.1, 0.4], dtype=torch.float64, requires_grad=True)
+    hidden, targets, weight, groups = drawn_with(
+        [1.0, 0.8, 1.2], [0.5, -0.5, 0.0], [0.3, 0.0, -0.4], n=500, seed=2
+    )
+    theta = torch.tensor(
+        [0.9, 1.1, 0.7, 0.3, -0.2, 0.1, 0.2, -0.1, 0.4], dtype=torch.float64, requires_grad=True
+    )
     ranks = rank_feature(40).double()
 
     def nll(t):  # the same NLL, for autograd
-        logits = hidden.double() @ weight.double().T * t[:3][groups] + t[3:6][groups] + t[6:][groups] * ranks
+        logits = (
+            hidden.double() @ weight.double().T * t[:3][groups]
+            + t[3:6][groups]
+            + t[6:][groups] * ranks
+        )
         return torch.nn.functional.cross_entropy(logits, targets)
 
     t = theta.detach()
-    value, grad, hess = newton_terms(hidden.double(), targets, weight.double(), t[:3][groups],
-                                     t[3:6][groups] + t[6:][groups] * ranks, groups, 3, ranks, chunk=128)
+    value, grad, hess = newton_terms(
+        hidden.double(),
+        targets,
+        weight.double(),
+        t[:3][groups],
+        t[3:6][groups] + t[6:][groups] * ranks,
+        groups,
+        3,
+        ranks,
+        chunk=128,
+    )
     assert value == pytest.approx(float(nll(t)), rel=1e-9)
     torch.testing.assert_close(grad, torch.autograd.grad(nll(theta), theta)[0])
     torch.testing.assert_close(hess, torch.autograd.functional.hessian(nll, t))
 
 
 def test_fitted_scales_offsets_and_slopes_are_the_held_out_minimum():
-    hidden, targets, weight, groups = drawn_with([1.2, 0.8, 1.0], [0.5, -0.5, 0.0], [0.0, 0.6, -0.3], seed=1)
+    hidden, targets, weight, groups = drawn_with(
+        [1.2, 0.8, 1.0], [0.5, -0.5, 0.0], [0.0, 0.6, -0.3], seed=1
+    )
     fitted = fit(hidden, targets, weight, groups, 3, l2=1e-9)
     nll = nll_of(hidden, targets, weight, groups, *fitted)
-    assert nll < nll_of(hidden, targets, weight, groups, torch.ones(3), torch.zeros(3), torch.zeros(3)) - 0.01
+    assert (
+        nll
+        < nll_of(hidden, targets, weight, groups, torch.ones(3), torch.zeros(3), torch.zeros(3))
+        - 0.01
+    )
     for params in fitted:
         for group in range(3):
             for step in (-0.05, 0.05):
@@ -130,14 +187,22 @@ def test_a_group_without_tokens_keeps_scale_one_offset_and_slope_zero():
     hidden, targets, weight, groups = drawn_with([1.0, 0.7], [0.3, -0.3], [0.5, -0.5])
     groups = groups * 2  # groups 0 and 2 hold tokens, group 1 none
     scales, offsets, slopes = fit(hidden, targets, weight, groups, 3)
-    assert (scales[1], offsets[1], slopes[1]) == (1, 0, 0) and offsets[0] != 0 and scales[2] != 1 and slopes[2] != 0
+    assert (
+        (scales[1], offsets[1], slopes[1]) == (1, 0, 0)
+        and offsets[0] != 0
+        and scales[2] != 1
+        and slopes[2] != 0
+    )
 
 
 def tiny_gpt2(seed: int = 0, bias: bool = True):
     torch.manual_seed(seed)
     # rows and a final LayerNorm of a trained model's size (GPT-2's initial rows are 50x smaller)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32,
-                                       initializer_range=1.0)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32, initializer_range=1.0
+        )
+    ).eval()
     with torch.no_grad():
         model.transformer.ln_f.weight.uniform_(0.5, 1.5)
         if bias:
@@ -169,7 +234,13 @@ def test_folding_shifts_every_logit_by_its_token_offset_and_survives_save(tmp_pa
 
 
 def held_out_blocks(n: int = 12, length: int = 16):
-    return Dataset.from_dict({"input_ids": torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(3)).tolist()})
+    return Dataset.from_dict(
+        {
+            "input_ids": torch.randint(
+                0, 64, (n, length), generator=torch.Generator().manual_seed(3)
+            ).tolist()
+        }
+    )
 
 
 def test_calibration_lowers_held_out_nll_and_is_folded():
@@ -182,33 +253,54 @@ def test_calibration_lowers_held_out_nll_and_is_folded():
     assert summary["group_tokens"] == count_groups(counts).bincount(minlength=9).tolist()
     ids = torch.as_tensor(blocks["input_ids"])
     with torch.no_grad():
-        nll = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+        nll = torch.nn.functional.cross_entropy(
+            model(ids).logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)
+        )
     assert float(nll.exp()) == pytest.approx(summary["validation_perplexity_after"], rel=1e-4)
 
 
 def test_a_final_layernorm_without_bias_carries_offsets_after_a_shift():
-    model = tiny_gpt2(bias=False)  # beta = 0: h . (1 / gamma) = 0 for every input, until the bias is shifted
+    model = tiny_gpt2(
+        bias=False
+    )  # beta = 0: h . (1 / gamma) = 0 for every input, until the bias is shifted
     blocks = held_out_blocks()
     ids = torch.as_tensor(blocks["input_ids"])
     with torch.no_grad():
         before = model(ids).logits
     summary = calibrate_token_offsets(model, blocks, batch_size=4, counts=np.arange(64) * 40)
-    assert "skipped" not in summary and summary["ln_f_bias_shift"] > 0 and summary["bfloat16_error_ratio"] < 2
+    assert (
+        "skipped" not in summary
+        and summary["ln_f_bias_shift"] > 0
+        and summary["bfloat16_error_ratio"] < 2
+    )
     groups = count_groups(np.arange(64) * 40)
     token_scales = torch.tensor(summary["scales"])[groups]
-    token_offsets = torch.tensor(summary["offsets"])[groups] + torch.tensor(summary["rank_slopes"])[groups] * rank_feature(64)
+    token_offsets = torch.tensor(summary["offsets"])[groups] + torch.tensor(summary["rank_slopes"])[
+        groups
+    ] * rank_feature(64)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, before * token_scales + token_offsets, rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            model(ids).logits, before * token_scales + token_offsets, rtol=0, atol=1e-4
+        )
 
 
 def test_a_fold_that_would_not_be_exact_leaves_the_model_alone(monkeypatch):
-    monkeypatch.setattr("wikigpt.calibration.token_offsets.SHIFTS", (0.0,))  # no shift: C = 0 cannot carry an offset
+    monkeypatch.setattr(
+        "wikigpt.calibration.token_offsets.SHIFTS", (0.0,)
+    )  # no shift: C = 0 cannot carry an offset
     model = tiny_gpt2(bias=False)
     head, bias = model.lm_head.weight.detach().clone(), model.transformer.ln_f.bias.detach().clone()
-    summary = calibrate_token_offsets(model, held_out_blocks(), batch_size=4, counts=np.arange(64) * 40)
+    summary = calibrate_token_offsets(
+        model, held_out_blocks(), batch_size=4, counts=np.arange(64) * 40
+    )
     assert summary["skipped"] == "fold error inf nats > 0.001"
-    assert torch.equal(model.lm_head.weight, head) and model.lm_head.weight is model.transformer.wte.weight
-    assert torch.equal(model.transformer.ln_f.bias, bias) and model.config.tie_word_embeddings is True
+    assert (
+        torch.equal(model.lm_head.weight, head)
+        and model.lm_head.weight is model.transformer.wte.weight
+    )
+    assert (
+        torch.equal(model.transformer.ln_f.bias, bias) and model.config.tie_word_embeddings is True
+    )
 
 
 def test_fold_errors_measure_the_float32_and_bfloat16_logit_errors():
@@ -221,29 +313,52 @@ def test_fold_errors_measure_the_float32_and_bfloat16_logit_errors():
     error, bf16_ratio = fold_errors(hidden, weight, no_shift, weight, token_scales, token_offsets)
     assert error == pytest.approx(0.5) and bf16_ratio == pytest.approx(1.0)
     new_bias, new_weight = offset_fold(model, weight, token_offsets, 0.0)
-    error, bf16_ratio = fold_errors(hidden, weight, new_bias - bias, new_weight, token_scales, token_offsets)
+    error, bf16_ratio = fold_errors(
+        hidden, weight, new_bias - bias, new_weight, token_scales, token_offsets
+    )
     assert error < 1e-5 and 0.5 < bf16_ratio < 2
     # the scales are in the logits it checks against: an unscaled head is off by (s - 1) * z
-    error, _ = fold_errors(hidden, weight, new_bias - bias, new_weight, token_scales * 2, token_offsets)
+    error, _ = fold_errors(
+        hidden, weight, new_bias - bias, new_weight, token_scales * 2, token_offsets
+    )
     assert error == pytest.approx(float((hidden[:256] @ weight.T).abs().max()), rel=1e-4)
     # a 1e-3 times smaller C (beta scaled down): unshifted, the same offsets need 1e3 times larger head rows; a
     # bias shifted by gamma makes C large again
     with torch.no_grad():
         model.transformer.ln_f.bias.mul_(1e-3)
-    hidden, bias = model.transformer.ln_f(torch.randn(8, 16)).detach(), model.transformer.ln_f.bias.detach()
+    hidden, bias = (
+        model.transformer.ln_f(torch.randn(8, 16)).detach(),
+        model.transformer.ln_f.bias.detach(),
+    )
     new_bias, new_weight = offset_fold(model, weight, token_offsets, 0.0)
-    assert fold_errors(hidden, weight, new_bias - bias, new_weight, token_scales, token_offsets)[1] > 10
+    assert (
+        fold_errors(hidden, weight, new_bias - bias, new_weight, token_scales, token_offsets)[1]
+        > 10
+    )
     new_bias, new_weight = offset_fold(model, weight, token_offsets, 1.0)
-    error, bf16_ratio = fold_errors(hidden, weight, new_bias - bias, new_weight, token_scales, token_offsets)
+    error, bf16_ratio = fold_errors(
+        hidden, weight, new_bias - bias, new_weight, token_scales, token_offsets
+    )
     assert error < 1e-5 and bf16_ratio < 2
 
 
 def test_model_without_gpt2_final_layernorm_is_refused():
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
-    with pytest.raises(UsageError, match=r"--calibrate_token_offsets folds its scales and offsets into GPT-2's final "
-                                         r"LayerNorm \(transformer.ln_f\), which LlamaForCausalLM does not have; "
-                                         r"drop --calibrate_token_offsets"):
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(
+        UsageError,
+        match=r"--calibrate_token_offsets folds its scales and offsets into GPT-2's final "
+        r"LayerNorm \(transformer.ln_f\), which LlamaForCausalLM does not have; "
+        r"drop --calibrate_token_offsets",
+    ):
         check_calibration_model(model, "--calibrate_token_offsets")
 
 
@@ -253,8 +368,16 @@ def trained_size_checkpoint(tmp_path_factory, tokenizer):
     a few steps still has GPT-2's tiny initial rows: offsets of a nat would dominate its logits' rounding error)."""
     d = tmp_path_factory.mktemp("trained-size")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=len(tokenizer),
-                                       initializer_range=1.0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            n_positions=64,
+            vocab_size=len(tokenizer),
+            initializer_range=1.0,
+        )
+    )
     with torch.no_grad():
         model.transformer.ln_f.weight.uniform_(0.5, 1.5)
         model.transformer.ln_f.bias.normal_(1.0, 0.5)
@@ -264,60 +387,113 @@ def trained_size_checkpoint(tmp_path_factory, tokenizer):
 
 
 def offset_run_args(micro_files, out, *extra):
-    args = micro_args(micro_files, out, "--calibrate_temperature", "true", "--calibrate_token_offsets", "true", *extra,
-                      max_steps=10, save_steps=10)
-    return [a for i, a in enumerate(args) if a not in ("--preset", "tiny") and "--config_overrides" not in args[i - 1:i + 1]]
+    args = micro_args(
+        micro_files,
+        out,
+        "--calibrate_temperature",
+        "true",
+        "--calibrate_token_offsets",
+        "true",
+        *extra,
+        max_steps=10,
+        save_steps=10,
+    )
+    return [
+        a
+        for i, a in enumerate(args)
+        if a not in ("--preset", "tiny") and "--config_overrides" not in args[i - 1 : i + 1]
+    ]
 
 
-def test_train_saves_and_evaluates_the_offset_model(tmp_path, micro_files, monkeypatch, trained_size_checkpoint):
+def test_train_saves_and_evaluates_the_offset_model(
+    tmp_path, micro_files, monkeypatch, trained_size_checkpoint
+):
     out = tmp_path / "run"
-    assert train_in_process(offset_run_args(micro_files, out, "--model_name_or_path", trained_size_checkpoint,
-                                            "--calibrate_class_shares", "new_articles"), monkeypatch) == 0
+    assert (
+        train_in_process(
+            offset_run_args(
+                micro_files,
+                out,
+                "--model_name_or_path",
+                trained_size_checkpoint,
+                "--calibrate_class_shares",
+                "new_articles",
+            ),
+            monkeypatch,
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     offsets = results["token_offsets"]
     assert "skipped" not in offsets and len(offsets["offsets"]) == len(offsets["rank_slopes"]) == 9
     assert offsets["bfloat16_error_ratio"] < 2
     assert offsets["validation_perplexity_after"] < offsets["validation_perplexity_before"]
     # the temperature is fitted first, the offsets on the calibrated model
-    assert offsets["validation_perplexity_before"] == pytest.approx(results["calibration"]["validation_perplexity_after"],
-                                                                    rel=1e-4)
+    assert offsets["validation_perplexity_before"] == pytest.approx(
+        results["calibration"]["validation_perplexity_after"], rel=1e-4
+    )
     # the final validation evaluation (the Trainer's, in bf16 autocast on a CPU with native bf16) scores it
-    assert results["validation"]["eval_perplexity"] == pytest.approx(offsets["validation_perplexity_after"], rel=3e-3)
-    trained, saved = load_file(out / "checkpoint-10" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert "lm_head.weight" in saved and "lm_head.weight" not in trained  # untied: the head is saved on its own
+    assert results["validation"]["eval_perplexity"] == pytest.approx(
+        offsets["validation_perplexity_after"], rel=3e-3
+    )
+    trained, saved = (
+        load_file(out / "checkpoint-10" / "model.safetensors"),
+        load_file(out / "model.safetensors"),
+    )
+    assert (
+        "lm_head.weight" in saved and "lm_head.weight" not in trained
+    )  # untied: the head is saved on its own
     # the saved model's true size, head included, in results.json and config.json (not the size as built)
     assert results["model"]["parameters"] == sum(t.numel() for t in saved.values())
     assert results["model"]["parameters"] > sum(t.numel() for t in trained.values())
     config = json.loads((out / "config.json").read_text())
     assert config["wikigpt"]["parameters"] == results["model"]["parameters"]
-    torch.testing.assert_close(saved["transformer.wte.weight"], trained["transformer.wte.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        saved["transformer.wte.weight"], trained["transformer.wte.weight"], rtol=0, atol=0
+    )
     card = (out / "README.md").read_text()
-    assert (f"- logit scales {offsets['scales']}, offsets {offsets['offsets']} and slopes {offsets['rank_slopes']} "
-            f"on log(1 + token id) for tokens seen "
-            f"[0, 1, 2, 3, 5, 10, 30, 100, 1000] or more times "
-            f"in the training text, fitted on the held-out split (weighted to each class's share in a new article) "
-            f"after training (held-out perplexity "
-            f"{offsets['validation_perplexity_before']:,.2f} -> {offsets['validation_perplexity_after']:,.2f}): "
-            f"folded into the final LayerNorm and the LM head, which is untied from the input embeddings") in card
+    assert (
+        f"- logit scales {offsets['scales']}, offsets {offsets['offsets']} and slopes {offsets['rank_slopes']} "
+        f"on log(1 + token id) for tokens seen "
+        f"[0, 1, 2, 3, 5, 10, 30, 100, 1000] or more times "
+        f"in the training text, fitted on the held-out split (weighted to each class's share in a new article) "
+        f"after training (held-out perplexity "
+        f"{offsets['validation_perplexity_before']:,.2f} -> {offsets['validation_perplexity_after']:,.2f}): "
+        f"folded into the final LayerNorm and the LM head, which is untied from the input embeddings"
+    ) in card
     # --calibrate_class_shares new_articles: the training file's 5 articles, each left out in turn
     shares = offsets["class_shares"]
-    assert sum(shares["new_articles"]) == pytest.approx(1) and sum(shares["held_out"]) == pytest.approx(1)
+    assert sum(shares["new_articles"]) == pytest.approx(1) and sum(
+        shares["held_out"]
+    ) == pytest.approx(1)
     assert shares["new_articles"][0] > shares["held_out"][0] > 0
 
 
 def test_train_skips_offsets_a_fresh_model_cannot_carry(tmp_path, micro_files, monkeypatch):
     out = tmp_path / "run"
-    argv = micro_args(micro_files, out, "--calibrate_temperature", "true", "--calibrate_token_offsets", "true",
-                      "--calibrate_class_shares", "held_out", max_steps=10, save_steps=10)
+    argv = micro_args(
+        micro_files,
+        out,
+        "--calibrate_temperature",
+        "true",
+        "--calibrate_token_offsets",
+        "true",
+        "--calibrate_class_shares",
+        "held_out",
+        max_steps=10,
+        save_steps=10,
+    )
     assert train_in_process(argv, monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
     offsets = results["token_offsets"]
     assert "class_shares" not in offsets  # held_out: the held-out split as it is
-    assert offsets["skipped"].startswith("bfloat16 logit error ") and offsets["skipped"].endswith("x the plain "
-                                                                                                  "model's > 2.0x")
+    assert offsets["skipped"].startswith("bfloat16 logit error ") and offsets["skipped"].endswith(
+        "x the plain model's > 2.0x"
+    )
     # saved as calibrated by the temperature alone, with its head still tied
-    assert results["validation"]["eval_perplexity"] == pytest.approx(results["calibration"]["validation_perplexity_after"],
-                                                                     rel=1e-4)
+    assert results["validation"]["eval_perplexity"] == pytest.approx(
+        results["calibration"]["validation_perplexity_after"], rel=1e-4
+    )
     assert "lm_head.weight" not in load_file(out / "model.safetensors")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert "): skipped (bfloat16 logit error " in (out / "README.md").read_text()

@@ -6,14 +6,25 @@ import pyarrow.compute as pc
 import pytest
 from conftest import WT2, write_lines
 
-from wikigpt.data.blocks import (DataArguments, article_token_ids, count_tokens, group_texts, hold_out, load_raw_splits,
-                          prepare_lm_splits, resolve_block_size, tokenize)
+from wikigpt.data.blocks import (
+    DataArguments,
+    article_token_ids,
+    count_tokens,
+    group_texts,
+    hold_out,
+    load_raw_splits,
+    prepare_lm_splits,
+    resolve_block_size,
+    tokenize,
+)
 from wikigpt.errors import UsageError
 
 
 @pytest.fixture(scope="module")
 def wt2_raw():
-    args = DataArguments(validation_file=str(WT2 / "wiki.valid.raw"), test_file=str(WT2 / "wiki.test.raw"))
+    args = DataArguments(
+        validation_file=str(WT2 / "wiki.valid.raw"), test_file=str(WT2 / "wiki.test.raw")
+    )
     return load_raw_splits(args, seed=0, required=("validation", "test"))
 
 
@@ -50,8 +61,13 @@ def test_grouping_drops_only_the_final_remainder(tmp_path, tokenizer):
     assert [t for block in blocks["input_ids"] for t in block] == flat[: n * 100]
     assert blocks["labels"] == blocks["input_ids"]
     _, counts = prepare_lm_splits(raw, tokenizer, 100)
-    assert counts["test"] == {"rows": 300, "tokens": len(flat), "blocks": n, "tokens_in_blocks": n * 100,
-                              "tokens_dropped": len(flat) - n * 100}
+    assert counts["test"] == {
+        "rows": 300,
+        "tokens": len(flat),
+        "blocks": n,
+        "tokens_in_blocks": n * 100,
+        "tokens_dropped": len(flat) - n * 100,
+    }
 
 
 def test_hold_out_takes_whole_articles_ordered_and_deterministic(wt2_raw):
@@ -62,7 +78,9 @@ def test_hold_out_takes_whole_articles_ordered_and_deterministic(wt2_raw):
     assert val_a["text"] == val_b["text"] and train_a["text"] == train_b["text"]
     assert val_a["text"] != val_c["text"]
     all_rows = list(rows["text"])
-    headings = [i for i, r in enumerate(all_rows) if r.startswith(" = ") and not r.startswith(" = = ")]
+    headings = [
+        i for i, r in enumerate(all_rows) if r.startswith(" = ") and not r.startswith(" = = ")
+    ]
     assert len(headings) == 60  # the articles of WikiText-2 validation
     # every article lies wholly on one side: its heading's side decides all of its rows
     held = set(val_a["text"])
@@ -71,13 +89,17 @@ def test_hold_out_takes_whole_articles_ordered_and_deterministic(wt2_raw):
     assert 2 <= len(held_articles) < 60
     expected_val = [r for a, b in held_articles for r in all_rows[a:b]]
     assert list(val_a["text"]) == expected_val
-    assert list(train_a["text"]) == [r for i, r in enumerate(all_rows)
-                                     if not any(a <= i < b for a, b in held_articles)]
+    assert list(train_a["text"]) == [
+        r for i, r in enumerate(all_rows) if not any(a <= i < b for a, b in held_articles)
+    ]
     held_chars = sum(len(r) for r in expected_val)
     total_chars = sum(len(r) for r in all_rows)
     # whole articles until 5% of the text is reached: the last one added crossed the line
-    assert 0.05 * total_chars <= held_chars < 0.05 * total_chars + max(
-        sum(len(r) for r in all_rows[a:b]) for a, b in held_articles)
+    assert (
+        0.05 * total_chars
+        <= held_chars
+        < 0.05 * total_chars + max(sum(len(r) for r in all_rows[a:b]) for a, b in held_articles)
+    )
 
 
 def test_hold_out_without_headings_is_one_contiguous_slice(wt2_raw):
@@ -85,15 +107,24 @@ def test_hold_out_without_headings_is_one_contiguous_slice(wt2_raw):
     train, val = hold_out(rows, 5, seed=1)
     all_rows, k = list(rows["text"]), len(val)
     assert k == round(len(all_rows) * 0.05) and len(train) + k == len(all_rows)
-    assert any(all_rows[s:s + k] == list(val["text"]) and all_rows[:s] + all_rows[s + k:] == list(train["text"])
-               for s in range(len(all_rows) - k + 1))
+    assert any(
+        all_rows[s : s + k] == list(val["text"])
+        and all_rows[:s] + all_rows[s + k :] == list(train["text"])
+        for s in range(len(all_rows) - k + 1)
+    )
 
 
 def test_missing_validation_is_held_out_of_train(tmp_path):
     path = write_lines(tmp_path / "train.raw", WT2 / "wiki.valid.raw", 0, 200)
-    raw = load_raw_splits(DataArguments(train_file=str(path), validation_split_percentage=10), seed=0)
+    raw = load_raw_splits(
+        DataArguments(train_file=str(path), validation_split_percentage=10), seed=0
+    )
     # lines 0-199 of WikiText-2 validation: articles start at rows 1, 47, 78, 103 and 132; seed 0 holds out two
-    rows = list(load_raw_splits(DataArguments(validation_file=str(path)), 0, ("validation",))["validation"]["text"])
+    rows = list(
+        load_raw_splits(DataArguments(validation_file=str(path)), 0, ("validation",))["validation"][
+            "text"
+        ]
+    )
     assert list(raw["validation"]["text"]) == rows[47:103]
     assert list(raw["train"]["text"]) == rows[:47] + rows[103:]
 
@@ -109,7 +140,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     changed = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     changed.add_tokens(["<wikigpt-new-token>"])
     raw = load_raw_splits(args, 0, ("test",))
-    assert tokenize(raw["test"], changed)._fingerprint != tokenize(raw["test"], tokenizer)._fingerprint
+    assert (
+        tokenize(raw["test"], changed)._fingerprint != tokenize(raw["test"], tokenizer)._fingerprint
+    )
 
 
 @pytest.mark.parametrize("ext", [".json", ".jsonl", ".csv", ".parquet"])
@@ -132,43 +165,72 @@ def test_structured_files_with_text_column(tmp_path, ext, tokenizer):
     assert [t or "" for t in raw["test"]["text"]] == rows
 
 
-@pytest.mark.parametrize("block_size, n_positions, expected", [(None, 1024, 1024), (None, 256, 256), (128, 256, 128)])
+@pytest.mark.parametrize(
+    "block_size, n_positions, expected", [(None, 1024, 1024), (None, 256, 256), (128, 256, 128)]
+)
 def test_block_size_default_and_range(block_size, n_positions, expected):
     assert resolve_block_size(block_size, n_positions) == expected
 
 
 @pytest.mark.parametrize("block_size", [0, -5, 257])
 def test_block_size_out_of_range(block_size):
-    with pytest.raises(UsageError, match=r"--block_size must be between 1 and the model's n_positions \(256\)"):
+    with pytest.raises(
+        UsageError, match=r"--block_size must be between 1 and the model's n_positions \(256\)"
+    ):
         resolve_block_size(block_size, 256)
 
 
 def _bad(tmp_path, case):
     if case == "missing":
-        return DataArguments(train_file=str(tmp_path / "nope.raw")), r"--train_file '.*nope.raw' does not exist"
+        return DataArguments(
+            train_file=str(tmp_path / "nope.raw")
+        ), r"--train_file '.*nope.raw' does not exist"
     if case == "extension":
         (tmp_path / "a.docx").write_text("x")
-        return DataArguments(train_file=str(tmp_path / "a.docx")), r"--train_file '.*a.docx' has unsupported extension '.docx'"
+        return DataArguments(
+            train_file=str(tmp_path / "a.docx")
+        ), r"--train_file '.*a.docx' has unsupported extension '.docx'"
     if case == "empty":
         (tmp_path / "e.raw").write_text("")
-        return DataArguments(validation_file=str(tmp_path / "e.raw")), r"--validation_file '.*e.raw' is empty"
+        return DataArguments(
+            validation_file=str(tmp_path / "e.raw")
+        ), r"--validation_file '.*e.raw' is empty"
     if case == "blank":
         (tmp_path / "b.raw").write_text(" \n \n\n")
-        return DataArguments(test_file=str(tmp_path / "b.raw")), r"--test_file '.*b.raw' holds no text"
+        return DataArguments(
+            test_file=str(tmp_path / "b.raw")
+        ), r"--test_file '.*b.raw' holds no text"
     if case == "directory":
         return DataArguments(train_file=str(tmp_path)), r"--train_file '.*' is a directory"
     if case == "dataset_dir_without_train":
-        return DataArguments(dataset_dir=str(WT2)), r"--dataset_dir '.*' has no wiki.train.raw \(train split\)"
+        return DataArguments(
+            dataset_dir=str(WT2)
+        ), r"--dataset_dir '.*' has no wiki.train.raw \(train split\)"
     if case == "dataset_dir_is_file":
-        return DataArguments(dataset_dir=str(WT2 / "wiki.test.raw")), r"--dataset_dir '.*' is not a directory"
+        return DataArguments(
+            dataset_dir=str(WT2 / "wiki.test.raw")
+        ), r"--dataset_dir '.*' is not a directory"
     if case == "text_column":
         (tmp_path / "t.jsonl").write_text('{"body": "x"}\n')
-        return DataArguments(train_file=str(tmp_path / "t.jsonl")), r"--text_column 'text' is not a column"
+        return DataArguments(
+            train_file=str(tmp_path / "t.jsonl")
+        ), r"--text_column 'text' is not a column"
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing", "extension", "empty", "blank", "directory", "dataset_dir_without_train",
-                                  "dataset_dir_is_file", "text_column"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "extension",
+        "empty",
+        "blank",
+        "directory",
+        "dataset_dir_without_train",
+        "dataset_dir_is_file",
+        "text_column",
+    ],
+)
 def test_bad_data_input_names_the_argument(tmp_path, case):
     args, message = _bad(tmp_path, case)
     with pytest.raises(UsageError, match=message):
@@ -178,5 +240,7 @@ def test_bad_data_input_names_the_argument(tmp_path, case):
 def test_dataset_dir_with_all_splits(tmp_path):
     for name in ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"):
         write_lines(tmp_path / name, WT2 / "wiki.test.raw", 0, 50)
-    raw = load_raw_splits(DataArguments(dataset_dir=str(tmp_path)), 0, ("train", "validation", "test"))
+    raw = load_raw_splits(
+        DataArguments(dataset_dir=str(tmp_path)), 0, ("train", "validation", "test")
+    )
     assert sorted(raw) == ["test", "train", "validation"] and len(raw["train"]) == 50

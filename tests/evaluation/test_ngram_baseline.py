@@ -37,8 +37,13 @@ def test_full_vocabulary_sums_to_one_for_seen_and_unseen_contexts(toy_stream, or
         # The stream scorer gives the same probabilities as the full distribution (different code path).
         for w in (int(toy_stream[104]), 7, 49000):
             assert math.exp(model.log_probs([*context, w])[-1]) == pytest.approx(p[w], rel=1e-9)
-    if order > 1:  # a seen context changes the prediction, an unseen one falls back to the shorter history
-        assert not np.allclose(model.distribution(seen), model.distribution(seen[len(seen) - order + 2:] if order > 2 else []))
+    if (
+        order > 1
+    ):  # a seen context changes the prediction, an unseen one falls back to the shorter history
+        assert not np.allclose(
+            model.distribution(seen),
+            model.distribution(seen[len(seen) - order + 2 :] if order > 2 else []),
+        )
         np.testing.assert_allclose(model.distribution(unseen), model.distribution([]))
 
 
@@ -54,14 +59,24 @@ def test_bigram_matches_a_hand_computation():
     # total 10, count-of-counts 1, 1, 1, 1.
     u = 1 / (1 + 2 * 1)
     e1, e2, e3 = 1 - 2 * u, 2 - 3 * u, 3 - 4 * u  # 1/3, 1, 5/3
-    gamma_unigram = (e1 * 1 + e2 * 1 + e3 * 2) / 10  # one token each with count 1 and 2, two with >= 3
-    p1 = {w: max(c - (e3 if c >= 3 else e2 if c == 2 else e1), 0) / 10 + gamma_unigram / V
-          for w, c in {0: 0, 1: 4, 2: 2, 3: 3, 4: 1, 5: 0}.items()}
+    gamma_unigram = (
+        e1 * 1 + e2 * 1 + e3 * 2
+    ) / 10  # one token each with count 1 and 2, two with >= 3
+    p1 = {
+        w: max(c - (e3 if c >= 3 else e2 if c == 2 else e1), 0) / 10 + gamma_unigram / V
+        for w, c in {0: 0, 1: 4, 2: 2, 3: 3, 4: 1, 5: 0}.items()
+    }
     # After token 1: (1,3) 3, (1,2) 2, (1,4) 1, (1,1) 1 -> total 7, N1 = 2, N2 = 1, N3+ = 1.
     gamma_1 = (d1 * 2 + d2 * 1 + d3 * 1) / 7
-    expected = {3: (3 - d3) / 7 + gamma_1 * p1[3], 2: (2 - d2) / 7 + gamma_1 * p1[2],
-                4: (1 - d1) / 7 + gamma_1 * p1[4], 0: gamma_1 * p1[0]}
-    assert expected[3] == pytest.approx(2.4 / 7 + 2.9 / 7 * 19 / 90)  # the arithmetic above, written out
+    expected = {
+        3: (3 - d3) / 7 + gamma_1 * p1[3],
+        2: (2 - d2) / 7 + gamma_1 * p1[2],
+        4: (1 - d1) / 7 + gamma_1 * p1[4],
+        0: gamma_1 * p1[0],
+    }
+    assert expected[3] == pytest.approx(
+        2.4 / 7 + 2.9 / 7 * 19 / 90
+    )  # the arithmetic above, written out
 
     model = KneserNey(tokens, 2, V)
     assert model.discounts[2] == pytest.approx((0.6, 1.1, 0.6))
@@ -85,19 +100,36 @@ def test_script_scores_real_slices_and_writes_the_json(tmp_path, tokenizer):
     train = write_lines(tmp_path / "train.raw", WT2 / "wiki.valid.raw", 0, 300)
     test = write_lines(tmp_path / "test.raw", WT2 / "wiki.test.raw", 0, 60)
     out = tmp_path / "results" / "ngram.json"
-    proc = run_script("benchmarks/ngram_baseline.py", "--train_file", train, "--test_file", test,
-                      "--tokenizer_name", TOKENIZER_DIR, "--max_order", 3, "--output_json", out,
-                      env={"HF_DATASETS_CACHE": str(tmp_path / "cache")}, timeout=300)
+    proc = run_script(
+        "benchmarks/ngram_baseline.py",
+        "--train_file",
+        train,
+        "--test_file",
+        test,
+        "--tokenizer_name",
+        TOKENIZER_DIR,
+        "--max_order",
+        3,
+        "--output_json",
+        out,
+        env={"HF_DATASETS_CACHE": str(tmp_path / "cache")},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    train_tokens, test_tokens = hub_rows_token_count(train, tokenizer), hub_rows_token_count(test, tokenizer)
+    train_tokens, test_tokens = (
+        hub_rows_token_count(train, tokenizer),
+        hub_rows_token_count(test, tokenizer),
+    )
     assert report["vocab_size"] == GPT2_VOCAB
     assert (report["train_tokens"], report["test_tokens"]) == (train_tokens, test_tokens)
     assert [r["order"] for r in report["results"]] == [1, 2, 3]
     for r in report["results"]:
         assert (r["train_tokens"], r["test_tokens"]) == (train_tokens, test_tokens)
         assert r["perplexity"] == pytest.approx(math.exp(r["nll_per_token"]), rel=1e-4)
-        assert r["seconds"] >= 0 and sorted(r["discounts"]) == [str(k) for k in range(1, r["order"] + 1)]
+        assert r["seconds"] >= 0 and sorted(r["discounts"]) == [
+            str(k) for k in range(1, r["order"] + 1)
+        ]
         row = f"{r['order']:>5} | {r['perplexity']:>15,.2f} | {train_tokens:>12,} | {test_tokens:>11,} |"
         assert row in proc.stdout
     # On real text a bigram model beats the unigram by a wide margin, and no model does worse than uniform.
@@ -111,21 +143,43 @@ def test_missing_train_file_is_one_error_line_and_nothing_written(tmp_path):
     out = tmp_path / "ngram.json"
     out.write_text("precious")
     test = write_lines(tmp_path / "test.raw", WT2 / "wiki.test.raw", 0, 20)
-    proc = run_script("benchmarks/ngram_baseline.py", "--train_file", tmp_path / "nope.raw", "--test_file", test,
-                      "--tokenizer_name", TOKENIZER_DIR, "--output_json", out, timeout=600)
+    proc = run_script(
+        "benchmarks/ngram_baseline.py",
+        "--train_file",
+        tmp_path / "nope.raw",
+        "--test_file",
+        test,
+        "--tokenizer_name",
+        TOKENIZER_DIR,
+        "--output_json",
+        out,
+        timeout=600,
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert errors == [(f"error: --train_file {str(tmp_path / 'nope.raw')!r} does not exist; "
-                       f"pass the path of an existing file")]
+    assert errors == [
+        (
+            f"error: --train_file {str(tmp_path / 'nope.raw')!r} does not exist; "
+            f"pass the path of an existing file"
+        )
+    ]
     assert out.read_text() == "precious"
 
 
 def test_defaults_are_the_bundled_files():
     """Run without flags, the script scores the repository's own WikiText-2 files with its own tokenizer."""
-    spec = importlib.util.spec_from_file_location("ngram_baseline", REPO / "benchmarks" / "ngram_baseline.py")
+    spec = importlib.util.spec_from_file_location(
+        "ngram_baseline", REPO / "benchmarks" / "ngram_baseline.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     args = module.NgramArguments()
-    assert Path(args.train_file) == WT2 / "wiki.valid.raw" and Path(args.test_file) == WT2 / "wiki.test.raw"
+    assert (
+        Path(args.train_file) == WT2 / "wiki.valid.raw"
+        and Path(args.test_file) == WT2 / "wiki.test.raw"
+    )
     assert Path(args.tokenizer_name) == TOKENIZER_DIR
-    assert all(Path(p).resolve().is_relative_to(REPO) for p in (args.train_file, args.test_file, args.tokenizer_name))
+    assert all(
+        Path(p).resolve().is_relative_to(REPO)
+        for p in (args.train_file, args.test_file, args.tokenizer_name)
+    )

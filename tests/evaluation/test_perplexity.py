@@ -10,12 +10,26 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from conftest import WT2
-from transformers import (EvalPrediction, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments,
-                          default_data_collator)
+from transformers import (
+    EvalPrediction,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
 
 from wikigpt.model import mark_causal_lm_loss
-from wikigpt.evaluation.perplexity import (block_windows, compute_perplexity, load_corpus_perplexity, nll_and_count,
-                                rolling_windows, score_windows, sequence_nll, sliding_windows)
+from wikigpt.evaluation.perplexity import (
+    block_windows,
+    compute_perplexity,
+    load_corpus_perplexity,
+    nll_and_count,
+    rolling_windows,
+    score_windows,
+    sequence_nll,
+    sliding_windows,
+)
 
 
 def test_module_loads_offline_by_path_and_is_corpus_level():
@@ -27,12 +41,16 @@ def test_module_loads_offline_by_path_and_is_corpus_level():
     result = metric.compute()
     assert result["perplexity"] == pytest.approx(math.exp(501 / 101))
     assert result["perplexity"] != pytest.approx((math.exp(1) + math.exp(5)) / 2)
-    assert result["tokens"] == 101 and result["nll_sum"] == 501.0 and "word_perplexity" not in result
+    assert (
+        result["tokens"] == 101 and result["nll_sum"] == 501.0 and "word_perplexity" not in result
+    )
 
 
 def test_word_and_byte_normalisation():
     metric = load_corpus_perplexity()
-    metric.add_batch(nll_sum=[30.0, 10.0], token_count=[8, 4], word_count=[5, 0], byte_count=[20, 0])
+    metric.add_batch(
+        nll_sum=[30.0, 10.0], token_count=[8, 4], word_count=[5, 0], byte_count=[20, 0]
+    )
     result = metric.compute()
     assert result["word_perplexity"] == pytest.approx(math.exp(40 / 5))
     assert result["byte_perplexity"] == pytest.approx(math.exp(40 / 20))
@@ -62,13 +80,19 @@ def test_sequence_nll_and_trainer_hooks_match_cross_entropy():
     assert torch.equal(count, stats[:, 1].long()) and torch.allclose(nll, stats[:, 0])
     result = compute_perplexity(EvalPrediction(predictions=stats.numpy(), label_ids=labels.numpy()))
     expected_ppl = math.exp(float(stats[:, 0].sum()) / float(stats[:, 1].sum()))
-    assert result == {"perplexity": pytest.approx(expected_ppl), "token_loss": pytest.approx(math.log(expected_ppl)),
-                      "tokens": 13, "blocks": 3}
+    assert result == {
+        "perplexity": pytest.approx(expected_ppl),
+        "token_loss": pytest.approx(math.log(expected_ppl)),
+        "tokens": 13,
+        "blocks": 3,
+    }
 
 
 def tiny_model():
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=97))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=97)
+    )
     return mark_causal_lm_loss(model).eval()
 
 
@@ -77,8 +101,13 @@ def test_trainer_evaluate_with_an_uneven_last_batch_counts_every_block_once(tmp_
     ids = torch.randint(0, 97, (11, 16))  # 11 blocks, batches of 4: the last batch holds 3
     dataset = [{"input_ids": row, "labels": row} for row in ids]
     args = TrainingArguments(tmp_path, per_device_eval_batch_size=4, report_to="none", use_cpu=True)
-    metrics = Trainer(model=model, args=args, data_collator=default_data_collator, compute_metrics=compute_perplexity,
-                      preprocess_logits_for_metrics=nll_and_count).evaluate(dataset)
+    metrics = Trainer(
+        model=model,
+        args=args,
+        data_collator=default_data_collator,
+        compute_metrics=compute_perplexity,
+        preprocess_logits_for_metrics=nll_and_count,
+    ).evaluate(dataset)
     with torch.no_grad():
         per_block = [model(input_ids=r[None], labels=r[None]).loss.item() for r in ids]
     assert metrics["eval_blocks"] == 11 and metrics["eval_tokens"] == 11 * 15
@@ -108,16 +137,26 @@ def test_trainer_loss_counts_shifted_labels_for_a_wikigpt_model(tmp_path, tokeni
 
 def scored_positions(windows, offsets):
     """Token positions (in the original sequence) each window scores, given where each window starts."""
-    return [p for w, start in zip(windows, offsets) for p in range(start + len(w["ids"]) - w["n_scored"],
-                                                                   start + len(w["ids"]))]
+    return [
+        p
+        for w, start in zip(windows, offsets)
+        for p in range(start + len(w["ids"]) - w["n_scored"], start + len(w["ids"]))
+    ]
 
 
 def test_sliding_windows_score_every_token_but_the_first_once():
     ids = list(range(10))
-    assert sliding_windows(ids, 4, 4) == [{"ids": [0, 1, 2, 3], "n_scored": 3}, {"ids": [4, 5, 6, 7], "n_scored": 3},
-                                          {"ids": [8, 9], "n_scored": 1}]
-    assert sliding_windows(ids, 4, 2) == [{"ids": [0, 1, 2, 3], "n_scored": 3}, {"ids": [2, 3, 4, 5], "n_scored": 2},
-                                          {"ids": [4, 5, 6, 7], "n_scored": 2}, {"ids": [6, 7, 8, 9], "n_scored": 2}]
+    assert sliding_windows(ids, 4, 4) == [
+        {"ids": [0, 1, 2, 3], "n_scored": 3},
+        {"ids": [4, 5, 6, 7], "n_scored": 3},
+        {"ids": [8, 9], "n_scored": 1},
+    ]
+    assert sliding_windows(ids, 4, 2) == [
+        {"ids": [0, 1, 2, 3], "n_scored": 3},
+        {"ids": [2, 3, 4, 5], "n_scored": 2},
+        {"ids": [4, 5, 6, 7], "n_scored": 2},
+        {"ids": [6, 7, 8, 9], "n_scored": 2},
+    ]
     for stride in (1, 2, 3):
         windows = sliding_windows(ids, 4, stride)
         assert scored_positions(windows, range(0, 10, stride)) == list(range(1, 10))
@@ -146,12 +185,14 @@ def model_and_ids(tiny_checkpoint, tokenizer):
 
 
 def score(model, windows, batch_size=3):
-    return score_windows(model, windows, load_corpus_perplexity(), Accelerator(cpu=True), batch_size, pad_id=0)
+    return score_windows(
+        model, windows, load_corpus_perplexity(), Accelerator(cpu=True), batch_size, pad_id=0
+    )
 
 
 def test_blocks_equal_the_models_own_loss(model_and_ids):
     model, ids = model_and_ids
-    blocks = [ids[i: i + 64] for i in range(0, len(ids) - 63, 64)]
+    blocks = [ids[i : i + 64] for i in range(0, len(ids) - 63, 64)]
     nll = 0.0
     with torch.no_grad():
         for block in blocks:  # the reference: HF's loss (mean over the 63 shifted labels) times 63
@@ -186,10 +227,11 @@ def test_sliding_window_equals_the_hf_guide_loop(model_and_ids):
 
 def test_stride_equal_to_context_is_disjoint_windows(model_and_ids):
     model, ids = model_and_ids
-    disjoint = [ids[i: i + 128] for i in range(0, len(ids), 128)]  # the last one partial
+    disjoint = [ids[i : i + 128] for i in range(0, len(ids), 128)]  # the last one partial
     assert sliding_windows(ids, 128, 128) == block_windows(disjoint)
-    assert score(model, sliding_windows(ids, 128, 128))["perplexity"] == \
-        pytest.approx(score(model, block_windows(disjoint), batch_size=5)["perplexity"], rel=1e-6)
+    assert score(model, sliding_windows(ids, 128, 128))["perplexity"] == pytest.approx(
+        score(model, block_windows(disjoint), batch_size=5)["perplexity"], rel=1e-6
+    )
 
 
 def test_rolling_windows_equal_token_by_token_reference(model_and_ids):
@@ -199,9 +241,11 @@ def test_rolling_windows_equal_token_by_token_reference(model_and_ids):
     with torch.no_grad():  # each chunk of `context` targets, read with as much context as fits
         for p in range(0, len(doc), context):
             e = min(p + context, len(doc))
-            inputs = seq[max(0, e - context): e]
+            inputs = seq[max(0, e - context) : e]
             logp = torch.log_softmax(model(torch.tensor([inputs])).logits[0].double(), -1)
-            for target in range(p, e):  # doc[target] = seq[target + 1], predicted at input position target - start
+            for target in range(
+                p, e
+            ):  # doc[target] = seq[target + 1], predicted at input position target - start
                 nll -= logp[target - max(0, e - context), doc[target]].item()
     result = score(model, rolling_windows(doc, context, prefix))
     assert result["tokens"] == 300
@@ -222,5 +266,8 @@ class ContextOracle(torch.nn.Module):
 
 def test_smaller_stride_gives_lower_perplexity():
     ids = list(range(900))
-    values = [score(ContextOracle(), sliding_windows(ids, 64, stride))["perplexity"] for stride in (64, 32, 8, 1)]
+    values = [
+        score(ContextOracle(), sliding_windows(ids, 64, stride))["perplexity"]
+        for stride in (64, 32, 8, 1)
+    ]
     assert values == sorted(values, reverse=True) and values[0] > values[-1] * 1.01

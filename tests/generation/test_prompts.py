@@ -19,11 +19,16 @@ def test_prompt_sources(tmp_path):
     jsonl.write_text('{"prompt": "a\\nb", "id": 1}\n\n{"prompt": ""}\n', encoding="utf-8")
 
     assert read_prompts(args_for("--prompt", "x", "--prompt_file", text)) == [
-        "x", "first prompt", "second: with {braces}"]
+        "x",
+        "first prompt",
+        "second: with {braces}",
+    ]
     assert read_prompts(args_for("--prompt_file", jsonl)) == ["a\nb", ""]
     assert read_prompts(args_for(), io.StringIO("TL;DR:\n")) == ["TL;DR:"]
     assert read_prompts(args_for("--prompt", "given"), io.StringIO("ignored")) == ["given"]
-    assert read_prompts(args_for(), io.StringIO("")) == [""]  # nothing at all: one unconditional sample
+    assert read_prompts(args_for(), io.StringIO("")) == [
+        ""
+    ]  # nothing at all: one unconditional sample
 
     tty = io.StringIO("never read")
     tty.isatty = lambda: True

@@ -40,7 +40,9 @@ def reference_loss(student, teacher: Teacher, inputs, labels, classes=None):
     `classes`: (kept ids, [tied ids of each class]): the soft part over the kept tokens and each class as one."""
     logits = student(input_ids=inputs).logits[:, :-1].reshape(-1, VOCAB).float()
     with torch.no_grad():
-        teacher_probs = teacher.model(input_ids=inputs).logits[:, :-1].reshape(-1, VOCAB).float().softmax(-1)
+        teacher_probs = (
+            teacher.model(input_ids=inputs).logits[:, :-1].reshape(-1, VOCAB).float().softmax(-1)
+        )
     log_probs = logits.log_softmax(-1)
     targets = labels[:, 1:].reshape(-1)
     valid = targets != -100
@@ -49,16 +51,21 @@ def reference_loss(student, teacher: Teacher, inputs, labels, classes=None):
         soft = -(teacher_probs * log_probs).sum(1)
     else:
         kept, tied = classes
-        class_probs = torch.cat([teacher_probs[:, kept], *(teacher_probs[:, ids].sum(1, keepdim=True)
-                                                           for ids in tied)], 1)
-        class_log_probs = torch.cat([log_probs[:, kept], *(log_probs[:, ids].logsumexp(1, keepdim=True)
-                                                           for ids in tied)], 1)
+        class_probs = torch.cat(
+            [teacher_probs[:, kept], *(teacher_probs[:, ids].sum(1, keepdim=True) for ids in tied)],
+            1,
+        )
+        class_log_probs = torch.cat(
+            [log_probs[:, kept], *(log_probs[:, ids].logsumexp(1, keepdim=True) for ids in tied)], 1
+        )
         soft = -(class_probs * class_log_probs).sum(1)
     return (((1 - SHARE) * one_hot + SHARE * soft) * valid).sum() / valid.sum()
 
 
 def attach(model, teacher):
-    object.__setattr__(model, "_teacher", teacher)  # as attach_teacher, without loading a checkpoint
+    object.__setattr__(
+        model, "_teacher", teacher
+    )  # as attach_teacher, without loading a checkpoint
 
 
 def compare(student, reference, teacher, classes=None):
@@ -75,8 +82,12 @@ def compare(student, reference, teacher, classes=None):
         assert torch.allclose(p_student.grad, p_reference.grad, rtol=1e-4, atol=1e-6), name
 
 
-@pytest.mark.parametrize("pad", [None, 16])  # --pad_vocab_multiple: 40 -> 48 columns, the padded ones get nothing
-@pytest.mark.parametrize("chunk_size", [None, 7])  # None: attach_teacher alone, the whole batch as one chunk
+@pytest.mark.parametrize(
+    "pad", [None, 16]
+)  # --pad_vocab_multiple: 40 -> 48 columns, the padded ones get nothing
+@pytest.mark.parametrize(
+    "chunk_size", [None, 7]
+)  # None: attach_teacher alone, the whole batch as one chunk
 def test_full_head_loss_and_gradients_mix_the_teacher_into_the_targets(pad, chunk_size):
     student, teacher = tiny_model(), teacher_of()
     if pad:
@@ -85,14 +96,23 @@ def test_full_head_loss_and_gradients_mix_the_teacher_into_the_targets(pad, chun
         use_chunked_loss(student, chunk_size)  # 33 targets in chunks of 7
         attach(student, teacher)
     else:
-        assert attach_teacher(student, teacher.model, "teacher", SHARE) == {"teacher": "teacher", "share": SHARE}
+        assert attach_teacher(student, teacher.model, "teacher", SHARE) == {
+            "teacher": "teacher",
+            "share": SHARE,
+        }
     compare(student, tiny_model(), teacher)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 7])
-@pytest.mark.parametrize("equal_tied_rows", [False, True])  # True: a teacher trained with the same tying
-@pytest.mark.parametrize("groups", [None, GROUPS])  # --rare_token_groups: each group's tied tokens as one class
-def test_narrow_head_takes_the_teachers_tied_tokens_as_one_class(chunk_size, equal_tied_rows, groups):
+@pytest.mark.parametrize(
+    "equal_tied_rows", [False, True]
+)  # True: a teacher trained with the same tying
+@pytest.mark.parametrize(
+    "groups", [None, GROUPS]
+)  # --rare_token_groups: each group's tied tokens as one class
+def test_narrow_head_takes_the_teachers_tied_tokens_as_one_class(
+    chunk_size, equal_tied_rows, groups
+):
     student = tiny_model()
     if chunk_size:
         use_chunked_loss(student, chunk_size)
@@ -101,7 +121,9 @@ def test_narrow_head_takes_the_teachers_tied_tokens_as_one_class(chunk_size, equ
     teacher = teacher_of()
     if equal_tied_rows:
         with torch.no_grad():
-            teacher.model.lm_head.weight[tied.tied] = teacher.model.lm_head.weight[tied.row[tied.tied]].clone()
+            teacher.model.lm_head.weight[tied.tied] = teacher.model.lm_head.weight[
+                tied.row[tied.tied]
+            ].clone()
     attach(student, teacher)
     assert (tied.row[batch()] != batch()).any()  # the batch holds tied tokens
     classes = [tied.tied[tied.class_of == c] for c in range(len(tied.shared))]
@@ -122,52 +144,103 @@ class _SharedRows(torch.nn.Module):
 
     def forward(self, input_ids):
         weight = self.model.transformer.wte.weight[self.row]
-        hidden = self.model.transformer(inputs_embeds=F.embedding(input_ids, weight)).last_hidden_state
+        hidden = self.model.transformer(
+            inputs_embeds=F.embedding(input_ids, weight)
+        ).last_hidden_state
         return type("Out", (), {"logits": hidden @ weight.T})
 
 
-def test_train_py_records_the_teacher_and_saves_the_student_alone(micro_files, tmp_path, monkeypatch):
+def test_train_py_records_the_teacher_and_saves_the_student_alone(
+    micro_files, tmp_path, monkeypatch
+):
     teacher_dir, out = tmp_path / "teacher", tmp_path / "student"
-    assert train_in_process(micro_args(micro_files, teacher_dir, "--rare_tokens_below", 2, max_steps=2,
-                                       save_steps=2), monkeypatch) == 0
-    argv = micro_args(micro_files, out, "--rare_tokens_below", 2, "--distill_from", teacher_dir / "checkpoint-2",
-                      "--distill_share", 0.25, max_steps=2, save_steps=2)
+    assert (
+        train_in_process(
+            micro_args(
+                micro_files, teacher_dir, "--rare_tokens_below", 2, max_steps=2, save_steps=2
+            ),
+            monkeypatch,
+        )
+        == 0
+    )
+    argv = micro_args(
+        micro_files,
+        out,
+        "--rare_tokens_below",
+        2,
+        "--distill_from",
+        teacher_dir / "checkpoint-2",
+        "--distill_share",
+        0.25,
+        max_steps=2,
+        save_steps=2,
+    )
     assert train_in_process(argv, monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["model"]["distilled_from"] == {"teacher": str(teacher_dir / "checkpoint-2"), "share": 0.25}
-    student, teacher = load_file(out / "model.safetensors"), load_file(teacher_dir / "model.safetensors")
+    assert results["model"]["distilled_from"] == {
+        "teacher": str(teacher_dir / "checkpoint-2"),
+        "share": 0.25,
+    }
+    student, teacher = (
+        load_file(out / "model.safetensors"),
+        load_file(teacher_dir / "model.safetensors"),
+    )
     assert student.keys() == teacher.keys()  # no teacher weights in the student's file
-    assert not torch.equal(student["transformer.h.0.attn.c_attn.weight"], teacher["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(
+        student["transformer.h.0.attn.c_attn.weight"], teacher["transformer.h.0.attn.c_attn.weight"]
+    )
     assert np.isfinite(results["train"]["train_loss"])
 
 
 def test_the_teacher_reads_with_the_students_attention_kernel(tiny_checkpoint, tokenizer):
     for kernel in ("eager", "sdpa"):
-        student, _ = load_model(ModelArguments(preset="tiny", attn_implementation=kernel), tokenizer)
-        assert load_teacher(student, str(tiny_checkpoint), block_size=64).config._attn_implementation == kernel
+        student, _ = load_model(
+            ModelArguments(preset="tiny", attn_implementation=kernel), tokenizer
+        )
+        assert (
+            load_teacher(student, str(tiny_checkpoint), block_size=64).config._attn_implementation
+            == kernel
+        )
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--distill_share", 0], "error: --distill_share is the teacher's part of each training target, in (0, 1]; "
-                             "got 0.0. Pass e.g. --distill_share 0.5"),
-    (["--distill_from", "./no-such-teacher"], "error: --distill_from './no-such-teacher' does not exist; pass a "
-                                              "checkpoint folder"),
-])
-def test_bad_distillation_arguments_exit_2_with_one_line(micro_files, tmp_path, monkeypatch, capsys, extra, message):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--distill_share", 0],
+            "error: --distill_share is the teacher's part of each training target, in (0, 1]; "
+            "got 0.0. Pass e.g. --distill_share 0.5",
+        ),
+        (
+            ["--distill_from", "./no-such-teacher"],
+            "error: --distill_from './no-such-teacher' does not exist; pass a checkpoint folder",
+        ),
+    ],
+)
+def test_bad_distillation_arguments_exit_2_with_one_line(
+    micro_files, tmp_path, monkeypatch, capsys, extra, message
+):
     out = tmp_path / "run"
     assert train_in_process(micro_args(micro_files, out, *extra, max_steps=2), monkeypatch) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(message)
     assert not (out / "model.safetensors").exists()
 
 
-def test_a_teacher_with_a_shorter_context_is_refused(micro_files, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+def test_a_teacher_with_a_shorter_context_is_refused(
+    micro_files, tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     argv = micro_args(micro_files, out, "--distill_from", tiny_checkpoint, max_steps=2)
     argv[argv.index("--block_size") + 1] = 256  # longer than the teacher's 128 positions
     assert train_in_process(argv, monkeypatch) == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith(
-        f"error: --distill_from {str(tiny_checkpoint)!r} reads at most 128 tokens but the blocks hold 256; "
-        f"pass --block_size 128")
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(
+            f"error: --distill_from {str(tiny_checkpoint)!r} reads at most 128 tokens but the blocks hold 256; "
+            f"pass --block_size 128"
+        )
+    )
 
 
 SPLIT_FIX = (

@@ -16,23 +16,44 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from wikigpt.errors import UsageError
 from wikigpt.objectives.chunked_loss import use_chunked_loss
-from wikigpt.objectives.rare_tokens import TiedTokens, narrow_head_loss, share_rare_rows, spelling_groups
+from wikigpt.objectives.rare_tokens import (
+    TiedTokens,
+    narrow_head_loss,
+    share_rare_rows,
+    spelling_groups,
+)
 
 VOCAB = 40
 # the training stream: ids 3..9 twice or more, 10 and 11 once, the rest never
 STREAM = np.array([3, 4, 5, 6, 7, 8, 9] * 3 + [10, 11])
-GROUPS = np.arange(VOCAB) % 3  # --rare_token_groups: three groups, whose tied tokens share rows 0, 1 and 2
+GROUPS = (
+    np.arange(VOCAB) % 3
+)  # --rare_token_groups: three groups, whose tied tokens share rows 0, 1 and 2
 
 
-class Stream(torch.utils.data.Dataset):  # as wikigpt.data.block_offsets.RandomOffsetBlocks: the token stream in `ids`
+class Stream(
+    torch.utils.data.Dataset
+):  # as wikigpt.data.block_offsets.RandomOffsetBlocks: the token stream in `ids`
     def __init__(self, ids):
         self.ids = ids
 
 
 def tiny_model(seed=0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, n_layer=1, n_head=2,
-                                      n_embd=16, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            bos_token_id=0,
+            eos_token_id=0,
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def batch(seed=1) -> torch.Tensor:
@@ -52,7 +73,9 @@ def shared_parameter_loss(model, tied: TiedTokens, inputs, labels):
 
 
 @pytest.mark.parametrize("below, groups", [(1, None), (2, None), (2, GROUPS)])
-@pytest.mark.parametrize("chunk_size", [None, 7])  # --chunked_loss_size: 36 targets in chunks of 7, the last of 1
+@pytest.mark.parametrize(
+    "chunk_size", [None, 7]
+)  # --chunked_loss_size: 36 targets in chunks of 7, the last of 1
 def test_loss_and_gradients_are_those_of_one_shared_row(below, groups, chunk_size):
     narrow, reference = tiny_model(), tiny_model()
     if chunk_size:
@@ -82,7 +105,9 @@ def test_the_saved_models_full_softmax_is_the_training_loss(below, groups):
     share_rare_rows(model, Stream(STREAM), below, groups=groups)
     inputs = batch()
     model.eval()
-    full = model(input_ids=inputs, labels=inputs).loss.item()  # eval: GPT2LMHeadModel's own full-head forward
+    full = model(
+        input_ids=inputs, labels=inputs
+    ).loss.item()  # eval: GPT2LMHeadModel's own full-head forward
     model.train()
     assert model(input_ids=inputs, labels=inputs).loss.item() == pytest.approx(full, rel=1e-6)
 
@@ -95,7 +120,9 @@ def test_a_step_keeps_the_tied_rows_equal():
     model(input_ids=batch(), labels=batch()).loss.backward()
     optimizer.step()
     wte = model.transformer.wte.weight
-    assert not torch.equal(wte[1], wte[0])  # weight decay moved the other tied rows, the gradient the shared one
+    assert not torch.equal(
+        wte[1], wte[0]
+    )  # weight decay moved the other tied rows, the gradient the shared one
     callback.on_optimizer_step(None, None, None, model=model)
     assert torch.equal(wte[[1, 2, 10, 11, 39]], wte[[0]].expand(5, -1))
     assert not torch.equal(wte[3], wte[0])
@@ -104,7 +131,11 @@ def test_a_step_keeps_the_tied_rows_equal():
 def test_which_tokens_are_tied():
     counts = np.array([0, 3, 1, 0, 2])
     tied = TiedTokens(counts, 2)
-    assert tied.kept.tolist() == [1, 4] and tied.tied.tolist() == [0, 2, 3] and tied.shared.tolist() == [0]
+    assert (
+        tied.kept.tolist() == [1, 4]
+        and tied.tied.tolist() == [0, 2, 3]
+        and tied.shared.tolist() == [0]
+    )
     assert tied.column.tolist() == [2, 0, 2, 2, 1] and tied.row.tolist() == [0, 1, 0, 0, 4]
     loss = narrow_head_loss(torch.zeros(1, 2, 4), torch.zeros(5, 4), torch.tensor([[1, 3]]), tied)
     assert loss.item() == pytest.approx(np.log(5))  # all logits 0: uniform over the full vocabulary
@@ -114,7 +145,9 @@ def test_which_tokens_are_tied_in_groups():
     counts = np.array([0, 3, 1, 0, 2, 0])
     tied = TiedTokens(counts, 2, groups=np.array([7, 7, 5, 7, 9, 8]))  # group 9 holds no tied token
     assert tied.kept.tolist() == [1, 4] and tied.tied.tolist() == [0, 2, 3, 5]
-    assert tied.shared.tolist() == [2, 0, 5] and tied.log_n.tolist() == pytest.approx([0, np.log(2), 0])
+    assert tied.shared.tolist() == [2, 0, 5] and tied.log_n.tolist() == pytest.approx(
+        [0, np.log(2), 0]
+    )
     assert tied.column.tolist() == [3, 0, 2, 3, 1, 4] and tied.row.tolist() == [0, 1, 2, 0, 4, 5]
     assert tied.unknown_row.tolist() == [0, 0, 2, 0, 0, 5]  # group 9: the largest group's row
     labels = torch.tensor([[1, 3, 2, 4]])
@@ -123,42 +156,75 @@ def test_which_tokens_are_tied_in_groups():
 
 
 def test_spelling_groups_of_the_gpt2_tokenizer(tokenizer):
-    ids = tokenizer.convert_tokens_to_ids(["The", "the", ".", "ĠThe", "Ġthe", "Ġ1", "Ċ", "<|endoftext|>"])
+    ids = tokenizer.convert_tokens_to_ids(
+        ["The", "the", ".", "ĠThe", "Ġthe", "Ġ1", "Ċ", "<|endoftext|>"]
+    )
     assert spelling_groups(tokenizer, 50257)[ids].tolist() == [0, 1, 2, 3, 4, 5, 5, 2]
 
 
 def test_nothing_rare_leaves_the_model_alone():
     model = tiny_model()
     forward = model.forward
-    assert share_rare_rows(model, Stream(np.arange(VOCAB)), 1) == ([], None) and model.forward == forward
+    assert (
+        share_rare_rows(model, Stream(np.arange(VOCAB)), 1) == ([], None)
+        and model.forward == forward
+    )
 
 
 def test_train_py_saves_a_plain_gpt2_with_equal_tied_rows(micro_files, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    argv = micro_args(micro_files, out, "--rare_tokens_below", 2, "--random_block_offset", max_steps=4, save_steps=4)
+    argv = micro_args(
+        micro_files,
+        out,
+        "--rare_tokens_below",
+        2,
+        "--random_block_offset",
+        max_steps=4,
+        save_steps=4,
+    )
     assert train_in_process(argv, monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
     tied = results["model"]["rare_tokens"]
-    assert tied["below"] == 2 and tied["kept"] + tied["tied"] == 50257 and 500 < tied["kept"] < 5_000
-    rows = {tuple(row.tolist()) for row in load_file(out / "model.safetensors")["transformer.wte.weight"]}
+    assert (
+        tied["below"] == 2 and tied["kept"] + tied["tied"] == 50257 and 500 < tied["kept"] < 5_000
+    )
+    rows = {
+        tuple(row.tolist())
+        for row in load_file(out / "model.safetensors")["transformer.wte.weight"]
+    }
     assert len(rows) == tied["kept"] + 1  # the kept rows, and one shared by the tied tokens
 
 
 def test_train_py_ties_by_spelling(micro_files, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    argv = micro_args(micro_files, out, "--rare_tokens_below", 2, "--rare_token_groups", "spelling", max_steps=2,
-                      save_steps=2)
+    argv = micro_args(
+        micro_files,
+        out,
+        "--rare_tokens_below",
+        2,
+        "--rare_token_groups",
+        "spelling",
+        max_steps=2,
+        save_steps=2,
+    )
     assert train_in_process(argv, monkeypatch) == 0
     tied = json.loads((out / "results.json").read_text())["model"]["rare_tokens"]
     assert len(tied["groups"]) == 6 and sum(tied["groups"]) == tied["tied"]
-    rows = {tuple(row.tolist()) for row in load_file(out / "model.safetensors")["transformer.wte.weight"]}
+    rows = {
+        tuple(row.tolist())
+        for row in load_file(out / "model.safetensors")["transformer.wte.weight"]
+    }
     assert len(rows) == tied["kept"] + 6  # the kept rows, and one per spelling group
 
 
-@pytest.mark.parametrize("groups", [None, GROUPS])  # GROUPS: a dropped input reads its own group's row
+@pytest.mark.parametrize(
+    "groups", [None, GROUPS]
+)  # GROUPS: a dropped input reads its own group's row
 def test_input_dropout_replaces_inputs_with_the_shared_row_and_keeps_the_targets(groups):
     model, reference = tiny_model(), tiny_model()
-    (callback,), summary = share_rare_rows(model, Stream(STREAM), 2, input_dropout=0.5, groups=groups)
+    (callback,), summary = share_rare_rows(
+        model, Stream(STREAM), 2, input_dropout=0.5, groups=groups
+    )
     assert summary["input_dropout"] == 0.5
     reference.load_state_dict(model.state_dict())
     inputs = batch()
@@ -168,16 +234,23 @@ def test_input_dropout_replaces_inputs_with_the_shared_row_and_keeps_the_targets
     torch.manual_seed(7)
     dropped = torch.rand(inputs.shape) < 0.5
     assert 0 < dropped.sum() < dropped.numel()
-    unknown = callback.tied.shared[0] if groups is None else torch.as_tensor(groups)[inputs]  # rows 0, 1, 2
-    read = torch.where(dropped, unknown, inputs)  # what the transformer reads; the targets: `inputs`
+    unknown = (
+        callback.tied.shared[0] if groups is None else torch.as_tensor(groups)[inputs]
+    )  # rows 0, 1, 2
+    read = torch.where(
+        dropped, unknown, inputs
+    )  # what the transformer reads; the targets: `inputs`
     weight = reference.transformer.wte.weight[callback.tied.row]
     hidden = reference.transformer(inputs_embeds=F.embedding(read, weight)).last_hidden_state
-    expected = F.cross_entropy((hidden[:, :-1] @ weight.T).reshape(-1, VOCAB), inputs[:, 1:].reshape(-1))
+    expected = F.cross_entropy(
+        (hidden[:, :-1] @ weight.T).reshape(-1, VOCAB), inputs[:, 1:].reshape(-1)
+    )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     model.eval(), reference.eval()  # evaluation reads every token
     torch.manual_seed(7)
     assert model(input_ids=inputs, labels=inputs).loss.item() == pytest.approx(
-        reference(input_ids=inputs, labels=inputs).loss.item(), rel=1e-6)
+        reference(input_ids=inputs, labels=inputs).loss.item(), rel=1e-6
+    )
 
 
 def small_tokenizer(kind: str):
@@ -193,7 +266,9 @@ def small_tokenizer(kind: str):
     elif kind == "sentencepiece":
         tok = Tokenizer(models.Unigram())
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=600, special_tokens=["<unk>"], unk_token="<unk>")
+        trainer = trainers.UnigramTrainer(
+            vocab_size=600, special_tokens=["<unk>"], unk_token="<unk>"
+        )
     else:
         tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -202,10 +277,16 @@ def small_tokenizer(kind: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, name_or_path=kind)
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("wordpiece", {"The": 3, "the": 4, "##s": 1, ",": 5}),  # words start unmarked; '##' continues one
-    ("sentencepiece", {"▁The": 3, "▁the": 4, "s": 1, ",": 2}),  # '▁' starts a word
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        (
+            "wordpiece",
+            {"The": 3, "the": 4, "##s": 1, ",": 5},
+        ),  # words start unmarked; '##' continues one
+        ("sentencepiece", {"▁The": 3, "▁the": 4, "s": 1, ",": 2}),  # '▁' starts a word
+    ],
+)
 def test_spelling_groups_read_other_tokenizers_word_starts(kind, expected):
     tokenizer = small_tokenizer(kind)
     groups = spelling_groups(tokenizer, len(tokenizer))
@@ -217,19 +298,25 @@ def test_spelling_groups_read_other_tokenizers_word_starts(kind, expected):
 def test_spelling_groups_refuse_a_tokenizer_without_word_starts():
     with pytest.raises(UsageError) as err:
         spelling_groups(small_tokenizer("wordlevel"), 600)
-    assert str(err.value) == ("--rare_token_groups spelling reads word starts from 'Ġ' (byte-level BPE), '▁' "
-                              "(SentencePiece) or '##' (WordPiece) tokens, and tokenizer 'wordlevel' marks none; "
-                              "pass --rare_token_groups one")
+    assert str(err.value) == (
+        "--rare_token_groups spelling reads word starts from 'Ġ' (byte-level BPE), '▁' "
+        "(SentencePiece) or '##' (WordPiece) tokens, and tokenizer 'wordlevel' marks none; "
+        "pass --rare_token_groups one"
+    )
 
 
-@pytest.mark.parametrize("kind, name", [("wordpiece", "WordPiece"), ("sentencepiece", "Unigram"),
-                                        ("wordlevel", "WordLevel")])
+@pytest.mark.parametrize(
+    "kind, name",
+    [("wordpiece", "WordPiece"), ("sentencepiece", "Unigram"), ("wordlevel", "WordLevel")],
+)
 def test_rank_slopes_refuse_a_vocabulary_not_in_merge_order(kind, name, tokenizer):
     from wikigpt.calibration.token_offsets import check_rank_order
 
     check_rank_order(tokenizer)  # GPT-2's byte-level BPE: ids in merge order
     with pytest.raises(UsageError) as err:
         check_rank_order(small_tokenizer(kind))
-    assert str(err.value) == (f"--calibrate_token_offsets fits a slope on log(1 + token id), which follows a BPE "
-                              f"vocabulary's merge order; tokenizer {kind!r} is {name}: use a BPE tokenizer or "
-                              f"drop --calibrate_token_offsets")
+    assert str(err.value) == (
+        f"--calibrate_token_offsets fits a slope on log(1 + token id), which follows a BPE "
+        f"vocabulary's merge order; tokenizer {kind!r} is {name}: use a BPE tokenizer or "
+        f"drop --calibrate_token_offsets"
+    )

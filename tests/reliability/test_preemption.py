@@ -74,7 +74,8 @@ def test_exit_names_the_checkpoint_and_the_resume_flag(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"wikigpt: training stopped by SIGTERM at step 7; checkpoint saved in {tmp_path / 'checkpoint-7'}. To "
         f"continue, rerun the same command with --resume_from_checkpoint latest (or --resume_from_checkpoint "
-        f"{tmp_path / 'checkpoint-7'})\n")
+        f"{tmp_path / 'checkpoint-7'})\n"
+    )
 
 
 def test_no_signal_no_exit(tmp_path):

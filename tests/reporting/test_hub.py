@@ -17,9 +17,22 @@ from wikigpt.train.arguments import WikiTrainingArguments
 @pytest.fixture(scope="module")
 def offline_push_run(tmp_path_factory, small_files):
     out = tmp_path_factory.mktemp("push") / "run"
-    proc = run_script("train.py", *tiny_train_args(small_files, out, "--test_file", small_files["test"],
-                                                   "--push_to_hub", "--hub_model_id", "someone/wikigpt-tiny",
-                                                   "--hub_private_repo", "true", "--peak_flops", "1e12"))
+    proc = run_script(
+        "train.py",
+        *tiny_train_args(
+            small_files,
+            out,
+            "--test_file",
+            small_files["test"],
+            "--push_to_hub",
+            "--hub_model_id",
+            "someone/wikigpt-tiny",
+            "--hub_private_repo",
+            "true",
+            "--peak_flops",
+            "1e12",
+        ),
+    )
     return out, proc
 
 
@@ -28,11 +41,17 @@ def test_push_fails_offline_with_one_line_after_the_local_save(offline_push_run)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert errors[0].startswith("error: --push_to_hub could not upload to the Hub repo 'someone/wikigpt-tiny' "
-                                "(OfflineModeIsEnabled: ")
-    assert f"nothing is lost: the model, results.json and README.md are saved in '{out}'" in errors[0]
-    assert (f"`hf upload someone/wikigpt-tiny {out} --exclude '_*' --exclude 'checkpoint-*' --exclude 'corrupt-*' "
-            f"--exclude 'previous-run-*'`") in errors[0]
+    assert errors[0].startswith(
+        "error: --push_to_hub could not upload to the Hub repo 'someone/wikigpt-tiny' "
+        "(OfflineModeIsEnabled: "
+    )
+    assert (
+        f"nothing is lost: the model, results.json and README.md are saved in '{out}'" in errors[0]
+    )
+    assert (
+        f"`hf upload someone/wikigpt-tiny {out} --exclude '_*' --exclude 'checkpoint-*' --exclude 'corrupt-*' "
+        f"--exclude 'previous-run-*'`"
+    ) in errors[0]
     # nothing lost: the model loads, results and card are complete
     assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == 2
     results = json.loads((out / "results.json").read_text())
@@ -53,7 +72,7 @@ def test_every_run_writes_a_model_card_with_its_perplexities(offline_push_run):
     assert by_split["test"].metric_args["tokens"] == results["test"]["test_tokens"]
     assert results["test"]["test_blocks"] == results["data"]["test"]["blocks"]
     assert results["test"]["test_tokens"] == results["data"]["test"]["blocks"] * 63
-    assert "from_pretrained(\"someone/wikigpt-tiny\")" in card.text
+    assert 'from_pretrained("someone/wikigpt-tiny")' in card.text
     assert f"{6 * 4 * 64:,} (6 optimizer steps of 256 tokens)" in card.text
 
 
@@ -89,25 +108,50 @@ def test_push_uploads_the_model_but_nothing_set_aside(tmp_path, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer
 
     out = tmp_path / "run"
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=50, n_positions=16))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=50, n_positions=16)
+    )
     model.save_pretrained(out)
     (out / "results.json").write_text("{}")
-    for folder in ("checkpoint-8", "corrupt-checkpoint-6", "corrupt-2-checkpoint-6", "previous-run-checkpoint-10",
-                   "_scratch"):
+    for folder in (
+        "checkpoint-8",
+        "corrupt-checkpoint-6",
+        "corrupt-2-checkpoint-6",
+        "previous-run-checkpoint-10",
+        "_scratch",
+    ):
         (out / folder).mkdir()
         torch.save({"state": 1}, out / folder / "optimizer.pt")
     uploaded = []
 
     def create_commit(self, repo_id, operations, **kwargs):
         uploaded.extend(op.path_in_repo for op in operations)
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="", commit_description="",
-                          oid="0" * 40)
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0",
+            commit_message="",
+            commit_description="",
+            oid="0" * 40,
+        )
 
-    monkeypatch.setattr(HfApi, "create_repo",
-                        lambda self, repo_id, **kwargs: RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(
+        HfApi,
+        "create_repo",
+        lambda self, repo_id, **kwargs: RepoUrl(f"https://huggingface.co/{repo_id}"),
+    )
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr("huggingface_hub.hf_api.is_xet_available", lambda: False)  # one commit, no xet upload
-    args = WikiTrainingArguments(output_dir=str(out), hub_model_id="someone/wikigpt-tiny", eval_strategy="no",
-                                 report_to="none")
+    monkeypatch.setattr(
+        "huggingface_hub.hf_api.is_xet_available", lambda: False
+    )  # one commit, no xet upload
+    args = WikiTrainingArguments(
+        output_dir=str(out),
+        hub_model_id="someone/wikigpt-tiny",
+        eval_strategy="no",
+        report_to="none",
+    )
     push_after_local_save(Trainer(model=model, args=args))
-    assert sorted(uploaded) == ["config.json", "generation_config.json", "model.safetensors", "results.json"]
+    assert sorted(uploaded) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "results.json",
+    ]

@@ -7,24 +7,49 @@ from huggingface_hub import ModelCard
 from runs import micro_files  # noqa: F401 - a fixture
 
 from wikigpt.data.blocks import DataArguments
-from wikigpt.reporting.model_card import TOKEN_PPL_METHOD, dataset_info, split_dataset_info, write_model_card
+from wikigpt.reporting.model_card import (
+    TOKEN_PPL_METHOD,
+    dataset_info,
+    split_dataset_info,
+    write_model_card,
+)
 
 
 def results_for(kind: str) -> dict:
-    model = ({"kind": "pretrained", "base_model": "gpt2"} if kind == "pretrained"
-             else {"kind": "from_scratch", "preset": "gpt2", "config_overrides": None})
+    model = (
+        {"kind": "pretrained", "base_model": "gpt2"}
+        if kind == "pretrained"
+        else {"kind": "from_scratch", "preset": "gpt2", "config_overrides": None}
+    )
     return {
         "wikigpt_version": "0.1.0",
         "model": {**model, "parameters": 124439808, "non_embedding_parameters": 85056000},
         "block_size": 1024,
-        "data": {"train": {"rows": 36718, "tokens": 2391884, "blocks": 2335},
-                 "validation": {"rows": 3760, "tokens": 247289, "blocks": 241},
-                 "test": {"rows": 4358, "tokens": 283287, "blocks": 276}},
-        "train": {"global_step": 500, "tokens_seen": 4096000, "wall_time_s": 321.5, "train_loss": 3.9},
-        "validation": {"eval_loss": 3.4, "eval_token_loss": 3.4, "eval_perplexity": math.exp(3.4),
-                       "eval_blocks": 241, "eval_tokens": 246543},
-        "test": {"test_loss": 3.35, "test_token_loss": 3.35, "test_perplexity": math.exp(3.35),
-                 "test_blocks": 276, "test_tokens": 282348},
+        "data": {
+            "train": {"rows": 36718, "tokens": 2391884, "blocks": 2335},
+            "validation": {"rows": 3760, "tokens": 247289, "blocks": 241},
+            "test": {"rows": 4358, "tokens": 283287, "blocks": 276},
+        },
+        "train": {
+            "global_step": 500,
+            "tokens_seen": 4096000,
+            "wall_time_s": 321.5,
+            "train_loss": 3.9,
+        },
+        "validation": {
+            "eval_loss": 3.4,
+            "eval_token_loss": 3.4,
+            "eval_perplexity": math.exp(3.4),
+            "eval_blocks": 241,
+            "eval_tokens": 246543,
+        },
+        "test": {
+            "test_loss": 3.35,
+            "test_token_loss": 3.35,
+            "test_perplexity": math.exp(3.35),
+            "test_blocks": 276,
+            "test_tokens": 282348,
+        },
         "throughput": {"tokens_per_second": 512000.0, "mfu": 0.443},
         "dataset": {"id": "wikitext", "config": "wikitext-2-raw-v1", "source": "hub"},
         "architecture": {"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768},
@@ -34,7 +59,9 @@ def results_for(kind: str) -> dict:
 
 
 EVAL_PY = {
-    "model": "out/gpt2-wt2", "split": "test", "dataset": "wikitext/wikitext-2-raw-v1",
+    "model": "out/gpt2-wt2",
+    "split": "test",
+    "dataset": "wikitext/wikitext-2-raw-v1",
     "data": {"id": "wikitext", "config": "wikitext-2-raw-v1", "source": "hub"},
     "metrics": {
         "perplexity": {"value": 28.41, "method": "non-overlapping 1024-token blocks"},
@@ -58,18 +85,32 @@ def test_from_scratch_card_parses_with_perplexities_and_no_base_model(tmp_path):
     assert card.data.base_model is None and "base_model" not in card.content.split("---")[1]
     assert card.data.model_name == "me/gpt2-wt2" and card.data.datasets == ["wikitext"]
     results = metrics_by(card)
-    assert set(results) == {("validation", "Perplexity (token-level)"), ("test", "Perplexity (token-level)")}
+    assert set(results) == {
+        ("validation", "Perplexity (token-level)"),
+        ("test", "Perplexity (token-level)"),
+    }
     test = results[("test", "Perplexity (token-level)")]
     assert test.metric_type == "perplexity" and test.metric_value == round(math.exp(3.35), 4)
     assert test.dataset_type == "wikitext" and test.dataset_config == "wikitext-2-raw-v1"
     assert test.task_type == "text-generation"
     assert test.metric_args["method"] == TOKEN_PPL_METHOD.format(block_size=1024)
     assert test.metric_args["tokens"] == 282348
-    assert results[("validation", "Perplexity (token-level)")].metric_value == round(math.exp(3.4), 4)
+    assert results[("validation", "Perplexity (token-level)")].metric_value == round(
+        math.exp(3.4), 4
+    )
     body = card.text
     assert "trained from scratch" in body and "fine-tuned" not in body
-    for fact in ("4,096,000", "321.50 s", "NVIDIA H100 80GB HBM3", "512,000 tokens/s", "MFU 44.3%",
-                 "| learning_rate | 0.0006 |", "## Intended use", "## Limitations", "2,391,884"):
+    for fact in (
+        "4,096,000",
+        "321.50 s",
+        "NVIDIA H100 80GB HBM3",
+        "512,000 tokens/s",
+        "MFU 44.3%",
+        "| learning_rate | 0.0006 |",
+        "## Intended use",
+        "## Limitations",
+        "2,391,884",
+    ):
         assert fact in body, fact
 
 
@@ -91,15 +132,22 @@ def test_eval_py_results_add_word_perplexity_and_bits_per_byte(tmp_path):
     assert results[("test", "Perplexity (token-level, sliding window)")].metric_value == 25.12
     # eval.py's test perplexity replaces train.py's for the same split; validation stays train.py's
     assert results[("test", "Perplexity (token-level)")].metric_value == 28.41
-    assert results[("validation", "Perplexity (token-level)")].metric_value == round(math.exp(3.4), 4)
+    assert results[("validation", "Perplexity (token-level)")].metric_value == round(
+        math.exp(3.4), 4
+    )
     assert len(card.data.eval_results) == 6
 
 
 def test_a_test_time_mixture_is_not_put_on_the_card_as_the_models_result(tmp_path):
-    mixed = {**EVAL_PY, "metrics": {**EVAL_PY["metrics"],
-                                    "ngram_mixture_perplexity": {"value": 20.5, "method": "a test-time mixture"},
-                                    "cache_mixture_perplexity": {"value": 19.5, "method": "a test-time mixture"},
-                                    "ngram_cache_mixture_perplexity": {"value": 18.5, "method": "a test-time mixture"}}}
+    mixed = {
+        **EVAL_PY,
+        "metrics": {
+            **EVAL_PY["metrics"],
+            "ngram_mixture_perplexity": {"value": 20.5, "method": "a test-time mixture"},
+            "cache_mixture_perplexity": {"value": 19.5, "method": "a test-time mixture"},
+            "ngram_cache_mixture_perplexity": {"value": 18.5, "method": "a test-time mixture"},
+        },
+    }
     card = ModelCard.load(write_model_card(tmp_path, results_for("from_scratch"), mixed))
     assert len(card.data.eval_results) == 6
     values = {r.metric_value for r in card.data.eval_results}
@@ -107,7 +155,9 @@ def test_a_test_time_mixture_is_not_put_on_the_card_as_the_models_result(tmp_pat
         assert value not in values and str(value) not in card.text
 
 
-def test_local_files_are_named_as_wikitext_only_when_they_are_wikitext_raw_files(tmp_path, small_files):
+def test_local_files_are_named_as_wikitext_only_when_they_are_wikitext_raw_files(
+    tmp_path, small_files
+):
     wt2_dir = tmp_path / "wt2"
     wt2_dir.mkdir()
     for name in ("wiki.train.raw", "wiki.valid.raw"):
@@ -125,13 +175,26 @@ def test_local_files_are_named_as_wikitext_only_when_they_are_wikitext_raw_files
 def test_eval_py_metrics_on_another_file_keep_their_own_label(tmp_path):
     """A model trained on WikiText, scored by eval.py on some other file: its numbers are labelled with that file,
     and train.py's WikiText test perplexity stays."""
-    on_notes = {**EVAL_PY, "data": {"id": None, "config": None, "source": "local files", "files": {"test": "notes.txt"}}}
+    on_notes = {
+        **EVAL_PY,
+        "data": {
+            "id": None,
+            "config": None,
+            "source": "local files",
+            "files": {"test": "notes.txt"},
+        },
+    }
     card = ModelCard.load(write_model_card(tmp_path, results_for("from_scratch"), on_notes))
-    by_data = {(r.dataset_type, r.dataset_name, r.metric_name): r.metric_value for r in card.data.eval_results
-               if r.dataset_split == "test"}
+    by_data = {
+        (r.dataset_type, r.dataset_name, r.metric_name): r.metric_value
+        for r in card.data.eval_results
+        if r.dataset_split == "test"
+    }
     assert by_data[("custom", "local text files (notes.txt)", "Perplexity (token-level)")] == 28.41
     assert by_data[("custom", "local text files (notes.txt)", "Word-level perplexity")] == 71.3
-    assert by_data[("wikitext", "wikitext (wikitext-2-raw-v1)", "Perplexity (token-level)")] == round(math.exp(3.35), 4)
+    assert by_data[
+        ("wikitext", "wikitext (wikitext-2-raw-v1)", "Perplexity (token-level)")
+    ] == round(math.exp(3.35), 4)
     assert not any(t == "wikitext" and name != "Perplexity (token-level)" for t, _, name in by_data)
 
 
@@ -140,7 +203,10 @@ def test_eval_splits_are_wikitext_only_as_that_splits_wikitext_file(tmp_path):
         (tmp_path / name).write_text("text\n")
     test_file = split_dataset_info(DataArguments(test_file=str(tmp_path / "wiki.test.raw")), "test")
     assert (test_file["id"], test_file["config"]) == ("wikitext", "wikitext-2-raw-v1")
-    for name in ("wiki.valid.raw", "notes.raw"):  # another split's file, or another file, passed as --test_file
+    for name in (
+        "wiki.valid.raw",
+        "notes.raw",
+    ):  # another split's file, or another file, passed as --test_file
         info = split_dataset_info(DataArguments(test_file=str(tmp_path / name)), "test")
         assert info["id"] is None and info["files"] == {"test": name}
     assert split_dataset_info(DataArguments(), "test")["id"] == "wikitext"  # the Hub dataset
@@ -160,9 +226,13 @@ def test_precision_includes_what_accelerate_launch_set(monkeypatch):
     from wikigpt.train.arguments import WikiTrainingArguments
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.setattr("wikigpt.train.precision.cpu_has_native_bf16", lambda: False)  # else bf16 is the CPU default
+    monkeypatch.setattr(
+        "wikigpt.train.precision.cpu_has_native_bf16", lambda: False
+    )  # else bf16 is the CPU default
     assert precision(WikiTrainingArguments(output_dir="unused")) == "fp32"
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch with mixed_precision: bf16
+    monkeypatch.setenv(
+        "ACCELERATE_MIXED_PRECISION", "bf16"
+    )  # accelerate launch with mixed_precision: bf16
     assert precision(WikiTrainingArguments(output_dir="unused")) == "bf16 mixed"
 
 
@@ -172,8 +242,20 @@ def test_a_run_states_its_levers_in_results_config_and_card(tmp_path, micro_file
     from runs import micro_args, train_in_process  # noqa: I001
 
     out = tmp_path / "run"
-    argv = micro_args(micro_files, out, "--rare_tokens_below", 2, "--rare_token_groups", "spelling",
-                      "--optim_matrices", "muon", "--calibrate_temperature", "true", max_steps=2, save_steps=2)
+    argv = micro_args(
+        micro_files,
+        out,
+        "--rare_tokens_below",
+        2,
+        "--rare_token_groups",
+        "spelling",
+        "--optim_matrices",
+        "muon",
+        "--calibrate_temperature",
+        "true",
+        max_steps=2,
+        save_steps=2,
+    )
     assert train_in_process(argv, monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
     levers = results["levers"]
@@ -182,9 +264,16 @@ def test_a_run_states_its_levers_in_results_config_and_card(tmp_path, micro_file
     assert levers["muon"] == {"learning_rate": 0.02} and "teacher" not in levers
     assert levers["calibration"] == {"fitted": ["temperature"], "class_shares": "held_out"}
     assert json.loads((out / "config.json").read_text())["wikigpt"] == {
-        "parameters": results["model"]["parameters"], "levers": levers}
+        "parameters": results["model"]["parameters"],
+        "levers": levers,
+    }
     card = (out / "README.md").read_text()
-    assert (f"- rare tokens: the {rare['tied']:,} tokens seen fewer than 2 times in the training text share 6 "
-            f"embedding rows (by spelling): as inputs they are indistinguishable") in card
+    assert (
+        f"- rare tokens: the {rare['tied']:,} tokens seen fewer than 2 times in the training text share 6 "
+        f"embedding rows (by spelling): as inputs they are indistinguishable"
+    ) in card
     assert "- Muon for the block matrices (learning rate 0.02), AdamW for the rest" in card
-    assert "Fine-tuning `ln_f` or the head, or re-tying the head to the input embeddings, undoes them." in card
+    assert (
+        "Fine-tuning `ln_f` or the head, or re-tying the head to the input embeddings, undoes them."
+        in card
+    )

@@ -21,7 +21,11 @@ HISTORY = [
     {"loss": 10.1, "learning_rate": 3e-4, "step": 10},
     {"eval_loss": 10.0, "eval_perplexity": math.exp(10.0), "step": 10},
     {"train_runtime": 3.0, "train_loss": 10.4, "step": 10},
-    {"eval_loss": 10.0, "eval_perplexity": math.exp(10.0), "step": 10},  # train.py's final evaluation
+    {
+        "eval_loss": 10.0,
+        "eval_perplexity": math.exp(10.0),
+        "step": 10,
+    },  # train.py's final evaluation
     {"test_loss": 10.1, "step": 10},  # no test_perplexity: derived from the loss
 ]
 
@@ -33,9 +37,13 @@ def test_series_keep_one_point_per_step():
     assert _perplexity_series(HISTORY, "test") == ([10], [pytest.approx(math.exp(10.1))])
 
 
-@pytest.mark.parametrize("history", [HISTORY, [h for h in HISTORY if "loss" in h]], ids=["with_eval", "no_eval"])
+@pytest.mark.parametrize(
+    "history", [HISTORY, [h for h in HISTORY if "loss" in h]], ids=["with_eval", "no_eval"]
+)
 def test_png_is_written_and_valid(tmp_path, history):
-    path = plot_training_curves(history, str(tmp_path / "training_curves.png"), tokens_per_step=256, title="run")
+    path = plot_training_curves(
+        history, str(tmp_path / "training_curves.png"), tokens_per_step=256, title="run"
+    )
     data = (tmp_path / "training_curves.png").read_bytes()
     assert path.endswith("training_curves.png") and data.startswith(PNG_MAGIC)
     with Image.open(tmp_path / "training_curves.png") as image:
@@ -43,15 +51,22 @@ def test_png_is_written_and_valid(tmp_path, history):
         assert image.size == (800, 850)
 
 
-def test_report_to_tensorboard_without_the_package_is_one_error_line(tmp_path, small_files, monkeypatch, capsys):
+def test_report_to_tensorboard_without_the_package_is_one_error_line(
+    tmp_path, small_files, monkeypatch, capsys
+):
     monkeypatch.setattr(wikigpt.reporting.plots, "is_tensorboard_available", lambda: False)
     out = tmp_path / "tb"
-    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, tiny_train_args(small_files, out, "--report_to",
-                                                                             "tensorboard"))])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["train.py", *map(str, tiny_train_args(small_files, out, "--report_to", "tensorboard"))],
+    )
     with pytest.raises(SystemExit) as exit_info:
         run_main(train.main)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2
-    assert errors == ["error: --report_to tensorboard needs the tensorboard package, which is not installed; "
-                      "run `pip install tensorboard`, or drop --report_to tensorboard"]
+    assert errors == [
+        "error: --report_to tensorboard needs the tensorboard package, which is not installed; "
+        "run `pip install tensorboard`, or drop --report_to tensorboard"
+    ]
     assert not out.exists()

@@ -27,8 +27,15 @@ def run_child(env_value: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "WIKIGPT_KEEP_FREED_MEMORY"}
     if env_value is not None:
         env["WIKIGPT_KEEP_FREED_MEMORY"] = env_value
-    out = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env=env, capture_output=True, text=True, check=True,
-                         timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -37,4 +44,6 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert kept["took"] is True and default["took"] is False
     # glibc maps every new block afresh and faults it in (~540 faults with transparent huge pages, ~16,000 without)
     assert all(f > 100 for f in default["faults"])
-    assert all(f < 10 for f in kept["faults"][1:])  # after the first, the freed block is reused as it is
+    assert all(
+        f < 10 for f in kept["faults"][1:]
+    )  # after the first, the freed block is reused as it is

@@ -31,12 +31,21 @@ def training_args(*argv, flags=None, monkeypatch=None):
 @cpu_only
 def test_bf16_on_a_cpu_needs_no_use_cpu():
     args = training_args("--bf16")
-    assert args.bf16 and args.use_cpu and args.device.type == "cpu" and args.mixed_precision == "bf16"
+    assert (
+        args.bf16 and args.use_cpu and args.device.type == "cpu" and args.mixed_precision == "bf16"
+    )
 
 
 @cpu_only
-@pytest.mark.parametrize("flags, bf16", [({"avx2", "avx512_bf16"}, True), ({"avx2", "amx_bf16"}, True),
-                                         ({"avx2", "avx512f"}, False), (set(), False)])
+@pytest.mark.parametrize(
+    "flags, bf16",
+    [
+        ({"avx2", "avx512_bf16"}, True),
+        ({"avx2", "amx_bf16"}, True),
+        ({"avx2", "avx512f"}, False),
+        (set(), False),
+    ],
+)
 def test_default_precision_follows_the_cpu(flags, bf16, monkeypatch):
     args = training_args(flags=flags, monkeypatch=monkeypatch)
     assert args.bf16 is bf16 and args.mixed_precision == ("bf16" if bf16 else "no")
@@ -57,9 +66,12 @@ def test_the_switch_makes_any_host_act_as_the_other_kind(flags, override, bf16, 
     monkeypatch.setenv("WIKIGPT_CPU_BF16", override)
     args = training_args()
     assert args.bf16 is bf16 and args.mixed_precision == ("bf16" if bf16 else "no")
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=64))
-    optimizer = MuonAdamWFactory()(model, muon_lr=0.02, adamw_lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
-                                   eps=1e-8)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=64)
+    )
+    optimizer = MuonAdamWFactory()(
+        model, muon_lr=0.02, adamw_lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8
+    )
     assert optimizer.muon.orthogonalize_dtype == (torch.bfloat16 if bf16 else torch.float32)
 
 
@@ -68,14 +80,28 @@ def test_a_bad_switch_value_is_one_line_naming_it(monkeypatch):
     monkeypatch.setenv("WIKIGPT_CPU_BF16", "yes")
     with pytest.raises(UsageError) as err:
         training_args()
-    assert str(err.value) == ("WIKIGPT_CPU_BF16='yes' is not 0 or 1; set it to 0 (act as without native bf16), "
-                              "1 (as with it), or unset it")
+    assert str(err.value) == (
+        "WIKIGPT_CPU_BF16='yes' is not 0 or 1; set it to 0 (act as without native bf16), "
+        "1 (as with it), or unset it"
+    )
 
 
 def logged_losses(files, out, monkeypatch, *extra, steps=20):
     # A high learning rate without warmup: the losses compared move (10.8 -> below 10 in 20 steps).
-    argv = micro_args(files, out, "--save_strategy", "no", "--bf16", "false", "--learning_rate", "1e-2",
-                      "--warmup_steps", "0", *extra, max_steps=steps)
+    argv = micro_args(
+        files,
+        out,
+        "--save_strategy",
+        "no",
+        "--bf16",
+        "false",
+        "--learning_rate",
+        "1e-2",
+        "--warmup_steps",
+        "0",
+        *extra,
+        max_steps=steps,
+    )
     assert train_in_process(argv, monkeypatch) == 0
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     return [entry["loss"] for entry in history if "loss" in entry]
@@ -97,8 +123,15 @@ def test_compiled_and_eager_training_agree(micro_files, tmp_path, monkeypatch):
     # Dropout off: Inductor draws its own dropout masks, so only the deterministic model can match.
     no_dropout = ["--config_overrides", "n_embd=16,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"]
     eager = logged_losses(micro_files, tmp_path / "eager", monkeypatch, *no_dropout, steps=6)
-    compiled = logged_losses(micro_files, tmp_path / "compiled", monkeypatch, *no_dropout, "--torch_compile", "true",
-                             steps=6)
+    compiled = logged_losses(
+        micro_files,
+        tmp_path / "compiled",
+        monkeypatch,
+        *no_dropout,
+        "--torch_compile",
+        "true",
+        steps=6,
+    )
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
@@ -114,8 +147,9 @@ def test_train_py_uses_huge_pages_and_importing_wikigpt_leaves_the_allocator_alo
         env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
         if value is not None:
             env["THP_MEM_ALLOC_ENABLE"] = value
-        return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True
+        ).stdout
 
     assert setting("wikigpt.train.run") == "None\n"  # a library import changes nothing
     assert setting("train") == "1\n"  # train.py's process: huge pages

@@ -6,8 +6,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainerControl, TrainerSta
 
 from wikigpt.train import throughput
 from wikigpt.model import PRESETS, non_embedding_parameters
-from wikigpt.train.throughput import (ThroughputCallback, device_peak_flops, flops_per_token, matmul_parameters,
-                                model_flops_per_token, resolve_peak_flops)
+from wikigpt.train.throughput import (
+    ThroughputCallback,
+    device_peak_flops,
+    flops_per_token,
+    matmul_parameters,
+    model_flops_per_token,
+    resolve_peak_flops,
+)
 
 
 def gpt2_on_meta():
@@ -35,17 +41,32 @@ def test_gpt2_flops_per_token_by_hand():
 
 
 def test_untied_head_is_counted_once():
-    config = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50, n_positions=16, tie_word_embeddings=False)
+    config = GPT2Config(
+        n_layer=1, n_head=2, n_embd=8, vocab_size=50, n_positions=16, tie_word_embeddings=False
+    )
     model = GPT2LMHeadModel(config)
     assert matmul_parameters(model) == non_embedding_parameters(model) + 8 * 50
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12), ("NVIDIA A10G", 125e12),
-    ("NVIDIA GeForce RTX 4090", 165e12), ("Tesla T4", None), ("cpu", None), (None, None),
-])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100-PCIE-40GB", 312e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA A10G", 125e12),
+        ("NVIDIA GeForce RTX 4090", 165e12),
+        ("Tesla T4", None),
+        ("cpu", None),
+        (None, None),
+    ],
+)
 def test_peak_flops_table_matches_device_names(name, peak):
     assert device_peak_flops(name) == peak
 
@@ -53,7 +74,10 @@ def test_peak_flops_table_matches_device_names(name, peak):
 def test_peak_flops_override_wins_and_cpu_has_none():
     assert resolve_peak_flops(None, "cpu") == (None, None)
     assert resolve_peak_flops(2e12, "cpu") == (2e12, "--peak_flops")
-    assert resolve_peak_flops(None, "NVIDIA H100 80GB HBM3") == (989e12, "table (NVIDIA H100 80GB HBM3)")
+    assert resolve_peak_flops(None, "NVIDIA H100 80GB HBM3") == (
+        989e12,
+        "table (NVIDIA H100 80GB HBM3)",
+    )
     assert resolve_peak_flops(5e14, "NVIDIA H100 80GB HBM3") == (5e14, "--peak_flops")
 
 
@@ -72,7 +96,9 @@ class Args:
 def test_callback_rates_leave_out_eval_and_save(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(throughput.time, "perf_counter", clock)
-    cb = ThroughputCallback(tokens_per_step=1000, flops_per_token=1_000_000, peak_flops_per_device=1e10)
+    cb = ThroughputCallback(
+        tokens_per_step=1000, flops_per_token=1_000_000, peak_flops_per_device=1e10
+    )
     state, control, args = TrainerState(), TrainerControl(), Args()
 
     def step(seconds):
@@ -92,7 +118,9 @@ def test_callback_rates_leave_out_eval_and_save(monkeypatch):
     first = log()
     assert first["tokens_per_second"] == 1000.0  # 2 steps x 1000 tokens in 2 s
     assert first["mfu"] == pytest.approx(1000 * 1e6 / (1e10 * 2))  # peak of both devices
-    assert state.log_history[-1]["tokens_per_second"] == 1000.0  # also in trainer_state.json's history
+    assert (
+        state.log_history[-1]["tokens_per_second"] == 1000.0
+    )  # also in trainer_state.json's history
     clock.now += 30.0  # evaluation right after the log
     cb.on_evaluate(args, state, control)
     clock.now += 10.0  # then a checkpoint save
@@ -100,12 +128,16 @@ def test_callback_rates_leave_out_eval_and_save(monkeypatch):
     step(0.5)
     step(0.5)
     second = log()
-    assert second["tokens_per_second"] == 2000.0  # 2 steps in 1 s of training; the 40 s of eval+save left out
+    assert (
+        second["tokens_per_second"] == 2000.0
+    )  # 2 steps in 1 s of training; the 40 s of eval+save left out
     eval_logs = {"eval_loss": 2.0}
     cb.on_log(args, state, control, logs=eval_logs)
     assert "tokens_per_second" not in eval_logs
     cb.on_train_end(args, state, control)
-    assert cb.summary["tokens"] == 4000 and cb.summary["train_seconds_excluding_eval_and_save"] == 3.0
+    assert (
+        cb.summary["tokens"] == 4000 and cb.summary["train_seconds_excluding_eval_and_save"] == 3.0
+    )
     assert cb.summary["tokens_per_second"] == pytest.approx(4000 / 3, abs=0.1)
     assert cb.summary["mfu"] == pytest.approx((4000 / 3) * 1e6 / 2e10, rel=1e-3)
 

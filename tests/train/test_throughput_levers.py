@@ -55,13 +55,19 @@ def test_padded_vocab_trains_with_the_same_losses(runs):
         assert padded[step] == pytest.approx(plain[step], rel=LOSS_RTOL), step
     results = {k: json.loads((runs[k] / "results.json").read_text()) for k in runs}
     assert results["padded"]["validation"]["eval_perplexity"] == pytest.approx(
-        results["plain"]["validation"]["eval_perplexity"], rel=LOSS_RTOL)
-    assert results["padded"]["validation"]["eval_tokens"] == results["plain"]["validation"]["eval_tokens"]
+        results["plain"]["validation"]["eval_perplexity"], rel=LOSS_RTOL
+    )
+    assert (
+        results["padded"]["validation"]["eval_tokens"]
+        == results["plain"]["validation"]["eval_tokens"]
+    )
     assert results["padded"]["model"]["vocab_padded_to"] == PADDED_VOCAB
 
 
 def blocks_of(micro_files, tokenizer, n=4, length=32):
-    ids = tokenizer(open(micro_files["validation"], encoding="utf-8").read())["input_ids"][: n * length]
+    ids = tokenizer(open(micro_files["validation"], encoding="utf-8").read())["input_ids"][
+        : n * length
+    ]
     return torch.tensor(ids).view(n, length)
 
 
@@ -73,13 +79,16 @@ def perplexity(model, ids) -> float:
 
     class Pred:
         predictions = stats.numpy()
+
     return compute_perplexity(Pred)["perplexity"]
 
 
 def test_padded_head_multiplies_at_the_padded_width(micro_files, tokenizer):
     """The padding is real in memory: the LM head's matmul is 50304 wide, its output and its weight 50257."""
-    model, _ = load_model(ModelArguments(preset="tiny", config_overrides="n_embd=16", pad_vocab_multiple=64),
-                          tokenizer)
+    model, _ = load_model(
+        ModelArguments(preset="tiny", config_overrides="n_embd=16", pad_vocab_multiple=64),
+        tokenizer,
+    )
     widths = []
 
     class LinearWidths(TorchFunctionMode):
@@ -100,39 +109,64 @@ def test_saved_padded_model_is_a_plain_real_vocabulary_model(runs, micro_files, 
     out = runs["padded"]
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == REAL_VOCAB and "real_vocab_size" not in config
-    assert json.loads((out / "checkpoint-10" / "config.json").read_text())["vocab_size"] == REAL_VOCAB
+    assert (
+        json.loads((out / "checkpoint-10" / "config.json").read_text())["vocab_size"] == REAL_VOCAB
+    )
     data_args = DataArguments(validation_file=str(micro_files["validation"]), block_size=32)
     blocks, _ = prepare_lm_splits(load_raw_splits(data_args, 0, ("validation",)), tokenizer, 32)
     ids = torch.tensor(blocks["validation"]["input_ids"])
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert plain.config.vocab_size == REAL_VOCAB and not getattr(plain.generation_config, "suppress_tokens", None)
+    assert plain.config.vocab_size == REAL_VOCAB and not getattr(
+        plain.generation_config, "suppress_tokens", None
+    )
     with torch.no_grad():
         assert plain(ids[:1]).logits.shape[-1] == REAL_VOCAB
-    report = evaluate_split(EvalArguments(model=str(out), split="validation", methods="blocks"), data_args,
-                            Accelerator(cpu=True))
-    assert perplexity(plain, ids) == pytest.approx(report["metrics"]["perplexity"]["value"], rel=1e-5)
+    report = evaluate_split(
+        EvalArguments(model=str(out), split="validation", methods="blocks"),
+        data_args,
+        Accelerator(cpu=True),
+    )
+    assert perplexity(plain, ids) == pytest.approx(
+        report["metrics"]["perplexity"]["value"], rel=1e-5
+    )
     train_py = json.loads((out / "results.json").read_text())["validation"]["eval_perplexity"]
     assert report["metrics"]["perplexity"]["value"] == pytest.approx(train_py, rel=1e-5)
 
 
 def test_padded_run_resumes(runs, micro_files, monkeypatch):
     out = runs["padded"]
-    resumed_args = micro_args(micro_files, out, "--pad_vocab_multiple", 64, max_steps=STEPS, save_steps=10)
+    resumed_args = micro_args(
+        micro_files, out, "--pad_vocab_multiple", 64, max_steps=STEPS, save_steps=10
+    )
     original = losses(out)
-    assert train_in_process([*resumed_args, "--resume_from_checkpoint", out / "checkpoint-10"], monkeypatch) == 0
+    assert (
+        train_in_process(
+            [*resumed_args, "--resume_from_checkpoint", out / "checkpoint-10"], monkeypatch
+        )
+        == 0
+    )
     resumed = losses(out)
     for step in range(11, STEPS + 1):
         assert resumed[step] == pytest.approx(original[step], rel=LOSS_RTOL), step
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--pad_vocab_multiple", "0"], "error: --pad_vocab_multiple must be a positive integer such as 64 or 128; "
-                                    "got 0."),
-    (["--pad_vocab_multiple", "-64"], "error: --pad_vocab_multiple must be a positive integer such as 64 or 128; "
-                                      "got -64."),
-    (["--pad_vocab_multiple", "64", "--model_name_or_path", "gpt2"],
-     "error: --pad_vocab_multiple only applies to a model built from scratch"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--pad_vocab_multiple", "0"],
+            "error: --pad_vocab_multiple must be a positive integer such as 64 or 128; got 0.",
+        ),
+        (
+            ["--pad_vocab_multiple", "-64"],
+            "error: --pad_vocab_multiple must be a positive integer such as 64 or 128; got -64.",
+        ),
+        (
+            ["--pad_vocab_multiple", "64", "--model_name_or_path", "gpt2"],
+            "error: --pad_vocab_multiple only applies to a model built from scratch",
+        ),
+    ],
+)
 def test_bad_pad_vocab_multiple(extra, message, tmp_path, micro_files, monkeypatch, capsys):
     argv = micro_args(micro_files, tmp_path / "out")
     if "--model_name_or_path" in extra:
@@ -146,7 +180,8 @@ def test_bad_pad_vocab_multiple(extra, message, tmp_path, micro_files, monkeypat
 def test_gpu_fast_config_holds_the_levers():
     model_args, data_args, args = parse_args(
         (ModelArguments, DataArguments, WikiTrainingArguments),
-        [str(REPO / "configs" / "gpu_fast.yaml"), "--bf16", "false", "--tf32", "false"])  # no CUDA here
+        [str(REPO / "configs" / "gpu_fast.yaml"), "--bf16", "false", "--tf32", "false"],
+    )  # no CUDA here
     assert model_args.pad_vocab_multiple == 64
     assert data_args.block_size == 1024 and args.per_device_train_batch_size == 16
     assert args.torch_compile and args.optim.value == "adamw_torch_fused"

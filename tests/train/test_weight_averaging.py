@@ -37,33 +37,71 @@ def close(a: dict, b: dict) -> bool:
 
 def test_ema_model_is_the_average_of_the_raw_steps(tmp_path, micro_files, raw_run, monkeypatch):
     out = tmp_path / "run"
-    argv = micro_args(micro_files, out, "--save_total_limit", 10, "--ema_decay", DECAY, max_steps=STEPS, save_steps=1)
+    argv = micro_args(
+        micro_files,
+        out,
+        "--save_total_limit",
+        10,
+        "--ema_decay",
+        DECAY,
+        max_steps=STEPS,
+        save_steps=1,
+    )
     assert train_in_process(argv, monkeypatch) == 0
 
     raw = [weights(raw_run / f"checkpoint-{k}") for k in range(1, STEPS + 1)]
-    expected = dict(raw[0])  # W_1 starts the average, then W_k: ema = decay * ema + (1 - decay) * W_k
+    expected = dict(
+        raw[0]
+    )  # W_1 starts the average, then W_k: ema = decay * ema + (1 - decay) * W_k
     for step in raw[1:]:
         expected = {name: DECAY * expected[name] + (1 - DECAY) * step[name] for name in expected}
     assert not close(expected, raw[-1])  # the average is not the last step's weights
     assert close(weights(out), expected)  # the final model
-    assert close(weights(out / f"checkpoint-{STEPS}"), expected)  # the checkpoint holds the average too
+    assert close(
+        weights(out / f"checkpoint-{STEPS}"), expected
+    )  # the checkpoint holds the average too
     # Training went on from the raw weights: the run's raw weights are the run-without-averaging's.
     saved_raw = load_file(out / f"checkpoint-{STEPS}" / "raw_weights.safetensors")
     assert all(torch.equal(saved_raw[name], raw[-1][name]) for name in saved_raw if name in raw[-1])
 
 
 def test_resumed_ema_run_ends_with_the_same_average(tmp_path, micro_files, monkeypatch):
-    extra = ("--save_total_limit", 10, "--ema_decay", DECAY, "--eval_strategy", "steps", "--eval_steps", 2)
+    extra = (
+        "--save_total_limit",
+        10,
+        "--ema_decay",
+        DECAY,
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        2,
+    )
     full = tmp_path / "full"
-    assert train_in_process(micro_args(micro_files, full, *extra, max_steps=6, save_steps=2), monkeypatch) == 0
+    assert (
+        train_in_process(
+            micro_args(micro_files, full, *extra, max_steps=6, save_steps=2), monkeypatch
+        )
+        == 0
+    )
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    argv = micro_args(micro_files, resumed, *extra, "--resume_from_checkpoint", "latest", max_steps=6, save_steps=2)
+    argv = micro_args(
+        micro_files,
+        resumed,
+        *extra,
+        "--resume_from_checkpoint",
+        "latest",
+        max_steps=6,
+        save_steps=2,
+    )
     assert train_in_process(argv, monkeypatch) == 0
     assert close(weights(resumed), weights(full))
     # Evaluations during training (of the average) agree too, and the last one is the final model's.
-    evals = [json.loads((out / "trainer_state.json").read_text())["log_history"] for out in (full, resumed)]
+    evals = [
+        json.loads((out / "trainer_state.json").read_text())["log_history"]
+        for out in (full, resumed)
+    ]
     losses = [{e["step"]: e["eval_loss"] for e in log if "eval_loss" in e} for log in evals]
     assert losses[0][6] == pytest.approx(losses[1][6], abs=1e-6)
     results = json.loads((full / "results.json").read_text())
@@ -92,4 +130,6 @@ def test_the_average_leaves_a_teacher_out_of_its_copy():
     callback.on_train_begin(None, None, None, model=student)
     assert student._teacher is teacher  # the student still trains against it
     assert "_teacher" not in callback.averaged.module.__dict__
-    assert sum(p.numel() for p in callback.averaged.parameters()) == sum(p.numel() for p in student.parameters())
+    assert sum(p.numel() for p in callback.averaged.parameters()) == sum(
+        p.numel() for p in student.parameters()
+    )

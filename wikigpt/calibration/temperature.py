@@ -21,7 +21,10 @@ from wikigpt.errors import UsageError
 logger = logging.getLogger(__name__)
 
 FLAG = "--calibrate_temperature"
-BOUNDS = (0.25, 4.0)  # b = 1/T stays in [1/4, 4]: a temperature outside it means something else is wrong
+BOUNDS = (
+    0.25,
+    4.0,
+)  # b = 1/T stays in [1/4, 4]: a temperature outside it means something else is wrong
 
 
 def final_norm(model):
@@ -34,8 +37,10 @@ def check_calibration_model(model, flag: str = FLAG) -> None:
     fold into."""
     what = "the temperature" if flag == FLAG else "its scales and offsets"
     if not isinstance(final_norm(model), torch.nn.LayerNorm) or final_norm(model).bias is None:
-        raise UsageError(f"{flag} folds {what} into GPT-2's final LayerNorm (transformer.ln_f), which "
-                         f"{type(model).__name__} does not have; drop {flag}")
+        raise UsageError(
+            f"{flag} folds {what} into GPT-2's final LayerNorm (transformer.ln_f), which "
+            f"{type(model).__name__} does not have; drop {flag}"
+        )
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise UsageError(f"{flag} needs an LM head without a bias (GPT-2's); drop {flag}")
@@ -47,7 +52,7 @@ def held_out_logit_inputs(model, blocks, batch_size: int) -> tuple[torch.Tensor,
     device = next(model.parameters()).device
     hidden, targets = [], []
     for start in range(0, len(blocks), batch_size):
-        ids = torch.as_tensor(blocks[start:start + batch_size]["input_ids"], device=device)
+        ids = torch.as_tensor(blocks[start : start + batch_size]["input_ids"], device=device)
         h = model.transformer(input_ids=ids).last_hidden_state[:, :-1]
         hidden.append(h.reshape(-1, h.shape[-1]).float())
         targets.append(ids[:, 1:].reshape(-1))
@@ -55,12 +60,14 @@ def held_out_logit_inputs(model, blocks, batch_size: int) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def nll_and_derivatives(hidden, targets, weight, b: float, chunk: int = 1024) -> tuple[float, float, float]:
+def nll_and_derivatives(
+    hidden, targets, weight, b: float, chunk: int = 1024
+) -> tuple[float, float, float]:
     """Mean NLL of softmax(b * hidden @ weight.T) and its first two derivatives in b."""
     nll = grad = curv = 0.0
     for start in range(0, len(targets), chunk):
-        z = hidden[start:start + chunk] @ weight.T
-        y = targets[start:start + chunk]
+        z = hidden[start : start + chunk] @ weight.T
+        y = targets[start : start + chunk]
         logp = torch.log_softmax(b * z, dim=-1)
         p = logp.exp()
         mean_z = (p * z).sum(-1)
@@ -72,7 +79,9 @@ def nll_and_derivatives(hidden, targets, weight, b: float, chunk: int = 1024) ->
     return nll / n, grad / n, curv / n
 
 
-def fit_temperature(hidden, targets, weight, steps: int = 20, tol: float = 1e-5) -> tuple[float, float, float]:
+def fit_temperature(
+    hidden, targets, weight, steps: int = 20, tol: float = 1e-5
+) -> tuple[float, float, float]:
     """(T, held-out NLL at T = 1, held-out NLL at T): Newton's method on b = 1/T, kept within BOUNDS.
 
     A step that raises the NLL (far from the minimum Newton can overshoot) is halved until it does not."""
@@ -106,14 +115,25 @@ def calibrate_temperature(model, blocks, batch_size: int) -> dict:
     model.eval()
     try:
         hidden, targets = held_out_logit_inputs(model, blocks, batch_size)
-        weight = model.get_output_embeddings().weight.float()  # fp32 sums whatever the model's dtype
+        weight = (
+            model.get_output_embeddings().weight.float()
+        )  # fp32 sums whatever the model's dtype
         temperature, nll_before, nll_after = fit_temperature(hidden, targets, weight)
     finally:
         model.train(was_training)
     apply_temperature(model, temperature)
-    summary = {"temperature": round(temperature, 6), "tokens": len(targets),
-               "validation_perplexity_before": round(math.exp(nll_before), 4),
-               "validation_perplexity_after": round(math.exp(nll_after), 4)}
-    logger.info("%s: temperature %.4f fitted on %d held-out tokens (perplexity %.2f -> %.2f), folded into ln_f",
-                FLAG, temperature, len(targets), math.exp(nll_before), math.exp(nll_after))
+    summary = {
+        "temperature": round(temperature, 6),
+        "tokens": len(targets),
+        "validation_perplexity_before": round(math.exp(nll_before), 4),
+        "validation_perplexity_after": round(math.exp(nll_after), 4),
+    }
+    logger.info(
+        "%s: temperature %.4f fitted on %d held-out tokens (perplexity %.2f -> %.2f), folded into ln_f",
+        FLAG,
+        temperature,
+        len(targets),
+        math.exp(nll_before),
+        math.exp(nll_after),
+    )
     return summary

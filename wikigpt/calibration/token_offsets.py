@@ -42,11 +42,29 @@ from wikigpt.calibration.temperature import final_norm, held_out_logit_inputs
 logger = logging.getLogger(__name__)
 
 FLAG = "--calibrate_token_offsets"
-COUNT_EDGES = (0, 1, 2, 3, 5, 10, 30, 100, 1000)  # group g: COUNT_EDGES[g] <= training count < COUNT_EDGES[g + 1]
+COUNT_EDGES = (
+    0,
+    1,
+    2,
+    3,
+    5,
+    10,
+    30,
+    100,
+    1000,
+)  # group g: COUNT_EDGES[g] <= training count < COUNT_EDGES[g + 1]
 L2 = 1e-3  # on the mean held-out NLL: a group the held-out text (almost) never holds keeps a finite scale and offset
 FOLD_TOLERANCE = 1e-3  # largest float32 logit error of the fold (in nats) on the held-out positions
-BF16_TOLERANCE = 2.0  # the folded logits' mean bfloat16 rounding error, at most this many times the plain ones'
-SHIFTS = (0.0, 0.25, 0.5, 1.0, 2.0)  # ln_f's bias may gain k * gamma: n's entries are ~1 in size, so k ~ 1 or less
+BF16_TOLERANCE = (
+    2.0  # the folded logits' mean bfloat16 rounding error, at most this many times the plain ones'
+)
+SHIFTS = (
+    0.0,
+    0.25,
+    0.5,
+    1.0,
+    2.0,
+)  # ln_f's bias may gain k * gamma: n's entries are ~1 in size, so k ~ 1 or less
 
 
 def count_groups(counts: np.ndarray) -> torch.Tensor:
@@ -60,17 +78,23 @@ def new_article_shares(articles: list[np.ndarray], vocab_size: int) -> np.ndarra
     A held-out slice of a few articles is a small sample of new text: on WikiText-2 the 4 held-out articles hold
     3.5% tokens never seen in training where the 56 training articles, each left out in turn, hold 7.1% (test: 6.6%)."""
     if len(articles) < 2:
-        logger.warning("--calibrate_class_shares new_articles: the training text holds %d article (WikiText's "
-                       "' = Title = ' headings mark them), so there is no other to count against; the held-out "
-                       "tokens are taken as they are (as --calibrate_class_shares held_out)", len(articles))
+        logger.warning(
+            "--calibrate_class_shares new_articles: the training text holds %d article (WikiText's "
+            "' = Title = ' headings mark them), so there is no other to count against; the held-out "
+            "tokens are taken as they are (as --calibrate_class_shares held_out)",
+            len(articles),
+        )
         return None
     counts = np.bincount(np.concatenate(articles), minlength=vocab_size)
     totals = np.zeros(len(COUNT_EDGES))
     for ids in articles:
         tokens, own = np.unique(ids, return_counts=True)
         elsewhere = counts[tokens] - own  # each distinct token's count in the other articles
-        totals += np.bincount(np.searchsorted(COUNT_EDGES, elsewhere, side="right") - 1, weights=own,
-                              minlength=len(COUNT_EDGES))
+        totals += np.bincount(
+            np.searchsorted(COUNT_EDGES, elsewhere, side="right") - 1,
+            weights=own,
+            minlength=len(COUNT_EDGES),
+        )
     return totals / totals.sum()
 
 
@@ -80,8 +104,10 @@ def check_rank_order(tokenizer, flag: str = "--calibrate_token_offsets") -> None
     model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
     kind = type(model).__name__ if model is not None else type(tokenizer).__name__
     if kind != "BPE":
-        raise UsageError(f"{flag} fits a slope on log(1 + token id), which follows a BPE vocabulary's merge order; "
-                         f"tokenizer {tokenizer.name_or_path!r} is {kind}: use a BPE tokenizer or drop {flag}")
+        raise UsageError(
+            f"{flag} fits a slope on log(1 + token id), which follows a BPE vocabulary's merge order; "
+            f"tokenizer {tokenizer.name_or_path!r} is {kind}: use a BPE tokenizer or drop {flag}"
+        )
 
 
 def rank_feature(vocab_size: int) -> torch.Tensor:
@@ -101,8 +127,18 @@ FEATURES = ((1, 0), (0, 0), (0, 1))
 
 
 @torch.no_grad()
-def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=None, n_groups: int = 0, ranks=None,
-                 chunk: int = 1024, weights=None):
+def newton_terms(
+    hidden,
+    targets,
+    weight,
+    token_scales,
+    token_offsets,
+    groups=None,
+    n_groups: int = 0,
+    ranks=None,
+    chunk: int = 1024,
+    weights=None,
+):
     """Mean NLL of the logits s_t z_t + o_t and, given `groups` (each token's) and `ranks` (r_t), its gradient and
     Hessian in (s_1..s_G, o_1..o_G, a_1..a_G). Token t's features are z_t, 1 and r_t in its group's slots, so the
     softmax moments sum_t p_t z_t^i r_t^j over each group's tokens (i + j <= 2) give both. Chunked: a
@@ -110,12 +146,17 @@ def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=No
     nll, sums = 0.0, {}
     if groups is not None:
         member = torch.nn.functional.one_hot(groups, n_groups).to(hidden.dtype)
-        by_rank = torch.cat([member * ranks.to(member)[:, None] ** j for j in range(3)], 1)  # members times r_t^j
+        by_rank = torch.cat(
+            [member * ranks.to(member)[:, None] ** j for j in range(3)], 1
+        )  # members times r_t^j
     for start in range(0, len(targets), chunk):
-        z = hidden[start:start + chunk] @ weight.T
-        y = targets[start:start + chunk]
-        w = (torch.ones(len(y), dtype=torch.float64, device=y.device) if weights is None
-             else weights[start:start + chunk].double())[:, None]
+        z = hidden[start : start + chunk] @ weight.T
+        y = targets[start : start + chunk]
+        w = (
+            torch.ones(len(y), dtype=torch.float64, device=y.device)
+            if weights is None
+            else weights[start : start + chunk].double()
+        )[:, None]
         logits = class_logits(z, token_scales, token_offsets)
         lse = torch.logsumexp(logits, -1)
         nll += float((w[:, 0] * (lse - logits.gather(-1, y[:, None])[:, 0]).double()).sum())
@@ -124,28 +165,46 @@ def newton_terms(hidden, targets, weight, token_scales, token_offsets, groups=No
         p = torch.exp(logits - lse[:, None])
         moment = {}  # (i, j): positions x G; one product per power of z reads its vocabulary-wide rows once
         for i, p_z in enumerate((p, p * z, p * z * z)):
-            sums_j = (p_z @ by_rank[:, :(3 - i) * n_groups]).double()
-            moment.update({(i, j): sums_j[:, j * n_groups:(j + 1) * n_groups] for j in range(3 - i)})
+            sums_j = (p_z @ by_rank[:, : (3 - i) * n_groups]).double()
+            moment.update(
+                {(i, j): sums_j[:, j * n_groups : (j + 1) * n_groups] for j in range(3 - i)}
+            )
         expected = torch.cat([moment[f] for f in FEATURES], -1)  # E_p[features] per position
         z_y, r_y = z.gather(-1, y[:, None]).double(), ranks.to(z)[y][:, None].double()
         y_member = member[y].double()
-        target = torch.cat([y_member * z_y ** i * r_y ** j for i, j in FEATURES], -1)  # the target's features
-        chunk_sums = {**{key: (w * m).sum(0) for key, m in moment.items()}, "grad": (w * (expected - target)).sum(0),
-                      "outer": expected.T @ (w * expected)}
+        target = torch.cat(
+            [y_member * z_y**i * r_y**j for i, j in FEATURES], -1
+        )  # the target's features
+        chunk_sums = {
+            **{key: (w * m).sum(0) for key, m in moment.items()},
+            "grad": (w * (expected - target)).sum(0),
+            "outer": expected.T @ (w * expected),
+        }
         sums = {key: sums.get(key, 0) + value for key, value in chunk_sums.items()}
     n = len(targets) if weights is None else float(weights.double().sum())
     if groups is None:
         return nll / n, None, None
-    sums = {key: value.cpu() / n for key, value in sums.items()}  # the moments (i, j), the gradient, E[f] E[f]^T
+    # the moments (i, j), the gradient, E[f] E[f]^T
+    sums = {key: value.cpu() / n for key, value in sums.items()}
     hessian, g = -sums["outer"], torch.arange(n_groups)
     for k, (ik, jk) in enumerate(FEATURES):
-        for l, (il, jl) in enumerate(FEATURES):
-            hessian[k * n_groups + g, l * n_groups + g] += sums[(ik + il, jk + jl)]
+        for m, (im, jm) in enumerate(FEATURES):
+            hessian[k * n_groups + g, m * n_groups + g] += sums[(ik + im, jk + jm)]
     return nll / n, sums["grad"], hessian
 
 
-def fit_class_calibration(hidden, targets, weight, groups, n_groups: int, ranks, l2: float = L2, steps: int = 30,
-                          tol: float = 1e-8, weights=None):
+def fit_class_calibration(
+    hidden,
+    targets,
+    weight,
+    groups,
+    n_groups: int,
+    ranks,
+    l2: float = L2,
+    steps: int = 30,
+    tol: float = 1e-8,
+    weights=None,
+):
     """(scales, offsets, rank slopes), one each per group (1, 0 and 0 for a group without tokens), minimising the
     mean held-out NLL of s_g z_t + o_g + a_g r_t (weighted by `weights`, one per position, if given) plus
     l2 * (|s - 1|^2 + |o|^2 + |a|^2): damped Newton steps on a convex function of 3 * n_groups numbers."""
@@ -157,10 +216,14 @@ def fit_class_calibration(hidden, targets, weight, groups, n_groups: int, ranks,
         return scales[groups], offsets[groups] + slopes[groups] * ranks
 
     def evaluate(theta):
-        nll, grad, hess = newton_terms(hidden, targets, weight, *per_token(theta), groups, n_groups, ranks,
-                                       weights=weights)
-        return (nll + l2 * float((theta - prior).square().sum()), grad + 2 * l2 * (theta - prior),
-                hess + 2 * l2 * torch.eye(3 * n_groups, dtype=torch.float64))
+        nll, grad, hess = newton_terms(
+            hidden, targets, weight, *per_token(theta), groups, n_groups, ranks, weights=weights
+        )
+        return (
+            nll + l2 * float((theta - prior).square().sum()),
+            grad + 2 * l2 * (theta - prior),
+            hess + 2 * l2 * torch.eye(3 * n_groups, dtype=torch.float64),
+        )
 
     params = prior.clone()
     current, grad, hess = evaluate(params)
@@ -174,7 +237,13 @@ def fit_class_calibration(hidden, targets, weight, groups, n_groups: int, ranks,
             scale /= 2
         if value > current:  # no step lowers it: at the minimum to rounding
             break
-        params, improvement, current, grad, hess = trial, current - value, value, trial_grad, trial_hess
+        params, improvement, current, grad, hess = (
+            trial,
+            current - value,
+            value,
+            trial_grad,
+            trial_hess,
+        )
         if improvement < tol:
             break
     return params.view(3, n_groups).unbind()
@@ -184,16 +253,24 @@ def offset_fold(model, weight: torch.Tensor, token_offsets: torch.Tensor, shift:
     """(ln_f bias, LM head weight) that add token t's offset to the logits of head `weight`: the bias gains delta =
     k * gamma (k = `shift`, signed like C), row t of the head ((o_t - W_t . delta) / C') / gamma (see above)."""
     norm = final_norm(model)
-    gamma, beta, weight = norm.weight.detach().double(), norm.bias.detach().double(), weight.detach().double()
+    gamma, beta, weight = (
+        norm.weight.detach().double(),
+        norm.bias.detach().double(),
+        weight.detach().double(),
+    )
     direction = 1.0 / gamma
     delta = (-shift if float(beta @ direction) < 0 else shift) * gamma
     constant = float((beta + delta) @ direction)
     correction = token_offsets.to(weight.device).double() - weight @ delta
     new_weight = weight + (correction / constant)[:, None] * direction[None, :]
-    return (beta + delta).to(norm.bias.dtype), new_weight.to(model.get_output_embeddings().weight.dtype)
+    return (beta + delta).to(norm.bias.dtype), new_weight.to(
+        model.get_output_embeddings().weight.dtype
+    )
 
 
-def fold_errors(hidden, weight, new_bias_shift, new_weight, token_scales, token_offsets, rows: int = 256):
+def fold_errors(
+    hidden, weight, new_bias_shift, new_weight, token_scales, token_offsets, rows: int = 256
+):
     """How exact a fold is on `rows` held-out positions (ln_f outputs, which gain `new_bias_shift`): the largest
     |folded logit - (s_t * logit + o_t)| in float32 (nats), and the mean bfloat16 rounding error of the folded
     logits over that of the plain ones (the Trainer evaluates in bf16 autocast, and users load models in bf16)."""
@@ -215,7 +292,9 @@ def fold_offsets(model, new_bias: torch.Tensor, new_weight: torch.Tensor) -> Non
         final_norm(model).bias.copy_(new_bias)
     head = model.get_output_embeddings()
     head.weight = torch.nn.Parameter(new_weight, requires_grad=head.weight.requires_grad)
-    model.config.tie_word_embeddings = False  # from_pretrained must load this head, not re-tie it to wte
+    model.config.tie_word_embeddings = (
+        False  # from_pretrained must load this head, not re-tie it to wte
+    )
     if (text_config := model.config.get_text_config()) is not model.config:
         text_config.tie_word_embeddings = False
 
@@ -224,12 +303,15 @@ def share_weights(groups: torch.Tensor, targets: torch.Tensor, class_shares: np.
     """Per held-out target, the weight that gives its group the share `class_shares` holds: share / held-out share.
     Returns (weights, held-out shares)."""
     held = torch.bincount(groups[targets], minlength=len(class_shares)).double() / len(targets)
-    ratio = torch.as_tensor(class_shares, dtype=torch.float64, device=held.device) / held.clamp_min(1e-12)
+    ratio = torch.as_tensor(class_shares, dtype=torch.float64, device=held.device) / held.clamp_min(
+        1e-12
+    )
     return torch.where(held > 0, ratio, 0.0)[groups[targets]], held
 
 
-def calibrate_token_offsets(model, blocks, batch_size: int, counts: np.ndarray,
-                            class_shares: np.ndarray | None = None) -> dict:
+def calibrate_token_offsets(
+    model, blocks, batch_size: int, counts: np.ndarray, class_shares: np.ndarray | None = None
+) -> dict:
     """Fit per-group scales and offsets on `blocks` (the held-out split) and fold them into `model`; returns what
     results.json records (or why they were skipped). With `class_shares` (new_article_shares), each held-out target
     is weighted so that its count group has that share of the fit."""
@@ -241,42 +323,87 @@ def calibrate_token_offsets(model, blocks, batch_size: int, counts: np.ndarray,
     finally:
         model.train(was_training)
     weight = model.get_output_embeddings().weight.detach().float()
-    groups = count_groups(counts[:weight.shape[0]]).to(targets.device)
+    groups = count_groups(counts[: weight.shape[0]]).to(targets.device)
     ranks = rank_feature(weight.shape[0]).to(groups.device)
-    weights, held_shares = share_weights(groups, targets, class_shares) if class_shares is not None else (None, None)
-    scales, offsets, slopes = (x.to(groups.device) for x in
-                               fit_class_calibration(hidden, targets, weight, groups, len(COUNT_EDGES), ranks,
-                                                     weights=weights))
+    weights, held_shares = (
+        share_weights(groups, targets, class_shares) if class_shares is not None else (None, None)
+    )
+    scales, offsets, slopes = (
+        x.to(groups.device)
+        for x in fit_class_calibration(
+            hidden, targets, weight, groups, len(COUNT_EDGES), ranks, weights=weights
+        )
+    )
     token_scales, token_offsets = scales[groups], offsets[groups] + slopes[groups] * ranks.double()
     nll_before = newton_terms(hidden, targets, weight, 1.0, 0.0)[0]
-    nll_after = newton_terms(hidden, targets, weight, token_scales.float(), token_offsets.float())[0]
-    summary = {"count_edges": list(COUNT_EDGES), "scales": [round(float(x), 6) for x in scales],
-               "offsets": [round(float(o), 6) for o in offsets], "rank_slopes": [round(float(a), 6) for a in slopes],
-               "group_tokens": torch.bincount(groups, minlength=len(offsets)).tolist(), "tokens": len(targets),
-               "validation_perplexity_before": round(math.exp(nll_before), 4),
-               "validation_perplexity_after": round(math.exp(nll_after), 4)}
+    nll_after = newton_terms(hidden, targets, weight, token_scales.float(), token_offsets.float())[
+        0
+    ]
+    summary = {
+        "count_edges": list(COUNT_EDGES),
+        "scales": [round(float(x), 6) for x in scales],
+        "offsets": [round(float(o), 6) for o in offsets],
+        "rank_slopes": [round(float(a), 6) for a in slopes],
+        "group_tokens": torch.bincount(groups, minlength=len(offsets)).tolist(),
+        "tokens": len(targets),
+        "validation_perplexity_before": round(math.exp(nll_before), 4),
+        "validation_perplexity_after": round(math.exp(nll_after), 4),
+    }
     if weights is not None:
-        summary["class_shares"] = {"new_articles": [round(float(x), 6) for x in class_shares],
-                                   "held_out": [round(float(x), 6) for x in held_shares]}
-    plain_weight, bias = model.get_output_embeddings().weight.detach(), final_norm(model).bias.detach()
+        summary["class_shares"] = {
+            "new_articles": [round(float(x), 6) for x in class_shares],
+            "held_out": [round(float(x), 6) for x in held_shares],
+        }
+    plain_weight, bias = (
+        model.get_output_embeddings().weight.detach(),
+        final_norm(model).bias.detach(),
+    )
     scaled_weight = plain_weight.double() * token_scales.double()[:, None]
     folds = []  # (bf16 ratio, float32 error, shift, bias, weight) for each candidate shift
     for shift in SHIFTS:
         new_bias, new_weight = offset_fold(model, scaled_weight, token_offsets, shift)
-        error, bf16_ratio = fold_errors(hidden, plain_weight, new_bias - bias, new_weight, token_scales, token_offsets)
-        folds.append((bf16_ratio if error <= FOLD_TOLERANCE else math.inf, error, shift, new_bias, new_weight))
+        error, bf16_ratio = fold_errors(
+            hidden, plain_weight, new_bias - bias, new_weight, token_scales, token_offsets
+        )
+        folds.append(
+            (
+                bf16_ratio if error <= FOLD_TOLERANCE else math.inf,
+                error,
+                shift,
+                new_bias,
+                new_weight,
+            )
+        )
     bf16_ratio, error, shift, new_bias, new_weight = min(folds, key=lambda fold: (fold[0], fold[1]))
     if error > FOLD_TOLERANCE or bf16_ratio > BF16_TOLERANCE:
         error, bf16_ratio = min(fold[1] for fold in folds), min(fold[0] for fold in folds)
-        reason = (f"fold error {error:.3g} nats > {FOLD_TOLERANCE}" if error > FOLD_TOLERANCE else
-                  f"bfloat16 logit error {bf16_ratio:.3g}x the plain model's > {BF16_TOLERANCE}x")
-        logger.warning("%s: skipped, the final LayerNorm cannot carry the offsets exactly (%s); the model is saved "
-                       "without them", FLAG, reason)
+        reason = (
+            f"fold error {error:.3g} nats > {FOLD_TOLERANCE}"
+            if error > FOLD_TOLERANCE
+            else f"bfloat16 logit error {bf16_ratio:.3g}x the plain model's > {BF16_TOLERANCE}x"
+        )
+        logger.warning(
+            "%s: skipped, the final LayerNorm cannot carry the offsets exactly (%s); the model is saved "
+            "without them",
+            FLAG,
+            reason,
+        )
         return {**summary, "skipped": reason}
     fold_offsets(model, new_bias, new_weight)
-    logger.info("%s: scales %s, offsets %s and rank slopes %s for training counts from %s, fitted on %d held-out tokens%s "
-                "(perplexity %.2f -> %.2f), folded into the LM head (ln_f bias shift %s x its weight, bfloat16 logit error "
-                "%.2fx the plain model's)", FLAG, summary["scales"], summary["offsets"], summary["rank_slopes"],
-                list(COUNT_EDGES), len(targets), "" if weights is None else " weighted to new articles' group shares",
-                math.exp(nll_before), math.exp(nll_after), shift, bf16_ratio)
+    logger.info(
+        "%s: scales %s, offsets %s and rank slopes %s for training counts from %s, fitted on %d held-out tokens%s "
+        "(perplexity %.2f -> %.2f), folded into the LM head (ln_f bias shift %s x its weight, bfloat16 logit error "
+        "%.2fx the plain model's)",
+        FLAG,
+        summary["scales"],
+        summary["offsets"],
+        summary["rank_slopes"],
+        list(COUNT_EDGES),
+        len(targets),
+        "" if weights is None else " weighted to new articles' group shares",
+        math.exp(nll_before),
+        math.exp(nll_after),
+        shift,
+        bf16_ratio,
+    )
     return {**summary, "ln_f_bias_shift": shift, "bfloat16_error_ratio": round(bf16_ratio, 4)}

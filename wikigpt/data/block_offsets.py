@@ -47,8 +47,11 @@ class RandomOffsetBlocks(torch.utils.data.Dataset):
         if not 0 <= i < self.n_blocks:
             raise IndexError(i)
         start = self.offset + i * self.block_size
-        block = torch.from_numpy(self.ids[start:start + self.block_size])
-        return {"input_ids": block, "labels": block.clone()}  # labels = inputs; the model shifts them
+        block = torch.from_numpy(self.ids[start : start + self.block_size])
+        return {
+            "input_ids": block,
+            "labels": block.clone(),
+        }  # labels = inputs; the model shifts them
 
 
 class SetEpochCallback(TrainerCallback):
@@ -60,17 +63,25 @@ class SetEpochCallback(TrainerCallback):
         self.dataset.set_epoch(int(state.epoch + 1e-9))
 
 
-def random_offset_training(data_args, raw_train, train_blocks, tokenizer, block_size: int, training_args):
+def random_offset_training(
+    data_args, raw_train, train_blocks, tokenizer, block_size: int, training_args
+):
     """(train dataset, callbacks): fixed blocks and [] unless --random_block_offset."""
     if not data_args.random_block_offset:
         return train_blocks, []
     if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
-        raise UsageError("--random_block_offset changes the training blocks every epoch, which persistent dataloader "
-                         "workers would not see: drop --dataloader_persistent_workers")
-    ids = token_stream(raw_train, tokenizer, data_args.preprocessing_num_workers)  # the datasets cache: no new work
+        raise UsageError(
+            "--random_block_offset changes the training blocks every epoch, which persistent dataloader "
+            "workers would not see: drop --dataloader_persistent_workers"
+        )
+    ids = token_stream(
+        raw_train, tokenizer, data_args.preprocessing_num_workers
+    )  # the datasets cache: no new work
     if len(ids) < 2 * block_size - 1:
-        raise UsageError(f"--random_block_offset needs at least {2 * block_size - 1} training tokens at --block_size "
-                         f"{block_size} (the train split has {len(ids)}); pass more text, a smaller --block_size, "
-                         f"or drop --random_block_offset")
+        raise UsageError(
+            f"--random_block_offset needs at least {2 * block_size - 1} training tokens at --block_size "
+            f"{block_size} (the train split has {len(ids)}); pass more text, a smaller --block_size, "
+            f"or drop --random_block_offset"
+        )
     dataset = RandomOffsetBlocks(ids, block_size, training_args.seed)
     return dataset, [SetEpochCallback(dataset)]

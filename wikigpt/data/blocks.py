@@ -24,10 +24,23 @@ from wikigpt.data.wikitext import article_spans
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-SPLIT_FILE_FLAGS = {"train": "--train_file", "validation": "--validation_file", "test": "--test_file"}
-WIKITEXT_RAW_NAMES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+SPLIT_FILE_FLAGS = {
+    "train": "--train_file",
+    "validation": "--validation_file",
+    "test": "--test_file",
+}
+WIKITEXT_RAW_NAMES = {
+    "train": "wiki.train.raw",
+    "validation": "wiki.valid.raw",
+    "test": "wiki.test.raw",
+}
 BUILDER_BY_EXTENSION = {
-    ".txt": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
+    ".txt": "text",
+    ".raw": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
 }
 LOCAL_DATA_HINT = (
     "to run offline pass --dataset_dir DIR (holding wiki.train.raw/wiki.valid.raw/wiki.test.raw) "
@@ -40,38 +53,58 @@ class DataArguments:
     _argument_group_name = "data"  # its title in --help (HfArgumentParser)
 
     dataset_name: str | None = field(
-        default="wikitext", metadata={"help": "Hub dataset name; ignored when a local file or --dataset_dir is given."}
+        default="wikitext",
+        metadata={"help": "Hub dataset name; ignored when a local file or --dataset_dir is given."},
     )
-    dataset_config_name: str | None = field(default="wikitext-2-raw-v1", metadata={"help": "Hub dataset config."})
+    dataset_config_name: str | None = field(
+        default="wikitext-2-raw-v1", metadata={"help": "Hub dataset config."}
+    )
     dataset_dir: str | None = field(
-        default=None, metadata={"help": "Folder with wiki.train.raw, wiki.valid.raw, wiki.test.raw (WikiText raw)."}
+        default=None,
+        metadata={
+            "help": "Folder with wiki.train.raw, wiki.valid.raw, wiki.test.raw (WikiText raw)."
+        },
     )
-    train_file: str | None = field(default=None, metadata={"help": "Local training file (.txt/.raw/.json/.jsonl/.csv/.parquet)."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Local training file (.txt/.raw/.json/.jsonl/.csv/.parquet)."},
+    )
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
     test_file: str | None = field(default=None, metadata={"help": "Local test file."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the text in json/csv/parquet files."})
+    text_column: str = field(
+        default="text", metadata={"help": "Column holding the text in json/csv/parquet files."}
+    )
     validation_split_percentage: float = field(
         default=5.0,
-        metadata={"help": "Without a validation split, hold out whole articles (WikiText ' = Title = ' headings), "
-                          "about this percent of the training text, chosen by --seed; text without article "
-                          "headings holds out one contiguous slice of rows."},
+        metadata={
+            "help": "Without a validation split, hold out whole articles (WikiText ' = Title = ' headings), "
+            "about this percent of the training text, chosen by --seed; text without article "
+            "headings holds out one contiguous slice of rows."
+        },
     )
     block_size: int | None = field(
-        default=None, metadata={"help": "Tokens per training block. Default: min(1024, model n_positions)."}
+        default=None,
+        metadata={"help": "Tokens per training block. Default: min(1024, model n_positions)."},
     )
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenization."}
+    )
     random_block_offset: bool = field(
         default=False,
-        metadata={"help": "Re-cut the training tokens into blocks at a new random offset in [0, block_size) every "
-                          "epoch (drawn from --seed and the epoch), so epochs see different block boundaries; "
-                          "validation and test blocks are unchanged."},
+        metadata={
+            "help": "Re-cut the training tokens into blocks at a new random offset in [0, block_size) every "
+            "epoch (drawn from --seed and the epoch), so epochs see different block boundaries; "
+            "validation and test blocks are unchanged."
+        },
     )
 
     detokenize: bool = field(
         default=False,
-        metadata={"help": "Train, validate and test on WikiText as lm-evaluation-harness scores it: one row per "
-                          "article (split at ' = Title = ' headings), detokenized (' @-@ ' -> '-', ' , ' -> ', ', ...) "
-                          "with the harness's rules, the same as eval.py's documents method. train.py only."},
+        metadata={
+            "help": "Train, validate and test on WikiText as lm-evaluation-harness scores it: one row per "
+            "article (split at ' = Title = ' headings), detokenized (' @-@ ' -> '-', ' , ' -> ', ', ...) "
+            "with the harness's rules, the same as eval.py's documents method. train.py only."
+        },
     )
 
     @property
@@ -94,7 +127,9 @@ def _check_file(flag: str, path: str) -> str:
     if not os.path.exists(path):
         raise UsageError(f"{flag} {path!r} does not exist; pass the path of an existing file")
     if os.path.isdir(path):
-        raise UsageError(f"{flag} {path!r} is a directory; pass a file (or use --dataset_dir for a folder)")
+        raise UsageError(
+            f"{flag} {path!r} is a directory; pass a file (or use --dataset_dir for a folder)"
+        )
     ext = os.path.splitext(path)[1].lower()
     if ext not in BUILDER_BY_EXTENSION:
         raise UsageError(
@@ -122,11 +157,15 @@ def _load_local_split(flag: str, path: str, text_column: str) -> datasets.Datase
     kwargs = {"keep_linebreaks": True} if builder == "text" else {}
     with loading(flag, path, "pass a readable UTF-8 file"):
         try:
-            ds = datasets.load_dataset(builder, data_files={"data": os.path.abspath(path)}, split="data", **kwargs)
+            ds = datasets.load_dataset(
+                builder, data_files={"data": os.path.abspath(path)}, split="data", **kwargs
+            )
         except Exception as err:  # noqa: BLE001 - datasets wraps the decode error in its own
             if decode_error := _caused_by(err, UnicodeDecodeError):
-                raise UsageError(f"{flag} {path!r} is not UTF-8 text ({decode_error.reason}); "
-                                 f"convert it, e.g. iconv -f latin1 -t utf-8 IN > OUT") from err
+                raise UsageError(
+                    f"{flag} {path!r} is not UTF-8 text ({decode_error.reason}); "
+                    f"convert it, e.g. iconv -f latin1 -t utf-8 IN > OUT"
+                ) from err
             raise
     if builder == "text":
         ds = ds.map(_hub_rows, batched=True, desc=f"Hub-format rows of {os.path.basename(path)}")
@@ -149,7 +188,9 @@ def _local_files(args: DataArguments) -> dict[str, tuple[str, str]]:
     files = {}
     if args.dataset_dir:
         if not os.path.isdir(args.dataset_dir):
-            raise UsageError(f"--dataset_dir {args.dataset_dir!r} is not a directory; pass the folder holding wiki.*.raw")
+            raise UsageError(
+                f"--dataset_dir {args.dataset_dir!r} is not a directory; pass the folder holding wiki.*.raw"
+            )
         for split, name in WIKITEXT_RAW_NAMES.items():
             path = os.path.join(args.dataset_dir, name)
             if os.path.exists(path):
@@ -161,7 +202,9 @@ def _local_files(args: DataArguments) -> dict[str, tuple[str, str]]:
     return files
 
 
-def hold_out(train: datasets.Dataset, percentage: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+def hold_out(
+    train: datasets.Dataset, percentage: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Hold out whole articles, about `percentage` % of the training text, chosen by `seed`; row order is kept.
 
     Articles start at WikiText's top-level ` = Title = ` headings. A held-out slice cut from the middle of articles
@@ -179,7 +222,9 @@ def hold_out(train: datasets.Dataset, percentage: float, seed: int) -> tuple[dat
         order = list(range(len(spans)))
         random.Random(seed).shuffle(order)
         chosen, held = set(), 0
-        for a in order:  # whole articles until the target is reached; always at least one, never all
+        for (
+            a
+        ) in order:  # whole articles until the target is reached; always at least one, never all
             if held >= target or len(chosen) == len(spans) - 1:
                 break
             chosen.add(a)
@@ -188,12 +233,18 @@ def hold_out(train: datasets.Dataset, percentage: float, seed: int) -> tuple[dat
     else:
         k = max(1, round(n * percentage / 100))
         if k >= n:
-            raise UsageError(f"--validation_split_percentage {percentage} leaves no training rows out of {n}; lower it")
+            raise UsageError(
+                f"--validation_split_percentage {percentage} leaves no training rows out of {n}; lower it"
+            )
         start = random.Random(seed).randrange(0, n - k + 1)
         held_rows = list(range(start, start + k))
     held_set = set(held_rows)
-    logger.info("held out %d of %d rows for validation (%s)", len(held_rows), n,
-                f"{len(chosen)} of {len(spans)} articles" if len(spans) >= 2 else "one contiguous slice")
+    logger.info(
+        "held out %d of %d rows for validation (%s)",
+        len(held_rows),
+        n,
+        f"{len(chosen)} of {len(spans)} articles" if len(spans) >= 2 else "one contiguous slice",
+    )
     return train.select([i for i in range(n) if i not in held_set]), train.select(held_rows)
 
 
@@ -211,7 +262,8 @@ def validation_is_test(args: DataArguments) -> str | None:
     if test and os.path.isfile(test):
         same = os.path.samefile(validation, test) or (
             os.path.getsize(validation) == os.path.getsize(test)
-            and open(validation, "rb").read() == open(test, "rb").read())
+            and open(validation, "rb").read() == open(test, "rb").read()
+        )
         if same:
             return "it is --test_file's text"
     return None
@@ -223,7 +275,9 @@ def check_data_args(args: DataArguments) -> None:
         _check_file(flag, path)
 
 
-def load_raw_splits(args: DataArguments, seed: int, required: tuple[str, ...] = ("train", "validation")) -> datasets.DatasetDict:
+def load_raw_splits(
+    args: DataArguments, seed: int, required: tuple[str, ...] = ("train", "validation")
+) -> datasets.DatasetDict:
     """Rows of text (one `text` column) for every available split; `required` splits must exist.
 
     A missing validation split is held out of train when "validation" is required.
@@ -232,18 +286,25 @@ def load_raw_splits(args: DataArguments, seed: int, required: tuple[str, ...] = 
         check_data_args(args)
         files = _local_files(args)
         raw = datasets.DatasetDict(
-            {split: _load_local_split(flag, path, args.text_column) for split, (flag, path) in files.items()}
+            {
+                split: _load_local_split(flag, path, args.text_column)
+                for split, (flag, path) in files.items()
+            }
         )
     else:
         with loading("--dataset_name", args.dataset_name or "", LOCAL_DATA_HINT):
             raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
         raw = datasets.DatasetDict({s: raw[s] for s in SPLITS if s in raw})
         if args.text_column not in raw[next(iter(raw))].column_names:
-            raise UsageError(f"--text_column {args.text_column!r} is not a column of --dataset_name {args.dataset_name!r}")
+            raise UsageError(
+                f"--text_column {args.text_column!r} is not a column of --dataset_name {args.dataset_name!r}"
+            )
         if args.text_column != "text":
             raw = raw.select_columns([args.text_column]).rename_column(args.text_column, "text")
     if "validation" in required and "validation" not in raw and "train" in raw:
-        raw["train"], raw["validation"] = hold_out(raw["train"], args.validation_split_percentage, seed)
+        raw["train"], raw["validation"] = hold_out(
+            raw["train"], args.validation_split_percentage, seed
+        )
     for split in required:
         if split not in raw:
             if args.dataset_dir:
@@ -257,15 +318,24 @@ def load_raw_splits(args: DataArguments, seed: int, required: tuple[str, ...] = 
 
 def detokenize_splits(raw: datasets.DatasetDict) -> datasets.DatasetDict:
     """--detokenize: every split as one row per article, detokenized (wikigpt.data.wikitext, as eval.py's documents)."""
+
     def to_documents(batch):
         return {"text": [detokenize(page) for page in split_documents(batch["text"])]}
 
     # One batch per split: an article's lines must meet in one call of split_documents.
-    detokenized = datasets.DatasetDict({
-        split: ds.map(to_documents, batched=True, batch_size=None, remove_columns=ds.column_names,
-                      new_fingerprint=Hasher.hash(["detokenize-v1", ds._fingerprint]),
-                      desc=f"Detokenizing {split} articles")
-        for split, ds in raw.items()})
+    detokenized = datasets.DatasetDict(
+        {
+            split: ds.map(
+                to_documents,
+                batched=True,
+                batch_size=None,
+                remove_columns=ds.column_names,
+                new_fingerprint=Hasher.hash(["detokenize-v1", ds._fingerprint]),
+                desc=f"Detokenizing {split} articles",
+            )
+            for split, ds in raw.items()
+        }
+    )
     for split, ds in detokenized.items():
         logger.info("%s: %d lines -> %d detokenized articles", split, len(raw[split]), len(ds))
     return detokenized
@@ -286,34 +356,52 @@ def tokenize(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -> da
     fingerprint = Hasher.hash(["tokenize-v2", ds._fingerprint, tokenizer_fingerprint(tokenizer)])
 
     def encode(batch):
-        return {"input_ids": tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False)["input_ids"]}
+        return {
+            "input_ids": tokenizer(
+                batch["text"], add_special_tokens=False, return_attention_mask=False
+            )["input_ids"]
+        }
 
     # Rows are longer than model_max_length only before grouping; the warning would be noise.
     tok_logger = logging.getLogger("transformers.tokenization_utils_base")
     level = tok_logger.level
     tok_logger.setLevel(logging.ERROR)
     try:
-        return ds.map(encode, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
-                      new_fingerprint=fingerprint, desc="Tokenizing")
+        return ds.map(
+            encode,
+            batched=True,
+            num_proc=num_proc,
+            remove_columns=ds.column_names,
+            new_fingerprint=fingerprint,
+            desc="Tokenizing",
+        )
     finally:
         tok_logger.setLevel(level)
 
 
-
 def token_stream(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -> np.ndarray:
     """`tokenize`'s rows concatenated into one array of token ids (read from the datasets cache when it holds them)."""
-    return pc.list_flatten(tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]).to_numpy()
+    return pc.list_flatten(
+        tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]
+    ).to_numpy()
 
 
-def article_token_ids(ds: datasets.Dataset, tokenizer, num_proc: int | None = None,
-                      rows_are_articles: bool = False) -> list[np.ndarray]:
+def article_token_ids(
+    ds: datasets.Dataset, tokenizer, num_proc: int | None = None, rows_are_articles: bool = False
+) -> list[np.ndarray]:
     """Each article's token ids, from `tokenize`'s rows: WikiText's ` = Title = ` headings start them, or each row
     is one (`rows_are_articles`: --detokenize's rows, whose headings no longer read as WikiText's)."""
     rows = tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]
-    starts = np.concatenate([[0], np.cumsum(pc.list_value_length(rows).to_numpy(zero_copy_only=False))])
+    starts = np.concatenate(
+        [[0], np.cumsum(pc.list_value_length(rows).to_numpy(zero_copy_only=False))]
+    )
     ids = pc.list_flatten(rows).to_numpy()
-    spans = [slice(i, i + 1) for i in range(len(ds))] if rows_are_articles else article_spans(ds["text"])
-    return [ids[starts[span.start]:starts[span.stop]] for span in spans]
+    spans = (
+        [slice(i, i + 1) for i in range(len(ds))]
+        if rows_are_articles
+        else article_spans(ds["text"])
+    )
+    return [ids[starts[span.start] : starts[span.stop]] for span in spans]
 
 
 def group_texts(tokenized: datasets.Dataset, block_size: int) -> datasets.Dataset:
@@ -329,11 +417,17 @@ def group_texts(tokenized: datasets.Dataset, block_size: int) -> datasets.Datase
         n_blocks = len(ids) // block_size
         flat = pa.array(np.ascontiguousarray(ids[: n_blocks * block_size], dtype=np.int32))
         blocks = pa.FixedSizeListArray.from_arrays(flat, block_size)
-        return pa.table({"input_ids": blocks, "labels": blocks})  # labels = inputs; the model shifts them
+        return pa.table(
+            {"input_ids": blocks, "labels": blocks}
+        )  # labels = inputs; the model shifts them
 
     grouped = tokenized.with_format("arrow").map(
-        to_blocks, batched=True, batch_size=None, remove_columns=tokenized.column_names,
-        new_fingerprint=fingerprint, desc=f"Grouping into blocks of {block_size}",
+        to_blocks,
+        batched=True,
+        batch_size=None,
+        remove_columns=tokenized.column_names,
+        new_fingerprint=fingerprint,
+        desc=f"Grouping into blocks of {block_size}",
     )
     return grouped.with_format(None)
 
@@ -343,7 +437,9 @@ def count_tokens(tokenized: datasets.Dataset) -> int:
     return int(pc.sum(lengths).as_py() or 0)
 
 
-def prepare_lm_splits(raw: datasets.DatasetDict, tokenizer, block_size: int, num_proc: int | None = None):
+def prepare_lm_splits(
+    raw: datasets.DatasetDict, tokenizer, block_size: int, num_proc: int | None = None
+):
     """Tokenize and group every split. Returns (blocks per split, counts per split)."""
     blocks, counts = datasets.DatasetDict(), {}
     for split, ds in raw.items():
@@ -352,14 +448,24 @@ def prepare_lm_splits(raw: datasets.DatasetDict, tokenizer, block_size: int, num
         tokens = count_tokens(tokenized)
         n_blocks = len(blocks[split])
         counts[split] = {
-            "rows": len(ds), "tokens": tokens, "blocks": n_blocks,
-            "tokens_in_blocks": n_blocks * block_size, "tokens_dropped": tokens - n_blocks * block_size,
+            "rows": len(ds),
+            "tokens": tokens,
+            "blocks": n_blocks,
+            "tokens_in_blocks": n_blocks * block_size,
+            "tokens_dropped": tokens - n_blocks * block_size,
         }
         if n_blocks == 0:
             raise UsageError(
                 f"the {split} split has {tokens} tokens, fewer than one block of --block_size {block_size}; "
                 f"pass more text or a smaller --block_size"
             )
-        logger.info("%s: %d rows, %d tokens, %d blocks of %d (%d tokens dropped at the end)",
-                    split, len(ds), tokens, n_blocks, block_size, counts[split]["tokens_dropped"])
+        logger.info(
+            "%s: %d rows, %d tokens, %d blocks of %d (%d tokens dropped at the end)",
+            split,
+            len(ds),
+            tokens,
+            n_blocks,
+            block_size,
+            counts[split]["tokens_dropped"],
+        )
     return blocks, counts

@@ -58,13 +58,19 @@ class KneserNey:
                 self.keys[k], raw[k], suffix[k] = (np.zeros(0, np.int64),) * 3
                 gram_ids = prefix
                 continue
-            last_ids = gram_ids[1:]  # the (k-1)-gram ending here = this k-gram without its first token
-            keys, first, inverse = np.unique(prefix * V + t[k - 1:], return_index=True, return_inverse=True)
+            last_ids = gram_ids[
+                1:
+            ]  # the (k-1)-gram ending here = this k-gram without its first token
+            keys, first, inverse = np.unique(
+                prefix * V + t[k - 1 :], return_index=True, return_inverse=True
+            )
             self.keys[k], raw[k], suffix[k] = keys, np.bincount(inverse), last_ids[first]
             gram_ids = inverse
         # a(): raw counts at the top order, continuation counts (distinct left extensions) below it.
-        self.counts = {k: raw[k] if k == order else np.bincount(suffix[k + 1], minlength=len(self.keys[k]))
-                       for k in range(1, order + 1)}
+        self.counts = {
+            k: raw[k] if k == order else np.bincount(suffix[k + 1], minlength=len(self.keys[k]))
+            for k in range(1, order + 1)
+        }
         self.discounts, self.scaled, self.gamma, self.total = {}, {}, {}, {}
         for k in range(1, order + 1):
             a = self.counts[k]
@@ -74,13 +80,17 @@ class KneserNey:
             context = self.keys[k] // V if k > 1 else np.zeros(len(a), np.int64)
             total = np.bincount(context, weights=a, minlength=n_contexts)
             n_with = [a == 1, a == 2, a >= 3]  # N1, N2, N3+ per context, after bincount
-            mass = sum(d[i] * np.bincount(context, weights=n_with[i], minlength=n_contexts) for i in range(3))
+            mass = sum(
+                d[i] * np.bincount(context, weights=n_with[i], minlength=n_contexts)
+                for i in range(3)
+            )
             seen = total > 0
             self.total[k] = total
             self.gamma[k] = np.divide(mass, total, out=np.zeros_like(mass), where=seen)
             discount = np.array([0.0, *d])[np.minimum(a, 3)]
-            self.scaled[k] = np.divide(np.maximum(a - discount, 0.0), total[context],
-                                       out=np.zeros(len(a)), where=a > 0)
+            self.scaled[k] = np.divide(
+                np.maximum(a - discount, 0.0), total[context], out=np.zeros(len(a)), where=a > 0
+            )
 
     def gram_ids(self, tokens) -> dict[int, np.ndarray]:
         """For each order k: the id of the train k-gram ending at each position of `tokens`, -1 where unseen."""
@@ -105,18 +115,23 @@ class KneserNey:
         p = self.scaled[1][t] + self.gamma[1][0] / self.vocab_size
         for k in range(2, self.order + 1):
             context = np.full(len(t), -1, dtype=np.int64)
-            context[1:] = ids[k - 1][:-1]  # the k-1 tokens before position j; -1 if too few or unseen
+            context[1:] = ids[k - 1][
+                :-1
+            ]  # the k-1 tokens before position j; -1 if too few or unseen
             seen = context >= 0
             seen[seen] = self.total[k][context[seen]] > 0
             gram = ids[k][seen]
-            p[seen] = np.where(gram >= 0, self.scaled[k][gram], 0.0) + self.gamma[k][context[seen]] * p[seen]
+            p[seen] = (
+                np.where(gram >= 0, self.scaled[k][gram], 0.0)
+                + self.gamma[k][context[seen]] * p[seen]
+            )
         return np.log(p)
 
     def distribution(self, context) -> np.ndarray:
         """p(w | context) for every w in the vocabulary (uses the last order-1 tokens of `context`)."""
         V = self.vocab_size
         p = self.scaled[1] + self.gamma[1][0] / V
-        context = list(context)[max(0, len(context) - self.order + 1):] if self.order > 1 else []
+        context = list(context)[max(0, len(context) - self.order + 1) :] if self.order > 1 else []
         ids = self.gram_ids(context) if context else {}
         for k in range(2, min(len(context) + 1, self.order) + 1):
             h = int(ids[k - 1][-1])

@@ -23,7 +23,9 @@ from wikigpt.errors import UsageError
 from wikigpt.evaluation.kneser_ney import KneserNey
 
 
-def fit_weights(component_nll: list[np.ndarray], tolerance: float = 1e-7, max_iter: int = 1000) -> np.ndarray:
+def fit_weights(
+    component_nll: list[np.ndarray], tolerance: float = 1e-7, max_iter: int = 1000
+) -> np.ndarray:
     """The mixture weights (summing to 1) that minimise the mixture's mean NLL over these tokens (EM).
 
     `component_nll`: each component's per-token NLL (inf where it gives the token no probability). The mean NLL is
@@ -44,7 +46,9 @@ def fit_weights(component_nll: list[np.ndarray], tolerance: float = 1e-7, max_it
 
 def mixture_nll(component_nll: list[np.ndarray], weights) -> np.ndarray:
     """Per-token NLL of sum_k weights[k] p_k, from the components' per-token NLLs."""
-    return -np.logaddexp.reduce(np.log(np.asarray(weights))[:, None] - np.stack(component_nll), axis=0)
+    return -np.logaddexp.reduce(
+        np.log(np.asarray(weights))[:, None] - np.stack(component_nll), axis=0
+    )
 
 
 def ngram_block_nll(ngram: KneserNey, blocks) -> np.ndarray:
@@ -93,11 +97,13 @@ def check_run_split(model_dir: str, counts: dict, flag: str = "--ngram_order") -
             f"{flag}: these data flags give train/validation splits of {here['train']:,} / "
             f"{here['validation']:,} tokens, but {model_dir} trained on {there['train']:,} / {there['validation']:,} "
             f"(its results.json); pass the data flags train.py ran with (--train_file, --validation_file or "
-            f"--validation_split_percentage, and --seed)")
+            f"--validation_split_percentage, and --seed)"
+        )
 
 
-def mixture_metrics(blocks: tuple, model_nll: tuple, ngram_order: int, train_ids, vocab_size: int,
-                    block_cache: bool) -> tuple[dict, dict]:
+def mixture_metrics(
+    blocks: tuple, model_nll: tuple, ngram_order: int, train_ids, vocab_size: int, block_cache: bool
+) -> tuple[dict, dict]:
     """eval.py's mixture metrics and details: weights fitted on the validation blocks, the split's blocks scored.
 
     `blocks`, `model_nll`: the (validation, split) blocks and the model's per-token NLLs of their scored tokens
@@ -109,14 +115,21 @@ def mixture_metrics(blocks: tuple, model_nll: tuple, ngram_order: int, train_ids
     if ngram_order:
         ngram = KneserNey(train_ids, ngram_order, vocab_size)
         components["ngram"] = tuple(ngram_block_nll(ngram, b) for b in blocks)
-        details["ngram_alone"] = {"order": ngram_order, "train_tokens": len(train_ids),
-                                  "validation_perplexity": ppl(components["ngram"][0]),
-                                  "perplexity": ppl(components["ngram"][1])}
-        described["ngram"] = (f"an interpolated modified Kneser-Ney {ngram_order}-gram's (fitted on the train "
-                              f"split's {len(train_ids):,} tokens)")
+        details["ngram_alone"] = {
+            "order": ngram_order,
+            "train_tokens": len(train_ids),
+            "validation_perplexity": ppl(components["ngram"][0]),
+            "perplexity": ppl(components["ngram"][1]),
+        }
+        described["ngram"] = (
+            f"an interpolated modified Kneser-Ney {ngram_order}-gram's (fitted on the train "
+            f"split's {len(train_ids):,} tokens)"
+        )
     if block_cache:
         components["cache"] = tuple(block_cache_nll(b) for b in blocks)
-        described["cache"] = "the block cache's (how often the token occurred before it in its block)"
+        described["cache"] = (
+            "the block cache's (how often the token occurred before it in its block)"
+        )
     names = list(components)
     metrics = {}
     for mixture in [[name] for name in names] + ([names] if len(names) > 1 else []):
@@ -124,12 +137,16 @@ def mixture_metrics(blocks: tuple, model_nll: tuple, ngram_order: int, train_ids
         weights = fit_weights(validation)
         named = {n: round(float(w), 6) for n, w in zip(["model", *mixture], weights)}
         value = ppl(mixture_nll([model_nll[1], *(components[n][1] for n in mixture)], weights))
-        details["+".join(mixture)] = {"perplexity": value, "weights": named,
-                                      "validation_mixture_perplexity": ppl(mixture_nll(validation, weights))}
+        details["+".join(mixture)] = {
+            "perplexity": value,
+            "weights": named,
+            "validation_mixture_perplexity": ppl(mixture_nll(validation, weights)),
+        }
         terms = " + ".join(f"{named[n]:.4f} x {described[n]}" for n in mixture)
         metrics["_".join(mixture) + "_mixture_perplexity"] = {
             "value": value,
             "method": f"blocks as `perplexity`, each token's probability {named['model']:.4f} x the model's + "
-                      f"{terms}; weights fitted on the validation split's blocks; a test-time mixture, not the "
-                      f"saved model's own number"}
+            f"{terms}; weights fitted on the validation split's blocks; a test-time mixture, not the "
+            f"saved model's own number",
+        }
     return metrics, details

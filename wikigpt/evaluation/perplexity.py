@@ -45,10 +45,12 @@ def load_corpus_perplexity():
 def sequence_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL (float64) and count of scored targets per row; `targets[:, i]` is predicted by `logits[:, i]`,
     -100 = not scored. Rows are upcast to fp32 one at a time, so the fp32 logits never exceed one sequence."""
-    nll = torch.stack([
-        F.cross_entropy(logits[row].float(), targets[row], ignore_index=-100, reduction="sum")
-        for row in range(logits.shape[0])
-    ]).double()
+    nll = torch.stack(
+        [
+            F.cross_entropy(logits[row].float(), targets[row], ignore_index=-100, reduction="sum")
+            for row in range(logits.shape[0])
+        ]
+    ).double()
     return nll, (targets != -100).sum(dim=1)
 
 
@@ -65,16 +67,25 @@ def compute_perplexity(eval_pred) -> dict:
     stats = np.asarray(eval_pred.predictions, dtype=np.float64).reshape(-1, 2)
     zeros = [0] * len(stats)
     metric = load_corpus_perplexity()
-    metric.add_batch(nll_sum=stats[:, 0].tolist(), token_count=stats[:, 1].astype(np.int64).tolist(),
-                     word_count=zeros, byte_count=zeros)
+    metric.add_batch(
+        nll_sum=stats[:, 0].tolist(),
+        token_count=stats[:, 1].astype(np.int64).tolist(),
+        word_count=zeros,
+        byte_count=zeros,
+    )
     result = metric.compute()
     # token_loss: mean NLL over real tokens, every sequence once (the Trainer's eval_loss is a mean of batch
     # means and, on several processes, includes the copies that pad the last batch).
-    return {"perplexity": result["perplexity"], "token_loss": result["mean_nll"], "tokens": result["tokens"],
-            "blocks": len(stats)}
+    return {
+        "perplexity": result["perplexity"],
+        "token_loss": result["mean_nll"],
+        "tokens": result["tokens"],
+        "blocks": len(stats),
+    }
 
 
 # --- eval.py's windows ---------------------------------------------------------------------------------
+
 
 def block_windows(blocks: list[list[int]]) -> list[dict]:
     return [{"ids": list(block), "n_scored": len(block) - 1} for block in blocks if len(block) > 1]
@@ -103,7 +114,7 @@ def rolling_windows(ids: list[int], context: int, prefix_token: int) -> list[dic
     while predicted < len(ids):
         n = min(len(ids) - predicted, context)
         end = predicted + n
-        windows.append({"ids": ids[end - context - 1: end], "n_scored": n})
+        windows.append({"ids": ids[end - context - 1 : end], "n_scored": n})
         predicted = end
     return windows
 
@@ -118,16 +129,26 @@ def _collate(windows: list[dict], pad_id: int) -> dict:
         n = len(ids) - 1
         input_ids[row, :n] = ids[:-1]
         attention_mask[row, :n] = 1
-        targets[row, n - w["n_scored"]: n] = ids[n - w["n_scored"] + 1:]
+        targets[row, n - w["n_scored"] : n] = ids[n - w["n_scored"] + 1 :]
     return {
-        "input_ids": input_ids, "attention_mask": attention_mask, "targets": targets,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "targets": targets,
         "word_count": torch.tensor([w.get("word_count", 0) for w in windows]),
         "byte_count": torch.tensor([w.get("byte_count", 0) for w in windows]),
     }
 
 
-def score_windows(model, windows: list[dict], metric, accelerator, batch_size: int, pad_id: int,
-                  desc: str = "scoring", keep_token_nll: bool = False) -> dict:
+def score_windows(
+    model,
+    windows: list[dict],
+    metric,
+    accelerator,
+    batch_size: int,
+    pad_id: int,
+    desc: str = "scoring",
+    keep_token_nll: bool = False,
+) -> dict:
     """Feed every window through the model once across all processes; add each window to `metric` once.
 
     `accelerator.prepare` shards the windows across processes; `gather_for_metrics` drops the samples
@@ -135,26 +156,48 @@ def score_windows(model, windows: list[dict], metric, accelerator, batch_size: i
     result (on every process) plus throughput; with `keep_token_nll` (windows of one length, e.g. blocks),
     also `token_nll`: every scored token's NLL, in window order.
     """
-    loader = accelerator.prepare(DataLoader(windows, batch_size=batch_size, shuffle=False,
-                                            collate_fn=lambda ws: _collate(ws, pad_id)))
+    loader = accelerator.prepare(
+        DataLoader(
+            windows,
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=lambda ws: _collate(ws, pad_id),
+        )
+    )
     start, n_tokens, token_nll = time.perf_counter(), 0, []
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+    for batch in tqdm(
+        loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False
+    ):
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
         nll, counts = sequence_nll(logits, batch["targets"])
         if keep_token_nll:
-            per_token = torch.stack([F.cross_entropy(logits[row].float(), batch["targets"][row], reduction="none")
-                                     for row in range(logits.shape[0])])
+            per_token = torch.stack(
+                [
+                    F.cross_entropy(logits[row].float(), batch["targets"][row], reduction="none")
+                    for row in range(logits.shape[0])
+                ]
+            )
             per_token, targets = accelerator.gather_for_metrics((per_token, batch["targets"]))
             token_nll.append(per_token[targets != -100].double().cpu().numpy())
         nll, counts, words, n_bytes = accelerator.gather_for_metrics(
-            (nll, counts, batch["word_count"], batch["byte_count"]))
+            (nll, counts, batch["word_count"], batch["byte_count"])
+        )
         n_tokens += int(counts.sum())
-        metric.add_batch(nll_sum=nll.tolist(), token_count=counts.tolist(),
-                         word_count=words.tolist(), byte_count=n_bytes.tolist())
+        metric.add_batch(
+            nll_sum=nll.tolist(),
+            token_count=counts.tolist(),
+            word_count=words.tolist(),
+            byte_count=n_bytes.tolist(),
+        )
     seconds = time.perf_counter() - start
     result = metric.compute()
-    result.update(seconds=round(seconds, 3), tokens_per_second=round(n_tokens / seconds, 1) if seconds else math.nan)
+    result.update(
+        seconds=round(seconds, 3),
+        tokens_per_second=round(n_tokens / seconds, 1) if seconds else math.nan,
+    )
     if keep_token_nll:
         result["token_nll"] = np.concatenate(token_nll)
     return result

@@ -27,8 +27,10 @@ def for_batched_generation(tokenizer):
     """The tokenizer from model.load_pretrained, set up for batched generation: pad = eos, left padding."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise UsageError("--tokenizer_name has neither a pad nor an eos token, so prompts cannot be batched; "
-                             "use a tokenizer that has one")
+            raise UsageError(
+                "--tokenizer_name has neither a pad nor an eos token, so prompts cannot be batched; "
+                "use a tokenizer that has one"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # new tokens must follow the prompt directly
     return tokenizer
@@ -40,7 +42,9 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
-def build_generation_config(settings: dict, stop: list[str], tokenizer, eos_ids: list[int]) -> GenerationConfig:
+def build_generation_config(
+    settings: dict, stop: list[str], tokenizer, eos_ids: list[int]
+) -> GenerationConfig:
     """Unset fields fall back to the model's own generation_config inside generate().
 
     transformers' own checks run too (validate, strict: what it would only warn about is an error). They come
@@ -51,24 +55,44 @@ def build_generation_config(settings: dict, stop: list[str], tokenizer, eos_ids:
     if not settings["do_sample"]:
         # transformers' neutral values: otherwise generate() merges in the checkpoint's sampling knobs and warns.
         values.update({k: FALLBACKS[k] for k in SAMPLING_ONLY})
-    config = GenerationConfig(**values, stop_strings=stop or None, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=eos_ids or None, use_cache=True)
+    config = GenerationConfig(
+        **values,
+        stop_strings=stop or None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids or None,
+        use_cache=True,
+    )
     try:
         config.validate(strict=True)
     except ValueError as err:
-        raise UsageError(f"transformers rejects these generation settings: {' '.join(str(err).split())}") from err
+        raise UsageError(
+            f"transformers rejects these generation settings: {' '.join(str(err).split())}"
+        ) from err
     return config
 
 
-def generate_batch(model, tokenizer, batch: list[list[int]], config: GenerationConfig,
-                   streamer=None, stopping_criteria=None) -> list[list[int]]:
+def generate_batch(
+    model,
+    tokenizer,
+    batch: list[list[int]],
+    config: GenerationConfig,
+    streamer=None,
+    stopping_criteria=None,
+) -> list[list[int]]:
     """New token ids of every sample, prompt-major (prompt 0's sequences first), padding included."""
-    inputs = tokenizer.pad({"input_ids": batch}, padding=True, padding_side="left", return_tensors="pt")
+    inputs = tokenizer.pad(
+        {"input_ids": batch}, padding=True, padding_side="left", return_tensors="pt"
+    )
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     with torch.inference_mode():
-        output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer, streamer=streamer,
-                                stopping_criteria=stopping_criteria)
-    return output[:, inputs["input_ids"].shape[1]:].tolist()
+        output = model.generate(
+            **inputs,
+            generation_config=config,
+            tokenizer=tokenizer,
+            streamer=streamer,
+            stopping_criteria=stopping_criteria,
+        )
+    return output[:, inputs["input_ids"].shape[1] :].tolist()
 
 
 def find_stop(text: str, stops: list[str], before: str = "") -> int | None:
@@ -76,15 +100,22 @@ def find_stop(text: str, stops: list[str], before: str = "") -> int | None:
     (the prompt): generation stops there too, and the cut is then at 0."""
     cuts = []
     for stop in stops:
-        lead = before[len(before) - len(stop) + 1:] if len(stop) > 1 else ""
+        lead = before[len(before) - len(stop) + 1 :] if len(stop) > 1 else ""
         at = (lead + text).find(stop)
         if at >= 0:
             cuts.append(max(0, at - len(lead)))
     return min(cuts) if cuts else None
 
 
-def finish_sample(new_ids: list[int], tokenizer, *, eos_ids: list[int], stops: list[str], max_new_tokens: int,
-                  prompt: str = "") -> tuple[str, int, str]:
+def finish_sample(
+    new_ids: list[int],
+    tokenizer,
+    *,
+    eos_ids: list[int],
+    stops: list[str],
+    max_new_tokens: int,
+    prompt: str = "",
+) -> tuple[str, int, str]:
     """(completion, new tokens, finish reason) of one sample from its generated ids (padded to the batch's length)."""
     end, hit_eos = len(new_ids), False
     for i, token in enumerate(new_ids):
@@ -124,14 +155,23 @@ class StopStringStreamer(TextStreamer):
         self.out.flush()
 
 
-def sample(model, tokenizer, prompts: list[str], encoded: list[list[int]], settings: dict, stop: list[str],
-           batch_size: int, stream_to=None, stopping_criteria=None):
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    encoded: list[list[int]],
+    settings: dict,
+    stop: list[str],
+    batch_size: int,
+    stream_to=None,
+    stopping_criteria=None,
+):
     """Yield, per batch, one record per sample: prompt, completion, new_tokens, finish_reason, seconds (the batch's)."""
     eos_ids = eos_token_ids(model, tokenizer)
     config = build_generation_config(settings, stop, tokenizer, eos_ids)
     sequences = settings["num_return_sequences"]
     for first in range(0, len(prompts), batch_size):
-        batch = encoded[first:first + batch_size]
+        batch = encoded[first : first + batch_size]
         streamer = StopStringStreamer(tokenizer, stop, stream_to) if stream_to is not None else None
         start = time.perf_counter()
         new_ids = generate_batch(model, tokenizer, batch, config, streamer, stopping_criteria)
@@ -140,11 +180,25 @@ def sample(model, tokenizer, prompts: list[str], encoded: list[list[int]], setti
         for row, ids in enumerate(new_ids):
             index = first + row // sequences
             completion, new_tokens, reason = finish_sample(
-                ids, tokenizer, eos_ids=eos_ids, stops=stop, max_new_tokens=settings["max_new_tokens"],
-                prompt=prompts[index])
-            records.append({"prompt_index": index, "sample_index": row % sequences, "prompt": prompts[index],
-                            "completion": completion, "new_tokens": new_tokens, "finish_reason": reason,
-                            "prompt_tokens": len(encoded[index]), "seconds": round(seconds, 4)})
+                ids,
+                tokenizer,
+                eos_ids=eos_ids,
+                stops=stop,
+                max_new_tokens=settings["max_new_tokens"],
+                prompt=prompts[index],
+            )
+            records.append(
+                {
+                    "prompt_index": index,
+                    "sample_index": row % sequences,
+                    "prompt": prompts[index],
+                    "completion": completion,
+                    "new_tokens": new_tokens,
+                    "finish_reason": reason,
+                    "prompt_tokens": len(encoded[index]),
+                    "seconds": round(seconds, 4),
+                }
+            )
         yield records
 
 
@@ -155,7 +209,9 @@ class CancelCriteria(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class _QueueOut:
@@ -172,8 +228,15 @@ class _QueueOut:
         pass
 
 
-def stream_sample(model, tokenizer, prompt: str, prompt_ids: list[int], settings: dict, stop: list[str],
-                  cancel: threading.Event | None = None):
+def stream_sample(
+    model,
+    tokenizer,
+    prompt: str,
+    prompt_ids: list[int],
+    settings: dict,
+    stop: list[str],
+    cancel: threading.Event | None = None,
+):
     """One prompt, one sequence, as a generator: yields the completion's text pieces as generate.py prints them
     (stop strings held back), then sample()'s record (a dict). Setting `cancel`, or closing the generator, ends
     generation at the next token. For callers that cannot read from a streamed stdout (e.g. a web page)."""
@@ -182,8 +245,19 @@ def stream_sample(model, tokenizer, prompt: str, prompt_ids: list[int], settings
 
     def run():
         try:
-            (result["record"],) = next(sample(model, tokenizer, [prompt], [prompt_ids], settings, stop, 1,
-                                              stream_to=out, stopping_criteria=[CancelCriteria(cancel)]))
+            (result["record"],) = next(
+                sample(
+                    model,
+                    tokenizer,
+                    [prompt],
+                    [prompt_ids],
+                    settings,
+                    stop,
+                    1,
+                    stream_to=out,
+                    stopping_criteria=[CancelCriteria(cancel)],
+                )
+            )
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread below
             result["error"] = err
         finally:
@@ -204,9 +278,15 @@ def stream_sample(model, tokenizer, prompt: str, prompt_ids: list[int], settings
         raise result["error"]
     yield result["record"]
 
+
 def can_stream(args: GenerateArguments, prompts: list[str], settings: dict) -> bool:
     # TextStreamer takes one sequence; generate() refuses a streamer with beam search.
-    return args.stream and len(prompts) == 1 and settings["num_return_sequences"] == 1 and settings["num_beams"] == 1
+    return (
+        args.stream
+        and len(prompts) == 1
+        and settings["num_return_sequences"] == 1
+        and settings["num_beams"] == 1
+    )
 
 
 def public_settings(settings: dict, **extra) -> dict:

@@ -17,8 +17,18 @@ from wikigpt.model import pick_device
 from wikigpt.generation.prompts import PROMPT_FILE_HINT
 
 # Used when neither a flag nor the checkpoint's generation_config.json sets a value.
-FALLBACKS = dict(max_new_tokens=100, do_sample=True, temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0,
-                 repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, num_return_sequences=1)
+FALLBACKS = dict(
+    max_new_tokens=100,
+    do_sample=True,
+    temperature=1.0,
+    top_k=50,
+    top_p=1.0,
+    typical_p=1.0,
+    repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    num_beams=1,
+    num_return_sequences=1,
+)
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "typical_p")
 
 
@@ -28,55 +38,131 @@ def _flag(help_text: str, **argparse_kwargs) -> dict:
 
 def _knob(help_text: str, key: str, **argparse_kwargs) -> dict:
     """A decoding setting: unset (None) means the checkpoint's generation_config value, else FALLBACKS[key]."""
-    return _flag(f"{help_text}. Unset: the checkpoint's generation_config value, else {FALLBACKS[key]}.",
-                 **argparse_kwargs)
+    return _flag(
+        f"{help_text}. Unset: the checkpoint's generation_config value, else {FALLBACKS[key]}.",
+        **argparse_kwargs,
+    )
 
 
 @dataclass
 class GenerateArguments:
-    model: str = field(default="gpt2", metadata=_flag(
-        "Checkpoint to sample from: a local folder (e.g. a train.py --output_dir) or a Hub id."))
-    tokenizer_name: str | None = field(default=None, metadata=_flag(
-        "Tokenizer (Hub id or local folder). Default: the one saved with --model."))
-    prompt: list[str] = field(default_factory=list, metadata=_flag(
-        'A prompt; repeat the flag for several. "" samples unconditionally from <|endoftext|>.', action="append"))
-    prompt_file: str | None = field(default=None, metadata=_flag(
-        'Prompts, one per line (blank lines skipped), or a .jsonl file with a "prompt" field per line.'))
-    output_file: str | None = field(default=None, metadata=_flag(
-        "Write one JSON record per sample to this .jsonl file (an existing file is never overwritten)."))
-    max_new_tokens: int | None = field(default=None, metadata=_knob("Tokens to generate per sample", "max_new_tokens"))
-    do_sample: bool | None = field(default=None, metadata=_knob(
-        "Sample; --do_sample false decodes greedily (or by beam search)", "do_sample", nargs="?", const=True))
+    model: str = field(
+        default="gpt2",
+        metadata=_flag(
+            "Checkpoint to sample from: a local folder (e.g. a train.py --output_dir) or a Hub id."
+        ),
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata=_flag("Tokenizer (Hub id or local folder). Default: the one saved with --model."),
+    )
+    prompt: list[str] = field(
+        default_factory=list,
+        metadata=_flag(
+            'A prompt; repeat the flag for several. "" samples unconditionally from <|endoftext|>.',
+            action="append",
+        ),
+    )
+    prompt_file: str | None = field(
+        default=None,
+        metadata=_flag(
+            'Prompts, one per line (blank lines skipped), or a .jsonl file with a "prompt" field per line.'
+        ),
+    )
+    output_file: str | None = field(
+        default=None,
+        metadata=_flag(
+            "Write one JSON record per sample to this .jsonl file (an existing file is never overwritten)."
+        ),
+    )
+    max_new_tokens: int | None = field(
+        default=None, metadata=_knob("Tokens to generate per sample", "max_new_tokens")
+    )
+    do_sample: bool | None = field(
+        default=None,
+        metadata=_knob(
+            "Sample; --do_sample false decodes greedily (or by beam search)",
+            "do_sample",
+            nargs="?",
+            const=True,
+        ),
+    )
     greedy: bool = field(default=False, metadata=_flag("Shortcut for --do_sample false."))
-    temperature: float | None = field(default=None, metadata=_knob("Sampling temperature, > 0", "temperature"))
-    top_k: int | None = field(default=None, metadata=_knob("Sample from the k likeliest tokens (0 = all)", "top_k"))
-    top_p: float | None = field(default=None, metadata=_knob("Nucleus sampling mass in (0, 1] (1 = off)", "top_p"))
-    typical_p: float | None = field(default=None, metadata=_knob("Typical sampling mass in (0, 1] (1 = off)",
-                                                                  "typical_p"))
-    repetition_penalty: float | None = field(default=None, metadata=_knob(
-        "> 1 discourages repeated tokens (1 = off)", "repetition_penalty"))
-    no_repeat_ngram_size: int | None = field(default=None, metadata=_knob(
-        "Never repeat an n-gram of this size (0 = off)", "no_repeat_ngram_size"))
-    num_beams: int | None = field(default=None, metadata=_knob(
-        "Beam search with this many beams; greedy beam search unless --do_sample is given", "num_beams"))
-    num_return_sequences: int | None = field(default=None, metadata=_knob("Sequences per prompt",
-                                                                          "num_return_sequences"))
-    stop: list[str] = field(default_factory=list, metadata=_flag(
-        r"Stop at this string and cut it off; repeat for several. \n and \t are understood, e.g. --stop '\n\n'.",
-        action="append"))
-    seed: int | None = field(default=None, metadata=_flag(
-        "Random seed; the same seed and flags give the same samples. Default: a fresh one, reported in the records."))
+    temperature: float | None = field(
+        default=None, metadata=_knob("Sampling temperature, > 0", "temperature")
+    )
+    top_k: int | None = field(
+        default=None, metadata=_knob("Sample from the k likeliest tokens (0 = all)", "top_k")
+    )
+    top_p: float | None = field(
+        default=None, metadata=_knob("Nucleus sampling mass in (0, 1] (1 = off)", "top_p")
+    )
+    typical_p: float | None = field(
+        default=None, metadata=_knob("Typical sampling mass in (0, 1] (1 = off)", "typical_p")
+    )
+    repetition_penalty: float | None = field(
+        default=None,
+        metadata=_knob("> 1 discourages repeated tokens (1 = off)", "repetition_penalty"),
+    )
+    no_repeat_ngram_size: int | None = field(
+        default=None,
+        metadata=_knob("Never repeat an n-gram of this size (0 = off)", "no_repeat_ngram_size"),
+    )
+    num_beams: int | None = field(
+        default=None,
+        metadata=_knob(
+            "Beam search with this many beams; greedy beam search unless --do_sample is given",
+            "num_beams",
+        ),
+    )
+    num_return_sequences: int | None = field(
+        default=None, metadata=_knob("Sequences per prompt", "num_return_sequences")
+    )
+    stop: list[str] = field(
+        default_factory=list,
+        metadata=_flag(
+            r"Stop at this string and cut it off; repeat for several. \n and \t are understood, e.g. --stop '\n\n'.",
+            action="append",
+        ),
+    )
+    seed: int | None = field(
+        default=None,
+        metadata=_flag(
+            "Random seed; the same seed and flags give the same samples. Default: a fresh one, reported in the records."
+        ),
+    )
     batch_size: int = field(default=8, metadata=_flag("Prompts per model.generate call."))
-    device: str = field(default="auto", metadata=_flag("auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps."))
-    dtype: str = field(default="auto", metadata=_flag("auto (bfloat16 on a GPU that supports it, else float32), "
-                                                      "float32, bfloat16 or float16."))
-    stream: bool = field(default=True, metadata=_flag(
-        "Print tokens as they come (one prompt, one sequence, no beams); --no_stream prints at the end."))
-    echo_prompt: bool = field(default=True, metadata=_flag(
-        "Print the prompt before its continuation; --no_echo_prompt prints the continuation only."))
-    trust_remote_code: bool = field(default=False, metadata=_flag("Allow code from the checkpoint's repo to run."))
-    allow_pickle: bool = field(default=False, metadata=_flag("Allow pickle weights (pytorch_model.bin); they can run "
-                                                             "code when loaded. Default: safetensors only."))
+    device: str = field(
+        default="auto", metadata=_flag("auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps.")
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_flag(
+            "auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."
+        ),
+    )
+    stream: bool = field(
+        default=True,
+        metadata=_flag(
+            "Print tokens as they come (one prompt, one sequence, no beams); --no_stream prints at the end."
+        ),
+    )
+    echo_prompt: bool = field(
+        default=True,
+        metadata=_flag(
+            "Print the prompt before its continuation; --no_echo_prompt prints the continuation only."
+        ),
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=_flag("Allow code from the checkpoint's repo to run.")
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata=_flag(
+            "Allow pickle weights (pytorch_model.bin); they can run "
+            "code when loaded. Default: safetensors only."
+        ),
+    )
 
     def __post_init__(self):
         # action="append" with nargs="+" gives one list per flag; unquoted words of one flag form one prompt.
@@ -88,11 +174,15 @@ def unescape(text: str) -> str:
     """Shell quoting keeps \\n literal; stop strings are nearly always newlines, so read \\n, \\t and \\\\."""
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
+
 # --- checks ---------------------------------------------------------------------------------------------------
 
 RANGES = {  # key: (is it valid, what to say)
     "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
-    "temperature": (lambda v: v > 0, "must be > 0 when sampling; for greedy decoding pass --greedy"),
+    "temperature": (
+        lambda v: v > 0,
+        "must be > 0 when sampling; for greedy decoding pass --greedy",
+    ),
     "top_k": (lambda v: v >= 0, "must be >= 0 (0 turns top-k filtering off)"),
     "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1] (1 turns nucleus sampling off)"),
     "typical_p": (lambda v: 0 < v <= 1, "must be in (0, 1] (1 turns typical sampling off)"),
@@ -111,8 +201,11 @@ def _check_ranges(values: dict, from_checkpoint: set = frozenset()) -> None:
         if key == "temperature" and values.get("do_sample") is False:
             continue  # unused by greedy and beam search
         if value is not None and not ok(value):
-            where = " (it comes from the checkpoint's generation_config.json; override it with the flag)" \
-                if key in from_checkpoint else ""
+            where = (
+                " (it comes from the checkpoint's generation_config.json; override it with the flag)"
+                if key in from_checkpoint
+                else ""
+            )
             raise UsageError(f"--{key} {value} {rule}{where}")
 
 
@@ -123,11 +216,17 @@ def check_arguments(args: GenerateArguments) -> None:
     do_sample = False if args.greedy else args.do_sample
     _check_ranges({**vars(args), "do_sample": do_sample})
     if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
-        raise UsageError(f"--prompt_file {args.prompt_file!r} does not exist or is not a file; {PROMPT_FILE_HINT}")
+        raise UsageError(
+            f"--prompt_file {args.prompt_file!r} does not exist or is not a file; {PROMPT_FILE_HINT}"
+        )
     if args.output_file is not None and os.path.exists(args.output_file):
-        raise UsageError(f"--output_file {args.output_file!r} already exists; pass a new path (nothing is overwritten)")
+        raise UsageError(
+            f"--output_file {args.output_file!r} already exists; pass a new path (nothing is overwritten)"
+        )
     if any(s == "" for s in args.stop):
-        raise UsageError('--stop "" would stop at once; pass a non-empty string such as --stop "\\n"')
+        raise UsageError(
+            '--stop "" would stop at once; pass a non-empty string such as --stop "\\n"'
+        )
 
 
 def resolve_settings(args: GenerateArguments, saved: GenerationConfig | None) -> tuple[dict, set]:
@@ -155,14 +254,20 @@ def check_settings(settings: dict, from_checkpoint: set, context: int) -> None:
     _check_ranges(settings, from_checkpoint)
     beams, sequences = settings["num_beams"], settings["num_return_sequences"]
     if beams > 1 and sequences > beams:
-        raise UsageError(f"--num_return_sequences {sequences} is more than --num_beams {beams}; beam search returns "
-                         f"at most one sequence per beam: raise --num_beams or lower --num_return_sequences")
+        raise UsageError(
+            f"--num_return_sequences {sequences} is more than --num_beams {beams}; beam search returns "
+            f"at most one sequence per beam: raise --num_beams or lower --num_return_sequences"
+        )
     if beams == 1 and not settings["do_sample"] and sequences > 1:
-        raise UsageError(f"--num_return_sequences {sequences} with greedy decoding would repeat one sequence; "
-                         f"add --do_sample, or --num_beams {sequences}")
+        raise UsageError(
+            f"--num_return_sequences {sequences} with greedy decoding would repeat one sequence; "
+            f"add --do_sample, or --num_beams {sequences}"
+        )
     if settings["max_new_tokens"] >= context:
-        raise UsageError(f"--max_new_tokens {settings['max_new_tokens']} leaves no room for a prompt in the model's "
-                         f"context of {context} tokens; use at most {context - 1}")
+        raise UsageError(
+            f"--max_new_tokens {settings['max_new_tokens']} leaves no room for a prompt in the model's "
+            f"context of {context} tokens; use at most {context - 1}"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,7 +276,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise UsageError(f"--device {name!r} is unknown; use auto, cpu, cuda, cuda:N or mps") from err
+        raise UsageError(
+            f"--device {name!r} is unknown; use auto, cpu, cuda, cuda:N or mps"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name!r}: CUDA is not available here; use --device auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():

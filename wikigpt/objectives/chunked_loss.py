@@ -24,8 +24,10 @@ IGNORE_INDEX = -100  # transformers' ForCausalLMLoss default, and what the Train
 
 def check_chunked_loss_args(size: int | None) -> None:
     if size is not None and size <= 0:
-        raise UsageError(f"{FLAG} must be a positive number of tokens such as 4096; got {size}. "
-                         f"Pass e.g. {FLAG} 4096, or leave it out to compute the loss over the whole batch at once")
+        raise UsageError(
+            f"{FLAG} must be a positive number of tokens such as 4096; got {size}. "
+            f"Pass e.g. {FLAG} 4096, or leave it out to compute the loss over the whole batch at once"
+        )
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -39,35 +41,52 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, real_vocab: int, class_offsets=None,
-                teacher_logits=None, teacher_share: float = 0.0):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        targets,
+        chunk_size: int,
+        real_vocab: int,
+        class_offsets=None,
+        teacher_logits=None,
+        teacher_share: float = 0.0,
+    ):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = (h @ weight.T).float()  # the LM head (autocast applies), upcast like ForCausalLMLoss
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = (
+                h @ weight.T
+            ).float()  # the LM head (autocast applies), upcast like ForCausalLMLoss
             if real_vocab < logits.shape[-1]:
                 logits[:, real_vocab:] = float("-inf")
             if class_offsets is not None:
-                logits[:, logits.shape[1] - len(class_offsets):] += class_offsets
+                logits[:, logits.shape[1] - len(class_offsets) :] += class_offsets
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
             target_logit = logits.gather(1, safe_t).squeeze(1)
             if teacher_logits is not None:
                 soft = torch.softmax(teacher_logits(start, start + h.shape[0]), dim=-1)
-                expected = (soft[:, :real_vocab] * logits[:, :real_vocab]).sum(1)  # padded columns: 0 x -inf
+                expected = (soft[:, :real_vocab] * logits[:, :real_vocab]).sum(
+                    1
+                )  # padded columns: 0 x -inf
                 target_logit = (1 - teacher_share) * target_logit + teacher_share * expected
             total += ((log_norm.squeeze(1) - target_logit) * valid).sum()
             # d(sum of CE)/d(logits) = softmax - target, zero for ignored tokens; reuses the logits' memory.
             grad = logits.sub_(log_norm).exp_()
-            grad.scatter_add_(1, safe_t, torch.full_like(safe_t, -1 + teacher_share, dtype=grad.dtype))
+            grad.scatter_add_(
+                1, safe_t, torch.full_like(safe_t, -1 + teacher_share, dtype=grad.dtype)
+            )
             if teacher_logits is not None:
                 grad.sub_(soft, alpha=teacher_share)
                 del soft
-            grad = grad.mul_(valid.unsqueeze(1)).to(weight.dtype)  # as autograd casts back through .float()
-            grad_hidden[start:start + chunk_size] = grad @ weight
+            grad = grad.mul_(valid.unsqueeze(1)).to(
+                weight.dtype
+            )  # as autograd casts back through .float()
+            grad_hidden[start : start + chunk_size] = grad @ weight
             grad_weight += (grad.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
@@ -76,12 +95,29 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype),
-                None, None, None, None, None, None)
+        return (
+            grad_hidden * grad_output.to(grad_hidden.dtype),
+            (grad_weight * grad_output).to(ctx.weight_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_vocab: int,
-                           num_items_in_batch=None, ignore_index: int = IGNORE_INDEX, shift_labels=None, teacher=None):
+def chunked_causal_lm_loss(
+    hidden_states,
+    weight,
+    labels,
+    chunk_size: int,
+    real_vocab: int,
+    num_items_in_batch=None,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels=None,
+    teacher=None,
+):
     """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) without the whole batch's logits.
 
     Same shift (position i predicts label i+1, the last position predicts nothing), same -100 handling, mean over
@@ -97,8 +133,16 @@ def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_
     if teacher is None:
         total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab)
     else:
-        total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, real_vocab, None,
-                                                teacher.full_logits(weight.shape[0], real_vocab), teacher.share)
+        total = ChunkedLinearCrossEntropy.apply(
+            hidden,
+            weight,
+            targets,
+            chunk_size,
+            real_vocab,
+            None,
+            teacher.full_logits(weight.shape[0], real_vocab),
+            teacher.share,
+        )
     if num_items_in_batch is None:
         return total / (targets != IGNORE_INDEX).sum()
     if torch.is_tensor(num_items_in_batch):
@@ -108,15 +152,24 @@ def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size: int, real_
 
 def _chunked_loss(model, hidden_states, labels, teacher=None, **loss_kwargs):
     # head_weight: the padded-width weight when --pad_vocab_multiple is on (wikigpt.padded_vocab)
-    return chunked_causal_lm_loss(hidden_states, head_weight(model.lm_head), labels, model._chunked_loss_size,
-                                  model.lm_head.out_features, teacher=teacher, **loss_kwargs)
+    return chunked_causal_lm_loss(
+        hidden_states,
+        head_weight(model.lm_head),
+        labels,
+        model._chunked_loss_size,
+        model.lm_head.out_features,
+        teacher=teacher,
+        **loss_kwargs,
+    )
 
 
 def use_chunked_loss(model, chunk_size: int):
     """Compute this model's training loss in chunks of `chunk_size` tokens (GPT-2 models only)."""
     check_chunked_loss_args(chunk_size)
     if not isinstance(model, GPT2LMHeadModel) or model.lm_head.bias is not None:
-        raise UsageError(f"{FLAG} supports GPT-2 models (GPT2LMHeadModel); this model is "
-                         f"{type(model).__name__}: drop {FLAG}")
+        raise UsageError(
+            f"{FLAG} supports GPT-2 models (GPT2LMHeadModel); this model is "
+            f"{type(model).__name__}: drop {FLAG}"
+        )
     model._chunked_loss_size = chunk_size
     return replace_training_loss(model, _chunked_loss)

@@ -26,19 +26,28 @@ from wikigpt.objectives.chunked_loss import use_chunked_loss
 from wikigpt.errors import UsageError
 from wikigpt.evaluation.mixture import recorded_split_tokens, split_tokens
 from wikigpt.model import load_causal_lm
-from wikigpt.reliability.run_record import (may_hold_out, read_run_record, run_folder_of, shown,
-                                           trained_with)
+from wikigpt.reliability.run_record import (
+    may_hold_out,
+    read_run_record,
+    run_folder_of,
+    shown,
+    trained_with,
+)
 
 logger = logging.getLogger(__name__)
 
 FLAG = "--distill_from"
-WHOLE_BATCH = 2**62  # the chunk size of a run without --chunked_loss_size: one chunk, the plain loss's memory
+WHOLE_BATCH = (
+    2**62
+)  # the chunk size of a run without --chunked_loss_size: one chunk, the plain loss's memory
 
 
 def check_distill_args(args) -> None:
     if not 0 < args.distill_share <= 1:
-        raise UsageError(f"--distill_share is the teacher's part of each training target, in (0, 1]; got "
-                         f"{args.distill_share}. Pass e.g. --distill_share 0.5")
+        raise UsageError(
+            f"--distill_share is the teacher's part of each training target, in (0, 1]; got "
+            f"{args.distill_share}. Pass e.g. --distill_share 0.5"
+        )
 
 
 class Teacher:
@@ -52,7 +61,9 @@ class Teacher:
     def read(self, input_ids: torch.Tensor, attention_mask=None) -> None:
         if self.model.device != input_ids.device:  # no submodule, so the Trainer does not move it
             self.model.to(input_ids.device)
-        hidden = self.model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.model.transformer(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
         self.hidden = hidden.reshape(-1, hidden.shape[-1])
 
     def full_logits(self, width: int, real_vocab: int):
@@ -79,7 +90,10 @@ class Teacher:
         tied_weight = weight[tied.tied.to(weight.device)]
         class_of = tied.class_of.to(weight.device)
         if torch.equal(tied_weight, weight[tied.row[tied.tied].to(weight.device)]):
-            shared_weight, log_n = weight[tied.shared.to(weight.device)], tied.log_n.to(weight.device)
+            shared_weight, log_n = (
+                weight[tied.shared.to(weight.device)],
+                tied.log_n.to(weight.device),
+            )
         else:
             shared_weight, log_n = None, None
 
@@ -98,10 +112,13 @@ class Teacher:
         return logits
 
 
-SPLIT_FIX = (f"train the teacher with the student's --seed and --validation_split_percentage, "
-             f"or drop {FLAG}")
-DATA_FIX = (f"train the teacher on the student's data (--train_file, --validation_file, "
-            f"--dataset_dir, --dataset_name), or drop {FLAG}")
+SPLIT_FIX = (
+    f"train the teacher with the student's --seed and --validation_split_percentage, or drop {FLAG}"
+)
+DATA_FIX = (
+    f"train the teacher on the student's data (--train_file, --validation_file, "
+    f"--dataset_dir, --dataset_name), or drop {FLAG}"
+)
 SPLIT_FLAGS = ("seed", "validation_split_percentage")  # where the held-out articles are held out
 DATA_FLAGS = ("train_file", "validation_file", "dataset_dir", "dataset_name", "dataset_config_name")
 
@@ -118,9 +135,12 @@ def check_teacher_split(name: str, split: dict) -> None:
     record = _teacher_record(name)
     if record is None:
         if not (os.path.isdir(name) and recorded_split_tokens(run_folder_of(name))):
-            logger.warning("%s %r has no record of its training split; if it trained on this "
-                           "run's held-out articles, every held-out number of this run is biased",
-                           FLAG, name)
+            logger.warning(
+                "%s %r has no record of its training split; if it trained on this "
+                "run's held-out articles, every held-out number of this run is biased",
+                FLAG,
+                name,
+            )
         return  # an older run's folder: check_teacher_tokens compares its results.json's split
     there = record.get("split") or {}
     # --seed and --validation_split_percentage choose the held-out articles only where they are
@@ -129,9 +149,11 @@ def check_teacher_split(name: str, split: dict) -> None:
     for flag in flags:
         if flag in there and there[flag] != split[flag]:
             fix = SPLIT_FIX if flag in SPLIT_FLAGS else DATA_FIX
-            raise UsageError(f"{FLAG} {name!r} was trained {trained_with(flag, there[flag])} and "
-                             f"this run has {shown(split[flag])}, so it may have trained on this "
-                             f"run's held-out articles; {fix}")
+            raise UsageError(
+                f"{FLAG} {name!r} was trained {trained_with(flag, there[flag])} and "
+                f"this run has {shown(split[flag])}, so it may have trained on this "
+                f"run's held-out articles; {fix}"
+            )
 
 
 def check_teacher_tokens(name: str, counts: dict) -> None:
@@ -142,47 +164,76 @@ def check_teacher_tokens(name: str, counts: dict) -> None:
     there = recorded_split_tokens(run_folder_of(name))
     here = split_tokens(counts)
     if there is not None and there != here:
-        raise UsageError(f"{FLAG} {name!r} was trained on train/validation splits of "
-                         f"{there['train']:,} / {there['validation']:,} tokens (its results.json) "
-                         f"and this run has {here['train']:,} / {here['validation']:,}, so it may "
-                         f"have trained on this run's held-out articles; {SPLIT_FIX}")
+        raise UsageError(
+            f"{FLAG} {name!r} was trained on train/validation splits of "
+            f"{there['train']:,} / {there['validation']:,} tokens (its results.json) "
+            f"and this run has {here['train']:,} / {here['validation']:,}, so it may "
+            f"have trained on this run's held-out articles; {SPLIT_FIX}"
+        )
 
 
-def load_teacher(model, name: str, block_size: int, trust_remote_code: bool = False,
-                 allow_pickle: bool = False, split: dict | None = None):
+def load_teacher(
+    model,
+    name: str,
+    block_size: int,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    split: dict | None = None,
+):
     """Checkpoint `name`, frozen, once it is known to fit `model` and the blocks (before any data is prepared).
 
     `split`: the student's (wikigpt.reliability.run_record.split_record), checked against the
     teacher's record."""
     if not isinstance(model, GPT2LMHeadModel) or model.lm_head.bias is not None:
-        raise UsageError(f"{FLAG} trains GPT-2 models (GPT2LMHeadModel); the model being trained is "
-                         f"{type(model).__name__}: drop {FLAG}")
-    teacher = load_causal_lm(name, flag=FLAG, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        raise UsageError(
+            f"{FLAG} trains GPT-2 models (GPT2LMHeadModel); the model being trained is "
+            f"{type(model).__name__}: drop {FLAG}"
+        )
+    teacher = load_causal_lm(
+        name, flag=FLAG, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     if not isinstance(teacher, GPT2LMHeadModel) or teacher.lm_head.bias is not None:
-        raise UsageError(f"{FLAG} {name!r} is a {type(teacher).__name__}; the teacher must be a GPT-2 model "
-                         f"(GPT2LMHeadModel), e.g. the output folder or a checkpoint-N of an earlier train.py run")
+        raise UsageError(
+            f"{FLAG} {name!r} is a {type(teacher).__name__}; the teacher must be a GPT-2 model "
+            f"(GPT2LMHeadModel), e.g. the output folder or a checkpoint-N of an earlier train.py run"
+        )
     if teacher.config.vocab_size != model.config.vocab_size:
-        raise UsageError(f"{FLAG} {name!r} has a vocabulary of {teacher.config.vocab_size} tokens and the model "
-                         f"being trained {model.config.vocab_size}; the teacher must use the same tokenizer")
+        raise UsageError(
+            f"{FLAG} {name!r} has a vocabulary of {teacher.config.vocab_size} tokens and the model "
+            f"being trained {model.config.vocab_size}; the teacher must use the same tokenizer"
+        )
     if teacher.config.n_positions < block_size:
-        raise UsageError(f"{FLAG} {name!r} reads at most {teacher.config.n_positions} tokens but the blocks hold "
-                         f"{block_size}; pass --block_size {teacher.config.n_positions} or a longer-context teacher")
+        raise UsageError(
+            f"{FLAG} {name!r} reads at most {teacher.config.n_positions} tokens but the blocks hold "
+            f"{block_size}; pass --block_size {teacher.config.n_positions} or a longer-context teacher"
+        )
     if split is not None:
         check_teacher_split(name, split)
-    teacher.set_attn_implementation(model.config._attn_implementation)  # the student's --attn_implementation
+    teacher.set_attn_implementation(
+        model.config._attn_implementation
+    )  # the student's --attn_implementation
     return teacher.eval().requires_grad_(False)
 
 
-def attach_teacher(model, teacher: GPT2LMHeadModel, name: str, share: float,
-                   counts: dict | None = None) -> dict:
+def attach_teacher(
+    model, teacher: GPT2LMHeadModel, name: str, share: float, counts: dict | None = None
+) -> dict:
     """Train `model` on targets mixed with `teacher`'s distribution (after --rare_tokens_below has narrowed the
     head). `counts`: the student's split sizes (prepare_lm_splits), checked against an older teacher
     run's results.json. Returns results.json's summary."""
     if counts is not None:
         check_teacher_tokens(name, counts)
-    if getattr(model, "_training_loss", None) is None:  # neither --chunked_loss_size nor --rare_tokens_below
+    if (
+        getattr(model, "_training_loss", None) is None
+    ):  # neither --chunked_loss_size nor --rare_tokens_below
         use_chunked_loss(model, WHOLE_BATCH)
     object.__setattr__(model, "_teacher", Teacher(teacher, share))
-    logger.info("%s %s: each training target is %.2f x the teacher's next-token distribution + %.2f x the data's "
-                "next token", FLAG, name, share, 1 - share)
+    logger.info(
+        "%s %s: each training target is %.2f x the teacher's next-token distribution + %.2f x the data's "
+        "next token",
+        FLAG,
+        name,
+        share,
+        1 - share,
+    )
     return {"teacher": name, "share": share}

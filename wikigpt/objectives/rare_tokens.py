@@ -51,27 +51,39 @@ def check_rare_tokens_args(args, model_name_or_path: str | None = None) -> None:
     """`args`: wikigpt.objectives.arguments.LeverArguments; `model_name_or_path`: the run's checkpoint, if any."""
     below, dropout = args.rare_tokens_below, args.rare_input_dropout
     if not 0 <= dropout < 1:
-        raise UsageError(f"{DROPOUT_FLAG} is the probability that a training input token reads the shared row, "
-                         f"0 or more and below 1 (e.g. 0.05); got {dropout}")
+        raise UsageError(
+            f"{DROPOUT_FLAG} is the probability that a training input token reads the shared row, "
+            f"0 or more and below 1 (e.g. 0.05); got {dropout}"
+        )
     if below is None:
         if dropout:
-            raise UsageError(f"{DROPOUT_FLAG} replaces training input tokens with the row {FLAG} shares: add "
-                             f"{FLAG} K (e.g. 3), or drop {DROPOUT_FLAG}")
+            raise UsageError(
+                f"{DROPOUT_FLAG} replaces training input tokens with the row {FLAG} shares: add "
+                f"{FLAG} K (e.g. 3), or drop {DROPOUT_FLAG}"
+            )
         if args.rare_token_groups != "one":
-            raise UsageError(f"{GROUPS_FLAG} {args.rare_token_groups} groups the tokens {FLAG} ties: add {FLAG} K "
-                             f"(e.g. 3), or drop {GROUPS_FLAG}")
+            raise UsageError(
+                f"{GROUPS_FLAG} {args.rare_token_groups} groups the tokens {FLAG} ties: add {FLAG} K "
+                f"(e.g. 3), or drop {GROUPS_FLAG}"
+            )
         return
     if below < 1:
-        raise UsageError(f"{FLAG} is a count of occurrences in the training data, 1 or more (1: only the tokens it "
-                         f"never contains; 2: also those it holds once); got {below}")
+        raise UsageError(
+            f"{FLAG} is a count of occurrences in the training data, 1 or more (1: only the tokens it "
+            f"never contains; 2: also those it holds once); got {below}"
+        )
     if model_name_or_path:
-        raise UsageError(f"{FLAG} only applies to a model built from scratch (a checkpoint's embedding rows hold "
-                         f"what it learned); drop {FLAG}, or drop --model_name_or_path")
+        raise UsageError(
+            f"{FLAG} only applies to a model built from scratch (a checkpoint's embedding rows hold "
+            f"what it learned); drop {FLAG}, or drop --model_name_or_path"
+        )
 
 
 def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
     """How often each token id occurs in the training data (re-cut blocks' stream, or the fixed blocks)."""
-    ids = getattr(train_set, "ids", None)  # wikigpt.data.block_offsets.RandomOffsetBlocks keeps the whole stream
+    ids = getattr(
+        train_set, "ids", None
+    )  # wikigpt.data.block_offsets.RandomOffsetBlocks keeps the whole stream
     if ids is None:
         ids = pc.list_flatten(train_set.with_format("arrow")[:]["input_ids"]).to_numpy()
     return np.bincount(ids, minlength=vocab_size)
@@ -80,19 +92,25 @@ def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
 # Where a token says it starts a new word: GPT-2's byte-level BPE and SentencePiece mark a leading space, WordPiece
 # marks a word's continuation. A tokenizer with none of these gives the spelling groups nothing to read.
 WORD_MARKERS = {"Ġ": "byte-level BPE", "▁": "SentencePiece", "##": "WordPiece"}
-MARKED_SHARE = 0.05  # a convention is the tokenizer's when at least this share of its vocabulary carries it
+MARKED_SHARE = (
+    0.05  # a convention is the tokenizer's when at least this share of its vocabulary carries it
+)
 
 
 def word_marker(tokenizer) -> str:
     """The tokenizer's word-boundary marker (a key of WORD_MARKERS), read from its vocabulary; UsageError if none."""
     vocab = tokenizer.get_vocab()
-    shares = {marker: sum(token.startswith(marker) for token in vocab) / max(1, len(vocab))
-              for marker in WORD_MARKERS}
+    shares = {
+        marker: sum(token.startswith(marker) for token in vocab) / max(1, len(vocab))
+        for marker in WORD_MARKERS
+    }
     marker = max(shares, key=shares.get)
     if shares[marker] < MARKED_SHARE:
-        raise UsageError(f"{GROUPS_FLAG} spelling reads word starts from 'Ġ' (byte-level BPE), '▁' "
-                         f"(SentencePiece) or '##' (WordPiece) tokens, and tokenizer "
-                         f"{tokenizer.name_or_path!r} marks none; pass {GROUPS_FLAG} one")
+        raise UsageError(
+            f"{GROUPS_FLAG} spelling reads word starts from 'Ġ' (byte-level BPE), '▁' "
+            f"(SentencePiece) or '##' (WordPiece) tokens, and tokenizer "
+            f"{tokenizer.name_or_path!r} marks none; pass {GROUPS_FLAG} one"
+        )
     return marker
 
 
@@ -103,18 +121,22 @@ def spelling_groups(tokenizer, vocab_size: int) -> np.ndarray:
     for byte-level BPE (GPT-2) and SentencePiece, and any token but a '##' continuation for WordPiece."""
     marker = word_marker(tokenizer)
     groups = np.full(vocab_size, 2, dtype=np.int64)
-    for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))):
+    for token_id, token in enumerate(
+        tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
+    ):
         if token is None:
             continue
-        if marker == "Ġ":  # byte-level: the token's bytes as text (a leading space, accented letters)
+        if (
+            marker == "Ġ"
+        ):  # byte-level: the token's bytes as text (a leading space, accented letters)
             text = tokenizer.convert_tokens_to_string([token])
             new_word, first = text[:1].isspace(), text[1:2] if text[:1].isspace() else text[:1]
         elif marker == "▁":
             new_word = token.startswith(marker)
-            first = token[len(marker):len(marker) + 1] if new_word else token[:1]
+            first = token[len(marker) : len(marker) + 1] if new_word else token[:1]
         else:  # WordPiece: words start unmarked, continuations carry '##'
             new_word = not token.startswith(marker)
-            first = token[:1] if new_word else token[len(marker):len(marker) + 1]
+            first = token[:1] if new_word else token[len(marker) : len(marker) + 1]
         groups[token_id] = 3 * new_word + (0 if first.isupper() else 1 if first.islower() else 2)
     return groups
 
@@ -125,16 +147,28 @@ class TiedTokens:
     `groups` (--rare_token_groups): a group id per token; the tied tokens of each group share that group's row (its
     first tied token's) and one column of the narrow head. None: all tied tokens share one."""
 
-    def __init__(self, counts: np.ndarray, below: int, input_dropout: float = 0.0, groups: np.ndarray | None = None):
+    def __init__(
+        self,
+        counts: np.ndarray,
+        below: int,
+        input_dropout: float = 0.0,
+        groups: np.ndarray | None = None,
+    ):
         groups = np.zeros(len(counts), dtype=np.int64) if groups is None else np.asarray(groups)
         tied = np.flatnonzero(counts < below)
         self.below, self.input_dropout = below, input_dropout
         self.kept = torch.as_tensor(np.flatnonzero(counts >= below), dtype=torch.long)
         self.tied = torch.as_tensor(tied, dtype=torch.long)
         names, index, sizes = np.unique(groups[tied], return_index=True, return_counts=True)
-        self.shared = torch.as_tensor(tied[index], dtype=torch.long)  # each group's row, in group order
-        self.log_n = torch.as_tensor(np.log(sizes), dtype=torch.float32)  # each group's class: n equal logits
-        self.class_of = torch.as_tensor(np.searchsorted(names, groups[tied]), dtype=torch.long)  # per tied token
+        self.shared = torch.as_tensor(
+            tied[index], dtype=torch.long
+        )  # each group's row, in group order
+        self.log_n = torch.as_tensor(
+            np.log(sizes), dtype=torch.float32
+        )  # each group's class: n equal logits
+        self.class_of = torch.as_tensor(
+            np.searchsorted(names, groups[tied]), dtype=torch.long
+        )  # per tied token
         self.column = torch.full((len(counts),), len(self.kept), dtype=torch.long)
         self.column[self.kept] = torch.arange(len(self.kept))
         self.column[self.tied] += self.class_of
@@ -144,7 +178,9 @@ class TiedTokens:
         # is tied), as an unknown token of that spelling would
         position = np.searchsorted(names, groups).clip(max=len(names) - 1)
         own = names[position] == groups
-        self.unknown_row = torch.as_tensor(np.where(own, tied[index][position], tied[index][sizes.argmax()]))
+        self.unknown_row = torch.as_tensor(
+            np.where(own, tied[index][position], tied[index][sizes.argmax()])
+        )
 
     @property
     def columns(self) -> int:
@@ -155,9 +191,17 @@ class TiedTokens:
         weight[self.tied.to(weight.device)] = weight[self.row[self.tied].to(weight.device)].clone()
 
 
-def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_in_batch=None,
-                     ignore_index: int = IGNORE_INDEX, shift_labels=None, chunk_size: int | None = None,
-                     teacher=None):
+def narrow_head_loss(
+    hidden_states,
+    weight,
+    labels,
+    tied: TiedTokens,
+    num_items_in_batch=None,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels=None,
+    chunk_size: int | None = None,
+    teacher=None,
+):
     """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) for a weight whose tied rows are equal.
 
     `chunk_size` (--chunked_loss_size): the narrow head's loss and gradients `chunk_size` tokens at a time.
@@ -172,13 +216,25 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
     log_n = tied.log_n.to(hidden_states.device)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     if teacher is not None:
-        total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size or hidden.shape[0], head.shape[0],
-                                                log_n, teacher.class_logits(tied), teacher.share)
+        total = ChunkedLinearCrossEntropy.apply(
+            hidden,
+            head,
+            columns,
+            chunk_size or hidden.shape[0],
+            head.shape[0],
+            log_n,
+            teacher.class_logits(tied),
+            teacher.share,
+        )
     elif chunk_size:
-        total = ChunkedLinearCrossEntropy.apply(hidden, head, columns, chunk_size, head.shape[0], log_n)
+        total = ChunkedLinearCrossEntropy.apply(
+            hidden, head, columns, chunk_size, head.shape[0], log_n
+        )
     else:
         logits = (hidden @ head.T).float()
-        logits[:, len(tied.kept):] += log_n  # log-sum-exp of a group's n equal tied logits: its class's log-prob
+        logits[:, len(tied.kept) :] += (
+            log_n  # log-sum-exp of a group's n equal tied logits: its class's log-prob
+        )
         total = F.cross_entropy(logits, columns, ignore_index=IGNORE_INDEX, reduction="sum")
     one_hot = 1 - teacher.share if teacher is not None else 1
     tied_targets = (columns[valid] - len(tied.kept)).clamp_min(-1)  # -1: a kept target
@@ -192,8 +248,15 @@ def narrow_head_loss(hidden_states, weight, labels, tied: TiedTokens, num_items_
 
 
 def _narrow_head_loss(model, hidden_states, labels, teacher=None, **loss_kwargs):
-    return narrow_head_loss(hidden_states, model.lm_head.weight, labels, model._tied_tokens,
-                            chunk_size=getattr(model, "_chunked_loss_size", None), teacher=teacher, **loss_kwargs)
+    return narrow_head_loss(
+        hidden_states,
+        model.lm_head.weight,
+        labels,
+        model._tied_tokens,
+        chunk_size=getattr(model, "_chunked_loss_size", None),
+        teacher=teacher,
+        **loss_kwargs,
+    )
 
 
 def _shared_row_ids(model, input_ids):
@@ -216,8 +279,9 @@ class TieTokensCallback(TrainerCallback):
         self.tied.tie(model.get_input_embeddings().weight)
 
 
-def share_rare_rows(model, train_set, below: int, input_dropout: float = 0.0,
-               groups: np.ndarray | None = None) -> tuple[list[TrainerCallback], dict | None]:
+def share_rare_rows(
+    model, train_set, below: int, input_dropout: float = 0.0, groups: np.ndarray | None = None
+) -> tuple[list[TrainerCallback], dict | None]:
     """Tie the rows of the tokens `train_set` holds fewer than `below` times; train on the narrow head.
 
     `input_dropout` (--rare_input_dropout): the probability that a training input token reads the shared row.
@@ -225,21 +289,35 @@ def share_rare_rows(model, train_set, below: int, input_dropout: float = 0.0,
 
     Returns the callbacks that keep them tied and the summary results.json records (below, kept, tied), or
     ([], None) when no two tokens are that rare."""
-    if not isinstance(model, GPT2LMHeadModel) or model.lm_head.weight is not model.transformer.wte.weight:
-        raise UsageError(f"{FLAG} needs a GPT-2 model with tied input and output embeddings; drop {FLAG}")
+    if (
+        not isinstance(model, GPT2LMHeadModel)
+        or model.lm_head.weight is not model.transformer.wte.weight
+    ):
+        raise UsageError(
+            f"{FLAG} needs a GPT-2 model with tied input and output embeddings; drop {FLAG}"
+        )
     vocab_size = model.lm_head.out_features
     counts = training_token_counts(train_set, vocab_size)
     if (counts < below).sum() < 2:
-        logger.info("%s %d: no two tokens are that rare in the training data; nothing to tie", FLAG, below)
+        logger.info(
+            "%s %d: no two tokens are that rare in the training data; nothing to tie", FLAG, below
+        )
         return [], None
     tied = TiedTokens(counts, below, input_dropout, groups)
     tied.tie(model.lm_head.weight)
     model._tied_tokens = tied
     replace_training_loss(model, _narrow_head_loss, input_ids_map=_shared_row_ids)
-    logger.info("%s %d: %d tokens keep their own row, %d share %s (%d of them occur in the training data); the "
-                "training LM head is %.1fx narrower", FLAG, below, len(tied.kept), len(tied.tied),
-                "one" if len(tied.shared) == 1 else f"{len(tied.shared)} by spelling",
-                int((counts[tied.tied.numpy()] > 0).sum()), vocab_size / tied.columns)
+    logger.info(
+        "%s %d: %d tokens keep their own row, %d share %s (%d of them occur in the training data); the "
+        "training LM head is %.1fx narrower",
+        FLAG,
+        below,
+        len(tied.kept),
+        len(tied.tied),
+        "one" if len(tied.shared) == 1 else f"{len(tied.shared)} by spelling",
+        int((counts[tied.tied.numpy()] > 0).sum()),
+        vocab_size / tied.columns,
+    )
     summary = {"below": tied.below, "kept": len(tied.kept), "tied": len(tied.tied)}
     if groups is not None:
         summary["groups"] = torch.bincount(tied.class_of).tolist()  # tied tokens per shared row

@@ -24,23 +24,56 @@ def replace_training_loss(model, loss, input_ids_map=None):
     them along.
     """
     model._training_loss, model._training_input_ids_map = loss, input_ids_map
-    model.forward = MethodType(_training_forward, model)  # a bound method, as accelerate's wrappers expect
+    model.forward = MethodType(
+        _training_forward, model
+    )  # a bound method, as accelerate's wrappers expect
     return model
 
 
-def _training_forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
-                      position_ids=None, inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                      labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+def _training_forward(
+    self,
+    input_ids=None,
+    past_key_values=None,
+    attention_mask=None,
+    token_type_ids=None,
+    position_ids=None,
+    inputs_embeds=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    labels=None,
+    use_cache=None,
+    logits_to_keep=0,
+    **kwargs,
+):
     """GPT2LMHeadModel.forward's signature (the Trainer reads it: input columns, **kwargs for num_items_in_batch)."""
-    args = dict(past_key_values=past_key_values, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                position_ids=position_ids, inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask, use_cache=use_cache)
+    args = dict(
+        past_key_values=past_key_values,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+        encoder_hidden_states=encoder_hidden_states,
+        encoder_attention_mask=encoder_attention_mask,
+        use_cache=use_cache,
+    )
     input_ids_map = self._training_input_ids_map
-    if (not (self.training and labels is not None) or logits_to_keep or kwargs.get("return_dict") is False
-            or (input_ids_map is not None and input_ids is None)):
-        return type(self).forward(self, input_ids=input_ids, **args, labels=labels, logits_to_keep=logits_to_keep,
-                                  **kwargs)
-    teacher = getattr(self, "_teacher", None)  # --distill_from (wikigpt.objectives.distillation): reads the real ids
+    if (
+        not (self.training and labels is not None)
+        or logits_to_keep
+        or kwargs.get("return_dict") is False
+        or (input_ids_map is not None and input_ids is None)
+    ):
+        return type(self).forward(
+            self,
+            input_ids=input_ids,
+            **args,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+    teacher = getattr(
+        self, "_teacher", None
+    )  # --distill_from (wikigpt.objectives.distillation): reads the real ids
     if teacher is not None:
         teacher.read(input_ids, attention_mask)
     if input_ids_map is not None:
@@ -52,5 +85,10 @@ def _training_forward(self, input_ids=None, past_key_values=None, attention_mask
         loss_kwargs["teacher"] = teacher
     loss = self._training_loss(self, outputs.last_hidden_state, labels, **loss_kwargs)
     return CausalLMOutputWithCrossAttentions(
-        loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions, cross_attentions=outputs.cross_attentions)
+        loss=loss,
+        logits=None,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        cross_attentions=outputs.cross_attentions,
+    )

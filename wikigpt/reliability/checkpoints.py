@@ -34,18 +34,36 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = _re_checkpoint
 # Set-aside names: the Trainer's rotation, `latest` and the Hub upload all skip them (wikigpt.reporting.hub).
 CORRUPT_PREFIX = "corrupt-"  # an incomplete checkpoint skipped by `latest`, kept for inspection
-PREVIOUS_RUN_PREFIX = "previous-run-"  # a checkpoint of the run an --overwrite_output_dir run replaced
+PREVIOUS_RUN_PREFIX = (
+    "previous-run-"  # a checkpoint of the run an --overwrite_output_dir run replaced
+)
 SET_ASIDE_PREFIXES = (CORRUPT_PREFIX, PREVIOUS_RUN_PREFIX)
-FSDP_OPTIMIZER = re.compile(r"^optimizer(_\d+)?(_rank\d+)?\.bin$")  # accelerate's save_fsdp_optimizer files
-FSDP_OPTIMIZER_DIR = re.compile(r"^optimizer_\d+$")  # ... and its torch.distributed.checkpoint folders
+FSDP_OPTIMIZER = re.compile(
+    r"^optimizer(_\d+)?(_rank\d+)?\.bin$"
+)  # accelerate's save_fsdp_optimizer files
+FSDP_OPTIMIZER_DIR = re.compile(
+    r"^optimizer_\d+$"
+)  # ... and its torch.distributed.checkpoint folders
 LATEST = "latest"
 # Values of --resume_from_checkpoint that mean "the newest complete checkpoint in --output_dir".
 LATEST_WORDS = {LATEST, "last", "true", "yes"}
 NO_RESUME_WORDS = {"", "false", "no", "none"}
 # Config fields that decide parameter shapes; a checkpoint must agree on all of them to be resumed.
-SHAPE_KEYS = ("model_type", "vocab_size", "n_layer", "n_head", "n_embd", "n_inner", "n_positions",
-              "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "intermediate_size", "max_position_embeddings")
+SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_inner",
+    "n_positions",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
 RESUME_FLAG = "--resume_from_checkpoint"
 
 
@@ -60,7 +78,9 @@ def _safetensors_problem(path: str) -> str | None:
             header = json.loads(f.read(header_len))
     except (struct.error, ValueError, UnicodeDecodeError):
         return f"{name} is truncated or not a safetensors file"
-    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    data_end = max(
+        (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
+    )
     if size != 8 + header_len + data_end:
         return f"{name} is truncated ({size} of {8 + header_len + data_end} bytes)"
     return None
@@ -75,8 +95,10 @@ def _torch_file_problem(path: str) -> str | None:
 
 def weights_present(path: str) -> bool:
     """Whether model folder `path` holds weights from_pretrained can load (complete or not)."""
-    return any(os.path.isfile(os.path.join(path, name)) for name in
-               ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"))
+    return any(
+        os.path.isfile(os.path.join(path, name))
+        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
+    )
 
 
 def weights_problem(path: str) -> str | None:
@@ -125,7 +147,9 @@ def _deepspeed_problem(path: str, folders: list[str]) -> str | None:
         for kind in ("model_states.pt", "optim_states.pt"):
             if not any(n.endswith(kind) for n in names):
                 return f"{folder} has no *{kind} (the DeepSpeed save did not finish)"
-        if problem := _torch_files_problem(os.path.join(path, folder), [n for n in names if n.endswith(".pt")]):
+        if problem := _torch_files_problem(
+            os.path.join(path, folder), [n for n in names if n.endswith(".pt")]
+        ):
             return f"{folder}/{problem}"
     return None
 
@@ -133,7 +157,9 @@ def _deepspeed_problem(path: str, folders: list[str]) -> str | None:
 def _fsdp_problem(path: str, names: list[str]) -> str | None:
     """accelerate's save_fsdp_model/save_fsdp_optimizer: .bin files (full or per-rank) or DCP folders (sharded)."""
     is_dir = {n: os.path.isdir(os.path.join(path, n)) for n in names}
-    model_files = [n for n in names if n.startswith(FSDP_MODEL_NAME) and n.endswith(".bin") and not is_dir[n]]
+    model_files = [
+        n for n in names if n.startswith(FSDP_MODEL_NAME) and n.endswith(".bin") and not is_dir[n]
+    ]
     model_dirs = [n for n in names if n.startswith(FSDP_MODEL_NAME) and is_dir[n]]
     optimizer_files = [n for n in names if FSDP_OPTIMIZER.match(n) and not is_dir[n]]
     optimizer_dirs = [n for n in names if FSDP_OPTIMIZER_DIR.match(n) and is_dir[n]]
@@ -162,7 +188,9 @@ def checkpoint_problem(path: str) -> str | None:
     if match and int(match.group(1)) != step:
         return f"trainer_state.json says step {step}, the folder name says {match.group(1)}"
     names = sorted(os.listdir(path))
-    deepspeed = [n for n in names if n.startswith("global_step") and os.path.isdir(os.path.join(path, n))]
+    deepspeed = [
+        n for n in names if n.startswith("global_step") and os.path.isdir(os.path.join(path, n))
+    ]
     fsdp = any(n.startswith(FSDP_MODEL_NAME) for n in names)
     # FSDP (sharded) and DeepSpeed ZeRO-3 keep the weights in their own files; model.safetensors is then absent.
     if (not (fsdp or deepspeed) or weights_present(path)) and (problem := weights_problem(path)):
@@ -172,16 +200,24 @@ def checkpoint_problem(path: str) -> str | None:
     elif fsdp:
         problem = _fsdp_problem(path, names)
     else:
-        problem = None if os.path.isfile(os.path.join(path, "optimizer.pt")) else "optimizer.pt is missing"
+        problem = (
+            None
+            if os.path.isfile(os.path.join(path, "optimizer.pt"))
+            else "optimizer.pt is missing"
+        )
         problem = problem or _torch_file_problem(os.path.join(path, "optimizer.pt"))
     if problem:
         return problem
-    if not deepspeed and "scheduler.pt" not in names:  # DeepSpeed keeps the scheduler in global_stepN/
+    if (
+        not deepspeed and "scheduler.pt" not in names
+    ):  # DeepSpeed keeps the scheduler in global_stepN/
         return "scheduler.pt is missing"
     rng_files = [n for n in names if n.startswith("rng_state") and n.endswith(".pth")]
     if not rng_files:
         return "rng_state.pth is missing (resuming would change dropout and data order)"
-    return _torch_files_problem(path, [n for n in names if n in ("scheduler.pt", "scaler.pt")] + rng_files)
+    return _torch_files_problem(
+        path, [n for n in names if n in ("scheduler.pt", "scaler.pt")] + rng_files
+    )
 
 
 class WritesIntoCheckpoints:
@@ -202,8 +238,11 @@ def list_checkpoints(output_dir: str) -> list[str]:
     All of them, not only transformers' get_last_checkpoint: `latest` falls back past incomplete ones."""
     if not os.path.isdir(output_dir):
         return []
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
-             if (m := CHECKPOINT_NAME.match(name)) and os.path.isdir(os.path.join(output_dir, name))]
+    found = [
+        (int(m.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (m := CHECKPOINT_NAME.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    ]
     return [os.path.join(output_dir, name) for _, name in sorted(found, reverse=True)]
 
 
@@ -230,7 +269,9 @@ def set_aside(path: str, prefix: str = CORRUPT_PREFIX) -> str:
 
 def in_output_dir(checkpoint: str, output_dir: str) -> bool:
     """Whether `checkpoint` is one of `output_dir`'s own checkpoint folders."""
-    return os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) == os.path.realpath(output_dir)
+    return os.path.realpath(os.path.dirname(os.path.normpath(checkpoint))) == os.path.realpath(
+        output_dir
+    )
 
 
 @dataclass
@@ -253,16 +294,22 @@ class ResumePlan:
             with open(config_file, encoding="utf-8") as f:
                 saved = json.load(f)
         except (OSError, ValueError) as err:
-            raise UsageError(f"{RESUME_FLAG} {self.path!r} has no readable config.json ({err}); "
-                             f"pass a checkpoint folder saved by train.py") from err
+            raise UsageError(
+                f"{RESUME_FLAG} {self.path!r} has no readable config.json ({err}); "
+                f"pass a checkpoint folder saved by train.py"
+            ) from err
         current = config.to_dict()
-        differences = [f"{key} {saved.get(key)} there, {current.get(key)} here" for key in SHAPE_KEYS
-                       if (key in saved or key in current) and saved.get(key) != current.get(key)]
+        differences = [
+            f"{key} {saved.get(key)} there, {current.get(key)} here"
+            for key in SHAPE_KEYS
+            if (key in saved or key in current) and saved.get(key) != current.get(key)
+        ]
         if differences:
             raise UsageError(
                 f"{RESUME_FLAG} {self.path!r} holds a different model ({'; '.join(differences)}); resume with the "
                 f"original run's --preset/--config_overrides/--pad_vocab_multiple/--model_name_or_path/--tokenizer_name, "
-                f"or start a new run in a new --output_dir")
+                f"or start a new run in a new --output_dir"
+            )
 
     def set_aside(self, is_main_process: bool) -> None:
         """Rename skipped checkpoints to corrupt-checkpoint-N and an earlier run's to previous-run-checkpoint-N:
@@ -273,8 +320,11 @@ class ResumePlan:
         for path, _ in self.skipped:
             logger.warning("moved incomplete %s to %s", path, set_aside(path, CORRUPT_PREFIX))
         for path in self.previous_run:
-            logger.warning("--overwrite_output_dir: moved %s of the earlier run to %s", path,
-                           set_aside(path, PREVIOUS_RUN_PREFIX))
+            logger.warning(
+                "--overwrite_output_dir: moved %s of the earlier run to %s",
+                path,
+                set_aside(path, PREVIOUS_RUN_PREFIX),
+            )
 
 
 def normalize_resume_value(value) -> str | None:
@@ -309,25 +359,41 @@ def _choose_checkpoint(choice: str | None, output_dir: str) -> ResumePlan:
         return ResumePlan()
     if choice != LATEST:
         if not os.path.exists(choice):
-            raise UsageError(f"{RESUME_FLAG} {choice!r} does not exist; pass a checkpoint-N folder, "
-                             f"or '{LATEST}' for the newest complete one in --output_dir")
+            raise UsageError(
+                f"{RESUME_FLAG} {choice!r} does not exist; pass a checkpoint-N folder, "
+                f"or '{LATEST}' for the newest complete one in --output_dir"
+            )
         if not os.path.isdir(choice):
-            raise UsageError(f"{RESUME_FLAG} {choice!r} is a file; pass a checkpoint-N folder, "
-                             f"or '{LATEST}' for the newest complete one in --output_dir")
-        if not os.path.exists(os.path.join(choice, "trainer_state.json")) and get_last_checkpoint(choice):
-            raise UsageError(f"{RESUME_FLAG} {choice!r} is a run folder, not a checkpoint; pass one of its "
-                             f"checkpoint-N folders, or '{LATEST}' with --output_dir {choice!r}")
+            raise UsageError(
+                f"{RESUME_FLAG} {choice!r} is a file; pass a checkpoint-N folder, "
+                f"or '{LATEST}' for the newest complete one in --output_dir"
+            )
+        if not os.path.exists(os.path.join(choice, "trainer_state.json")) and get_last_checkpoint(
+            choice
+        ):
+            raise UsageError(
+                f"{RESUME_FLAG} {choice!r} is a run folder, not a checkpoint; pass one of its "
+                f"checkpoint-N folders, or '{LATEST}' with --output_dir {choice!r}"
+            )
         if problem := checkpoint_problem(choice):
             earlier = last_good_checkpoint(os.path.dirname(os.path.normpath(choice)))
-            hint = f"pass an earlier one such as {earlier!r}" if earlier else "pass a complete checkpoint-N folder"
-            raise UsageError(f"{RESUME_FLAG} {choice!r} is incomplete or corrupt ({problem}); {hint}, "
-                             f"or '{LATEST}' to pick the newest complete one")
+            hint = (
+                f"pass an earlier one such as {earlier!r}"
+                if earlier
+                else "pass a complete checkpoint-N folder"
+            )
+            raise UsageError(
+                f"{RESUME_FLAG} {choice!r} is incomplete or corrupt ({problem}); {hint}, "
+                f"or '{LATEST}' to pick the newest complete one"
+            )
         return ResumePlan(path=choice)
 
     candidates = list_checkpoints(output_dir)
     if not candidates:
-        raise UsageError(f"{RESUME_FLAG} {LATEST}: --output_dir {output_dir!r} has no checkpoint-N folders to "
-                         f"resume from; check --output_dir, or drop {RESUME_FLAG} to start a new run")
+        raise UsageError(
+            f"{RESUME_FLAG} {LATEST}: --output_dir {output_dir!r} has no checkpoint-N folders to "
+            f"resume from; check --output_dir, or drop {RESUME_FLAG} to start a new run"
+        )
     skipped = []
     for path in candidates:
         problem = checkpoint_problem(path)
@@ -336,5 +402,7 @@ def _choose_checkpoint(choice: str | None, output_dir: str) -> ResumePlan:
         logger.warning("skipping incomplete checkpoint %s: %s", path, problem)
         skipped.append((path, problem))
     listing = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped)
-    raise UsageError(f"{RESUME_FLAG} {LATEST}: no complete checkpoint in --output_dir {output_dir!r} ({listing}); "
-                     f"pass a complete checkpoint folder, or drop {RESUME_FLAG} and use a new --output_dir")
+    raise UsageError(
+        f"{RESUME_FLAG} {LATEST}: no complete checkpoint in --output_dir {output_dir!r} ({listing}); "
+        f"pass a complete checkpoint folder, or drop {RESUME_FLAG} and use a new --output_dir"
+    )

@@ -38,37 +38,53 @@ class TrainingDiverged(UsageError):
 def check_nan_guard_args(args) -> None:
     """Precision and learning-rate values that cannot train, before anything is built."""
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        raise UsageError(f"--learning_rate must be a positive number; got {args.learning_rate}. "
-                         f"Pass e.g. --learning_rate 6e-4 (from scratch) or 5e-5 (fine-tuning)")
+        raise UsageError(
+            f"--learning_rate must be a positive number; got {args.learning_rate}. "
+            f"Pass e.g. --learning_rate 6e-4 (from scratch) or 5e-5 (fine-tuning)"
+        )
     if args.max_grad_norm is not None and args.max_grad_norm < 0:
-        raise UsageError(f"--max_grad_norm must be >= 0 (0 turns clipping off); got {args.max_grad_norm}")
+        raise UsageError(
+            f"--max_grad_norm must be >= 0 (0 turns clipping off); got {args.max_grad_norm}"
+        )
     if args.fp16 and args.bf16:
-        raise UsageError("--fp16 and --bf16 are both set; pass only one (--bf16 where the GPU supports it)")
+        raise UsageError(
+            "--fp16 and --bf16 are both set; pass only one (--bf16 where the GPU supports it)"
+        )
     if args.fp16 and args.device.type == "cpu":
-        raise UsageError("--fp16 needs a GPU: on CPU accelerate applies neither fp16 autocast nor loss scaling, "
-                         "so the run would silently train in fp32; drop --fp16 (or pass --bf16)")
+        raise UsageError(
+            "--fp16 needs a GPU: on CPU accelerate applies neither fp16 autocast nor loss scaling, "
+            "so the run would silently train in fp32; drop --fp16 (or pass --bf16)"
+        )
 
 
 def _likely_cause(args) -> str:
     if args.fp16:
-        return (f"fp16 overflow (fp16 tops out at 65504): use --bf16 instead of --fp16, "
-                f"or lower --learning_rate (now {args.learning_rate:g})")
-    return (f"a too high --learning_rate (now {args.learning_rate:g}): lower it, or raise --warmup_steps; "
-            f"keep --max_grad_norm at 1.0 (now {args.max_grad_norm})")
+        return (
+            f"fp16 overflow (fp16 tops out at 65504): use --bf16 instead of --fp16, "
+            f"or lower --learning_rate (now {args.learning_rate:g})"
+        )
+    return (
+        f"a too high --learning_rate (now {args.learning_rate:g}): lower it, or raise --warmup_steps; "
+        f"keep --max_grad_norm at 1.0 (now {args.max_grad_norm})"
+    )
 
 
 class NonFiniteGuard(TrainerCallback):
     def __init__(self):
         self.bad_step: int | None = None
         self.what: str = ""
-        self._nonfinite_loss: torch.Tensor | None = None  # accumulated on the model's device, read at step end
+        self._nonfinite_loss: torch.Tensor | None = (
+            None  # accumulated on the model's device, read at step end
+        )
         self._hook = None
 
     def _watch_loss(self, module, inputs, output):
         loss = getattr(output, "loss", None)
         if module.training and isinstance(loss, torch.Tensor):
             bad = ~torch.isfinite(loss.detach()).all()
-            self._nonfinite_loss = bad if self._nonfinite_loss is None else self._nonfinite_loss | bad
+            self._nonfinite_loss = (
+                bad if self._nonfinite_loss is None else self._nonfinite_loss | bad
+            )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -82,21 +98,35 @@ class NonFiniteGuard(TrainerCallback):
     @staticmethod
     def _weights_about_to_be_used(state, control) -> bool:
         # DefaultFlowCallback runs first and has already set this step's flags; every rank sees the same ones.
-        return (control.should_save or control.should_evaluate or control.should_training_stop
-                or state.global_step >= state.max_steps)
+        return (
+            control.should_save
+            or control.should_evaluate
+            or control.should_training_stop
+            or state.global_step >= state.max_steps
+        )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.bad_step is None:
-            loss_bad = bool(self._nonfinite_loss.item()) if self._nonfinite_loss is not None else False
+            loss_bad = (
+                bool(self._nonfinite_loss.item()) if self._nonfinite_loss is not None else False
+            )
             self._nonfinite_loss = None
-            weights_bad = (not loss_bad and model is not None and self._weights_about_to_be_used(state, control)
-                           and self._weights_bad(model))
+            weights_bad = (
+                not loss_bad
+                and model is not None
+                and self._weights_about_to_be_used(state, control)
+                and self._weights_bad(model)
+            )
             self._record(loss_bad, weights_bad, state, args)
         self._cancel(control)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         # An epoch-end save/evaluation is decided here, after this step's on_step_end.
-        if self.bad_step is None and model is not None and (control.should_save or control.should_evaluate):
+        if (
+            self.bad_step is None
+            and model is not None
+            and (control.should_save or control.should_evaluate)
+        ):
             self._record(False, self._weights_bad(model), state, args)
         self._cancel(control)
 
@@ -120,7 +150,12 @@ class NonFiniteGuard(TrainerCallback):
         if self.bad_step is None:
             return
         good = last_good_checkpoint(args.output_dir, before_step=self.bad_step)
-        kept = (f"The last good checkpoint, {good}, is kept (resume with {RESUME_FLAG} {good} after the fix)"
-                if good else "No checkpoint had been saved before it.")
-        raise TrainingDiverged(f"{self.what} became NaN/inf at step {self.bad_step}; training stopped and nothing "
-                               f"from that step was saved. Likely cause: {_likely_cause(args)}. {kept}")
+        kept = (
+            f"The last good checkpoint, {good}, is kept (resume with {RESUME_FLAG} {good} after the fix)"
+            if good
+            else "No checkpoint had been saved before it."
+        )
+        raise TrainingDiverged(
+            f"{self.what} became NaN/inf at step {self.bad_step}; training stopped and nothing "
+            f"from that step was saved. Likely cause: {_likely_cause(args)}. {kept}"
+        )

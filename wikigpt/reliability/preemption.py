@@ -41,8 +41,11 @@ class PreemptionCallback(TrainerCallback):
             signal.raise_signal(signum)
             return
         self.signum = signum
-        logger.warning("received %s: saving a checkpoint at the end of this step, then stopping "
-                       "(send it again to stop at once, without a checkpoint)", signal.Signals(signum).name)
+        logger.warning(
+            "received %s: saving a checkpoint at the end of this step, then stopping "
+            "(send it again to stop at once, without a checkpoint)",
+            signal.Signals(signum).name,
+        )
 
     def _restore(self):
         for signum, handler in self._previous.items():
@@ -51,7 +54,9 @@ class PreemptionCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is not threading.main_thread():
-            logger.warning("training outside the main thread: SIGTERM/SIGINT will not save a checkpoint")
+            logger.warning(
+                "training outside the main thread: SIGTERM/SIGINT will not save a checkpoint"
+            )
             return
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
@@ -86,12 +91,22 @@ class PreemptionCallback(TrainerCallback):
         name = signal.Signals(self.signum).name
         if is_main_process:
             checkpoint = last_good_checkpoint(output_dir)
-            where = f"at step {self.saved_step}" if self.saved_step is not None else "after its last step"
+            where = (
+                f"at step {self.saved_step}"
+                if self.saved_step is not None
+                else "after its last step"
+            )
             if checkpoint:
-                print(f"wikigpt: training stopped by {name} {where}; checkpoint saved in {checkpoint}. To continue, "
-                      f"rerun the same command with {RESUME_FLAG} {LATEST} (or {RESUME_FLAG} {checkpoint})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"wikigpt: training stopped by {name} {where}; checkpoint saved in {checkpoint}. To continue, "
+                    f"rerun the same command with {RESUME_FLAG} {LATEST} (or {RESUME_FLAG} {checkpoint})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             else:
-                print(f"wikigpt: training stopped by {name} {where}; no checkpoint was saved, rerun the command",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"wikigpt: training stopped by {name} {where}; no checkpoint was saved, rerun the command",
+                    file=sys.stderr,
+                    flush=True,
+                )
         sys.exit(self.exit_code)

@@ -16,17 +16,28 @@ import os
 import re
 import shutil
 
-from wikigpt.reliability.checkpoints import CORRUPT_PREFIX, RESUME_FLAG, checkpoint_problem, last_good_checkpoint, list_checkpoints, set_aside
+from wikigpt.reliability.checkpoints import (
+    CORRUPT_PREFIX,
+    RESUME_FLAG,
+    checkpoint_problem,
+    last_good_checkpoint,
+    list_checkpoints,
+    set_aside,
+)
 from wikigpt.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 EXIT_WRITE_FAILED = 4
-CHECKPOINTS = "checkpoints"  # `what` for trainer.train(): the Trainer saves checkpoint-N folders inside it
+CHECKPOINTS = (
+    "checkpoints"  # `what` for trainer.train(): the Trainer saves checkpoint-N folders inside it
+)
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 # torch's zip writer and safetensors' Rust writer carry no errno, only their message.
-WRITER_MESSAGE = re.compile(r"inline_container\.cc|unexpected pos|file write failed|"
-                            r"os error (%s)\b" % "|".join(str(e) for e in sorted(WRITE_ERRNOS)))
+WRITER_MESSAGE = re.compile(
+    r"inline_container\.cc|unexpected pos|file write failed|"
+    r"os error (%s)\b" % "|".join(str(e) for e in sorted(WRITE_ERRNOS))
+)
 
 
 class WriteFailed(UsageError):
@@ -68,7 +79,9 @@ def _free_space(folder: str) -> str:
 def _files(folder: str) -> dict[str, tuple[int, int]]:
     try:
         with os.scandir(folder) as entries:
-            return {e.name: (e.stat().st_mtime_ns, e.stat().st_size) for e in entries if e.is_file()}
+            return {
+                e.name: (e.stat().st_mtime_ns, e.stat().st_size) for e in entries if e.is_file()
+            }
     except OSError:
         return {}
 
@@ -76,7 +89,9 @@ def _files(folder: str) -> dict[str, tuple[int, int]]:
 def _set_aside_partial(output_dir: str, what: str, files_before: dict) -> tuple[str, list[str]]:
     """Move what the failed write left aside; returns (the name of what was being written, where it went)."""
     if what == CHECKPOINTS:
-        partial = [path for path in list_checkpoints(output_dir) if checkpoint_problem(path) is not None]
+        partial = [
+            path for path in list_checkpoints(output_dir) if checkpoint_problem(path) is not None
+        ]
         name = os.path.basename(partial[0]) if partial else "a checkpoint"
         return name, [set_aside(path) for path in partial]
     moved = []
@@ -96,10 +111,17 @@ def writing(output_dir: str, what: str, is_main_process: bool = True):
         cause = write_failure(err)
         if cause is None:
             raise
-        name, moved = _set_aside_partial(output_dir, what, files_before) if is_main_process else (what, [])
+        name, moved = (
+            _set_aside_partial(output_dir, what, files_before) if is_main_process else (what, [])
+        )
         aside = f"the partial write is set aside as {', '.join(moved)}; " if moved else ""
         good = last_good_checkpoint(output_dir)
-        resume = (f"free some space (or pass another --output_dir), then resume with {RESUME_FLAG} {good}" if good
-                  else "free some space (or pass another --output_dir) and rerun: no complete checkpoint to resume from")
-        raise WriteFailed(f"writing {name} to {output_dir!r} failed ({_reason(cause)}; {_free_space(output_dir)}); "
-                          f"{aside}{resume}") from err
+        resume = (
+            f"free some space (or pass another --output_dir), then resume with {RESUME_FLAG} {good}"
+            if good
+            else "free some space (or pass another --output_dir) and rerun: no complete checkpoint to resume from"
+        )
+        raise WriteFailed(
+            f"writing {name} to {output_dir!r} failed ({_reason(cause)}; {_free_space(output_dir)}); "
+            f"{aside}{resume}"
+        ) from err

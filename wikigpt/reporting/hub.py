@@ -21,9 +21,15 @@ logger = logging.getLogger(__name__)
 def defer_push(training_args) -> bool:
     """Turn push_to_hub off for the Trainer (no repo creation at init, no pushes mid-run); return whether it was on."""
     wanted = bool(training_args.push_to_hub)
-    if wanted and str(getattr(training_args.hub_strategy, "value", training_args.hub_strategy)) != "end":
-        logger.warning("--hub_strategy %s: wikigpt pushes once, after the local save at the end of training; "
-                       "checkpoints are not pushed during the run", training_args.hub_strategy)
+    if (
+        wanted
+        and str(getattr(training_args.hub_strategy, "value", training_args.hub_strategy)) != "end"
+    ):
+        logger.warning(
+            "--hub_strategy %s: wikigpt pushes once, after the local save at the end of training; "
+            "checkpoints are not pushed during the run",
+            training_args.hub_strategy,
+        )
     training_args.push_to_hub = False
     return wanted
 
@@ -35,10 +41,16 @@ def hub_repo_name(training_args) -> str:
 # What Trainer.push_to_hub leaves out of the upload (hard-coded there in transformers 5.24: "_*" and checkpoints),
 # plus the folders wikigpt sets aside (corrupt-checkpoint-N, previous-run-checkpoint-N: pickles of runs or
 # saves that are not this model).
-UPLOAD_IGNORE_PATTERNS = ("_*", f"{PREFIX_CHECKPOINT_DIR}-*", *(f"{prefix}*" for prefix in SET_ASIDE_PREFIXES))
+UPLOAD_IGNORE_PATTERNS = (
+    "_*",
+    f"{PREFIX_CHECKPOINT_DIR}-*",
+    *(f"{prefix}*" for prefix in SET_ASIDE_PREFIXES),
+)
 
 
-def push_after_local_save(trainer, commit_message: str = "wikigpt: model, results.json, model card") -> None:
+def push_after_local_save(
+    trainer, commit_message: str = "wikigpt: model, results.json, model card"
+) -> None:
     """Upload output_dir (model, tokenizer, results.json, README.md card, plot), as Trainer.push_to_hub does but
     with UPLOAD_IGNORE_PATTERNS (Trainer.push_to_hub takes no patterns). The model is already saved (train.py),
     so only the main process has work to do: create the repo, upload the folder.
@@ -49,9 +61,14 @@ def push_after_local_save(trainer, commit_message: str = "wikigpt: model, result
     repo = hub_repo_name(args)
     try:
         trainer.init_hf_repo(token=args.hub_token, private=args.hub_private_repo)
-        upload_folder(repo_id=trainer.hub_model_id, folder_path=args.output_dir, commit_message=commit_message,
-                      token=args.hub_token, revision=args.hub_revision,
-                      ignore_patterns=list(UPLOAD_IGNORE_PATTERNS))  # a copy: upload_folder appends to it
+        upload_folder(
+            repo_id=trainer.hub_model_id,
+            folder_path=args.output_dir,
+            commit_message=commit_message,
+            token=args.hub_token,
+            revision=args.hub_revision,
+            ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
+        )  # a copy: upload_folder appends to it
     except Exception as err:  # noqa: BLE001 - offline, no token, no rights: all end the same way
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         exclude = " ".join(f"--exclude '{pattern}'" for pattern in UPLOAD_IGNORE_PATTERNS)

@@ -16,8 +16,10 @@ def check_report_to(training_args) -> None:
     report_to = training_args.report_to or []
     report_to = [report_to] if isinstance(report_to, str) else report_to
     if "tensorboard" in report_to and not is_tensorboard_available():
-        raise UsageError("--report_to tensorboard needs the tensorboard package, which is not installed; "
-                         "run `pip install tensorboard`, or drop --report_to tensorboard")
+        raise UsageError(
+            "--report_to tensorboard needs the tensorboard package, which is not installed; "
+            "run `pip install tensorboard`, or drop --report_to tensorboard"
+        )
 
 
 def _series(log_history: list[dict], key: str) -> tuple[list, list]:
@@ -35,8 +37,9 @@ def _perplexity_series(log_history: list[dict], prefix: str) -> tuple[list, list
     return steps, [math.exp(min(v, 700)) for v in losses]
 
 
-def plot_training_curves(log_history: list[dict], path: str, tokens_per_step: int | None = None,
-                         title: str | None = None) -> str:
+def plot_training_curves(
+    log_history: list[dict], path: str, tokens_per_step: int | None = None, title: str | None = None
+) -> str:
     """Save a PNG with three panels sharing the step axis (tokens on the top axis when tokens_per_step is given)."""
     # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
     fig = Figure(figsize=(8, 8.5), layout="constrained")
@@ -51,7 +54,9 @@ def plot_training_curves(log_history: list[dict], path: str, tokens_per_step: in
     t_steps, t_ppl = _perplexity_series(log_history, "test")
     if v_steps:
         ax_ppl.plot(v_steps, v_ppl, marker="o", color="tab:orange", label="validation")
-        ax_ppl.annotate(f"{v_ppl[-1]:.1f}", (v_steps[-1], v_ppl[-1]), textcoords="offset points", xytext=(4, 4))
+        ax_ppl.annotate(
+            f"{v_ppl[-1]:.1f}", (v_steps[-1], v_ppl[-1]), textcoords="offset points", xytext=(4, 4)
+        )
     if t_steps:
         ax_ppl.plot(t_steps, t_ppl, marker="s", linestyle="none", color="tab:green", label="test")
     if v_steps or t_steps:
@@ -59,10 +64,14 @@ def plot_training_curves(log_history: list[dict], path: str, tokens_per_step: in
         if max(values) > 10 * min(values):  # from-scratch runs fall from ~50,000 to tens: log scale
             ax_ppl.set_yscale("log")
             ax_ppl.yaxis.set_minor_formatter(NullFormatter())
-        ax_ppl.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"))
+        ax_ppl.yaxis.set_major_formatter(
+            FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:.3g}")
+        )
         ax_ppl.legend()
     else:
-        ax_ppl.text(0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=ax_ppl.transAxes)
+        ax_ppl.text(
+            0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=ax_ppl.transAxes
+        )
     ax_ppl.set_ylabel("perplexity (token-level)")
 
     lr_steps, lr = _series(log_history, "learning_rate")
@@ -73,7 +82,9 @@ def plot_training_curves(log_history: list[dict], path: str, tokens_per_step: in
         ax.grid(True, alpha=0.3)
 
     if tokens_per_step:
-        top = ax_loss.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
+        top = ax_loss.secondary_xaxis(
+            "top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step)
+        )
         top.set_xlabel(f"training tokens ({tokens_per_step:,} per step)")
     if title:
         fig.suptitle(title)

@@ -39,31 +39,48 @@ def _turn_on_early_stopping(args) -> None:
     patience, threshold = args.early_stopping_patience, args.early_stopping_threshold
     if patience is None:
         if threshold:
-            raise UsageError(f"--early_stopping_threshold {threshold} has no effect without --early_stopping_patience; "
-                             f"pass --early_stopping_patience N, or drop --early_stopping_threshold")
+            raise UsageError(
+                f"--early_stopping_threshold {threshold} has no effect without --early_stopping_patience; "
+                f"pass --early_stopping_patience N, or drop --early_stopping_threshold"
+            )
         return
     if patience < 1:
-        raise UsageError(f"--early_stopping_patience must be at least 1 (evaluations without improvement before "
-                         f"stopping); got {patience}")
+        raise UsageError(
+            f"--early_stopping_patience must be at least 1 (evaluations without improvement before "
+            f"stopping); got {patience}"
+        )
     if threshold < 0:
-        raise UsageError(f"--early_stopping_threshold must be 0 or more (the smallest improvement that counts); "
-                         f"got {threshold}")
-    eval_strategy, save_strategy = str(args.eval_strategy).split(".")[-1].lower(), str(args.save_strategy).split(".")[-1].lower()
+        raise UsageError(
+            f"--early_stopping_threshold must be 0 or more (the smallest improvement that counts); "
+            f"got {threshold}"
+        )
+    eval_strategy, save_strategy = (
+        str(args.eval_strategy).split(".")[-1].lower(),
+        str(args.save_strategy).split(".")[-1].lower(),
+    )
     if eval_strategy == "no":
-        raise UsageError("--early_stopping_patience needs validation evaluations to compare: pass --eval_strategy "
-                         "epoch (or --eval_strategy steps --eval_steps N), or drop --early_stopping_patience")
+        raise UsageError(
+            "--early_stopping_patience needs validation evaluations to compare: pass --eval_strategy "
+            "epoch (or --eval_strategy steps --eval_steps N), or drop --early_stopping_patience"
+        )
     if save_strategy == "no":
-        raise UsageError(f"--early_stopping_patience keeps the best checkpoint, so it needs checkpoints: pass "
-                         f"--save_strategy {eval_strategy} (as --eval_strategy), or drop --early_stopping_patience")
+        raise UsageError(
+            f"--early_stopping_patience keeps the best checkpoint, so it needs checkpoints: pass "
+            f"--save_strategy {eval_strategy} (as --eval_strategy), or drop --early_stopping_patience"
+        )
     if save_strategy not in (eval_strategy, "best"):
-        raise UsageError(f"--early_stopping_patience needs --save_strategy equal to --eval_strategy (now "
-                         f"{save_strategy} and {eval_strategy}) so every evaluation has a checkpoint to return to: "
-                         f"pass --save_strategy {eval_strategy}")
+        raise UsageError(
+            f"--early_stopping_patience needs --save_strategy equal to --eval_strategy (now "
+            f"{save_strategy} and {eval_strategy}) so every evaluation has a checkpoint to return to: "
+            f"pass --save_strategy {eval_strategy}"
+        )
     if eval_strategy == "steps" and save_strategy == "steps":
         eval_steps = args.eval_steps or args.logging_steps  # the Trainer's own fallback
         if args.save_steps != eval_steps:
-            raise UsageError(f"--early_stopping_patience with --eval_strategy steps needs --save_steps equal to "
-                             f"--eval_steps (now {args.save_steps:g} and {eval_steps:g}): pass --save_steps {eval_steps:g}")
+            raise UsageError(
+                f"--early_stopping_patience with --eval_strategy steps needs --save_steps equal to "
+                f"--eval_steps (now {args.save_steps:g} and {eval_steps:g}): pass --save_steps {eval_steps:g}"
+            )
     args.load_best_model_at_end = True
     # The patience counter lives in the callback; without this a resumed run would start counting from 0 again.
     args.restore_callback_states_from_checkpoint = True
@@ -90,11 +107,17 @@ def best_model_summary(trainer) -> dict:
     if not args.load_best_model_at_end:
         return {}
     stopped_early = state.global_step < state.max_steps
-    return {"best_model": {
-        "metric": args.metric_for_best_model, "greater_is_better": args.greater_is_better,
-        "best_metric": state.best_metric, "best_checkpoint": state.best_model_checkpoint,
-        "best_global_step": state.best_global_step, "stopped_at_step": state.global_step,
-        "max_steps": state.max_steps, "stopped_early": stopped_early,
-        "early_stopping_patience": args.early_stopping_patience,
-        "early_stopping_threshold": args.early_stopping_threshold,
-    }}
+    return {
+        "best_model": {
+            "metric": args.metric_for_best_model,
+            "greater_is_better": args.greater_is_better,
+            "best_metric": state.best_metric,
+            "best_checkpoint": state.best_model_checkpoint,
+            "best_global_step": state.best_global_step,
+            "stopped_at_step": state.global_step,
+            "max_steps": state.max_steps,
+            "stopped_early": stopped_early,
+            "early_stopping_patience": args.early_stopping_patience,
+            "early_stopping_threshold": args.early_stopping_threshold,
+        }
+    }

@@ -41,9 +41,13 @@ CHOICES = ("adamw", "muon")
 
 def check_optimizer_args(args) -> None:
     if args.optim_matrices not in CHOICES:
-        raise UsageError(f"--optim_matrices {args.optim_matrices!r} is unknown; choose one of {', '.join(CHOICES)}")
+        raise UsageError(
+            f"--optim_matrices {args.optim_matrices!r} is unknown; choose one of {', '.join(CHOICES)}"
+        )
     if args.muon_learning_rate <= 0:
-        raise UsageError(f"--muon_learning_rate must be a positive number (e.g. 0.02); got {args.muon_learning_rate}")
+        raise UsageError(
+            f"--muon_learning_rate must be a positive number (e.g. 0.02); got {args.muon_learning_rate}"
+        )
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
@@ -65,8 +69,13 @@ def split_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
     return matrices, decayed, other
 
 
-def orthogonalize(updates: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float,
-                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def orthogonalize(
+    updates: torch.Tensor,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """torch's Muon Newton-Schulz iteration (same coefficients, steps and scaling) on a batch of matrices [n, rows,
     cols], in `dtype` (torch's: bf16)."""
     a, b, c = ns_coefficients
@@ -102,7 +111,9 @@ class BatchedMuon(Muon):
 
     def __init__(self, params, *, orthogonalize_in_fp32: bool = False, in_out=(), **kwargs):
         if kwargs.get("adjust_lr_fn") not in (None, "original"):
-            raise ValueError("BatchedMuon scales each update as torch's default adjust_lr_fn ('original') does")
+            raise ValueError(
+                "BatchedMuon scales each update as torch's default adjust_lr_fn ('original') does"
+            )
         super().__init__(params, **kwargs)
         self.orthogonalize_dtype = torch.float32 if orthogonalize_in_fp32 else torch.bfloat16
         self.in_out = {id(p) for p in in_out}
@@ -118,8 +129,12 @@ class BatchedMuon(Muon):
                 if p.grad.is_sparse or torch.is_complex(p):
                     raise RuntimeError("Muon supports dense real matrices only")
                 state = self.state[p]
-                if "momentum_buffer" not in state:  # torch's Muon state, so checkpoints load either way
-                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                if (
+                    "momentum_buffer" not in state
+                ):  # torch's Muon state, so checkpoints load either way
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p.grad, memory_format=torch.preserve_format
+                    )
                 key = (p.shape, id(p) in self.in_out)
                 by_shape.setdefault(key, []).append((p, p.grad, state["momentum_buffer"]))
             for (shape, in_out), items in by_shape.items():
@@ -134,12 +149,20 @@ class BatchedMuon(Muon):
         updates = torch.stack(buffers)
         if group["nesterov"]:
             updates = torch.stack(grads).lerp_(updates, momentum)
-        updates = orthogonalize(updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                self.orthogonalize_dtype)
+        updates = orthogonalize(
+            updates,
+            group["ns_coefficients"],
+            group["ns_steps"],
+            group["eps"],
+            self.orthogonalize_dtype,
+        )
         rows, cols = shape
         torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_add_(params, list(updates.to(params[0].dtype).unbind(0)),
-                            alpha=-lr * math.sqrt(max(1, rows / cols)))
+        torch._foreach_add_(
+            params,
+            list(updates.to(params[0].dtype).unbind(0)),
+            alpha=-lr * math.sqrt(max(1, rows / cols)),
+        )
 
 
 class MuonWithAdamW(Optimizer):
@@ -152,7 +175,10 @@ class MuonWithAdamW(Optimizer):
 
     def _link(self):
         n = len(self.muon.param_groups)
-        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.param_groups, self.adamw.param_groups = (
+            self.param_groups[:n],
+            self.param_groups[n:],
+        )
         self.muon.state = self.adamw.state = self.state
 
     @torch.no_grad()
@@ -170,19 +196,46 @@ class MuonWithAdamW(Optimizer):
 class MuonAdamWFactory:
     """The Trainer calls MuonAdamWFactory()(model, **kwargs) (transformers' optimizer-factory hook)."""
 
-    def __call__(self, model, *, muon_lr, adamw_lr, weight_decay, betas, eps, momentum=0.95,
-                 orthogonalize_in_fp32=None):
+    def __call__(
+        self,
+        model,
+        *,
+        muon_lr,
+        adamw_lr,
+        weight_decay,
+        betas,
+        eps,
+        momentum=0.95,
+        orthogonalize_in_fp32=None,
+    ):
         matrices, decayed, other = split_parameters(model)
-        if orthogonalize_in_fp32 is None:  # bf16 where the matrices live on a GPU or a CPU with native bf16
+        if (
+            orthogonalize_in_fp32 is None
+        ):  # bf16 where the matrices live on a GPU or a CPU with native bf16
             on_cpu = any(p.device.type == "cpu" for _, p in matrices)
             orthogonalize_in_fp32 = on_cpu and not cpu_has_native_bf16()
-        muon = BatchedMuon([p for _, p in matrices], orthogonalize_in_fp32=orthogonalize_in_fp32, lr=muon_lr,
-                           weight_decay=weight_decay, momentum=momentum, in_out=in_out_matrices(model))
+        muon = BatchedMuon(
+            [p for _, p in matrices],
+            orthogonalize_in_fp32=orthogonalize_in_fp32,
+            lr=muon_lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            in_out=in_out_matrices(model),
+        )
         vectors = [p for _, p in decayed + other]
-        fused = all(p.device.type in ("cpu", "cuda") for p in vectors) or None  # else torch's default kernel
-        adamw = AdamW([{"params": [p for _, p in decayed], "weight_decay": weight_decay},
-                       {"params": [p for _, p in other], "weight_decay": 0.0}], lr=adamw_lr, betas=betas, eps=eps,
-                      fused=fused)
+        fused = (
+            all(p.device.type in ("cpu", "cuda") for p in vectors) or None
+        )  # else torch's default kernel
+        adamw = AdamW(
+            [
+                {"params": [p for _, p in decayed], "weight_decay": weight_decay},
+                {"params": [p for _, p in other], "weight_decay": 0.0},
+            ],
+            lr=adamw_lr,
+            betas=betas,
+            eps=eps,
+            fused=fused,
+        )
         return MuonWithAdamW(muon, adamw)
 
 
@@ -190,6 +243,10 @@ def optimizer_cls_and_kwargs(args):
     """The Trainer's `optimizer_cls_and_kwargs` for --optim_matrices (None: the Trainer's own --optim)."""
     if args.optim_matrices == "adamw":
         return None
-    return MuonAdamWFactory, {"muon_lr": args.muon_learning_rate, "adamw_lr": args.learning_rate,
-                              "weight_decay": args.weight_decay, "betas": (args.adam_beta1, args.adam_beta2),
-                              "eps": args.adam_epsilon}
+    return MuonAdamWFactory, {
+        "muon_lr": args.muon_learning_rate,
+        "adamw_lr": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+    }

@@ -40,14 +40,18 @@ def cpu_has_native_bf16() -> bool:
     if override in ("0", "1"):
         return override == "1"
     if override:
-        raise UsageError(f"{OVERRIDE}={override!r} is not 0 or 1; set it to 0 (act as without native bf16), "
-                         f"1 (as with it), or unset it")
+        raise UsageError(
+            f"{OVERRIDE}={override!r} is not 0 or 1; set it to 0 (act as without native bf16), "
+            f"1 (as with it), or unset it"
+        )
     return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
 def no_accelerator() -> bool:
     """No GPU (or other device) transformers would train on: the Trainer would run on the CPU."""
-    return not (torch.cuda.is_available() or is_torch_bf16_gpu_available() or is_torch_xla_available())
+    return not (
+        torch.cuda.is_available() or is_torch_bf16_gpu_available() or is_torch_xla_available()
+    )
 
 
 def resolve_cpu_precision(args) -> None:
@@ -61,4 +65,3 @@ def resolve_cpu_precision(args) -> None:
         args.bf16 = bool(cpu_run and not args.fp16 and cpu_has_native_bf16())
     if (args.bf16 or args.bf16_full_eval) and not args.use_cpu and no_accelerator():
         args.use_cpu = True
-

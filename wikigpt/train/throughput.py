@@ -40,23 +40,36 @@ PEAK_BF16_FLOPS: list[tuple[str, float]] = [
 ]
 
 
-def flops_per_token(n_matmul_params: int, n_layer: int, n_head: int, head_dim: int, block_size: int) -> int:
+def flops_per_token(
+    n_matmul_params: int, n_layer: int, n_head: int, head_dim: int, block_size: int
+) -> int:
     """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) + 12·L·H·Q·T for attention."""
     return 6 * n_matmul_params + 12 * n_layer * n_head * head_dim * block_size
 
 
 def matmul_parameters(model) -> int:
     """N of the MFU formula: all parameters but the embedding lookups, plus the LM head's matmul (see module doc)."""
-    lookups = {id(p) for m in (model.get_input_embeddings(), getattr(getattr(model, "transformer", None), "wpe", None))
-               if m is not None for p in m.parameters()}
+    lookups = {
+        id(p)
+        for m in (
+            model.get_input_embeddings(),
+            getattr(getattr(model, "transformer", None), "wpe", None),
+        )
+        if m is not None
+        for p in m.parameters()
+    }
     n = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
     head = model.get_output_embeddings()
     if head is not None and any(id(p) in lookups for p in head.parameters()):
         rows = head.weight.shape[0]
-        tied_tokens = getattr(model, "_tied_tokens", None)  # --rare_tokens_below: training multiplies fewer rows
+        tied_tokens = getattr(
+            model, "_tied_tokens", None
+        )  # --rare_tokens_below: training multiplies fewer rows
         if tied_tokens is not None:
             rows = tied_tokens.columns
-        n += rows * head.weight.shape[1]  # tied head: the same tensor, but a second (matmul) use per token
+        n += (
+            rows * head.weight.shape[1]
+        )  # tied head: the same tensor, but a second (matmul) use per token
     return n
 
 
@@ -100,8 +113,14 @@ class ThroughputCallback(TrainerCallback):
     `summary` holds the totals for the whole run (for results.json).
     """
 
-    def __init__(self, tokens_per_step: int, flops_per_token: int, peak_flops_per_device: float | None,
-                 peak_flops_source: str | None = None, device_name: str | None = None):
+    def __init__(
+        self,
+        tokens_per_step: int,
+        flops_per_token: int,
+        peak_flops_per_device: float | None,
+        peak_flops_source: str | None = None,
+        device_name: str | None = None,
+    ):
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak_flops_per_device = peak_flops_per_device
@@ -148,12 +167,20 @@ class ThroughputCallback(TrainerCallback):
         if logs is None or "loss" not in logs or not hasattr(self, "_window_start"):
             return  # eval logs and the end-of-training summary carry no training window
         now = time.perf_counter()
-        rates = self._rates(state.global_step - self._window_step, now - self._window_start - self._excluded,
-                            args.world_size)
+        rates = self._rates(
+            state.global_step - self._window_step,
+            now - self._window_start - self._excluded,
+            args.world_size,
+        )
         logs.update(rates)  # later callbacks (TensorBoard, progress bar, printer) see it
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(rates)  # Trainer appended this log before calling back
-        self._window_start, self._window_step, self._mark, self._excluded = now, state.global_step, now, 0.0
+        self._window_start, self._window_step, self._mark, self._excluded = (
+            now,
+            state.global_step,
+            now,
+            0.0,
+        )
 
     def on_train_end(self, args, state, control, **kwargs):
         if not hasattr(self, "_start"):
@@ -173,17 +200,25 @@ class ThroughputCallback(TrainerCallback):
             "device_name": self.device_name,
         }
         if state.is_world_process_zero:
-            mfu = f", MFU {rates['mfu']:.1%}" if "mfu" in rates else " (MFU: unknown device peak; pass --peak_flops)"
-            logger.info("throughput: %.0f tokens/s over %d steps%s", rates["tokens_per_second"], steps, mfu)
+            mfu = (
+                f", MFU {rates['mfu']:.1%}"
+                if "mfu" in rates
+                else " (MFU: unknown device peak; pass --peak_flops)"
+            )
+            logger.info(
+                "throughput: %.0f tokens/s over %d steps%s", rates["tokens_per_second"], steps, mfu
+            )
 
 
-def add_throughput_callback(trainer, block_size: int, tokens_per_step: int,
-                            peak_flops: float | None = None) -> ThroughputCallback:
+def add_throughput_callback(
+    trainer, block_size: int, tokens_per_step: int, peak_flops: float | None = None
+) -> ThroughputCallback:
     """Attach a ThroughputCallback first in line, so reporters (TensorBoard, W&B) and the progress bar get its numbers."""
     device_name = current_device_name()
     peak, source = resolve_peak_flops(peak_flops, device_name)
-    callback = ThroughputCallback(tokens_per_step, model_flops_per_token(trainer.model, block_size), peak, source,
-                                  device_name)
+    callback = ThroughputCallback(
+        tokens_per_step, model_flops_per_token(trainer.model, block_size), peak, source, device_name
+    )
     # Trainer puts callbacks passed to it after the reporting integrations, which would then log without our keys.
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

@@ -38,11 +38,15 @@ clock = time.monotonic  # seconds; read once per callback event (tests replace i
 
 def check_time_budget_args(args) -> None:
     if args.max_train_minutes is not None and not args.max_train_minutes > 0:
-        raise UsageError(f"--max_train_minutes must be a positive number of minutes; got {args.max_train_minutes}")
+        raise UsageError(
+            f"--max_train_minutes must be a positive number of minutes; got {args.max_train_minutes}"
+        )
     schedule = str(args.lr_scheduler_type).split(".")[-1].lower()
     if args.max_train_minutes is not None and schedule in UNPLANNED_SCHEDULES:
-        raise UsageError(f"--max_train_minutes plans a step schedule for the budget, which --lr_scheduler_type "
-                         f"{schedule} is not; pass e.g. --lr_scheduler_type cosine or warmup_stable_decay")
+        raise UsageError(
+            f"--max_train_minutes plans a step schedule for the budget, which --lr_scheduler_type "
+            f"{schedule} is not; pass e.g. --lr_scheduler_type cosine or warmup_stable_decay"
+        )
 
 
 class TimeBudgetCallback(WritesIntoCheckpoints, TrainerCallback):
@@ -62,8 +66,10 @@ class TimeBudgetCallback(WritesIntoCheckpoints, TrainerCallback):
         if self.resume_from:
             path = os.path.join(self.resume_from, BUDGET_FILE)
             if not os.path.isfile(path):
-                raise UsageError(f"--resume_from_checkpoint {self.resume_from!r} has no {BUDGET_FILE} (it was saved "
-                                 f"without --max_train_minutes); resume it without --max_train_minutes")
+                raise UsageError(
+                    f"--resume_from_checkpoint {self.resume_from!r} has no {BUDGET_FILE} (it was saved "
+                    f"without --max_train_minutes); resume it without --max_train_minutes"
+                )
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
             self.spent_before_s, self.horizon = saved["spent_s"], saved["horizon_steps"]
@@ -74,12 +80,17 @@ class TimeBudgetCallback(WritesIntoCheckpoints, TrainerCallback):
         # Plain functions: LambdaLR's state_dict saves no state for them (the plan lives in BUDGET_FILE).
         for i, schedule in enumerate(lr_scheduler.lr_lambdas):
             lr_scheduler.lr_lambdas[i] = self._stretched(schedule)
-        logger.info("time budget: %.1f minutes for at most %d steps%s", self.minutes, self.horizon,
-                    f" ({self.spent_before_s / 60:.1f} already spent)" if self.spent_before_s else "")
+        logger.info(
+            "time budget: %.1f minutes for at most %d steps%s",
+            self.minutes,
+            self.horizon,
+            f" ({self.spent_before_s / 60:.1f} already spent)" if self.spent_before_s else "",
+        )
 
     def _stretched(self, schedule):
         def stretched(step):
             return schedule(step * self.horizon // self.planned)
+
         return stretched
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -109,8 +120,12 @@ class TimeBudgetCallback(WritesIntoCheckpoints, TrainerCallback):
             control.should_evaluate = control.should_evaluate or args.eval_strategy != "no"
             control.should_save = control.should_save or args.save_strategy != "no"
             self.spent_at_stop_s = now_spent
-            logger.info("stopped by --max_train_minutes %g after %d steps (%.2f minutes of training)",
-                        self.minutes, step, now_spent / 60)
+            logger.info(
+                "stopped by --max_train_minutes %g after %d steps (%.2f minutes of training)",
+                self.minutes,
+                step,
+                now_spent / 60,
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self.stopped_by_budget:
@@ -118,24 +133,37 @@ class TimeBudgetCallback(WritesIntoCheckpoints, TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            with open(os.path.join(self.checkpoint_folder(args, state), BUDGET_FILE), "w", encoding="utf-8") as f:
+            with open(
+                os.path.join(self.checkpoint_folder(args, state), BUDGET_FILE),
+                "w",
+                encoding="utf-8",
+            ) as f:
                 json.dump({"spent_s": self.spent_s(clock()), "horizon_steps": self.horizon}, f)
 
     def summary(self, global_step: int) -> dict:
         """What results.json records."""
-        return {"time_budget": {
-            "max_train_minutes": self.minutes, "planned_steps": self.planned, "schedule_horizon_steps": self.horizon,
-            "stopped_by_budget": self.stopped_by_budget, "minutes_spent": round(self.spent_at_stop_s / 60, 3),
-            "final_learning_rate": self.optimizer.param_groups[0]["lr"],
-            "message": self.message(global_step),
-        }}
+        return {
+            "time_budget": {
+                "max_train_minutes": self.minutes,
+                "planned_steps": self.planned,
+                "schedule_horizon_steps": self.horizon,
+                "stopped_by_budget": self.stopped_by_budget,
+                "minutes_spent": round(self.spent_at_stop_s / 60, 3),
+                "final_learning_rate": self.optimizer.param_groups[0]["lr"],
+                "message": self.message(global_step),
+            }
+        }
 
     def message(self, global_step: int) -> str:
         if self.stopped_by_budget:
             return f"stopped by --max_train_minutes {self.minutes:g} after {global_step} steps"
-        if global_step < self.planned:  # early stopping (or another callback) ended it before the plan did
-            return (f"ended after {global_step} of the {self.planned} steps planned for --max_train_minutes "
-                    f"{self.minutes:g}, stopped before the budget (e.g. by early stopping)")
+        if (
+            global_step < self.planned
+        ):  # early stopping (or another callback) ended it before the plan did
+            return (
+                f"ended after {global_step} of the {self.planned} steps planned for --max_train_minutes "
+                f"{self.minutes:g}, stopped before the budget (e.g. by early stopping)"
+            )
         return f"finished its {global_step} steps within --max_train_minutes {self.minutes:g}"
 
 

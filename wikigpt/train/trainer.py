@@ -19,12 +19,20 @@ def check_schedule_args(args) -> None:
     kwargs = args.lr_scheduler_kwargs or {}
     decay = kwargs.get("num_decay_steps") if isinstance(kwargs, dict) else None
     if decay is None:
-        raise UsageError("--lr_scheduler_type warmup_stable_decay needs the length of its decay: pass "
-                         "--lr_scheduler_kwargs '{\"num_decay_steps\": 0.2}' (a fraction of all steps, or a step count)")
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay <= 0 or (
-            isinstance(decay, float) and decay > 1):
-        raise UsageError(f"--lr_scheduler_kwargs num_decay_steps must be a fraction of the steps in (0, 1] or a "
-                         f"whole number of steps; got {decay!r}")
+        raise UsageError(
+            "--lr_scheduler_type warmup_stable_decay needs the length of its decay: pass "
+            "--lr_scheduler_kwargs '{\"num_decay_steps\": 0.2}' (a fraction of all steps, or a step count)"
+        )
+    if (
+        isinstance(decay, bool)
+        or not isinstance(decay, (int, float))
+        or decay <= 0
+        or (isinstance(decay, float) and decay > 1)
+    ):
+        raise UsageError(
+            f"--lr_scheduler_kwargs num_decay_steps must be a fraction of the steps in (0, 1] or a "
+            f"whole number of steps; got {decay!r}"
+        )
 
 
 def resolve_decay_steps(kwargs: dict | None, num_training_steps: int) -> dict | None:
@@ -46,4 +54,6 @@ class WikiTrainer(Trainer):
         try:
             return super().create_scheduler(num_training_steps, optimizer)
         finally:
-            self.args.lr_scheduler_kwargs = given  # the saved arguments keep the fraction the user gave
+            self.args.lr_scheduler_kwargs = (
+                given  # the saved arguments keep the fraction the user gave
+            )

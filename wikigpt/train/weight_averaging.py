@@ -29,41 +29,65 @@ TEACHER_ATTRIBUTE = "_teacher"  # wikigpt.objectives.distillation.attach_teacher
 
 logger = logging.getLogger(__name__)
 
-RAW_WEIGHTS_FILE = "raw_weights.safetensors"  # in each checkpoint-N: the weights training continues from
+RAW_WEIGHTS_FILE = (
+    "raw_weights.safetensors"  # in each checkpoint-N: the weights training continues from
+)
 N_AVERAGED = "__n_averaged__"
 
 
 def check_weight_averaging_args(args) -> None:
     decay, start = args.ema_decay, args.swa_start
     if decay is not None and start is not None:
-        raise UsageError(f"--ema_decay {decay} and --swa_start {start} are two ways to average the weights; "
-                         f"pass only one of them")
+        raise UsageError(
+            f"--ema_decay {decay} and --swa_start {start} are two ways to average the weights; "
+            f"pass only one of them"
+        )
     if decay is not None and not 0 < decay < 1:
-        raise UsageError(f"--ema_decay must be between 0 and 1 (e.g. 0.999: an average over ~1,000 steps); "
-                         f"got {decay}")
+        raise UsageError(
+            f"--ema_decay must be between 0 and 1 (e.g. 0.999: an average over ~1,000 steps); "
+            f"got {decay}"
+        )
     if start is not None and not 0 <= start < 1:
-        raise UsageError(f"--swa_start is the fraction of the training steps after which weights are averaged, "
-                         f"in [0, 1) (e.g. 0.75); got {start}")
+        raise UsageError(
+            f"--swa_start is the fraction of the training steps after which weights are averaged, "
+            f"in [0, 1) (e.g. 0.75); got {start}"
+        )
 
 
 class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
     """Keeps an AveragedModel of `model`; swaps it in for evaluations, checkpoints and the end of training."""
 
-    def __init__(self, ema_decay: float | None = None, swa_start: float | None = None,
-                 resume_from_checkpoint: str | None = None):
-        self.ema_decay, self.swa_start, self.resume_from = ema_decay, swa_start, resume_from_checkpoint
-        self.averaged: AveragedModel | None = None  # built at on_train_begin, on the model's final device
+    def __init__(
+        self,
+        ema_decay: float | None = None,
+        swa_start: float | None = None,
+        resume_from_checkpoint: str | None = None,
+    ):
+        self.ema_decay, self.swa_start, self.resume_from = (
+            ema_decay,
+            swa_start,
+            resume_from_checkpoint,
+        )
+        self.averaged: AveragedModel | None = (
+            None  # built at on_train_begin, on the model's final device
+        )
         self.raw: list[torch.Tensor] | None = None  # set aside while the average sits in the model
 
     @property
     def kind(self) -> str:
-        return f"EMA (decay {self.ema_decay})" if self.ema_decay is not None else f"SWA (from {self.swa_start:.0%} of steps)"
+        return (
+            f"EMA (decay {self.ema_decay})"
+            if self.ema_decay is not None
+            else f"SWA (from {self.swa_start:.0%} of steps)"
+        )
 
     def _params(self, model) -> list[torch.Tensor]:
         return [p.detach() for p in model.parameters()]
 
     def _swap_in(self, model) -> None:
-        if self.raw is None and int(self.averaged.n_averaged) > 0:  # SWA before its start: nothing averaged yet
+        if (
+            self.raw is None and int(self.averaged.n_averaged) > 0
+        ):  # SWA before its start: nothing averaged yet
             self.raw = [p.clone() for p in self._params(model)]
             torch._foreach_copy_(self._params(model), self._params(self.averaged))
 
@@ -86,9 +110,11 @@ class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
             return
         path = os.path.join(self.resume_from, RAW_WEIGHTS_FILE)
         if not os.path.isfile(path):
-            raise UsageError(f"--resume_from_checkpoint {self.resume_from!r} has no {RAW_WEIGHTS_FILE} (it was saved "
-                             f"without weight averaging, or its save was cut short); resume it without --ema_decay/"
-                             f"--swa_start, or pass an earlier checkpoint")
+            raise UsageError(
+                f"--resume_from_checkpoint {self.resume_from!r} has no {RAW_WEIGHTS_FILE} (it was saved "
+                f"without weight averaging, or its save was cut short); resume it without --ema_decay/"
+                f"--swa_start, or pass an earlier checkpoint"
+            )
         saved = load_file(path)
         n_averaged = saved.pop(N_AVERAGED)
         # The Trainer loaded the checkpoint's model.safetensors (the average) into the model: that is the average.
@@ -98,7 +124,12 @@ class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
         with torch.no_grad():
             for name, tensor in saved.items():
                 named[name].copy_(tensor)
-        logger.info("weight averaging: resumed %s from %s (%d steps averaged)", self.kind, path, int(n_averaged))
+        logger.info(
+            "weight averaging: resumed %s from %s (%d steps averaged)",
+            self.kind,
+            path,
+            int(n_averaged),
+        )
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._swap_out(model)
@@ -119,7 +150,10 @@ class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
         folder = self.checkpoint_folder(args, state)
         raw = self.raw if self.raw is not None else self._params(model)
         tensors = {name: t.contiguous() for (name, _), t in zip(model.named_parameters(), raw)}
-        save_file({**tensors, N_AVERAGED: self.averaged.n_averaged.detach().cpu()}, os.path.join(folder, RAW_WEIGHTS_FILE))
+        save_file(
+            {**tensors, N_AVERAGED: self.averaged.n_averaged.detach().cpu()},
+            os.path.join(folder, RAW_WEIGHTS_FILE),
+        )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
@@ -127,8 +161,11 @@ class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
             return
         self._swap_in(model)
         self.raw = None
-        logger.info("weight averaging: the model now holds the %s weights (%d steps averaged)",
-                    self.kind, int(self.averaged.n_averaged))
+        logger.info(
+            "weight averaging: the model now holds the %s weights (%d steps averaged)",
+            self.kind,
+            int(self.averaged.n_averaged),
+        )
 
 
 def weight_averaging_callbacks(args, resume_from_checkpoint: str | None) -> list:

@@ -44,17 +44,23 @@ Example:
     7.3891
 """
 
-_FEATURES = datasets.Features({
-    "nll_sum": datasets.Value("float64"), "token_count": datasets.Value("int64"),
-    "word_count": datasets.Value("int64"), "byte_count": datasets.Value("int64"),
-})
+_FEATURES = datasets.Features(
+    {
+        "nll_sum": datasets.Value("float64"),
+        "token_count": datasets.Value("int64"),
+        "word_count": datasets.Value("int64"),
+        "byte_count": datasets.Value("int64"),
+    }
+)
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CorpusPerplexity(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
             features=_FEATURES,
         )
 
@@ -63,14 +69,22 @@ class CorpusPerplexity(evaluate.Metric):
         tokens = int(sum(token_count))
         if tokens <= 0:
             raise ValueError("corpus_perplexity: no tokens were scored (token_count sums to 0)")
-        result = {"perplexity": _exp(total / tokens), "mean_nll": total / tokens, "nll_sum": total, "tokens": tokens}
+        result = {
+            "perplexity": _exp(total / tokens),
+            "mean_nll": total / tokens,
+            "nll_sum": total,
+            "tokens": tokens,
+        }
         words = int(sum(word_count))
         if words > 0:
             result.update(word_perplexity=_exp(total / words), words=words)
         n_bytes = int(sum(byte_count))
         if n_bytes > 0:
-            result.update(byte_perplexity=_exp(total / n_bytes), bits_per_byte=total / n_bytes / math.log(2),
-                          bytes=n_bytes)
+            result.update(
+                byte_perplexity=_exp(total / n_bytes),
+                bits_per_byte=total / n_bytes / math.log(2),
+                bytes=n_bytes,
+            )
         return result
 
 
