@@ -1,11 +1,13 @@
-"""A web page to try a checkpoint: sample with generate.py's settings, and see how the model was trained.
+"""A web page to try a checkpoint: sample with generate.py's settings, and see how the model was
+trained.
 
     pip install -r requirements-app.txt
-    python app.py --model out/quickstart          # any train.py --output_dir, checkpoint folder or Hub id
+    python app.py --model out/quickstart   # any train.py --output_dir, checkpoint folder or Hub id
     # then open http://127.0.0.1:7860
 
-Listens on 127.0.0.1 only and never makes a public share link. The same file runs as a Hugging Face Space
-(docs/demo.md): there the model comes from the WIKIGPT_MODEL variable and the host from GRADIO_SERVER_NAME.
+Listens on 127.0.0.1 only and never makes a public share link. The same file runs as a Hugging Face
+Space (docs/demo.md): there the model comes from the WIKIGPT_MODEL variable and the host from
+GRADIO_SERVER_NAME.
 """
 
 import logging
@@ -38,16 +40,16 @@ class AppArguments:
     model: str = field(
         default=os.environ.get("WIKIGPT_MODEL", "out/quickstart"),
         metadata={
-            "help": "Checkpoint to show: a train.py --output_dir (its results.json, model card and curves fill the "
-            "'How it was trained' tab), a checkpoint folder or a Hub id. Default: $WIKIGPT_MODEL, else "
-            "out/quickstart."
+            "help": "Checkpoint to show: a train.py --output_dir (its results.json, model card and "
+            "curves fill the 'How it was trained' tab), a checkpoint folder or a Hub id. "
+            "Default: $WIKIGPT_MODEL, else out/quickstart."
         },
     )
     host: str = field(
         default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         metadata={
-            "help": "Address to listen on. 127.0.0.1 (default) is this computer only; 0.0.0.0 is every network "
-            "interface (a Space sets GRADIO_SERVER_NAME=0.0.0.0)."
+            "help": "Address to listen on. 127.0.0.1 (default) is this computer only; 0.0.0.0 is "
+            "every network interface (a Space sets GRADIO_SERVER_NAME=0.0.0.0)."
         },
     )
     port: int = field(
@@ -125,8 +127,8 @@ def build_page(demo: DemoModel):
     with gr.Blocks(title=f"wikigpt: {demo.name}") as page:
         gr.Markdown(
             f"# wikigpt demo: `{demo.name}`\nType a prompt (or pick an example below) and press "
-            "**Generate**: the model writes what it thinks comes next, token by token. The second tab "
-            "shows how the model was trained and how well it does."
+            "**Generate**: the model writes what it thinks comes next, token by token. The second "
+            "tab shows how the model was trained and how well it does."
         )
         if demo.error:
             gr.Markdown(f"**error:** {demo.error}", elem_id="load-error")
@@ -231,8 +233,9 @@ def build_page(demo: DemoModel):
                 with gr.Accordion("Model card (README.md)", open=False):
                     gr.Markdown(card)
 
-        # One generation at a time across the page: torch's random generator is global, so two at once would
-        # make a seed's text depend on the other visitor. trigger_mode="once": a second click waits its turn.
+        # One generation at a time across the page: torch's random generator is global, so two at
+        # once would make a seed's text depend on the other visitor. trigger_mode="once": a second
+        # click waits its turn.
         event = go.click(
             run,
             [

@@ -1,13 +1,14 @@
 """Evaluate any causal LM on a WikiText split (or any text file): perplexity numbers you can cite.
 
-    python eval.py --model out/tiny --tokenizer_name path/to/gpt2-tokenizer --test_file wiki.test.raw
-    accelerate launch --num_processes 2 eval.py --model out/tiny ...      # same numbers, sharded
+    python eval.py --model out/tiny --tokenizer_name path/to/tokenizer --test_file wiki.test.raw
+    accelerate launch --num_processes 2 eval.py --model out/tiny ...  # same numbers, sharded
 
 Reports, each with its method: `perplexity` (disjoint blocks, = exp(train.py eval_loss)),
-`sliding_window_perplexity` (HF guide), and lm-evaluation-harness's `word_perplexity`, `byte_perplexity`,
-`bits_per_byte` (document-level WikiText, rolling windows); with --ngram_order, also `ngram_mixture_perplexity`
-(the blocks with a Kneser-Ney n-gram of the training text mixed in), with --block_cache `cache_mixture_perplexity`
-(a cache of the block so far mixed in). Data flags are train.py's (see --help).
+`sliding_window_perplexity` (HF guide), and lm-evaluation-harness's `word_perplexity`,
+`byte_perplexity`, `bits_per_byte` (document-level WikiText, rolling windows); with --ngram_order,
+also `ngram_mixture_perplexity` (the blocks with a Kneser-Ney n-gram of the training text mixed in),
+with --block_cache `cache_mixture_perplexity` (a cache of the block so far mixed in). Data flags are
+train.py's (see --help).
 """
 
 import json

@@ -1,10 +1,11 @@
-"""Sample from a causal LM checkpoint with model.generate: batched, streamed, reproducible, JSONL out.
+"""Sample from a causal LM checkpoint (model.generate): batched, streamed, reproducible, JSONL out.
 
     python generate.py --model out/tiny --prompt "The history of" --max_new_tokens 60
-    python generate.py --model out/tiny --prompt_file prompts.jsonl --output_file samples.jsonl --seed 1
+    python generate.py --model out/tiny --prompt_file prompts.jsonl --output_file out.jsonl --seed 1
     echo "Robert Boulter is" | python generate.py --model out/tiny --greedy
 
-Settings: flags > the checkpoint's generation_config.json > wikigpt defaults (sampling, top_k 50, 100 new tokens).
+Settings: flags > the checkpoint's generation_config.json > wikigpt defaults (sampling, top_k 50,
+100 new tokens).
 """
 
 import contextlib
@@ -41,7 +42,8 @@ def main() -> None:
     (args,) = parse_args((GenerateArguments,), description=__doc__)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)
-    hf_logging.disable_progress_bar()  # a weights-loading bar would sit between the samples and any error line
+    # a weights-loading bar would sit between the samples and any error line
+    hf_logging.disable_progress_bar()
     check_arguments(args)
     prompts = read_prompts(args, sys.stdin)
     device = resolve_device(args.device)
@@ -94,7 +96,8 @@ def main() -> None:
                 else:
                     if several:
                         print(
-                            f"=== prompt {record['prompt_index'] + 1}, sample {record['sample_index'] + 1} ==="
+                            f"=== prompt {record['prompt_index'] + 1}, sample "
+                            f"{record['sample_index'] + 1} ==="
                         )
                     print(
                         (record["prompt"] if args.echo_prompt else "") + record["completion"],

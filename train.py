@@ -3,19 +3,23 @@ r"""Train a GPT-2-family causal LM on WikiText-2 (or any text) with the Hugging 
     python train.py --preset tiny --train_file wiki.valid.raw --validation_file wiki.test.raw \
         --tokenizer_name path/to/gpt2-tokenizer --output_dir out/tiny --max_steps 30
     python train.py configs/some_recipe.yaml --learning_rate 3e-4      # config file + overrides
-    python train.py configs/some_recipe.yaml --hp_search 8 --hp_space configs/search_spaces/cpu.yaml  # docs/tuning.md
+    python train.py configs/some_recipe.yaml --hp_search 8 \
+        --hp_space configs/search_spaces/cpu.yaml                     # search: docs/tuning.md
 
-Every TrainingArguments flag works (see --help). Multi-GPU: accelerate launch --config_file accelerate_config.yaml train.py ...
-Exit status: 0 done, 2 bad input, 3 diverged (NaN/inf), 4 a write failed (disk full, quota), 128+N signal N.
+Every TrainingArguments flag works (see --help). Multi-GPU:
+    accelerate launch --config_file accelerate_config.yaml train.py ...
+Exit status: 0 done, 2 bad input, 3 diverged (NaN/inf), 4 a write failed (disk full, quota),
+128+N signal N.
 """
 
 import logging
 import os
 import sys
 
-# Large CPU tensors (the 50,257-wide logits of every step) on transparent huge pages: far fewer page faults,
-# 1.1-1.3x faster CPU training steps (docs/speed.md). torch reads this once, at its first allocation, so it is
-# set before torch loads, in train.py's process only (importing wikigpt leaves a user's allocator alone).
+# Large CPU tensors (the 50,257-wide logits of every step) on transparent huge pages: far fewer page
+# faults, 1.1-1.3x faster CPU training steps (docs/speed.md). torch reads this once, at its first
+# allocation, so it is set before torch loads, in train.py's process only (importing wikigpt leaves
+# a user's allocator alone).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from wikigpt.cli import parse_args
@@ -26,7 +30,8 @@ from wikigpt.train.hp_search import SearchArguments, searching, tune
 
 def main() -> None:
     argv = sys.argv[1:]
-    # model, data, levers, calibration, training (wikigpt/train/run.py RUN_ARGUMENTS), then the search's flags
+    # model, data, levers, calibration, training (wikigpt/train/run.py RUN_ARGUMENTS), then the
+    # search's flags
     *run_args, search_args = parse_args(
         (*RUN_ARGUMENTS, SearchArguments), argv, description=__doc__
     )

@@ -1,11 +1,13 @@
-"""CPU training steps under different memory allocator settings: glibc as it comes, with torch's huge pages, with
-wikigpt's keep-freed-memory setting (wikigpt/train/cpu_memory.py, train.py's default), and tcmalloc.
+"""CPU training steps under different memory allocator settings: glibc as it comes, with torch's
+huge pages, with wikigpt's keep-freed-memory setting (wikigpt/train/cpu_memory.py, train.py's
+default), and tcmalloc.
 
     python benchmarks/allocator_probe.py --output_json benchmarks/results/cpu_allocators.json
 
-Each setting runs in its own process (an allocator is chosen when the process starts), in turn, `--rounds` times:
-the CPU recipe's model (8 x 128, vocabulary 50,257) at 4 x 256 tokens, forward + backward + AdamW, `--steps` timed
-steps after 2 warm-up steps. Prints tokens/s, system time and minor page faults per setting and round.
+Each setting runs in its own process (an allocator is chosen when the process starts), in turn,
+`--rounds` times: the CPU recipe's model (8 x 128, vocabulary 50,257) at 4 x 256 tokens, forward +
+backward + AdamW, `--steps` timed steps after 2 warm-up steps. Prints tokens/s, system time and
+minor page faults per setting and round.
 """
 
 import json
@@ -38,7 +40,8 @@ class ProbeArguments:
 
 
 def one_run(steps: int) -> dict:
-    """Runs in the child process: time `steps` training steps, return tokens/s, system time and page faults."""
+    """Runs in the child process: time `steps` training steps, return tokens/s, system time and page
+    faults."""
     from wikigpt.train.cpu_memory import keep_freed_memory
 
     keep_freed_memory()  # as train.py does; WIKIGPT_KEEP_FREED_MEMORY=0 turns it off

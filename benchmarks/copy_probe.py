@@ -1,20 +1,23 @@
 """Copy probe: does a causal LM copy from its context?
 
-    python benchmarks/copy_probe.py --model out/wt2-cpu   # 16 spans of 100 tokens of wiki.test.raw, each read twice
+    # 16 spans of 100 tokens of wiki.test.raw, each read twice
+    python benchmarks/copy_probe.py --model out/wt2-cpu
 
-Each sample is a span A of real text followed by A again. A model that copies from its context (the induction
-heads of Olsson et al., 2022) predicts the second reading far better than the first; a model that does not scores
-both alike. Both readings are scored on the same targets (A's tokens after its first, each from the same previous
-token), so a model that sees only the current token scores them exactly alike. New articles repeat names the
-training text never held, so copying is what a test-time cache adds to a model that lacks it (docs/results.md).
+Each sample is a span A of real text followed by A again. A model that copies from its context (the
+induction heads of Olsson et al., 2022) predicts the second reading far better than the first; a
+model that does not scores both alike. Both readings are scored on the same targets (A's tokens
+after its first, each from the same previous token), so a model that sees only the current token
+scores them exactly alike. New articles repeat names the training text never held, so copying is
+what a test-time cache adds to a model that lacks it (docs/results.md).
 
-It also measures the two heads copying is built from, in each layer (the best of its heads): the induction score,
-the attention a token of the second reading pays to the token after its first occurrence (the one to copy), and
-the previous-token score, the attention a token pays to the one just before it. A head that does either job puts
-most of its attention there; a head that attends evenly puts 1/(position + 1).
+It also measures the two heads copying is built from, in each layer (the best of its heads): the
+induction score, the attention a token of the second reading pays to the token after its first
+occurrence (the one to copy), and the previous-token score, the attention a token pays to the one
+just before it. A head that does either job puts most of its attention there; a head that attends
+evenly puts 1/(position + 1).
 
-Prints the mean negative log-likelihood per token (nats) of both readings and their difference, and writes them
-and the head scores as JSON.
+Prints the mean negative log-likelihood per token (nats) of both readings and their difference, and
+writes them and the head scores as JSON.
 """
 
 import os
@@ -58,8 +61,8 @@ class CopyProbeArguments:
 
 
 def copy_probe(model, ids: torch.Tensor) -> dict:
-    """ids: [samples, span]. Mean NLL of A[1:] in the first and in the second reading of [A A], and per layer
-    the best head's induction and previous-token scores."""
+    """ids: [samples, span]. Mean NLL of A[1:] in the first and in the second reading of [A A], and
+    per layer the best head's induction and previous-token scores."""
     span = ids.shape[1]
     x = torch.cat([ids, ids], dim=1).to(model.device)
     model.set_attn_implementation("eager")  # the fused kernels return no attention weights
@@ -102,9 +105,9 @@ def main() -> None:
     model, tokenizer = load_pretrained(args.model, device=torch.device("cpu"))
     if 2 * args.span > context_length(model.config):
         raise UsageError(
-            f"--span {args.span}: a sample is 2 x span = {2 * args.span} tokens, more than the model's "
-            f"context of {context_length(model.config)}; pass --span {context_length(model.config) // 2} "
-            f"or less"
+            f"--span {args.span}: a sample is 2 x span = {2 * args.span} tokens, more than the "
+            f"model's context of {context_length(model.config)}; pass --span "
+            f"{context_length(model.config) // 2} or less"
         )
     raw = load_raw_splits(DataArguments(test_file=args.test_file), seed=0, required=("test",))
     stream = token_stream(raw["test"], tokenizer)
@@ -112,7 +115,8 @@ def main() -> None:
     if len(stream) < needed:
         raise UsageError(
             f"--test_file holds {len(stream)} tokens; {args.samples} spans of {args.span} every "
-            f"{args.stride} need {needed}: pass fewer --samples, a smaller --stride or a longer file"
+            f"{args.stride} need {needed}: pass fewer --samples, a smaller --stride or a longer "
+            "file"
         )
     ids = torch.stack(
         [
@@ -129,12 +133,13 @@ def main() -> None:
         **copy_probe(model, ids),
     }
     print(
-        f"{args.model}: NLL per token {report['nll_first_reading']:.3f} reading a span the first time, "
-        f"{report['nll_second_reading']:.3f} the second time: copying gains {report['copy_gain_nats']:.3f} nats"
+        f"{args.model}: NLL per token {report['nll_first_reading']:.3f} reading a span the first "
+        f"time, {report['nll_second_reading']:.3f} the second time: copying gains "
+        f"{report['copy_gain_nats']:.3f} nats"
     )
     print(
-        f"best head per layer: induction score {report['induction_score_by_layer']}, previous-token score "
-        f"{report['previous_token_score_by_layer']}"
+        f"best head per layer: induction score {report['induction_score_by_layer']}, "
+        f"previous-token score {report['previous_token_score_by_layer']}"
     )
     if args.output_json:
         write_json_atomic(args.output_json, report)

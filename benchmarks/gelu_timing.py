@@ -1,8 +1,9 @@
-"""GELU forward + backward at the MLP activation of nanoGPT's CPU shape (8 x 256 tokens, 4 x 256 wide, fp32).
+"""GELU forward + backward at the MLP activation of nanoGPT's CPU shape (8 x 256 tokens, 4 x 256
+wide, fp32).
 
-transformers' Python `gelu_new` (GPT2Config's default: six elementwise ops) against torch's fused kernel
-(`gelu_pytorch_tanh`, wikigpt's from-scratch default), alternating calls in one process; prints the medians and
-writes them as JSON.
+transformers' Python `gelu_new` (GPT2Config's default: six elementwise ops) against torch's fused
+kernel (`gelu_pytorch_tanh`, wikigpt's from-scratch default), alternating calls in one process;
+prints the medians and writes them as JSON.
 
     python benchmarks/gelu_timing.py [--output_json benchmarks/results/cpu_gelu.json]
 """

@@ -1,8 +1,9 @@
-"""nanoGPT's GPT model, the parts its training loop uses, as the speed reference of benchmarks/train_throughput.py.
+"""nanoGPT's GPT model, the parts its training loop uses: train_throughput.py's speed reference.
 
 From Andrej Karpathy's nanoGPT (https://github.com/karpathy/nanoGPT, model.py), MIT License,
-Copyright (c) 2022 Andrej Karpathy. Kept: the model (flash attention through SDPA, tied embedding/LM head, GPT-2
-init) and configure_optimizers; left out: pretrained loading, generation, MFU estimate, block-size cropping.
+Copyright (c) 2022 Andrej Karpathy. Kept: the model (flash attention through SDPA, tied embedding/LM
+head, GPT-2 init) and configure_optimizers; left out: pretrained loading, generation, MFU estimate,
+block-size cropping.
 """
 
 import math

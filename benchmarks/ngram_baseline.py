@@ -1,15 +1,18 @@
-"""N-gram baseline: interpolated modified Kneser-Ney LMs over GPT-2 tokens, the bar a neural model must clear.
+"""N-gram baseline: interpolated modified Kneser-Ney LMs over GPT-2 tokens, a bar for neural models.
 
-    OMP_NUM_THREADS=1 python benchmarks/ngram_baseline.py   # orders 1-5, train wiki.valid.raw, test wiki.test.raw
+    # orders 1-5, train wiki.valid.raw, test wiki.test.raw
+    OMP_NUM_THREADS=1 python benchmarks/ngram_baseline.py
 
-Same protocol as the neural models: both files are loaded and tokenized by wikigpt.data.blocks (Hub-format rows, GPT-2
-tokenizer) and each split's rows are concatenated into one token stream. The models are fit on the train stream and
-score every token of the test stream from the tokens before it, over the full tokenizer vocabulary (50,257 for GPT-2):
-token j is predicted from its last min(j, order - 1) tokens, so the first test token, which has no history, gets the
-order-1 distribution that every higher order interpolates down to. Perplexity = exp(mean negative log-likelihood)
-over all test tokens.
+Same protocol as the neural models: both files are loaded and tokenized by wikigpt.data.blocks
+(Hub-format rows, GPT-2 tokenizer) and each split's rows are concatenated into one token stream. The
+models are fit on the train stream and score every token of the test stream from the tokens before
+it, over the full tokenizer vocabulary (50,257 for GPT-2): token j is predicted from its last min(j,
+order - 1) tokens, so the first test token, which has no history, gets the order-1 distribution that
+every higher order interpolates down to. Perplexity = exp(mean negative log-likelihood) over all
+test tokens.
 
-The models are wikigpt.evaluation.kneser_ney.KneserNey (interpolated modified Kneser-Ney, Chen & Goodman), fit once per order.
+The models are wikigpt.evaluation.kneser_ney.KneserNey (interpolated modified Kneser-Ney, Chen &
+Goodman), fit once per order.
 """
 
 import math
@@ -64,12 +67,12 @@ class NgramArguments:
 
 
 def display_path(path: str) -> str:
-    """Local paths relative to the repository (so the committed JSON names no machine), Hub ids as given."""
+    """Local paths relative to the repository (committed JSON names no machine), Hub ids kept."""
     return os.path.relpath(path, REPO) if os.path.exists(path) else path
 
 
 def load_token_streams(args: NgramArguments):
-    """wikigpt.data.blocks's loading and tokenization, each split's rows concatenated into one stream."""
+    """wikigpt.data.blocks's loading and tokenization, each split's rows joined into one stream."""
     data_args = DataArguments(train_file=args.train_file, test_file=args.test_file)
     raw = load_raw_splits(data_args, seed=0, required=("train", "test"))
     tokenizer = load_tokenizer(args.tokenizer_name or DEFAULT_TOKENIZER)
@@ -113,16 +116,20 @@ def main() -> None:
             f"order {order}: perplexity {results[-1]['perplexity']:,.2f} ({seconds:.1f} s)",
             flush=True,
         )
-    header = f"{'order':>5} | {'test perplexity':>15} | {'train tokens':>12} | {'test tokens':>11} | {'seconds':>7}"
+    header = (
+        f"{'order':>5} | {'test perplexity':>15} | {'train tokens':>12} | {'test tokens':>11} | "
+        f"{'seconds':>7}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
         print(
-            f"{r['order']:>5} | {r['perplexity']:>15,.2f} | {r['train_tokens']:>12,} | {r['test_tokens']:>11,} | "
-            f"{r['seconds']:>7.1f}"
+            f"{r['order']:>5} | {r['perplexity']:>15,.2f} | {r['train_tokens']:>12,} | "
+            f"{r['test_tokens']:>11,} | {r['seconds']:>7.1f}"
         )
     report = {
         "version": JSON_VERSION,
-        "method": "interpolated modified Kneser-Ney (Chen & Goodman), order 1 interpolated with uniform",
+        "method": "interpolated modified Kneser-Ney (Chen & Goodman), order 1 interpolated with "
+        "uniform",
         "command": "python " + shlex.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
         "train_file": display_path(args.train_file),
         "test_file": display_path(args.test_file),

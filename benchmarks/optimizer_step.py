@@ -1,14 +1,17 @@
-"""One optimizer step of --optim_matrices muon: torch's Muon and AdamW as they come, against wikigpt's.
+"""One optimizer step of --optim_matrices muon: torch's Muon and AdamW as they come, against
+wikigpt's.
 
-torch.optim.Muon steps one matrix at a time and torch.optim.AdamW on a CPU takes its single-tensor kernel;
-wikigpt.train.optimizers steps the matrices of one shape as one batch (BatchedMuon) and AdamW with the fused kernel. Both
-step the same parameters with the same gradients, alternating, in one process; prints the medians and the largest
-difference between the parameters they reach, and writes them as JSON. The default shape is the CPU recipe's
-12-layer student (12 x 128, vocabulary 50,257).
+torch.optim.Muon steps one matrix at a time and torch.optim.AdamW on a CPU takes its single-tensor
+kernel; wikigpt.train.optimizers steps the matrices of one shape as one batch (BatchedMuon) and
+AdamW with the fused kernel. Both step the same parameters with the same gradients, alternating, in
+one process; prints the medians and the largest difference between the parameters they reach, and
+writes them as JSON. The default shape is the CPU recipe's 12-layer student (12 x 128, vocabulary
+50,257).
 
-torch's Muon always orthogonalises in bf16. wikigpt's does so where the CPU has native bf16 and in fp32 elsewhere
-(`--orthogonalize host`, the default). `--orthogonalize bf16` compares like with like: the parameters then agree
-to the bit. In fp32 they differ by bf16's rounding, which the JSON's `orthogonalize_dtype` names.
+torch's Muon always orthogonalises in bf16. wikigpt's does so where the CPU has native bf16 and in
+fp32 elsewhere (`--orthogonalize host`, the default). `--orthogonalize bf16` compares like with
+like: the parameters then agree to the bit. In fp32 they differ by bf16's rounding, which the JSON's
+`orthogonalize_dtype` names.
 
     python benchmarks/optimizer_step.py [--orthogonalize host|bf16|fp32] [--output_json FILE.json]
 """
@@ -30,8 +33,9 @@ HYPER = {"muon_lr": 0.02, "adamw_lr": 2e-3, "weight_decay": 0.1, "betas": (0.9, 
 
 
 class TorchMuon:
-    """torch.optim.Muon on nn.Linear's (out, in) layout: GPT-2's non-square Conv1D (in, out) weights are stepped
-    as transposed copies (gradients in, weights back), so its scale rule reads their shape as wikigpt's does."""
+    """torch.optim.Muon on nn.Linear's (out, in) layout: GPT-2's non-square Conv1D (in, out) weights
+    are stepped as transposed copies (gradients in, weights back), so its scale rule reads their
+    shape as wikigpt's does."""
 
     def __init__(self, matrices):
         self.pairs = [
@@ -135,8 +139,9 @@ def main() -> None:
     for name, t in result["ms_per_step"].items():
         print(f"{name}: median {t['median']:.1f} ms (min {t['min']:.1f}) per optimizer step")
     print(
-        f"speedup {result['speedup']:.2f}x; largest parameter difference after {3 + args.steps} steps: "
-        f"{difference:.3g} (wikigpt orthogonalises in {result['orthogonalize_dtype']}, torch in bfloat16)"
+        f"speedup {result['speedup']:.2f}x; largest parameter difference after {3 + args.steps} "
+        f"steps: {difference:.3g} (wikigpt orthogonalises in {result['orthogonalize_dtype']}, "
+        "torch in bfloat16)"
     )
     if args.output_json:
         with open(args.output_json, "w") as f:

@@ -1,15 +1,18 @@
-"""Training throughput: wikigpt's train.py path against a plain run_clm-style Trainer setup, in one process.
+"""Training throughput: wikigpt's train.py path vs a plain run_clm-style Trainer, in one process.
 
-    python benchmarks/train_throughput.py                                  # GPU: GPT-2 124M, 16 x 1024, bf16
-    python benchmarks/train_throughput.py --levers true                    # + one lever at a time on the plain setup
-    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --preset tiny --block_size 64 --batch_size 4 \
-        --steps 6 --warmup_steps 2 --levers true --output_json benchmarks/results/cpu_tiny.json   # CPU smoke
+    python benchmarks/train_throughput.py                 # GPU: GPT-2 124M, 16 x 1024, bf16
+    python benchmarks/train_throughput.py --levers true   # + one lever at a time on the plain setup
+    # CPU smoke:
+    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --preset tiny --block_size 64 \
+        --batch_size 4 --steps 6 --warmup_steps 2 --levers true \
+        --output_json benchmarks/results/cpu_tiny.json
 
-Both setups run N real optimizer steps through `Trainer.train()` on the same WikiText-2 blocks; the first
---warmup_steps (compilation, allocator warm-up) are not timed. ms/step is wall time per optimizer step
-(CUDA synchronised), data loading included. MFU uses wikigpt.train.throughput's 6N + 12·L·H·Q·T per token of the
-unpadded model for every row (padding adds no useful work). Peak memory: torch.cuda.max_memory_allocated on a
-GPU; on CPU the process's peak RSS (VmHWM, reset before each run). See benchmarks/README.md.
+Both setups run N real optimizer steps through `Trainer.train()` on the same WikiText-2 blocks; the
+first --warmup_steps (compilation, allocator warm-up) are not timed. ms/step is wall time per
+optimizer step (CUDA synchronised), data loading included. MFU uses wikigpt.train.throughput's 6N +
+12·L·H·Q·T per token of the unpadded model for every row (padding adds no useful work). Peak memory:
+torch.cuda.max_memory_allocated on a GPU; on CPU the process's peak RSS (VmHWM, reset before each
+run). See benchmarks/README.md.
 """
 
 import gc
@@ -65,7 +68,11 @@ from wikigpt.model import (
 from wikigpt.padded_vocab import head_width, pad_vocab  # noqa: E402
 from wikigpt.train.precision import cpu_has_native_bf16  # noqa: E402
 from wikigpt.train.run import build_run, parse_run_args, train_run  # noqa: E402
-from wikigpt.train.throughput import current_device_name, model_flops_per_token, resolve_peak_flops  # noqa: E402
+from wikigpt.train.throughput import (  # noqa: E402
+    current_device_name,
+    model_flops_per_token,
+    resolve_peak_flops,
+)
 
 from nanogpt_model import GPT, GPTConfig  # noqa: E402
 
@@ -197,13 +204,14 @@ class BenchmarkArguments:
     seed: int = field(default=42, metadata={"help": "Seed for model init and data order."})
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The plain setup and its levers
 
 
 @dataclass
 class PlainSetup:
-    """run_clm-style: GPT2LMHeadModel from GPT2Config, TrainingArguments defaults except batch (and bf16 on GPU)."""
+    """run_clm-style: GPT2LMHeadModel from GPT2Config, TrainingArguments defaults except batch (and
+    bf16 on GPU)."""
 
     name: str = "plain"
     lever: str = "run_clm defaults (transformers " + transformers.__version__ + ")"
@@ -215,8 +223,9 @@ class PlainSetup:
 
 
 def lever_setups(on_gpu: bool, chunked_loss_size: int = 4096) -> list[PlainSetup]:
-    """One lever at a time on top of the plain setup. Levers that transformers already turns on by default
-    (fused AdamW, SDPA, pinned memory) are turned *off* instead: their row shows what the default buys."""
+    """One lever at a time on top of the plain setup. Levers that transformers already turns on by
+    default (fused AdamW, SDPA, pinned memory) are turned *off* instead: their row shows what the
+    default buys."""
     setups = [
         PlainSetup(
             "pad_vocab_64",
@@ -257,12 +266,12 @@ def lever_setups(on_gpu: bool, chunked_loss_size: int = 4096) -> list[PlainSetup
     return setups
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Measuring
 
 
 class StepTimer(TrainerCallback):
-    """Wall clock at the end of every optimizer step (after a CUDA sync, so queued kernels are counted)."""
+    """Wall clock at the end of every optimizer step (after a CUDA sync: queued kernels count)."""
 
     def __init__(self):
         self.times: list[float] = []
@@ -304,8 +313,8 @@ def peak_memory() -> tuple[float, str]:
 
 
 def float32_matmul_state():
-    # torch >= 2.9 (which transformers' tf32=True then uses): reading the legacy allow_tf32 flags after the new
-    # fp32_precision API has been set raises, so save whichever API is there.
+    # torch >= 2.9 (which transformers' tf32=True then uses): reading the legacy allow_tf32 flags
+    # after the new fp32_precision API has been set raises, so save whichever API is there.
     if hasattr(torch.backends, "fp32_precision"):
         return ("new", torch.backends.fp32_precision)
     return ("legacy", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -358,7 +367,7 @@ def forget_compiled() -> None:
     torch._dynamo.reset()  # compiled graphs of one setup must not serve the next
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The two setups
 
 
@@ -487,7 +496,8 @@ def describe_wikigpt(bench: BenchmarkArguments, argv: list[str]) -> str:
 
 
 def run_wikigpt(bench, argv, flops, peaks, name: str = "wikigpt") -> dict:
-    """train.py's own path: wikigpt.train.run's build_run and train_run (no final save/eval: only training is timed)."""
+    """train.py's own path: wikigpt.train.run's build_run and train_run (no final save/eval: only
+    training is timed)."""
     run = build_run(*parse_run_args(argv))
     peak = peaks.get("bf16" if run.training_args.bf16 else "fp32")
     fp32_state = float32_matmul_state()
@@ -520,10 +530,11 @@ def wikigpt_lever_flags(
     flags = [
         ("wikigpt+compile", "--torch_compile true"),
         ("wikigpt+chunked_loss", f"--chunked_loss_size {bench.chunked_loss_size}"),
-        # exact: the tokens the training data never contains share one row (wikigpt/objectives/rare_tokens.py)
+        # exact: the tokens the training data never contains share one row
+        # (wikigpt/objectives/rare_tokens.py)
         ("wikigpt+tie_tokens", "--rare_tokens_below 1"),
-        # tokens seen once (2) or at most twice (3, the CPU recipe's) join them: a modelling choice, rare tokens
-        # as one class, which the held-out articles chose for quality (docs/results.md)
+        # tokens seen once (2) or at most twice (3, the CPU recipe's) join them: a modelling choice,
+        # rare tokens as one class, which the held-out articles chose for quality (docs/results.md)
         ("wikigpt+tie_tokens2", "--rare_tokens_below 2"),
         ("wikigpt+tie_tokens3", "--rare_tokens_below 3"),
         (
@@ -538,7 +549,7 @@ def wikigpt_lever_flags(
             "wikigpt+tie_tokens3+chunked_loss",  # the CPU recipe's speed flags
             f"--rare_tokens_below 3 --chunked_loss_size {bench.chunked_loss_size}",
         ),
-        # OFF: transformers' Python GELU ("gelu_new", GPT2Config's default) instead of torch's fused kernel
+        # OFF: transformers' Python GELU ("gelu_new", GPT2Config's default), not torch's fused one
         (
             "wikigpt-fused_gelu",
             "--config_overrides "
@@ -547,7 +558,7 @@ def wikigpt_lever_flags(
             ),
         ),
         ("wikigpt-unfused_adamw", "--optim adamw_torch"),
-        # the attention kernel, either way (the CPU recipe sets eager; transformers' default is sdpa)
+        # the attention kernel (the CPU recipe sets eager; transformers' default is sdpa)
         ("wikigpt+attention_eager", "--attn_implementation eager"),
         ("wikigpt+attention_sdpa", "--attn_implementation sdpa"),
     ]
@@ -561,7 +572,7 @@ def wikigpt_lever_flags(
     return flags
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # References outside the Trainer: a hand-written loop over wikigpt's model, and nanoGPT
 
 
@@ -594,7 +605,7 @@ def timed_loop(
 
 
 def endless_batches(blocks, batch_size: int, seed: int):
-    """Shuffled batches of the training blocks, epoch after epoch (as the Trainer's sampler draws them)."""
+    """Shuffled batches of the training blocks, epoch after epoch (as the Trainer's sampler)."""
     blocks = blocks.with_format("torch")
     generator = torch.Generator().manual_seed(seed)
     while True:
@@ -615,7 +626,8 @@ def autocast(bf16: bool):
 
 
 def run_hand_loop(bench, argv, tokenizer, train_blocks, flops, peaks) -> dict:
-    """wikigpt's model and optimizer settings (from train.py's flags), trained by a plain PyTorch loop: no Trainer."""
+    """wikigpt's model and optimizer settings (from train.py's flags), trained by a plain PyTorch
+    loop: no Trainer."""
     model_args, _, lever_args, _, training_args = parse_run_args(argv)
     set_seed(training_args.seed)
     model, _ = load_model(model_args, tokenizer)
@@ -707,7 +719,8 @@ def nanogpt_setups(on_gpu: bool, bf16_rows: bool) -> list[NanoGPTSetup]:
 
 
 def run_nanogpt(setup: NanoGPTSetup, bench, config, train_blocks, flops, peaks) -> dict:
-    """nanoGPT's model at the same shape, trained by its train.py loop (AdamW 6e-4, betas 0.9/0.95, wd 0.1, clip 1)."""
+    """nanoGPT's model at the same shape, trained by its train.py loop (AdamW 6e-4, betas 0.9/0.95,
+    wd 0.1, clip 1)."""
     set_seed(bench.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GPT(
@@ -758,15 +771,16 @@ def run_nanogpt(setup: NanoGPTSetup, bench, config, train_blocks, flops, peaks) 
     return result
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Matmul probe: the device's measured peak, for MFU where no data-sheet peak applies (CPU)
 
 
 def matmul_probe(
     shapes: list[tuple[str, int, int, int]], dtypes: list[str], budget_s: float
 ) -> list[dict]:
-    """GFLOP/s of [M x K] @ [K x N] per shape and dtype, best of a few calls; a shape whose single call would take
-    more than `budget_s` (estimated from the smaller shapes' rate) is skipped and marked so."""
+    """GFLOP/s of [M x K] @ [K x N] per shape and dtype, best of a few calls; a shape whose single
+    call would take more than `budget_s` (estimated from the smaller shapes' rate) is skipped and
+    marked so."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results = []
@@ -811,12 +825,13 @@ def probe_shapes(config, bench: BenchmarkArguments) -> list[tuple[str, int, int,
     ]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Preprocessing speed
 
 
 def time_preprocessing(bench: BenchmarkArguments, tokenizer) -> dict:
-    """Load + tokenize + group WT2 validation and test: once from an empty datasets cache, then again (cache hits)."""
+    """Load + tokenize + group WT2 validation and test: once from an empty datasets cache, then
+    again (cache hits)."""
     data_args = DataArguments(validation_file=bench.train_file, test_file=bench.test_file)
     saved_cache = datasets.config.HF_DATASETS_CACHE
     result = {
@@ -843,11 +858,12 @@ def time_preprocessing(bench: BenchmarkArguments, tokenizer) -> dict:
     return result
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def median_run(runs: list[dict]) -> dict:
-    """The run with the median ms/step (lower middle for an even count), with every repeat's ms/step beside it."""
+    """The run with the median ms/step (lower middle for an even count), with every repeat's ms/step
+    beside it."""
     ordered = sorted(runs, key=lambda r: r["ms_per_step"])
     return {
         **ordered[(len(ordered) - 1) // 2],
@@ -910,13 +926,13 @@ def main() -> None:
         report["preprocessing"] = time_preprocessing(bench, tokenizer)
         p = report["preprocessing"]
         print(
-            f"preprocessing (tokenize + group WT2 validation+test, {p['tokens']:,} tokens, num_proc "
-            f"{p['num_proc']}): {p['cold_cache_seconds']:.2f} s from an empty datasets cache, "
-            f"{p['cached_seconds']:.2f} s from the cache",
+            f"preprocessing (tokenize + group WT2 validation+test, {p['tokens']:,} tokens, "
+            f"num_proc {p['num_proc']}): {p['cold_cache_seconds']:.2f} s from an empty datasets "
+            f"cache, {p['cached_seconds']:.2f} s from the cache",
             flush=True,
         )
 
-    # Same training blocks for the plain setup (wikigpt prepares its own through train.py's path: a cache hit).
+    # Same training blocks for the plain setup (wikigpt's come via train.py's path: a cache hit).
     raw = load_raw_splits(
         DataArguments(train_file=bench.train_file), bench.seed, required=("train",)
     )
@@ -940,10 +956,12 @@ def main() -> None:
             else f"skipped ({row['skipped']})"
         )
         print(
-            f"matmul {row['dtype']} {row['shape']} = [{row['m']} x {row['k']}] @ [{row['k']} x {row['n']}]: {rate}",
+            f"matmul {row['dtype']} {row['shape']} = [{row['m']} x {row['k']}] @ [{row['k']} x "
+            f"{row['n']}]: {rate}",
             flush=True,
         )
-    # Peak per precision: --peak_flops, else the GPU data sheet, else (CPU) the best measured matmul of that dtype.
+    # Peak per precision: --peak_flops, else the GPU data sheet, else (CPU) the best measured matmul
+    # of that dtype.
     peak, peak_source = resolve_peak_flops(bench.peak_flops, current_device_name())
     measured_peaks = {
         d: max(
@@ -967,8 +985,8 @@ def main() -> None:
         tokens_per_step=bench.batch_size * bench.block_size,
     )
 
-    # train.py's allocator setting (wikigpt/train/cpu_memory.py) is process-wide: set it before any row, so every row,
-    # nanoGPT's included, runs with the same allocator
+    # train.py's allocator setting (wikigpt/train/cpu_memory.py) is process-wide: set it before any
+    # row, so every row, nanoGPT's included, runs with the same allocator
     keep_freed_memory()
     chosen = set(filter(None, (bench.lever_names or "").split(",")))
     levers = [
@@ -992,7 +1010,7 @@ def main() -> None:
         hand = ["hand_loop"] if bench.references and (not chosen or "hand_loop" in chosen) else []
         setups = [PlainSetup(), "wikigpt", *wiki_levers, *hand, *nano, *levers]
         measured: dict[str, list[dict]] = {}
-        # Round-robin over the setups, --repeats times: slow drifts of a shared machine hit every setup alike.
+        # Round-robin over setups, --repeats times: a shared machine's slow drifts hit all alike.
         for repeat in range(bench.repeats):
             for setup in setups:
                 if setup == "wikigpt":
@@ -1011,8 +1029,9 @@ def main() -> None:
                     )
                 measured.setdefault(result["name"], []).append(result)
                 print(
-                    f"  [{repeat + 1}/{bench.repeats}] {result['name']}: {result['ms_per_step']:.1f} ms/step, "
-                    f"{result['tokens_per_second']:,.0f} tokens/s",
+                    f"  [{repeat + 1}/{bench.repeats}] {result['name']}: "
+                    f"{result['ms_per_step']:.1f} ms/step, {result['tokens_per_second']:,.0f} "
+                    "tokens/s",
                     flush=True,
                 )
     median = {name: median_run(runs) for name, runs in measured.items()}

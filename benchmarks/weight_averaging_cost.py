@@ -1,11 +1,11 @@
-"""Per-step cost of --ema_decay: one AveragedModel.update_parameters (torch._foreach_lerp_) against one training step.
+"""Per-step cost of --ema_decay: AveragedModel.update_parameters (torch._foreach_lerp_) vs a step.
 
-    OMP_NUM_THREADS=1 python benchmarks/weight_averaging_cost.py --preset tiny --block_size 128 --batch_size 8 \
-        --output_json benchmarks/results/weight_averaging_cpu_tiny.json
+    OMP_NUM_THREADS=1 python benchmarks/weight_averaging_cost.py --preset tiny --block_size 128 \
+        --batch_size 8 --output_json benchmarks/results/weight_averaging_cpu_tiny.json
 
-A model of the preset (random weights, GPT-2 vocabulary); a training step is forward + backward + AdamW step on a
-random batch of batch_size x block_size tokens. Both are timed as the median of --repeats calls after --warmup
-calls. Prints the two times and their ratio, and saves them as JSON.
+A model of the preset (random weights, GPT-2 vocabulary); a training step is forward + backward +
+AdamW step on a random batch of batch_size x block_size tokens. Both are timed as the median of
+--repeats calls after --warmup calls. Prints the two times and their ratio, and saves them as JSON.
 """
 
 import argparse
@@ -79,7 +79,8 @@ def main():
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
     print(
-        f"{args.preset}: {result['parameters'] / 1e6:.2f}M parameters, batch {args.batch_size} x {args.block_size}"
+        f"{args.preset}: {result['parameters'] / 1e6:.2f}M parameters, batch {args.batch_size} x "
+        f"{args.block_size}"
     )
     print(f"  training step  {step_ms:9.2f} ms")
     print(f"  EMA update     {ema_ms:9.3f} ms  ({ema_ms / step_ms:.2%} of a step)")

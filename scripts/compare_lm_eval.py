@@ -1,14 +1,16 @@
-"""Check eval.py's document-level numbers against lm-evaluation-harness itself, on the same model, offline.
+"""Check eval.py's document-level numbers against lm-evaluation-harness itself, on the same model,
+offline.
 
     pip install "lm-eval[hf]"          # not a wikigpt requirement; only this check needs it
     python scripts/compare_lm_eval.py --model out/tiny --test_file path/to/wiki.test.raw \
         [--tokenizer_name DIR] [--max_documents 10] [--output_file parity.json]
 
-The harness's `wikitext` task reads EleutherAI/wikitext_document_level from the Hub. Offline, this script
-writes the same documents (wikigpt.data.wikitext.split_documents, byte-identical to that dataset's builder) to a
-local JSONL, runs the harness's own task definition on it (its `preprocess_wikitext.py` and metrics) through
-`lm_eval.simple_evaluate`, runs wikigpt's evaluation on the same text, and prints both with the relative
-difference. Exit status 1 if any metric differs in the 4th significant digit.
+The harness's `wikitext` task reads EleutherAI/wikitext_document_level from the Hub. Offline, this
+script writes the same documents (wikigpt.data.wikitext.split_documents, byte-identical to that
+dataset's builder) to a local JSONL, runs the harness's own task definition on it (its
+`preprocess_wikitext.py` and metrics) through `lm_eval.simple_evaluate`, runs wikigpt's evaluation
+on the same text, and prints both with the relative difference. Exit status 1 if any metric differs
+in the 4th significant digit.
 """
 
 import argparse
@@ -112,7 +114,8 @@ def main() -> None:
             }
         )
         print(
-            f"{m:16s} wikigpt {a:.6g}  lm-eval {b:.6g}  rel.diff {abs(a - b) / abs(b):.2e}  {'OK' if same else 'DIFFERENT'}"
+            f"{m:16s} wikigpt {a:.6g}  lm-eval {b:.6g}  rel.diff {abs(a - b) / abs(b):.2e}  "
+            f"{'OK' if same else 'DIFFERENT'}"
         )
     report = {
         "model": args.model,

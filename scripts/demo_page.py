@@ -1,5 +1,5 @@
-"""Drive app.py's page in a headless browser (Playwright on the system's chromium): generate, read the facts tab,
-save a screenshot. Used by tests/test_app.py, and to make docs/demo.png:
+"""Drive app.py's page in a headless browser (Playwright on the system's chromium): generate, read
+the facts tab, save a screenshot. Used by tests/test_app.py, and to make docs/demo.png:
 
     apt-get install -y chromium && pip install -r requirements-app.txt playwright
     python scripts/demo_page.py --model out/quickstart --screenshot docs/demo.png
@@ -54,7 +54,8 @@ def start_app(model: str, port: int, timeout: float = 600) -> subprocess.Popen:
             time.sleep(1)
     proc.kill()
     raise RuntimeError(
-        f"app.py did not answer on port {port} within {timeout:.0f} s:\n{proc.communicate()[0][-3000:]}"
+        f"app.py did not answer on port {port} within {timeout:.0f} "
+        f"s:\n{proc.communicate()[0][-3000:]}"
     )
 
 
@@ -82,16 +83,17 @@ def generate_on_page(
 ) -> tuple[str, str]:
     """Fill the Generate tab, press Generate, wait for the end; returns (output text, status line).
 
-    With expected_text, also wait (up to timeout_ms) until the output box shows exactly that: the page updates
-    the status line and the output box separately, so one can lag the other on a loaded machine.
+    With expected_text, also wait (up to timeout_ms) until the output box shows exactly that: the
+    page updates the status line and the output box separately, so one can lag the other on a loaded
+    machine.
     """
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Generate").click()
     page.fill("#prompt textarea", prompt)
     page.get_by_label("greedy" if greedy else "sampling", exact=True).check()
-    # gradio takes a typed number or text when the field loses focus: press Tab after each, or Generate may
-    # run with the previous values.
+    # gradio takes a typed number or text when the field loses focus: press Tab after each, or
+    # Generate may run with the previous values.
     for selector, value in (
         ("#max_new_tokens input", max_new_tokens),
         ("#seed textarea, #seed input", seed),
@@ -99,14 +101,16 @@ def generate_on_page(
     ):
         page.fill(selector, str(value))
         page.press(selector, "Tab")
-    # The status line still shows the last result while the request runs, under gradio's progress timer ("0.1s",
-    # "processing | 0.1/0.7s", "queue: 1/2 | 0.1s"): wait for a new final line (tokens/s or an error) with no timer.
+    # The status line still shows the last result while the request runs, under gradio's progress
+    # timer ("0.1s", "processing | 0.1/0.7s", "queue: 1/2 | 0.1s"): wait for a new final line
+    # (tokens/s or an error) with no timer.
     old_status = page.inner_text("#status")
     page.click("#generate")
     page.wait_for_function(
         """old => { const t = document.querySelector('#status').innerText;
         const timer = /(^|\\|)\\s*\\d+(\\.\\d+)?(\\/\\d+(\\.\\d+)?)?s\\s*$/m;
-        return t !== old && /tokens\\/s|error:/.test(t) && !timer.test(t) && !/processing|queue/.test(t); }""",
+        return t !== old && /tokens\\/s|error:/.test(t) """
+        """&& !timer.test(t) && !/processing|queue/.test(t); }""",
         arg=old_status,
         timeout=timeout_ms,
     )

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline Hub, a private datasets cache, the real WikiText-2 splits and GPT-2 tokenizer."""
+"""Shared fixtures: offline Hub, a private datasets cache, the real WikiText-2 splits and GPT-2
+tokenizer."""
 
 import os
 import subprocess
@@ -6,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Before datasets/transformers are imported anywhere: no network, and a datasets cache of this test run only.
+# Before datasets/transformers are imported anywhere: no network, a datasets cache of this run only.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="wikigpt-test-cache-"))
@@ -51,7 +52,8 @@ def small_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tokenizer):
-    """A tiny GPT-2 saved with save_pretrained (safetensors) + tokenizer: stands in for a Hub checkpoint."""
+    """A tiny GPT-2 saved with save_pretrained (safetensors) + tokenizer: stands in for a Hub
+    checkpoint."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -2,8 +2,8 @@
 
     python tests/pause_train.py STEP MARKER_DIR train.py-args...
 
-It writes MARKER_DIR/paused when it stops, so a test can signal (SIGKILL, SIGTERM) a run that is known to be
-mid-training with checkpoints 1..STEP on disk: timing-free, unlike sleeping and hoping.
+It writes MARKER_DIR/paused when it stops, so a test can signal (SIGKILL, SIGTERM) a run that is
+known to be mid-training with checkpoints 1..STEP on disk: timing-free, unlike sleeping and hoping.
 """
 
 import runpy

@@ -1,9 +1,10 @@
-"""Helpers for tests that run train.py for a few steps: micro data, micro model, in-process or paused runs.
+"""Helpers for tests that run train.py for a few steps: micro data, micro model, in-process or
+paused runs.
 
-Sizes keep each run to seconds on a shared 2-core CPU: a 16-wide 2-layer GPT-2 (the 50257-token LM head
-dominates the cost), blocks of 32 tokens, 2 blocks per step, ~1.2k validation tokens. Runs use one torch
-thread: on a loaded 2-core machine two threads spin against each other and every step is ~5x slower, and
-runs that are compared bit for bit must use the same thread count.
+Sizes keep each run to seconds on a shared 2-core CPU: a 16-wide 2-layer GPT-2 (the 50257-token LM
+head dominates the cost), blocks of 32 tokens, 2 blocks per step, ~1.2k validation tokens. Runs use
+one torch thread: on a loaded 2-core machine two threads spin against each other and every step is
+~5x slower, and runs that are compared bit for bit must use the same thread count.
 """
 
 THREADS = 1
@@ -23,7 +24,8 @@ from wikigpt.errors import run_main
 
 @pytest.fixture(scope="session")
 def micro_files(tmp_path_factory):
-    """Real WikiText-2 slices: ~10k train tokens (validation lines 0-150), ~1.2k eval tokens (test lines 0-20)."""
+    """Real WikiText-2 slices: ~10k train tokens (validation lines 0-150), ~1.2k eval tokens (test
+    lines 0-20)."""
     d = tmp_path_factory.mktemp("wt2-micro")
     return {
         "train": write_lines(d / "train.raw", WT2 / "wiki.valid.raw", 0, 150),
@@ -70,7 +72,7 @@ def micro_args(files, out, *extra, max_steps=10, save_steps=4) -> list[str]:
 
 
 def train_in_process(argv, monkeypatch):
-    """train.py's main as the command line would run it; returns the exit code (0 when it returns normally)."""
+    """train.py's main as the command line would run it; returns the exit code (0 if it returns)."""
     monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv)])
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
@@ -84,7 +86,8 @@ def train_in_process(argv, monkeypatch):
 
 
 def start_paused(argv, markers, pause_at_step) -> subprocess.Popen:
-    """train.py in a subprocess (tests/pause_train.py) that waits before step pause_at_step+1; returns once there."""
+    """train.py in a subprocess (tests/pause_train.py) that waits before step pause_at_step+1;
+    returns once there."""
     markers.mkdir()
     cmd = [
         sys.executable,
@@ -111,7 +114,8 @@ def start_paused(argv, markers, pause_at_step) -> subprocess.Popen:
 
 
 def make_checkpoint(path, step: int, n_embd: int = 8):
-    """A complete checkpoint-N folder with every file the Trainer writes, built without training (milliseconds)."""
+    """A complete checkpoint-N folder with every file the Trainer writes, built without training
+    (milliseconds)."""
     import json
 
     from safetensors.torch import save_file

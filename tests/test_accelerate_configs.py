@@ -1,4 +1,5 @@
-"""The accelerate configs parse into accelerate's ClusterConfig and launch what their comments promise."""
+"""The accelerate configs parse into accelerate's ClusterConfig and launch what their comments
+promise."""
 
 from pathlib import Path
 
@@ -18,7 +19,8 @@ CONFIGS = [
 
 
 def launch_args(config: Path, *flags: str):
-    """What `accelerate launch --config_file CONFIG FLAGS train.py` resolves to (no process started)."""
+    """What `accelerate launch --config_file CONFIG FLAGS train.py` resolves to (no process
+    started)."""
     args = launch_command_parser().parse_args(
         ["--config_file", str(config), *flags, "train.py", "--preset", "tiny"]
     )
@@ -49,7 +51,8 @@ def test_top_level_config_is_ddp_on_all_gpus():
 def test_single_gpu_config_runs_one_process_on_gpu_0(monkeypatch):
     args = launch_args(REPO / "configs" / "accelerate" / "single_gpu.yaml")
     assert not args.multi_gpu and not args.use_fsdp and args.num_processes == 1
-    # accelerate names the visible devices for the backend it finds: a CUDA machine's, whatever runs the test
+    # accelerate names the visible devices for the backend it finds: a CUDA machine's, whatever runs
+    # the test
     monkeypatch.setattr(
         accelerate.utils.launch,
         "get_torch_accelerator_backend",

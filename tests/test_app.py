@@ -1,5 +1,6 @@
-"""app.py, the web demo: its handlers (wikigpt/reporting/demo.py) on bad input, the same text as generate.py for a seed, the
-facts of a train.py run; and the page itself in a headless chromium (skipped where none is installed)."""
+"""app.py, the web demo: its handlers (wikigpt/reporting/demo.py) on bad input, the same text as
+generate.py for a seed, the facts of a train.py run; and the page itself in a headless chromium
+(skipped where none is installed)."""
 
 import io
 import json
@@ -29,7 +30,8 @@ from wikigpt.errors import run_main
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, micro_files):
-    """A finished train.py run folder (results.json with test perplexity, model card, training curves)."""
+    """A finished train.py run folder (results.json with test perplexity, model card, training
+    curves)."""
     out = tmp_path_factory.mktemp("app-run") / "run"
     monkeypatch = pytest.MonkeyPatch()
     try:
@@ -65,7 +67,8 @@ def final(demo, **request):
 
 
 def generate_cli(monkeypatch, capsys, model, prompt, *flags):
-    """What `python generate.py --model M --prompt P FLAGS` prints (run in-process: no interpreter start-up)."""
+    """What `python generate.py --model M --prompt P FLAGS` prints (run in-process: no interpreter
+    start-up)."""
     capsys.readouterr()
     monkeypatch.setattr(
         sys,
@@ -86,7 +89,7 @@ def generate_cli(monkeypatch, capsys, model, prompt, *flags):
     return capsys.readouterr().out.removesuffix("\n")  # generate.py ends the streamed line
 
 
-# --- handlers ---------------------------------------------------------------------------------------------------
+# --- handlers -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("greedy, stop", [(True, ""), (False, r"\n")])
@@ -234,7 +237,7 @@ def test_unloadable_model_is_a_message_on_the_page(tmp_path, make, message):
     )
 
 
-# --- facts ------------------------------------------------------------------------------------------------------
+# --- facts ----------------------------------------------------------------------------------------
 
 
 def test_facts_of_a_train_py_run(demo, run_dir, tmp_path):
@@ -250,7 +253,8 @@ def test_facts_of_a_train_py_run(demo, run_dir, tmp_path):
     assert "| learning_rate | " in facts and "| test | " in facts
     assert curves == str(run_dir / "training_curves.png") and card.startswith("# run")
 
-    # eval.py's results (word perplexity, bits per byte) appear when it has written them into the folder.
+    # eval.py's results (word perplexity, bits per byte) appear when it has written them into the
+    # folder.
     with_eval = tmp_path / "with-eval"
     shutil.copytree(run_dir, with_eval)
     report = {
@@ -287,12 +291,12 @@ def test_without_gradio_says_how_to_install():
     )
     assert proc.returncode == 2
     assert (
-        proc.stderr
-        == "error: the web demo needs gradio; install it with: pip install -r requirements-app.txt\n"
+        proc.stderr == "error: the web demo needs gradio; install it with: pip install -r "
+        "requirements-app.txt\n"
     )
 
 
-# --- the page in a browser ----------------------------------------------------------------------------------------
+# --- the page in a browser ------------------------------------------------------------------------
 
 
 def test_page_in_a_browser(monkeypatch, capsys, run_dir, tmp_path):
@@ -325,7 +329,8 @@ def test_page_in_a_browser(monkeypatch, capsys, run_dir, tmp_path):
                     *flags,
                 )
                 assert expected.startswith(prompt) and len(expected) > len(prompt)
-                # Fails (playwright's AssertionError shows the page's text) unless the page shows generate.py's text.
+                # Fails (playwright's AssertionError shows the page's text) unless the page shows
+                # generate.py's text.
                 text, status = generate_on_page(
                     page,
                     prompt,

@@ -1,11 +1,11 @@
-"""Bad input, all scripts: one `error:` line naming the argument and the fix, exit != 0, no traceback, and the
-output directory exactly as it was.
+"""Bad input, all scripts: one `error:` line naming the argument and the fix, exit != 0, no
+traceback, and the output directory exactly as it was.
 
-One row per case in CASES: (script, name, argv builder, strings the error line must contain). Add eval.py and
-generate.py rows to the same table: the argv builder gets a `Inputs` object with ready-made bad inputs (files,
-folders, checkpoints) and the output dir, and returns the full command line after the script name. Rows run
-in-process (fast); rows marked `subprocess=True` run the real script to prove the exit status and that no
-traceback reaches the terminal.
+One row per case in CASES: (script, name, argv builder, strings the error line must contain). Add
+eval.py and generate.py rows to the same table: the argv builder gets a `Inputs` object with
+ready-made bad inputs (files, folders, checkpoints) and the output dir, and returns the full command
+line after the script name. Rows run in-process (fast); rows marked `subprocess=True` run the real
+script to prove the exit status and that no traceback reaches the terminal.
 """
 
 import importlib
@@ -25,7 +25,8 @@ from wikigpt.errors import UsageError, run_main
 
 
 class Inputs:
-    """Bad (and good) inputs, created on first use in the test's tmp dir. `out` is the output dir under test."""
+    """Bad (and good) inputs, created on first use in the test's tmp dir. `out` is the output dir
+    under test."""
 
     def __init__(self, tmp: Path, files: dict, tiny_checkpoint: Path, trained_checkpoint: Path):
         self.tmp, self.files, self.tiny_checkpoint = tmp, files, tiny_checkpoint
@@ -55,7 +56,8 @@ class Inputs:
         return self.out / "checkpoint-2"
 
     def eval(self, *extra) -> list:
-        """An eval.py command line that works (tiny model, small slice, one method); `extra` flags override."""
+        """An eval.py command line that works (tiny model, small slice, one method); `extra` flags
+        override."""
         return [
             "--model",
             self.tiny_checkpoint,
@@ -84,7 +86,8 @@ class Inputs:
         ]
 
     def train(self, *extra, drop=()) -> list:
-        """A train.py command line that works; `extra` flags come last and so override; `drop` removes flags."""
+        """A train.py command line that works; `extra` flags come last and so override; `drop`
+        removes flags."""
         argv = micro_args(self.files, self.out, *extra, max_steps=2, save_steps=2)
         for flag in drop:
             i = argv.index(flag)
@@ -732,7 +735,8 @@ def inputs(tmp_path, micro_files, tiny_checkpoint, trained_checkpoint):
 
 
 def snapshot(folder: Path) -> dict:
-    """Every file under `folder` with its size and mtime: equal snapshots = nothing written, removed or touched."""
+    """Every file under `folder` with its size and mtime: equal snapshots = nothing written, removed
+    or touched."""
     if not folder.exists():
         return {}
     return {

@@ -1,4 +1,5 @@
-"""benchmarks/train_throughput.py runs a few tiny CPU steps of every kind of row and writes its JSON."""
+"""benchmarks/train_throughput.py runs a few tiny CPU steps of every kind of row and writes its
+JSON."""
 
 import json
 
@@ -71,7 +72,8 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     ]
     assert [r["name"] for r in report["references"]] == ["hand_loop", "nanogpt_eager"]
     rows = report["runs"] + report["levers"] + report["wikigpt_levers"] + report["references"]
-    # CPU, no --peak_flops: MFU against the best matmul of the row's precision this run measured (the probe's).
+    # CPU, no --peak_flops: MFU against the best matmul of the row's precision this run measured
+    # (the probe's).
     fp32_probe = [r["gflops"] for r in report["matmul_probe"] if r["dtype"] == "fp32"]
     assert len(fp32_probe) == 3 and all(g > 0 for g in fp32_probe)
     assert report["measured_peak_flops"]["fp32"] == pytest.approx(max(fp32_probe) * 1e9)
@@ -79,7 +81,8 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     for run in rows:
         assert RUN_KEYS <= set(run), RUN_KEYS - set(run)
         assert run["timed_steps"] == 2 and run["ms_per_step"] > 0 and run["peak_memory_mib"] > 0
-        # each row against its own precision's peak (wikigpt's rows are bf16 where the CPU has native bf16)
+        # each row against its own precision's peak (wikigpt's rows are bf16 where the CPU has
+        # native bf16)
         peak = report["measured_peak_flops"]["bf16" if run["bf16"] else "fp32"]
         assert run["peak_flops"] == peak and 0 < run["mfu"] < 1
         assert run["peak_memory_kind"].startswith("process peak RSS")  # CPU: labelled as such
@@ -89,12 +92,14 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     wiki = report["runs"][1]
     assert wiki["vocab_size"] == report["levers"][0]["vocab_size"] == 50304  # CPU wikigpt: padded
     assert report["runs"][0]["vocab_size"] == 50257
-    # Same seed, same dropout masks: the chunked loss trains to the plain loss (tests/objectives/test_chunked_loss.py).
+    # Same seed, same dropout masks: the chunked loss trains to the plain loss
+    # (tests/objectives/test_chunked_loss.py).
     assert report["levers"][1]["last_logged_loss"] == pytest.approx(
         report["runs"][0]["last_logged_loss"], rel=1e-5
     )
-    # wikigpt's rows run bf16 autocast where the CPU has it: logits rounded to bf16 in chunks of another shape round
-    # differently by host (AMX vs AVX512 kernels), ~1e-5 of the loss; a wrong loss is off by far more than 1e-4.
+    # wikigpt's rows run bf16 autocast where the CPU has it: logits rounded to bf16 in chunks of
+    # another shape round differently by host (AMX vs AVX512 kernels), ~1e-5 of the loss; a wrong
+    # loss is off by far more than 1e-4.
     bf16_rel = 1e-4 if wiki["bf16"] else 1e-5
     assert report["wikigpt_levers"][0]["last_logged_loss"] == pytest.approx(
         wiki["last_logged_loss"], rel=bf16_rel
@@ -104,7 +109,8 @@ def test_benchmark_writes_the_documented_json(tmp_path):
     assert "activation_function=gelu_new" in python_gelu["train_py_args"]
     assert python_gelu["last_logged_loss"] == pytest.approx(wiki["last_logged_loss"], rel=bf16_rel)
     assert report["wikigpt_vs_nanogpt"] > 0 and "vs_nanogpt_eager" in wiki
-    # The wikigpt row is train.py's path: train.py with the row's flags logs the same loss at the same step.
+    # The wikigpt row is train.py's path: train.py with the row's flags logs the same loss at the
+    # same step.
     argv = wiki["train_py_args"]
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "train_py")
     proc = run_script("train.py", *argv, env=env, timeout=600)
@@ -129,8 +135,8 @@ def test_benchmark_writes_the_documented_json(tmp_path):
 def test_optimizer_step_benchmark_compares_like_with_like_and_writes_json(
     tmp_path, orthogonalize, switch, dtype
 ):
-    """bf16 on both sides agrees to the bit on any host; the fp32 path (hosts without native bf16) differs by
-    bf16's rounding of torch's side, and the JSON says which path ran."""
+    """bf16 on both sides agrees to the bit on any host; the fp32 path (hosts without native bf16)
+    differs by bf16's rounding of torch's side, and the JSON says which path ran."""
     out = tmp_path / "optimizer.json"
     proc = run_script(
         "benchmarks/optimizer_step.py",

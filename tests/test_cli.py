@@ -1,5 +1,5 @@
-"""wikigpt/cli.py: config files first (several layer, a later one wins), then flags; unknown keys refused; renamed
-flags keep their old names (OLD_NAMES) with one notice each."""
+"""wikigpt/cli.py: config files first (several layer, a later one wins), then flags; unknown keys
+refused; renamed flags keep their old names (OLD_NAMES) with one notice each."""
 
 import dataclasses
 

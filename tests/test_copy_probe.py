@@ -1,5 +1,5 @@
-"""benchmarks/copy_probe.py: both readings are scored on the same targets, the JSON says what was measured, and
-bad sizes get one error line before anything is written."""
+"""benchmarks/copy_probe.py: both readings are scored on the same targets, the JSON says what was
+measured, and bad sizes get one error line before anything is written."""
 
 import importlib.util
 import json
@@ -14,8 +14,9 @@ spec.loader.exec_module(copy_probe_module)
 
 
 def test_a_model_that_reads_only_the_current_token_gains_nothing(tiny_checkpoint):
-    # Attention writes nothing and every position reads the same (zero) row: each prediction depends on the
-    # current token alone, so both readings, scored on the same targets after the same tokens, cost the same.
+    # Attention writes nothing and every position reads the same (zero) row: each prediction depends
+    # on the current token alone, so both readings, scored on the same targets after the same
+    # tokens, cost the same.
     model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     with torch.no_grad():
         model.transformer.wpe.weight.zero_()
@@ -25,14 +26,15 @@ def test_a_model_that_reads_only_the_current_token_gains_nothing(tiny_checkpoint
     ids = torch.randint(0, 5000, (3, 20), generator=torch.Generator().manual_seed(0))
     result = copy_probe_module.copy_probe(model, ids)
     assert abs(result["copy_gain_nats"]) < 1e-4
-    # and the first reading is the model's loss on the spans alone: the second one does not leak back
+    # and the first reading is the model's loss on the spans alone: the second does not leak back
     first = model(ids, labels=ids).loss.item()
     assert abs(result["nll_first_reading"] - first) < 1e-4
 
 
 def test_heads_that_attend_evenly_score_one_over_the_position(tiny_checkpoint):
-    # Zero queries and keys: every head spreads its attention evenly, 1/(q + 1) on each key of query q, so the
-    # induction score is the mean of 1/(q + 1) over the second reading and the previous-token score over all.
+    # Zero queries and keys: every head spreads its attention evenly, 1/(q + 1) on each key of query
+    # q, so the induction score is the mean of 1/(q + 1) over the second reading and the
+    # previous-token score over all.
     model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     n_embd = model.config.n_embd
     with torch.no_grad():
@@ -48,8 +50,9 @@ def test_heads_that_attend_evenly_score_one_over_the_position(tiny_checkpoint):
 
 
 def head_looking_back(checkpoint, span: int, target) -> GPT2LMHeadModel:
-    """The checkpoint with layer 0, head 0 attending from each position q to position target(q): positions are
-    one-hot rows (tokens read zero), the key is the position, the query a large weight on target(q)'s."""
+    """The checkpoint with layer 0, head 0 attending from each position q to position target(q):
+    positions are one-hot rows (tokens read zero), the key is the position, the query a large weight
+    on target(q)'s."""
     model = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
     n_embd, head = model.config.n_embd, model.config.n_embd // model.config.n_head
     assert 2 * span <= head
@@ -110,7 +113,7 @@ def test_script_writes_the_json(tmp_path, tiny_checkpoint):
     report = json.loads(out.read_text())
     assert (report["span"], report["samples"], report["stride"]) == (30, 4, 200)
     assert report["test_file"] == str(WT2 / "wiki.test.raw")
-    # a random tiny model is close to uniform over the 50,257 tokens (ln 50257 = 10.8) on both readings
+    # a random tiny model is near uniform over the 50,257 tokens (ln 50257 = 10.8) on both readings
     assert 10 < report["nll_first_reading"] < 11.5 and 10 < report["nll_second_reading"] < 11.5
     assert f"copying gains {report['copy_gain_nats']:.3f} nats" in proc.stdout
     assert (
@@ -127,7 +130,7 @@ def test_span_longer_than_half_the_context_is_one_error_line(tmp_path, tiny_chec
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert errors == [
-        "error: --span 100: a sample is 2 x span = 200 tokens, more than the model's context of 128; "
-        "pass --span 64 or less"
+        "error: --span 100: a sample is 2 x span = 200 tokens, more than the model's context of "
+        "128; pass --span 64 or less"
     ]
     assert not out.exists()

@@ -1,6 +1,8 @@
-"""generate.py / wikigpt/generation/sampling.py: batching, seeds, stop strings, JSONL records, errors end to end.
+"""generate.py / wikigpt/generation/sampling.py: batching, seeds, stop strings, JSONL records,
+errors end to end.
 
-Settings and their checks: test_generation_settings.py; reading and encoding prompts: test_prompts.py."""
+Settings and their checks: test_generation_settings.py; reading and encoding prompts:
+test_prompts.py."""
 
 import io
 import json
@@ -32,7 +34,8 @@ PROMPTS = ["Hello world, this is a long prompt with many words", "Hi", "The capi
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer):
-    """Tiny GPT-2 (context 128) whose random weights are large enough that greedy text varies token to token."""
+    """Tiny GPT-2 (context 128) whose random weights are large enough that greedy text varies token
+    to token."""
     d = tmp_path_factory.mktemp("varied-checkpoint")
     torch.manual_seed(0)
     config = GPT2Config(
@@ -73,7 +76,8 @@ def call_generate(monkeypatch, capsys, *argv, stdin=""):
 
 
 def run_cli(*argv, input=""):
-    """generate.py as a user runs it; stdin is always given so the child never waits on the terminal."""
+    """generate.py as a user runs it; stdin is always given so the child never waits on the
+    terminal."""
     return subprocess.run(
         [sys.executable, str(REPO / "generate.py"), *map(str, argv)],
         cwd=REPO,
@@ -88,7 +92,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-# --- batching and seeds -------------------------------------------------------------------------------------
+# --- batching and seeds ---------------------------------------------------------------------------
 
 
 def test_greedy_batch_equals_each_prompt_alone(loaded):
@@ -110,8 +114,8 @@ def test_greedy_batch_equals_each_prompt_alone(loaded):
     assert batch == alone
     assert all(len(ids) == 12 for ids in batch) and len({tuple(ids) for ids in batch}) == 3
 
-    # The same batch padded on the right (the classic GPT-2 trap) changes a short prompt's continuation,
-    # so the equality above does depend on left padding and the attention mask.
+    # The same batch padded on the right (the classic GPT-2 trap) changes a short prompt's
+    # continuation, so the equality above does depend on left padding and the attention mask.
     tokenizer.padding_side = "right"
     try:
         inputs = tokenizer(PROMPTS, padding=True, return_tensors="pt")
@@ -153,11 +157,12 @@ def test_same_seed_same_samples(monkeypatch, capsys, checkpoint, tmp_path):
     assert first[0] != first[1]  # two samples of one prompt differ: it is sampling
 
 
-# --- end to end ---------------------------------------------------------------------------------------------
+# --- end to end -----------------------------------------------------------------------------------
 
 
 def test_cli_streams_from_stdin_and_reports_speed(tiny_checkpoint, tmp_path):
-    """A real process: prompt piped on stdin, streamed to stdout, tokens/s on stderr, record in the JSONL."""
+    """A real process: prompt piped on stdin, streamed to stdout, tokens/s on stderr, record in the
+    JSONL."""
     out = tmp_path / "one.jsonl"
     proc = run_cli(
         "--model",
@@ -334,7 +339,7 @@ def test_checkpoint_generation_config_gives_defaults_flags_override(
         )
 
 
-# --- pieces -------------------------------------------------------------------------------------------------
+# --- pieces ---------------------------------------------------------------------------------------
 
 
 def test_finish_reasons(loaded):
@@ -369,7 +374,8 @@ def test_finish_reasons(loaded):
 
 
 def test_generation_config_is_validated_strictly():
-    """transformers' GenerationConfig.validate(strict=True) runs too: what it would only warn about fails."""
+    """transformers' GenerationConfig.validate(strict=True) runs too: what it would only warn about
+    fails."""
     with pytest.raises(
         UsageError, match="transformers rejects these generation settings: .*pad_token_id"
     ):

@@ -1,4 +1,5 @@
-"""`train.py --help` reads as a table of contents: one group per argument dataclass, in the order of a run."""
+"""`train.py --help` reads as a table of contents: one group per argument dataclass, in the order of
+a run."""
 
 from conftest import run_script
 

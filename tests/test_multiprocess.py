@@ -1,7 +1,9 @@
-"""train.py under `accelerate launch` with 2 CPU processes (gloo) against 1 process at the same global batch.
+"""train.py under `accelerate launch` with 2 CPU processes (gloo) against 1 process at the same
+global batch.
 
-accelerate 1.15's `--cpu` flag starts a single process unless an MPI launcher is configured, so two CPU processes
-are started the way a GPU run is (`--multi_gpu`: torchrun) and train.py's `--use_cpu` makes them pick gloo.
+accelerate 1.15's `--cpu` flag starts a single process unless an MPI launcher is configured, so two
+CPU processes are started the way a GPU run is (`--multi_gpu`: torchrun) and train.py's `--use_cpu`
+makes them pick gloo.
 """
 
 import json
@@ -14,9 +16,9 @@ import pytest
 from conftest import REPO, TOKENIZER_DIR, WT2, write_lines
 from safetensors.torch import load_file
 
-# Same seed, same global batch (1 x 4 blocks vs 2 x 2), dropout off: both runs see the same blocks in the same
-# order and average the same gradients; only float summation order differs (gloo all-reduce), which is far
-# below this tolerance over 6 steps (measured: identical to ~1e-10).
+# Same seed, same global batch (1 x 4 blocks vs 2 x 2), dropout off: both runs see the same blocks
+# in the same order and average the same gradients; only float summation order differs (gloo
+# all-reduce), which is far below this tolerance over 6 steps (measured: identical to ~1e-10).
 RTOL = 1e-5
 
 
@@ -136,13 +138,14 @@ def test_eval_counts_every_block_exactly_once_with_an_uneven_last_batch(runs):
 
 
 def test_preprocessing_runs_once_on_the_main_process_first(runs):
-    """Every datasets map is computed ("Caching processed dataset") by one process and read from the cache by the
-    other ("Loading cached processed dataset"), and every computation finishes before any cache read starts:
-    rank 0 tokenized first while rank 1 waited at the barrier, and nothing was tokenized twice."""
+    """Every datasets map is computed ("Caching processed dataset") by one process and read from the
+    cache by the other ("Loading cached processed dataset"), and every computation finishes before
+    any cache read starts: rank 0 tokenized first while rank 1 waited at the barrier, and nothing
+    was tokenized twice."""
     _, _, two = runs
     events = re.findall(
-        r"INFO datasets\.arrow_dataset: (Caching processed dataset|Loading cached processed dataset)"
-        r" at \S*/(cache-[0-9a-f]+)",
+        r"INFO datasets\.arrow_dataset: (Caching processed dataset|Loading cached processed "
+        r"dataset) at \S*/(cache-[0-9a-f]+)",
         two.stderr,
     )  # the map's fingerprint names its cache file
     computed = [path for kind, path in events if kind.startswith("Caching")]

@@ -1,5 +1,6 @@
-"""`pip install .` ships everything the package imports: a wheel built offline from the sources, installed into a
-bare folder, imports every wikigpt module and loads the corpus_perplexity metric from there, not from the checkout."""
+"""`pip install .` ships everything the package imports: a wheel built offline from the sources,
+installed into a bare folder, imports every wikigpt module and loads the corpus_perplexity metric
+from there, not from the checkout."""
 
 import json
 import math

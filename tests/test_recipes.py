@@ -1,6 +1,7 @@
-"""The recipes in configs/ (not configs/accelerate/): each parses with train.py's dataclasses and trains a few CPU
-steps with micro-size overrides (tokenizer, files, width, block, steps), the rest of the recipe as written; the
-one-command script recipes/cpu_30min.sh runs end to end at micro size."""
+"""The recipes in configs/ (not configs/accelerate/): each parses with train.py's dataclasses and
+trains a few CPU steps with micro-size overrides (tokenizer, files, width, block, steps), the rest
+of the recipe as written; the one-command script recipes/cpu_30min.sh runs end to end at micro
+size."""
 
 import json
 import os
@@ -20,7 +21,8 @@ RECIPES = [[p.name] for p in sorted((REPO / "configs").glob("*.yaml"))] + [
     CPU + ["cpu/teacher.yaml"],
     CPU + ["cpu/student.yaml"],
 ]
-# Switches this CPU-only machine cannot run (bf16/TF32 need CUDA; compiling takes ~45 s), the rest as written.
+# Switches this CPU-only machine cannot run (bf16/TF32 need CUDA; compiling takes ~45 s), the rest
+# as written.
 CPU_ONLY_FLAGS = {
     "gpu_fast.yaml": ["--bf16", "false", "--tf32", "false", "--torch_compile", "false"]
 }
@@ -41,7 +43,7 @@ def parse(files: list[str], *flags):
 
 @pytest.mark.parametrize("files", RECIPES, ids=name_of)
 def test_recipe_parses(files, monkeypatch):
-    # parsed as on a machine with a GPU: a CPU-only one with native bf16 sets use_cpu for bf16 autocast
+    # parsed as on a GPU machine: a CPU-only one with native bf16 sets use_cpu for bf16 autocast
     monkeypatch.setattr("wikigpt.train.precision.no_accelerator", lambda: False)
     model, data, levers, calibration, training = parse(files)
     name = name_of(files)
@@ -131,7 +133,8 @@ def test_recipe_parses(files, monkeypatch):
 
 @pytest.fixture(scope="module")
 def micro_test_file(tmp_path_factory):
-    """A test slice apart from the micro validation slice (a validation file that is the test file is refused)."""
+    """A test slice apart from the micro validation slice (a validation file that is the test file
+    is refused)."""
     return write_lines(
         tmp_path_factory.mktemp("test-slice") / "test.raw", WT2 / "wiki.test.raw", 40, 60
     )
@@ -180,7 +183,8 @@ def test_recipe_trains_a_few_cpu_steps(
 ):
     out = tmp_path / "run"
     model, data, *_ = parse(files)
-    # Micro size: the recipe's model is narrowed (a from-scratch one) or swapped for a tiny local checkpoint.
+    # Micro size: the recipe's model is narrowed (a from-scratch one) or swapped for a tiny local
+    # checkpoint.
     model_flags = (
         ["--model_name_or_path", tiny_checkpoint]
         if model.model_name_or_path
@@ -213,7 +217,8 @@ def test_recipe_trains_a_few_cpu_steps(
 
 
 def test_the_one_command_runs_at_micro_size(micro_files, micro_test_file, tmp_path):
-    """recipes/cpu_30min.sh as written (teacher, student against it, eval.py), with micro-size flags appended."""
+    """recipes/cpu_30min.sh as written (teacher, student against it, eval.py), with micro-size flags
+    appended."""
     out = tmp_path / "pair"
     flags = [str(a) for a in micro_flags(micro_files, "unused")]
     flags = flags[: flags.index("--output_dir")] + flags[flags.index("--output_dir") + 2 :]

@@ -24,8 +24,9 @@ def test_pickle_only_checkpoint_needs_allow_pickle(tmp_path):
     with pytest.raises(UsageError) as err:
         load_causal_lm(str(tmp_path), flag="--model_name_or_path")
     assert str(err.value) == (
-        f"--model_name_or_path {str(tmp_path)!r} holds only pickle weights (pytorch_model.bin), which can run code "
-        f"when loaded; convert them to safetensors, or pass --allow_pickle if you trust the source"
+        f"--model_name_or_path {str(tmp_path)!r} holds only pickle weights (pytorch_model.bin), "
+        "which can run code when loaded; convert them to safetensors, or pass --allow_pickle if "
+        "you trust the source"
     )
     loaded = load_causal_lm(str(tmp_path), flag="--model_name_or_path", allow_pickle=True)
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)

@@ -1,5 +1,5 @@
-"""The code style CI holds the repository to: `ruff check` (pyproject.toml's rules, lines of at most 100
-characters) and `ruff format --check` report nothing."""
+"""The code style CI holds the repository to: `ruff check` (pyproject.toml's rules, lines of at most
+100 characters) and `ruff format --check` report nothing."""
 
 import subprocess
 import sys

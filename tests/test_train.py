@@ -1,4 +1,5 @@
-"""train.py end to end on CPU: a tiny run that saves a reloadable model, checkpoints, config files, bad input."""
+"""train.py end to end on CPU: a tiny run that saves a reloadable model, checkpoints, config files,
+bad input."""
 
 import json
 import logging
@@ -28,8 +29,9 @@ def test_tiny_run_writes_a_reloadable_model_and_results(tmp_path, small_files):
     for split in ("train", "validation", "test"):
         c = results["data"][split]
         assert c["tokens_in_blocks"] == c["blocks"] * 64 and 0 <= c["tokens_dropped"] < 64
-    # Perplexity comes from the corpus_perplexity module: exp(sum NLL / tokens), every block counted once; the
-    # Trainer's eval_loss (mean of batch means) agrees to float rounding on equal-length blocks.
+    # Perplexity comes from the corpus_perplexity module: exp(sum NLL / tokens), every block counted
+    # once; the Trainer's eval_loss (mean of batch means) agrees to float rounding on equal-length
+    # blocks.
     for split, prefix in (("validation", "eval"), ("test", "test")):
         metrics = results[split]
         assert math.isclose(
@@ -151,8 +153,8 @@ def test_offline_default_tokenizer_names_the_local_flag(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert code == 2
     assert (
-        "error: --tokenizer_name 'gpt2' is not a local path and could not be fetched (HF_HUB_OFFLINE=1 is set"
-        in err
+        "error: --tokenizer_name 'gpt2' is not a local path and could not be fetched "
+        "(HF_HUB_OFFLINE=1 is set" in err
     )
     assert "pass --tokenizer_name DIR" in err and "Traceback" not in err
 
@@ -168,7 +170,8 @@ def test_non_empty_output_dir_is_not_overwritten(tmp_path, small_files, monkeypa
 
 
 def test_validation_that_is_test_is_reported_as_such(micro_files, tmp_path, monkeypatch, caplog):
-    """Nothing chooses with it (no early stopping, no calibration): the run goes on and says so once."""
+    """Nothing chooses with it (no early stopping, no calibration): the run goes on and says so
+    once."""
     argv = micro_args(
         micro_files, tmp_path / "out", "--test_file", micro_files["validation"], max_steps=2
     )

@@ -1,4 +1,5 @@
-"""Result files: written atomically (temp file + rename) so an interrupted run never leaves half a JSON."""
+"""Result files: written atomically (temp file + rename) so an interrupted run never leaves half a
+JSON."""
 
 import json
 import os

@@ -1,10 +1,11 @@
-"""Argument parsing shared by the scripts: HfArgumentParser, plus a YAML/JSON config file as first argument.
+"""Argument parsing shared by the scripts: HfArgumentParser, plus a YAML/JSON config file as first
+argument.
 
 `python train.py configs/x.yaml --learning_rate 1e-3` reads the file's keys as defaults and lets the
-command line override them; an unknown key in the file is an error that names it. Several files may come
-first (`configs/cpu/recipe.yaml configs/cpu/student.yaml`): a later file's keys override an earlier one's.
-Renamed flags (OLD_NAMES) keep working under their old names, on the command line and as config-file keys,
-with one warning line per old name.
+command line override them; an unknown key in the file is an error that names it. Several files may
+come first (`configs/cpu/recipe.yaml configs/cpu/student.yaml`): a later file's keys override an
+earlier one's. Renamed flags (OLD_NAMES) keep working under their old names, on the command line and
+as config-file keys, with one warning line per old name.
 """
 
 import argparse
@@ -21,8 +22,8 @@ from transformers import HfArgumentParser
 from wikigpt.errors import UsageError
 
 CONFIG_EXTENSIONS = (".yaml", ".yml", ".json")
-# Renamed flags, old name -> new name: the old flag is an alias of the new one (old_flags), an old config-file key
-# is read as the new one (_read_config), and either logs OLD_NAME_NOTICE once.
+# Renamed flags, old name -> new name: the old flag is an alias of the new one (old_flags), an old
+# config-file key is read as the new one (_read_config), and either logs OLD_NAME_NOTICE once.
 OLD_NAMES = {
     "tie_tokens_below": "rare_tokens_below",
     "tied_token_groups": "rare_token_groups",
@@ -34,7 +35,8 @@ logger = logging.getLogger("wikigpt.cli")
 
 
 def old_flags(new: str) -> list[str]:
-    """The old spellings of flag `new` (field metadata "aliases" for HfArgumentParser), as the old flag had them."""
+    """The old spellings of flag `new` (field metadata "aliases" for HfArgumentParser), as the old
+    flag had them."""
     return [
         flag
         for old, name in OLD_NAMES.items()
@@ -44,8 +46,8 @@ def old_flags(new: str) -> list[str]:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the description's lines and names a renamed flag by its new name only (the old name, in
-    OLD_NAMES, still parses)."""
+    """--help keeps the description's lines and names a renamed flag by its new name only (the old
+    name, in OLD_NAMES, still parses)."""
 
     def _format_action_invocation(self, action):
         kept = [
@@ -64,8 +66,8 @@ def _rename_old_keys(values: dict, path: str, renamed: list | None) -> dict:
         if new != key:
             if new in values:
                 raise UsageError(
-                    f"config file {path!r} sets both {key} and {new}, one setting under its old and "
-                    f"new name; keep {new}"
+                    f"config file {path!r} sets both {key} and {new}, one setting under its old "
+                    f"and new name; keep {new}"
                 )
             if renamed is not None:
                 renamed.append(key)
@@ -74,7 +76,8 @@ def _rename_old_keys(values: dict, path: str, renamed: list | None) -> dict:
 
 
 def _read_config(path: str, renamed: list | None = None) -> dict:
-    """A config file's mapping, old key names (OLD_NAMES) read as the new ones and appended to `renamed`."""
+    """A config file's mapping, old key names (OLD_NAMES) read as the new ones and appended to
+    `renamed`."""
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
@@ -103,14 +106,16 @@ def read_config(path: str, parser: HfArgumentParser, renamed: list | None = None
 
 
 def old_names_given(argv: list[str]) -> list[str]:
-    """The OLD_NAMES keys among the flags of a command line (--tie_tokens_below, --tie-tokens-below=2, ...)."""
+    """The OLD_NAMES keys among the flags of a command line (--tie_tokens_below,
+    --tie-tokens-below=2, ...)."""
     names = (arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--"))
     return [name for name in names if name in OLD_NAMES]
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    # usage: the groups of --help list every flag; a usage line listing them too would be longer than they are
+    # usage: the groups of --help list every flag; a usage line listing them too would be longer
+    # than they are
     parser = HfArgumentParser(
         dataclass_types,
         description=description,

@@ -1,7 +1,8 @@
 """User-facing errors: one line that names the argument and the fix, a non-zero exit, no traceback.
 
 Every check of user input raises `UsageError`; the scripts wrap `main` in `run_main`, which prints
-`error: <message>` to stderr and exits 2. `--debug` (or WIKIGPT_DEBUG=1) re-raises for the full traceback.
+`error: <message>` to stderr and exits 2. `--debug` (or WIKIGPT_DEBUG=1) re-raises for the full
+traceback.
 """
 
 import contextlib
@@ -38,8 +39,8 @@ def _first_line(err: BaseException) -> str:
 def loading(flag: str, value: str, local_hint: str):
     """Turn a failed Hub/local load into one line naming `flag` and the local-path alternative.
 
-    Without network, `from_pretrained("gpt2")` or `load_dataset("wikitext")` raise long, nested errors;
-    users need to know which flag to point at a local copy instead.
+    Without network, `from_pretrained("gpt2")` or `load_dataset("wikitext")` raise long, nested
+    errors; users need to know which flag to point at a local copy instead.
     """
     try:
         yield
@@ -58,6 +59,6 @@ def loading(flag: str, value: str, local_hint: str):
             else "the Hugging Face Hub is unreachable or has no such repo"
         )
         raise UsageError(
-            f"{flag} {value!r} is not a local path and could not be fetched ({why}: {_first_line(err)}); "
-            f"{local_hint}"
+            f"{flag} {value!r} is not a local path and could not be fetched ({why}: "
+            f"{_first_line(err)}); {local_hint}"
         ) from err

@@ -1,8 +1,10 @@
-"""Model and tokenizer: GPT-2 presets built locally from GPT2Config, config overrides, or a checkpoint.
+"""Model and tokenizer: GPT-2 presets built locally from GPT2Config, config overrides, or a
+checkpoint.
 
-The one loader of the scripts: train.py builds or loads its model with `load_model`; eval.py, generate.py and
-the demo load a checkpoint with its tokenizer through `load_pretrained`. Both go through `load_causal_lm`,
-`load_tokenizer` and `check_vocabulary`, so every script reads weights and tokenizers the same way.
+The one loader of the scripts: train.py builds or loads its model with `load_model`; eval.py,
+generate.py and the demo load a checkpoint with its tokenizer through `load_pretrained`. Both go
+through `load_causal_lm`, `load_tokenizer` and `check_vocabulary`, so every script reads weights and
+tokenizers the same way.
 """
 
 import ast
@@ -16,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from wikigpt.errors import UsageError, loading
 from wikigpt.padded_vocab import check_pad_vocab_args, pad_vocab, padded_size
 
-# Sizes from the GPT-2 paper (Radford et al., 2019); `tiny` is a CPU smoke model (< 1M non-embedding params).
+# Sizes from the GPT-2 paper (Radford et al., 2019); `tiny` is a CPU smoke model (< 1M non-embedding
+# params).
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -25,9 +28,10 @@ PRESETS: dict[str, dict] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 DEFAULT_PRESET = "gpt2"
-# GPT-2's GELU (tanh approximation) through torch's fused kernel: the formula of GPT2Config's "gelu_new", which
-# transformers computes with six separate elementwise ops; CPU steps 5-7% faster at 4 x 4 x 256 (docs/speed.md).
-# Any transformers version loads it; --config_overrides activation_function=gelu_new restores the Python one.
+# GPT-2's GELU (tanh approximation) through torch's fused kernel: the formula of GPT2Config's
+# "gelu_new", which transformers computes with six separate elementwise ops; CPU steps 5-7% faster
+# at 4 x 4 x 256 (docs/speed.md). Any transformers version loads it; --config_overrides
+# activation_function=gelu_new restores the Python one.
 FROM_SCRATCH_DEFAULTS = {"activation_function": "gelu_pytorch_tanh"}
 # Bookkeeping fields of the config file, not architecture.
 NOT_OVERRIDABLE = {
@@ -67,7 +71,8 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None,
         metadata={
-            "help": 'From scratch only: GPT2Config fields, e.g. "n_layer=6,n_embd=384,resid_pdrop=0.2".'
+            "help": "From scratch only: GPT2Config fields, e.g. "
+            '"n_layer=6,n_embd=384,resid_pdrop=0.2".'
         },
     )
     tokenizer_name: str | None = field(
@@ -82,23 +87,24 @@ class ModelArguments:
     allow_pickle: bool = field(
         default=False,
         metadata={
-            "help": "Also load pickle weights (pytorch_model.bin), which can run code when loaded. Default: "
-            "safetensors only."
+            "help": "Also load pickle weights (pytorch_model.bin), which can run code when loaded. "
+            "Default: safetensors only."
         },
     )
     pad_vocab_multiple: int | None = field(
         default=None,
         metadata={
-            "help": "From scratch only: pad the embedding and LM head to a multiple of this (e.g. 64) for "
-            "faster GPU matmuls; the tokenizer, loss and perplexity keep the real vocabulary. Default: "
-            "off."
+            "help": "From scratch only: pad the embedding and LM head to a multiple of this (e.g. "
+            "64) for faster GPU matmuls; the tokenizer, loss and perplexity keep the real "
+            "vocabulary. Default: off."
         },
     )
     attn_implementation: str | None = field(
         default=None,
         metadata={
-            "help": "Attention kernel, as transformers' attn_implementation: sdpa, eager or flash_attention_2 "
-            "(GPU, needs flash-attn); a --distill_from teacher uses the same. Default: sdpa."
+            "help": "Attention kernel, as transformers' attn_implementation: sdpa, eager or "
+            "flash_attention_2 (GPU, needs flash-attn); a --distill_from teacher uses the "
+            "same. Default: sdpa."
         },
     )
 
@@ -123,7 +129,8 @@ def _check_type(key: str, value, default):
 
 
 def parse_config_overrides(text: str) -> dict:
-    """Parse "key=value,key=value" into typed GPT2Config fields; unknown keys and wrong types are errors."""
+    """Parse "key=value,key=value" into typed GPT2Config fields; unknown keys and wrong types are
+    errors."""
     defaults = {
         k: v
         for k, v in GPT2Config().to_dict().items()
@@ -134,7 +141,8 @@ def parse_config_overrides(text: str) -> dict:
         key, sep, raw_value = (part.strip() for part in item.partition("="))
         if not sep or not key:
             raise UsageError(
-                f'--config_overrides item {item!r} is not key=value; write e.g. "n_layer=6,n_embd=384"'
+                f"--config_overrides item {item!r} is not key=value; write e.g. "
+                '"n_layer=6,n_embd=384"'
             )
         if key not in defaults:
             raise UsageError(
@@ -175,17 +183,20 @@ def tokenizer_for(args: ModelArguments) -> str:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    # Errors name --tokenizer_name even when the name came from the model flag: that is the flag that fixes them.
+    # Errors name --tokenizer_name even when the name came from the model flag: that is the flag
+    # that fixes them.
     with loading("--tokenizer_name", name, TOKENIZER_HINT):
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
 
 
 def check_vocabulary(tokenizer, model, whose: str, fix: str) -> None:
-    """A tokenizer with more tokens than the model has embedding rows would index past them mid-run."""
+    """A tokenizer with more tokens than the model has embedding rows would index past them
+    mid-run."""
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise UsageError(
-            f"--tokenizer_name has {len(tokenizer)} tokens but the {whose} vocabulary has {vocab}; {fix}"
+            f"--tokenizer_name has {len(tokenizer)} tokens but the {whose} vocabulary has {vocab}; "
+            f"{fix}"
         )
 
 
@@ -202,7 +213,8 @@ def check_model_args(args: ModelArguments) -> None:
         )
     if args.model_name_or_path and os.path.isfile(args.model_name_or_path):
         raise UsageError(
-            f"--model_name_or_path {args.model_name_or_path!r} is a file; pass the checkpoint folder"
+            f"--model_name_or_path {args.model_name_or_path!r} is a file; pass the checkpoint "
+            "folder"
         )
     check_pad_vocab_args(args.pad_vocab_multiple, args.model_name_or_path)
 
@@ -243,7 +255,8 @@ def load_model(args: ModelArguments, tokenizer):
 
 
 def use_attention(model, implementation: str) -> None:
-    """transformers' own switch; its refusal (unknown name, missing package) becomes one line naming the flag."""
+    """transformers' own switch; its refusal (unknown name, missing package) becomes one line naming
+    the flag."""
     try:
         model.set_attn_implementation(implementation)
     except (ValueError, ImportError) as error:
@@ -272,11 +285,15 @@ def describe_source(source: dict) -> str:
     extra = (
         f" with overrides {source['config_overrides']}" if source.get("config_overrides") else ""
     )
-    return f"trained from scratch (preset {source['preset']}{extra}; random initialisation, not gpt2 weights)"
+    return (
+        f"trained from scratch (preset {source['preset']}{extra}; random initialisation, not gpt2 "
+        "weights)"
+    )
 
 
 def context_length(config) -> int:
-    """Longest sequence the model takes (GPT-2: n_positions; most other causal LMs: max_position_embeddings)."""
+    """Longest sequence the model takes (GPT-2: n_positions; most other causal LMs:
+    max_position_embeddings)."""
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -292,13 +309,15 @@ def load_causal_lm(
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
 ):
-    """Any causal-LM checkpoint (Hub id or local folder); a failed load becomes one line naming `flag`.
+    """Any causal-LM checkpoint (Hub id or local folder); a failed load becomes one line naming
+    `flag`.
 
     Safetensors only unless `allow_pickle`: unpickling a pytorch_model.bin can run arbitrary code.
     """
     if os.path.isfile(name):
         raise UsageError(
-            f"{flag} {name!r} is a file; pass the checkpoint folder (config.json + model.safetensors)"
+            f"{flag} {name!r} is a file; pass the checkpoint folder (config.json + "
+            "model.safetensors)"
         )
     # A Hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -317,8 +336,8 @@ def load_causal_lm(
         if pickles:
             raise UsageError(
                 f"{flag} {name!r} holds only pickle weights ({', '.join(pickles)}), which can run "
-                f"code when loaded; convert them to safetensors, or pass --allow_pickle if you trust "
-                f"the source"
+                "code when loaded; convert them to safetensors, or pass --allow_pickle if you "
+                "trust the source"
             )
     with loading(flag, name, CHECKPOINT_HINT):
         model = AutoModelForCausalLM.from_pretrained(
@@ -340,10 +359,12 @@ def load_pretrained(
     allow_pickle: bool = False,
     vocab_fix: str = "use the checkpoint's own tokenizer",
 ):
-    """(model, tokenizer) of checkpoint `name` for eval.py, generate.py and the demo (--model, --tokenizer_name).
+    """(model, tokenizer) of checkpoint `name` for eval.py, generate.py and the demo (--model,
+    --tokenizer_name).
 
-    The tokenizer is `tokenizer_name` when given, else the checkpoint's own; the model is on `device`, in eval
-    mode. `vocab_fix` ends the error for a tokenizer larger than the model's vocabulary.
+    The tokenizer is `tokenizer_name` when given, else the checkpoint's own; the model is on
+    `device`, in eval mode. `vocab_fix` ends the error for a tokenizer larger than the model's
+    vocabulary.
     """
     model = load_causal_lm(
         name,
@@ -360,9 +381,9 @@ def load_pretrained(
 def mark_causal_lm_loss(model):
     """Name the loss of classes such as GPT2LMHeadModel, whose names transformers cannot map to one.
 
-    With `loss_type` None the Trainer counts a batch's tokens without the causal shift (B*T instead of
-    B*(T-1)), so its loss and eval_loss come out (T-1)/T too low: 1.6% at block 64, 0.1% at 1024 (seen with
-    transformers 5.23). The model itself already uses the causal-LM loss.
+    With `loss_type` None the Trainer counts a batch's tokens without the causal shift (B*T instead
+    of B*(T-1)), so its loss and eval_loss come out (T-1)/T too low: 1.6% at block 64, 0.1% at 1024
+    (seen with transformers 5.23). The model itself already uses the causal-LM loss.
     """
     if getattr(model, "loss_type", None) is None:
         model.loss_type = "ForCausalLM"
@@ -370,7 +391,8 @@ def mark_causal_lm_loss(model):
 
 
 def pick_device() -> torch.device:
-    """The device accelerate (and so the Trainer) would use here: CUDA > MPS > other accelerators > CPU."""
+    """The device accelerate (and so the Trainer) would use here: CUDA > MPS > other accelerators >
+    CPU."""
     from accelerate import PartialState
 
     return PartialState().device

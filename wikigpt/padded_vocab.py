@@ -1,12 +1,14 @@
-"""Vocabulary padding: the LM head's matmul runs N-wide (e.g. 64), the weights and the tokenizer keep their size.
+"""Vocabulary padding: the LM head's matmul runs N-wide (e.g. 64), the weights and the tokenizer
+keep their size.
 
-GPT-2's LM head (768 x 50257) is the largest matmul in the model, and 50257 is odd: GPU matmul kernels run on
-full tiles only when the width is a multiple of 64/128, so nanoGPT pads it to 50304. Here the padding exists only
-inside the head's forward: the (tied) weight is zero-padded to 50304 rows for the matmul and the logits are sliced
-back to 50257 right after it. The parameters, config.json, checkpoints and the saved model keep the real
-vocabulary, so a plain `AutoModelForCausalLM.from_pretrained` (lm-eval, pipelines, the Hub widget) sees exactly
-the model train.py and eval.py score, and resuming needs nothing special. The loss, perplexity and sampling see
-the real vocabulary only; the padded ids do not exist outside the matmul.
+GPT-2's LM head (768 x 50257) is the largest matmul in the model, and 50257 is odd: GPU matmul
+kernels run on full tiles only when the width is a multiple of 64/128, so nanoGPT pads it to 50304.
+Here the padding exists only inside the head's forward: the (tied) weight is zero-padded to 50304
+rows for the matmul and the logits are sliced back to 50257 right after it. The parameters,
+config.json, checkpoints and the saved model keep the real vocabulary, so a plain
+`AutoModelForCausalLM.from_pretrained` (lm-eval, pipelines, the Hub widget) sees exactly the model
+train.py and eval.py score, and resuming needs nothing special. The loss, perplexity and sampling
+see the real vocabulary only; the padded ids do not exist outside the matmul.
 """
 
 from types import MethodType
@@ -39,7 +41,8 @@ def padded_size(vocab_size: int, multiple: int) -> int:
 
 
 def head_weight(head: torch.nn.Linear) -> torch.Tensor:
-    """The LM head's weight as its matmul uses it: zero-padded to the padded width when the model is padded."""
+    """The LM head's weight as its matmul uses it: zero-padded to the padded width when the model is
+    padded."""
     extra = getattr(head, "_padded_rows", 0)
     return F.pad(head.weight, (0, 0, 0, extra)) if extra else head.weight
 
@@ -51,14 +54,17 @@ def head_width(model) -> int:
 
 
 def _padded_head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-    # The matmul is padded-width (full GPU tiles); the padded columns are dropped before anyone sees them.
+    # The matmul is padded-width (full GPU tiles); the padded columns are dropped before anyone sees
+    # them.
     return F.linear(hidden, head_weight(self), self.bias)[..., : self.out_features]
 
 
 def pad_vocab(model, multiple: int):
-    """Run the model's LM-head matmul at the vocabulary rounded up to a multiple of `multiple` (in memory only).
+    """Run the model's LM-head matmul at the vocabulary rounded up to a multiple of `multiple` (in
+    memory only).
 
-    Nothing about the weights changes: the model computes the same logits, and saves and loads as before.
+    Nothing about the weights changes: the model computes the same logits, and saves and loads as
+    before.
     """
     head = model.get_output_embeddings()
     if head is None or not isinstance(head, torch.nn.Linear):

@@ -1,5 +1,6 @@
-"""--calibrate_temperature (wikigpt/calibration/temperature.py): the fitted temperature minimises held-out NLL, folding it into
-ln_f divides the logits by it, and train.py saves and evaluates the calibrated model."""
+"""--calibrate_temperature (wikigpt/calibration/temperature.py): the fitted temperature minimises
+held-out NLL, folding it into ln_f divides the logits by it, and train.py saves and evaluates the
+calibrated model."""
 
 import json
 import math
@@ -22,7 +23,8 @@ from wikigpt.errors import UsageError
 def sampled_logit_inputs(
     temperature: float, n: int = 20_000, vocab: int = 40, width: int = 6, seed: int = 0
 ):
-    """Hidden states, an output matrix, and targets drawn from softmax(hidden @ weight.T / temperature)."""
+    """Hidden states, an output matrix, and targets drawn from softmax(hidden @ weight.T /
+    temperature)."""
     g = torch.Generator().manual_seed(seed)
     hidden, weight = torch.randn(n, width, generator=g), torch.randn(vocab, width, generator=g)
     probs = torch.softmax(hidden @ weight.T / temperature, dim=-1)
@@ -90,11 +92,13 @@ def test_train_saves_and_evaluates_the_calibrated_model(tmp_path, micro_files, m
     calibration = results["calibration"]
     temperature = calibration["temperature"]
     assert calibration["validation_perplexity_after"] <= calibration["validation_perplexity_before"]
-    # the final validation evaluation (the Trainer's) scores the calibrated model: the fitted perplexity
+    # the final validation evaluation (the Trainer's) scores the calibrated model: the fitted
+    # perplexity
     assert results["validation"]["eval_perplexity"] == pytest.approx(
         calibration["validation_perplexity_after"], rel=1e-4
     )
-    # the weights training ended with (checkpoint-10) and the saved model differ only in ln_f, divided by T
+    # the weights training ended with (checkpoint-10) and the saved model differ only in ln_f,
+    # divided by T
     trained, saved = (
         load_file(out / "checkpoint-10" / "model.safetensors"),
         load_file(out / "model.safetensors"),
@@ -107,7 +111,8 @@ def test_train_saves_and_evaluates_the_calibrated_model(tmp_path, micro_files, m
     assert not math.isclose(temperature, 1.0, abs_tol=1e-3)  # else the check above could not tell
     card = (out / "README.md").read_text()
     assert (
-        f"- softmax temperature {temperature:.4f}, fitted on the held-out split after training and folded into "
-        f"the final LayerNorm (held-out perplexity {calibration['validation_perplexity_before']:,.2f} -> "
+        f"- softmax temperature {temperature:.4f}, fitted on the held-out split after training and "
+        "folded into the final LayerNorm (held-out perplexity "
+        f"{calibration['validation_perplexity_before']:,.2f} -> "
         f"{calibration['validation_perplexity_after']:,.2f})"
     ) in card

@@ -1,7 +1,7 @@
-"""--calibrate_token_offsets (wikigpt/calibration/token_offsets.py): tokens are grouped by training count, the fitted scales and
-offsets minimise held-out NLL, folding them into ln_f's bias and an untied LM head shifts each logit by its offset (and
-survives a save), a fold that would not be exact leaves the model alone, and train.py saves and evaluates the
-result."""
+"""--calibrate_token_offsets (wikigpt/calibration/token_offsets.py): tokens are grouped by training
+count, the fitted scales and offsets minimise held-out NLL, folding them into ln_f's bias and an
+untied LM head shifts each logit by its offset (and survives a save), a fold that would not be exact
+leaves the model alone, and train.py saves and evaluates the result."""
 
 import json
 
@@ -40,8 +40,9 @@ def test_rank_feature_is_log_one_plus_id_centred():
 
 
 def test_new_article_shares_count_each_article_against_the_others(caplog):
-    # counts 0: 2, 1: 2, 2: 2, 3: 3. First article: 0 (twice) is in no other article, 1 in one other; second: 1 and
-    # 2 in one other each; third: 2 in one other, 3 (three times) in none. 5 of 9 tokens unseen elsewhere, 4 seen once
+    # counts 0: 2, 1: 2, 2: 2, 3: 3. First article: 0 (twice) is in no other article, 1 in one
+    # other; second: 1 and 2 in one other each; third: 2 in one other, 3 (three times) in none. 5 of
+    # 9 tokens unseen elsewhere, 4 seen once
     shares = new_article_shares(
         [np.array([0, 0, 1]), np.array([1, 2]), np.array([2, 3, 3, 3])], vocab_size=6
     )
@@ -69,8 +70,8 @@ def test_share_weights_give_each_group_its_share():
 def drawn_with(
     true_scales, true_offsets, true_slopes=None, n: int = 30_000, width: int = 6, seed: int = 0
 ):
-    """Hidden states, an output matrix, groups of its 40 tokens, and targets drawn from the softmax of
-    s_g z_t + o_g + a_g r_t."""
+    """Hidden states, an output matrix, groups of its 40 tokens, and targets drawn from the softmax
+    of s_g z_t + o_g + a_g r_t."""
     g = torch.Generator().manual_seed(seed)
     vocab = 40
     hidden, weight = torch.randn(n, width, generator=g), torch.randn(vocab, width, generator=g)
@@ -123,7 +124,8 @@ def test_fit_recovers_the_scales_offsets_and_slopes_the_targets_were_drawn_with(
     hidden, targets, weight, groups = drawn_with(true_scales, true_offsets, true_slopes, n=120_000)
     scales, offsets, slopes = fit(hidden, targets, weight, groups, 4, l2=1e-7)
     torch.testing.assert_close(scales, true_scales, atol=0.05, rtol=0)
-    # a constant added to every offset leaves the softmax unchanged: compare them relative to their mean
+    # a constant added to every offset leaves the softmax unchanged: compare them relative to their
+    # mean
     torch.testing.assert_close(
         offsets - offsets.mean(), true_offsets - true_offsets.mean(), atol=0.06, rtol=0
     )
@@ -322,8 +324,8 @@ def test_fold_errors_measure_the_float32_and_bfloat16_logit_errors():
         hidden, weight, new_bias - bias, new_weight, token_scales * 2, token_offsets
     )
     assert error == pytest.approx(float((hidden[:256] @ weight.T).abs().max()), rel=1e-4)
-    # a 1e-3 times smaller C (beta scaled down): unshifted, the same offsets need 1e3 times larger head rows; a
-    # bias shifted by gamma makes C large again
+    # a 1e-3 times smaller C (beta scaled down): unshifted, the same offsets need 1e3 times larger
+    # head rows; a bias shifted by gamma makes C large again
     with torch.no_grad():
         model.transformer.ln_f.bias.mul_(1e-3)
     hidden, bias = (
@@ -364,8 +366,9 @@ def test_model_without_gpt2_final_layernorm_is_refused():
 
 @pytest.fixture(scope="module")
 def trained_size_checkpoint(tmp_path_factory, tokenizer):
-    """A micro GPT-2 whose LM head rows and final LayerNorm have a trained model's sizes (a from-scratch model after
-    a few steps still has GPT-2's tiny initial rows: offsets of a nat would dominate its logits' rounding error)."""
+    """A micro GPT-2 whose LM head rows and final LayerNorm have a trained model's sizes (a
+    from-scratch model after a few steps still has GPT-2's tiny initial rows: offsets of a nat would
+    dominate its logits' rounding error)."""
     d = tmp_path_factory.mktemp("trained-size")
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
@@ -432,7 +435,8 @@ def test_train_saves_and_evaluates_the_offset_model(
     assert offsets["validation_perplexity_before"] == pytest.approx(
         results["calibration"]["validation_perplexity_after"], rel=1e-4
     )
-    # the final validation evaluation (the Trainer's, in bf16 autocast on a CPU with native bf16) scores it
+    # the final validation evaluation (the Trainer's, in bf16 autocast on a CPU with native bf16)
+    # scores it
     assert results["validation"]["eval_perplexity"] == pytest.approx(
         offsets["validation_perplexity_after"], rel=3e-3
     )
@@ -443,7 +447,7 @@ def test_train_saves_and_evaluates_the_offset_model(
     assert (
         "lm_head.weight" in saved and "lm_head.weight" not in trained
     )  # untied: the head is saved on its own
-    # the saved model's true size, head included, in results.json and config.json (not the size as built)
+    # the saved model's true size, head included, in results.json and config.json (not as built)
     assert results["model"]["parameters"] == sum(t.numel() for t in saved.values())
     assert results["model"]["parameters"] > sum(t.numel() for t in trained.values())
     config = json.loads((out / "config.json").read_text())
@@ -453,13 +457,14 @@ def test_train_saves_and_evaluates_the_offset_model(
     )
     card = (out / "README.md").read_text()
     assert (
-        f"- logit scales {offsets['scales']}, offsets {offsets['offsets']} and slopes {offsets['rank_slopes']} "
-        f"on log(1 + token id) for tokens seen "
+        f"- logit scales {offsets['scales']}, offsets {offsets['offsets']} and slopes "
+        f"{offsets['rank_slopes']} on log(1 + token id) for tokens seen "
         f"[0, 1, 2, 3, 5, 10, 30, 100, 1000] or more times "
-        f"in the training text, fitted on the held-out split (weighted to each class's share in a new article) "
-        f"after training (held-out perplexity "
-        f"{offsets['validation_perplexity_before']:,.2f} -> {offsets['validation_perplexity_after']:,.2f}): "
-        f"folded into the final LayerNorm and the LM head, which is untied from the input embeddings"
+        "in the training text, fitted on the held-out split (weighted to each class's share in a "
+        "new article) after training (held-out perplexity "
+        f"{offsets['validation_perplexity_before']:,.2f} -> "
+        f"{offsets['validation_perplexity_after']:,.2f}): folded into the final LayerNorm and the "
+        "LM head, which is untied from the input embeddings"
     ) in card
     # --calibrate_class_shares new_articles: the training file's 5 articles, each left out in turn
     shares = offsets["class_shares"]

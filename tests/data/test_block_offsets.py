@@ -1,4 +1,5 @@
-"""--random_block_offset (wikigpt/data/block_offsets.py): new block boundaries every epoch, reproducible from --seed."""
+"""--random_block_offset (wikigpt/data/block_offsets.py): new block boundaries every epoch,
+reproducible from --seed."""
 
 import json
 
@@ -95,8 +96,8 @@ def test_persistent_workers_are_refused(micro_files, tmp_path, monkeypatch, caps
         capsys.readouterr()
         .err.strip()
         .endswith(
-            "error: --random_block_offset changes the training blocks every epoch, which persistent dataloader workers "
-            "would not see: drop --dataloader_persistent_workers"
+            "error: --random_block_offset changes the training blocks every epoch, which "
+            "persistent dataloader workers would not see: drop --dataloader_persistent_workers"
         )
     )
     assert not (out / "results.json").exists()

@@ -1,4 +1,5 @@
-"""wikigpt/data/blocks.py on the real WikiText-2 splits: Hub-format rows, token counts, grouping, hold-out, cache."""
+"""wikigpt/data/blocks.py on the real WikiText-2 splits: Hub-format rows, token counts, grouping,
+hold-out, cache."""
 
 import json
 
@@ -119,7 +120,8 @@ def test_missing_validation_is_held_out_of_train(tmp_path):
     raw = load_raw_splits(
         DataArguments(train_file=str(path), validation_split_percentage=10), seed=0
     )
-    # lines 0-199 of WikiText-2 validation: articles start at rows 1, 47, 78, 103 and 132; seed 0 holds out two
+    # lines 0-199 of WikiText-2 validation: articles start at rows 1, 47, 78, 103 and 132; seed 0
+    # holds out two
     rows = list(
         load_raw_splits(DataArguments(validation_file=str(path)), 0, ("validation",))["validation"][
             "text"

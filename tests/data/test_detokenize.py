@@ -1,4 +1,5 @@
-"""--detokenize: train.py trains on the articles lm-evaluation-harness scores, detokenized, in every split."""
+"""--detokenize: train.py trains on the articles lm-evaluation-harness scores, detokenized, in every
+split."""
 
 import json
 
@@ -10,7 +11,8 @@ from wikigpt.data.wikitext import detokenize, split_documents
 
 
 def expected_stream(path, tokenizer) -> list[int]:
-    """The file read directly, split into articles and detokenized, each article's tokens one after the other."""
+    """The file read directly, split into articles and detokenized, each article's tokens one after
+    the other."""
     with open(path, encoding="utf-8") as f:
         rows = [
             line + "\n" if line.strip() else "" for line in f.read().split("\n")[:-1]
@@ -53,7 +55,8 @@ def test_train_py_reports_the_detokenized_counts(tmp_path, micro_files, tokenize
 
 
 def test_detokenized_articles_keep_their_class_shares(micro_files, tokenizer):
-    """--detokenize's rows are the articles: the new-article class shares see as many as the raw headings do."""
+    """--detokenize's rows are the articles: the new-article class shares see as many as the raw
+    headings do."""
     from wikigpt.data.blocks import article_token_ids
 
     raw = load_raw_splits(

@@ -1,4 +1,5 @@
-"""wikigpt/data/wikitext.py: lm-evaluation-harness's WikiText documents, detokenizer and word/byte counts."""
+"""wikigpt/data/wikitext.py: lm-evaluation-harness's WikiText documents, detokenizer and word/byte
+counts."""
 
 from conftest import WT2
 
@@ -18,7 +19,8 @@ def test_documents_partition_the_real_test_split_into_62_articles():
     pages = split_documents(_rows("wiki.test.raw"))
     assert len(pages) == 62  # EleutherAI/wikitext_document_level, wikitext-2-raw-v1, test
     assert pages[0].startswith(" = Robert Boulter = \n \n Robert Boulter is an English film")
-    # Every page starts at a top-level heading, and together they are the file (less its first blank line).
+    # Every page starts at a top-level heading, and together they are the file (less its first blank
+    # line).
     assert all(p.split("\n")[0].startswith(" = ") and not p.startswith(" = = ") for p in pages)
     assert "\n".join(pages) == raw[len(" \n") :]
     assert len(split_documents(_rows("wiki.valid.raw"))) == 60

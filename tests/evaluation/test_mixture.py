@@ -1,5 +1,5 @@
-"""eval.py --ngram_order, --block_cache: the weight fit, the per-block n-gram and cache scores, the report, and the
-refusals."""
+"""eval.py --ngram_order, --block_cache: the weight fit, the per-block n-gram and cache scores, the
+report, and the refusals."""
 
 import json
 import math
@@ -73,7 +73,8 @@ def test_mixture_nll_is_the_nll_of_the_interpolated_probability():
 
 def test_block_cache_counts_only_the_tokens_before_in_the_same_block():
     nll = block_cache_nll([[5, 5, 6, 5], [6, 7, 6]])
-    # block 1: 5 after [5] -> 1/1; 6 after [5, 5] -> none; 5 after [5, 5, 6] -> 2/3. block 2 starts empty: 7 -> none
+    # block 1: 5 after [5] -> 1/1; 6 after [5, 5] -> none; 5 after [5, 5, 6] -> 2/3. block 2 starts
+    # empty: 7 -> none
     expected = [0.0, math.inf, -math.log(2 / 3), math.inf, -math.log(1 / 2)]
     assert nll.tolist() == pytest.approx(expected)
 
@@ -82,7 +83,8 @@ def test_ngram_block_nll_skips_each_first_token_and_reads_only_its_own_block():
     ngram = KneserNey([1, 2, 3, 1, 2, 4, 2, 3, 3, 1], order=2, vocab_size=6)
     nll = ngram_block_nll(ngram, [[1, 2, 3], [4, 2, 5]])
     assert len(nll) == 4
-    # block 2's second token is predicted from token 4 alone (its block's history), not from block 1's end
+    # block 2's second token is predicted from token 4 alone (its block's history), not from block
+    # 1's end
     assert nll[2] == pytest.approx(-math.log(ngram.distribution([4])[2]))
     assert nll[3] == pytest.approx(-math.log(ngram.distribution([2])[5]))
     assert nll[0] == pytest.approx(-math.log(ngram.distribution([1])[2]))
@@ -133,7 +135,8 @@ def test_report_adds_the_mixture_beside_the_models_own_perplexity(
         details["ngram"]["validation_mixture_perplexity"],
         details["cache"]["validation_mixture_perplexity"],
     )
-    # the test value, recomputed here from the model's logits and the n-gram fitted on the train split's tokens
+    # the test value, recomputed here from the model's logits and the n-gram fitted on the train
+    # split's tokens
     raw = load_raw_splits(data_args, 0, ("train", "test"))
     train_ids = [t for row in tokenize(raw["train"], tokenizer)["input_ids"] for t in row]
     assert details["ngram_alone"]["train_tokens"] == len(train_ids)
@@ -182,16 +185,18 @@ def test_report_adds_the_mixture_beside_the_models_own_perplexity(
         ),
         (
             dict(ngram_order=4, methods="documents"),
-            "--ngram_order mixes the n-gram into the blocks method; add blocks to --methods (got 'documents')",
+            "--ngram_order mixes the n-gram into the blocks method; add blocks to --methods (got "
+            "'documents')",
         ),
         (
             dict(ngram_order=4, split="validation"),
-            "--ngram_order fits its mixture's weights on the validation split; score another split: --split test "
-            "(got 'validation')",
+            "--ngram_order fits its mixture's weights on the validation split; score another "
+            "split: --split test (got 'validation')",
         ),
         (
             dict(block_cache=True, methods="sliding_window"),
-            "--block_cache mixes the cache into the blocks method; add blocks to --methods (got 'sliding_window')",
+            "--block_cache mixes the cache into the blocks method; add blocks to --methods (got "
+            "'sliding_window')",
         ),
     ],
 )
@@ -242,8 +247,8 @@ def test_a_split_other_than_the_runs_is_refused(tmp_path, tiny_checkpoint, small
 
 
 def test_two_processes_give_the_one_process_mixture(tmp_path, tiny_checkpoint, small_files):
-    """Per-token NLLs gathered from 2 processes (uneven last batch: even batching repeats blocks) line up with the
-    n-gram's as on one process."""
+    """Per-token NLLs gathered from 2 processes (uneven last batch: even batching repeats blocks)
+    line up with the n-gram's as on one process."""
     args = [
         "--model",
         tiny_checkpoint,

@@ -1,5 +1,6 @@
-"""wikigpt.evaluation.kneser_ney + benchmarks/ngram_baseline.py: modified Kneser-Ney distributions are normalised and match a
-hand computation; the script scores real WikiText-2 slices and writes its JSON; bad input gets one error line."""
+"""wikigpt.evaluation.kneser_ney + benchmarks/ngram_baseline.py: modified Kneser-Ney distributions
+are normalised and match a hand computation; the script scores real WikiText-2 slices and writes its
+JSON; bad input gets one error line."""
 
 import importlib.util
 import json
@@ -17,7 +18,8 @@ GPT2_VOCAB = 50257
 
 @pytest.fixture(scope="module")
 def toy_stream():
-    """600 tokens of a repetitive 40-token language inside the GPT-2 vocabulary, so contexts of every order recur."""
+    """600 tokens of a repetitive 40-token language inside the GPT-2 vocabulary, so contexts of
+    every order recur."""
     rng = np.random.default_rng(0)
     phrases = [rng.integers(0, 40, size=rng.integers(2, 6)) for _ in range(15)]
     return np.concatenate([phrases[i] for i in rng.integers(0, 15, size=200)])[:600] + 1000
@@ -34,7 +36,8 @@ def test_full_vocabulary_sums_to_one_for_seen_and_unseen_contexts(toy_stream, or
         assert p.shape == (GPT2_VOCAB,)
         assert p.sum() == pytest.approx(1.0, abs=1e-9), (order, context)
         assert p.min() > 0  # unseen tokens get mass through the lower orders and the uniform
-        # The stream scorer gives the same probabilities as the full distribution (different code path).
+        # The stream scorer gives the same probabilities as the full distribution (different code
+        # path).
         for w in (int(toy_stream[104]), 7, 49000):
             assert math.exp(model.log_probs([*context, w])[-1]) == pytest.approx(p[w], rel=1e-9)
     if (
@@ -51,12 +54,12 @@ def test_bigram_matches_a_hand_computation():
     # Tokens 1-4 in training, vocabulary of 6 (0 and 5 never seen).
     tokens = [4, 3, 1, 3, 2, 1, 4, 1, 3, 1, 1, 2, 3, 1, 2, 3, 1, 3]
     V = 6
-    # Bigram counts, by hand: (3,1) 4, (1,3) 3, (1,2) 2, (2,3) 2, and once each (4,3) (3,2) (2,1) (1,4) (4,1) (1,1)
-    # -> count-of-counts n1..n4 = 6, 2, 1, 1.
+    # Bigram counts, by hand: (3,1) 4, (1,3) 3, (1,2) 2, (2,3) 2, and once each (4,3) (3,2) (2,1)
+    # (1,4) (4,1) (1,1) -> count-of-counts n1..n4 = 6, 2, 1, 1.
     y = 6 / (6 + 2 * 2)
     d1, d2, d3 = 1 - 2 * y * 2 / 6, 2 - 3 * y * 1 / 2, 3 - 4 * y * 1 / 1  # 0.6, 1.1, 0.6
-    # Unigram continuation counts (distinct predecessors): 1 <- {3,2,4,1} 4, 3 <- {4,1,2} 3, 2 <- {3,1} 2, 4 <- {1} 1;
-    # total 10, count-of-counts 1, 1, 1, 1.
+    # Unigram continuation counts (distinct predecessors): 1 <- {3,2,4,1} 4, 3 <- {4,1,2} 3, 2 <-
+    # {3,1} 2, 4 <- {1} 1; total 10, count-of-counts 1, 1, 1, 1.
     u = 1 / (1 + 2 * 1)
     e1, e2, e3 = 1 - 2 * u, 2 - 3 * u, 3 - 4 * u  # 1/3, 1, 5/3
     gamma_unigram = (
@@ -84,13 +87,15 @@ def test_bigram_matches_a_hand_computation():
     p = model.distribution([1])
     for w, value in expected.items():
         assert p[w] == pytest.approx(value, rel=1e-12), w
-    # Context 0 was never seen: the unigram (continuation) distribution; the first token of a stream gets it too.
+    # Context 0 was never seen: the unigram (continuation) distribution; the first token of a stream
+    # gets it too.
     np.testing.assert_allclose(model.distribution([0]), [p1[w] for w in range(V)], rtol=1e-12)
     assert model.log_probs([3, 1])[0] == pytest.approx(math.log(p1[3]), rel=1e-12)
 
 
 def hub_rows_token_count(path, tokenizer) -> int:
-    """Tokens of a file read as the Hub's wikitext rows (newline kept, whitespace-only lines empty)."""
+    """Tokens of a file read as the Hub's wikitext rows (newline kept, whitespace-only lines
+    empty)."""
     lines = path.read_text(encoding="utf-8").split("\n")[:-1]
     rows = [line + "\n" if line.strip() else "" for line in lines]
     return sum(len(ids) for ids in tokenizer(rows)["input_ids"])
@@ -130,9 +135,13 @@ def test_script_scores_real_slices_and_writes_the_json(tmp_path, tokenizer):
         assert r["seconds"] >= 0 and sorted(r["discounts"]) == [
             str(k) for k in range(1, r["order"] + 1)
         ]
-        row = f"{r['order']:>5} | {r['perplexity']:>15,.2f} | {train_tokens:>12,} | {test_tokens:>11,} |"
+        row = (
+            f"{r['order']:>5} | {r['perplexity']:>15,.2f} | {train_tokens:>12,} | "
+            f"{test_tokens:>11,} |"
+        )
         assert row in proc.stdout
-    # On real text a bigram model beats the unigram by a wide margin, and no model does worse than uniform.
+    # On real text a bigram model beats the unigram by a wide margin, and no model does worse than
+    # uniform.
     ppl = [r["perplexity"] for r in report["results"]]
     assert ppl[1] < 0.7 * ppl[0] < GPT2_VOCAB
     assert report["command"].startswith("python benchmarks/ngram_baseline.py --train_file")
@@ -167,7 +176,8 @@ def test_missing_train_file_is_one_error_line_and_nothing_written(tmp_path):
 
 
 def test_defaults_are_the_bundled_files():
-    """Run without flags, the script scores the repository's own WikiText-2 files with its own tokenizer."""
+    """Run without flags, the script scores the repository's own WikiText-2 files with its own
+    tokenizer."""
     spec = importlib.util.spec_from_file_location(
         "ngram_baseline", REPO / "benchmarks" / "ngram_baseline.py"
     )

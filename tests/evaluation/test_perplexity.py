@@ -1,5 +1,6 @@
-"""wikigpt/evaluation/perplexity.py and the corpus_perplexity `evaluate` module: corpus-level sums, Trainer hooks, and the
-windows of each eval.py method, scored equal to the simplest reference computations."""
+"""wikigpt/evaluation/perplexity.py and the corpus_perplexity `evaluate` module: corpus-level sums,
+Trainer hooks, and the windows of each eval.py method, scored equal to the simplest reference
+computations."""
 
 import math
 from types import SimpleNamespace
@@ -34,8 +35,8 @@ from wikigpt.evaluation.perplexity import (
 
 def test_module_loads_offline_by_path_and_is_corpus_level():
     metric = load_corpus_perplexity()
-    # A 1-token text with NLL 1 and a 100-token text with mean NLL 5: corpus perplexity weights tokens, while
-    # the Hub "perplexity" metric would average exp(1) and exp(5) per text.
+    # A 1-token text with NLL 1 and a 100-token text with mean NLL 5: corpus perplexity weights
+    # tokens, while the Hub "perplexity" metric would average exp(1) and exp(5) per text.
     metric.add_batch(nll_sum=[1.0], token_count=[1], word_count=[0], byte_count=[0])
     metric.add_batch(nll_sum=[500.0], token_count=[100], word_count=[0], byte_count=[0])
     result = metric.compute()
@@ -116,8 +117,9 @@ def test_trainer_evaluate_with_an_uneven_last_batch_counts_every_block_once(tmp_
 
 
 def test_trainer_loss_counts_shifted_labels_for_a_wikigpt_model(tmp_path, tokenizer):
-    """transformers 5.23 leaves GPT-2's loss_type None and the Trainer then divides by T tokens per block instead
-    of T-1; wikigpt names the loss so the Trainer's own eval_loss is the model's mean token loss."""
+    """transformers 5.23 leaves GPT-2's loss_type None and the Trainer then divides by T tokens per
+    block instead of T-1; wikigpt names the loss so the Trainer's own eval_loss is the model's mean
+    token loss."""
     from wikigpt.model import ModelArguments, load_model
 
     torch.manual_seed(0)
@@ -132,11 +134,12 @@ def test_trainer_loss_counts_shifted_labels_for_a_wikigpt_model(tmp_path, tokeni
     assert metrics["eval_loss"] == pytest.approx(np.mean(per_block), rel=1e-5)  # not x 15/16
 
 
-# --- eval.py's windows ---------------------------------------------------------------------------------
+# --- eval.py's windows ----------------------------------------------------------------------------
 
 
 def scored_positions(windows, offsets):
-    """Token positions (in the original sequence) each window scores, given where each window starts."""
+    """Token positions (in the original sequence) each window scores, given where each window
+    starts."""
     return [
         p
         for w, start in zip(windows, offsets)
@@ -163,8 +166,9 @@ def test_sliding_windows_score_every_token_but_the_first_once():
 
 
 def test_rolling_windows_match_the_harness():
-    # lm-evaluation-harness get_rolling_token_windows(ids, prefix 99, max_seq_len 4, context_len 1) followed by
-    # make_disjoint_window, written out by hand: model input = ids[:-1], the last n_scored tokens predicted.
+    # lm-evaluation-harness get_rolling_token_windows(ids, prefix 99, max_seq_len 4, context_len 1)
+    # followed by make_disjoint_window, written out by hand: model input = ids[:-1], the last
+    # n_scored tokens predicted.
     assert rolling_windows(list(range(10)), 4, 99) == [
         {"ids": [99, 0, 1, 2, 3], "n_scored": 4},
         {"ids": [3, 4, 5, 6, 7], "n_scored": 4},
@@ -253,8 +257,9 @@ def test_rolling_windows_equal_token_by_token_reference(model_and_ids):
 
 
 class ContextOracle(torch.nn.Module):
-    """A stand-in LM over the sequence 0, 1, 2, ...: it knows the next token is input + 1 and is more sure of
-    it the more tokens it has read. Any method that gives tokens more context must score it better."""
+    """A stand-in LM over the sequence 0, 1, 2, ...: it knows the next token is input + 1 and is
+    more sure of it the more tokens it has read. Any method that gives tokens more context must
+    score it better."""
 
     def forward(self, input_ids, attention_mask=None):
         batch, width = input_ids.shape

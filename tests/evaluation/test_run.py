@@ -1,4 +1,5 @@
-"""eval.py end to end: perplexity = exp(Trainer eval_loss), the JSON report, and 1 vs 2 processes."""
+"""eval.py end to end: perplexity = exp(Trainer eval_loss), the JSON report, and 1 vs 2
+processes."""
 
 import json
 import math
@@ -19,8 +20,8 @@ from wikigpt.model import load_causal_lm
 
 @pytest.fixture(scope="module")
 def three_documents(tmp_path_factory):
-    """WikiText-2 test lines 265-330: the 'Dick Rifenburg', '1933 Treasure Coast hurricane' and (the start of)
-    'Second Battle of Naktong Bulge' articles, ~4k tokens."""
+    """WikiText-2 test lines 265-330: the 'Dick Rifenburg', '1933 Treasure Coast hurricane' and (the
+    start of) 'Second Battle of Naktong Bulge' articles, ~4k tokens."""
     return write_lines(
         tmp_path_factory.mktemp("docs") / "three.raw", WT2 / "wiki.test.raw", 264, 330
     )
@@ -113,8 +114,8 @@ def test_two_processes_give_the_one_process_numbers(
     one_process_report, tiny_checkpoint, three_documents, tmp_path
 ):
     out = tmp_path / "report.json"
-    # accelerate 1.15 starts one process for `--cpu --num_processes 2` (without MPI); --multi_gpu on a machine
-    # without GPUs starts 2 CPU processes over gloo.
+    # accelerate 1.15 starts one process for `--cpu --num_processes 2` (without MPI); --multi_gpu on
+    # a machine without GPUs starts 2 CPU processes over gloo.
     launch = [
         sys.executable,
         "-m",
@@ -156,8 +157,8 @@ def test_two_processes_give_the_one_process_numbers(
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(out.read_text())
     assert two["processes"] == 2 and one_process_report["processes"] == 1
-    # Same windows scored once each (even batching's repeated samples dropped): counts equal exactly, values to
-    # float rounding of differently composed batches.
+    # Same windows scored once each (even batching's repeated samples dropped): counts equal
+    # exactly, values to float rounding of differently composed batches.
     for method in ("blocks", "sliding_window", "documents"):
         one_counts = {
             k: v
@@ -210,8 +211,9 @@ def test_eval_adds_its_metrics_to_a_train_run_model_card(tmp_path, one_process_r
 def test_a_bos_adding_tokenizer_gives_every_method_the_same_stream(
     tmp_path, tiny_checkpoint, three_documents
 ):
-    """No special tokens inside the text stream, whatever the tokenizer adds: train.py's blocks, the sliding
-    window and the documents score the same tokens with a tokenizer that adds BOS as with one that does not."""
+    """No special tokens inside the text stream, whatever the tokenizer adds: train.py's blocks, the
+    sliding window and the documents score the same tokens with a tokenizer that adds BOS as with
+    one that does not."""
     from transformers import AutoTokenizer
 
     bos_dir = tmp_path / "bos-tokenizer"

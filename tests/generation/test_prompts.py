@@ -1,4 +1,5 @@
-"""wikigpt/generation/prompts.py: where prompts come from (flags, text or JSONL file, stdin) and how they are encoded."""
+"""wikigpt/generation/prompts.py: where prompts come from (flags, text or JSONL file, stdin) and how
+they are encoded."""
 
 import io
 

@@ -1,4 +1,5 @@
-"""wikigpt/generation/settings.py: flags > checkpoint > fallbacks, range and combination checks with their messages."""
+"""wikigpt/generation/settings.py: flags > checkpoint > fallbacks, range and combination checks with
+their messages."""
 
 from types import SimpleNamespace
 
@@ -34,7 +35,8 @@ def test_resolve_settings_layers():
         args_for("--greedy"), GenerationConfig(do_sample=True, temperature=0.7)
     )
     assert settings["do_sample"] is False and "temperature" not in public_settings(settings)
-    # The checkpoint's sampling knobs are not merged into greedy decoding (generate() would warn about them).
+    # The checkpoint's sampling knobs are not merged into greedy decoding (generate() would warn
+    # about them).
     assert (
         build_generation_config(
             settings, [], SimpleNamespace(pad_token_id=50256), [50256]
@@ -100,11 +102,13 @@ def test_greedy_ignores_temperature():
     [
         (
             ("--num_beams", 2, "--num_return_sequences", 3),
-            "--num_return_sequences 3 is more than --num_beams 2; beam search returns at most one sequence per beam",
+            "--num_return_sequences 3 is more than --num_beams 2; beam search returns at most one "
+            "sequence per beam",
         ),
         (
             ("--greedy", "--num_return_sequences", 2),
-            "--num_return_sequences 2 with greedy decoding would repeat one sequence; add --do_sample, or --num_beams 2",
+            "--num_return_sequences 2 with greedy decoding would repeat one sequence; add "
+            "--do_sample, or --num_beams 2",
         ),
         (
             ("--max_new_tokens", 128),

@@ -1,10 +1,11 @@
-"""--chunked_loss_size (wikigpt/objectives/chunked_loss.py): the training loss from hidden states in chunks equals the plain
-causal-LM loss, alone, with a padded vocabulary and with gradient accumulation; evaluation is unchanged.
+"""--chunked_loss_size (wikigpt/objectives/chunked_loss.py): the training loss from hidden states in
+chunks equals the plain causal-LM loss, alone, with a padded vocabulary and with gradient
+accumulation; evaluation is unchanged.
 
-Tolerance: CPU at train.py's default precision (fp32; bf16 autocast on a CPU with native bf16), per-step training
-loss and the final validation loss (log perplexity) within relative 1e-5 of the plain run (measured: 1.8e-7 at most
-on an AVX2 CPU, 2.4e-6 on an AVX512-BF16 one; the chunked weight gradient sums the chunks' matmuls in a different
-order).
+Tolerance: CPU at train.py's default precision (fp32; bf16 autocast on a CPU with native bf16),
+per-step training loss and the final validation loss (log perplexity) within relative 1e-5 of the
+plain run (measured: 1.8e-7 at most on an AVX2 CPU, 2.4e-6 on an AVX512-BF16 one; the chunked weight
+gradient sums the chunks' matmuls in a different order).
 """
 
 import json
@@ -50,8 +51,9 @@ def eval_perplexity(out) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, micro_files):
-    """The same 20-step micro run (same seed) with and without the chunked loss. The padded run is compared with
-    the plain one: padding alone gives the plain losses (tests/train/test_throughput_levers.py), so both levers must too."""
+    """The same 20-step micro run (same seed) with and without the chunked loss. The padded run is
+    compared with the plain one: padding alone gives the plain losses
+    (tests/train/test_throughput_levers.py), so both levers must too."""
     monkeypatch = pytest.MonkeyPatch()
     out = {}
     try:
@@ -146,8 +148,9 @@ def test_training_forward_has_no_logits_and_eval_is_unchanged():
 
 
 def test_bf16_autocast_matches_the_plain_path_to_bf16_rounding():
-    """Under bf16 autocast (CPU here, as on a GPU run with --bf16) both paths round matmuls to bf16 (8 bits of
-    mantissa, ~0.4%): the loss agrees to 1e-4 and the gradients to 2% relative (measured 0.3% and 0.6%)."""
+    """Under bf16 autocast (CPU here, as on a GPU run with --bf16) both paths round matmuls to bf16
+    (8 bits of mantissa, ~0.4%): the loss agrees to 1e-4 and the gradients to 2% relative (measured
+    0.3% and 0.6%)."""
     torch.manual_seed(0)
     config = GPT2Config(
         n_layer=2,
@@ -189,9 +192,9 @@ def test_bad_chunked_loss_size(value, tmp_path, micro_files, monkeypatch, capsys
     assert train_in_process(argv, monkeypatch) == 2
     err = capsys.readouterr().err
     assert err.startswith(
-        f"error: --chunked_loss_size must be a positive number of tokens such as 4096; got {value}. "
-        f"Pass e.g. --chunked_loss_size 4096, or leave it out to compute the loss over the whole "
-        f"batch at once"
+        "error: --chunked_loss_size must be a positive number of tokens such as 4096; got "
+        f"{value}. Pass e.g. --chunked_loss_size 4096, or leave it out to compute the loss over "
+        "the whole batch at once"
     ), err
     assert not (tmp_path / "out").exists()
 

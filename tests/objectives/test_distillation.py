@@ -1,8 +1,9 @@
-"""--distill_from (wikigpt/objectives/distillation.py): the loss and gradients are those of the cross-entropy against
-(1 - share) x one-hot + share x the teacher's softmax, on the full head and on --rare_tokens_below's narrow head
-(the tied tokens as one class); train.py records the teacher and saves the student alone; bad teachers are refused.
-So is a teacher whose recorded split (wikigpt_run.json, or an older run's results.json)
-differs from the student's: it may have trained on the student's held-out articles.
+"""--distill_from (wikigpt/objectives/distillation.py): the loss and gradients are those of the
+cross-entropy against (1 - share) x one-hot + share x the teacher's softmax, on the full head and on
+--rare_tokens_below's narrow head (the tied tokens as one class); train.py records the teacher and
+saves the student alone; bad teachers are refused. So is a teacher whose recorded split
+(wikigpt_run.json, or an older run's results.json) differs from the student's: it may have trained
+on the student's held-out articles.
 """
 
 import json
@@ -35,9 +36,11 @@ def teacher_of(seed=5) -> Teacher:
 
 
 def reference_loss(student, teacher: Teacher, inputs, labels, classes=None):
-    """Mean over targets of (1 - a) CE(one-hot) + a CE(teacher), from full-vocabulary logits and autograd.
+    """Mean over targets of (1 - a) CE(one-hot) + a CE(teacher), from full-vocabulary logits and
+    autograd.
 
-    `classes`: (kept ids, [tied ids of each class]): the soft part over the kept tokens and each class as one."""
+    `classes`: (kept ids, [tied ids of each class]): the soft part over the kept tokens and each
+    class as one."""
     logits = student(input_ids=inputs).logits[:, :-1].reshape(-1, VOCAB).float()
     with torch.no_grad():
         teacher_probs = (
@@ -128,12 +131,14 @@ def test_narrow_head_takes_the_teachers_tied_tokens_as_one_class(
     assert (tied.row[batch()] != batch()).any()  # the batch holds tied tokens
     classes = [tied.tied[tied.class_of == c] for c in range(len(tied.shared))]
     assert len(classes) == (1 if groups is None else 3)
-    # the reference reads the shared row for every tied token, as the narrow head's training forward does
+    # the reference reads the shared row for every tied token, as the narrow head's training forward
+    # does
     compare(student, _SharedRows(tiny_model(), tied.row), teacher, (tied.kept, classes))
 
 
 class _SharedRows(torch.nn.Module):
-    """A plain GPT-2 that reads W[row] for its inputs and head: each tied id is the shared row, as in training."""
+    """A plain GPT-2 that reads W[row] for its inputs and head: each tied id is the shared row, as
+    in training."""
 
     def __init__(self, model, row):
         super().__init__()
@@ -237,8 +242,8 @@ def test_a_teacher_with_a_shorter_context_is_refused(
         capsys.readouterr()
         .err.splitlines()[-1]
         .startswith(
-            f"error: --distill_from {str(tiny_checkpoint)!r} reads at most 128 tokens but the blocks hold 256; "
-            f"pass --block_size 128"
+            f"error: --distill_from {str(tiny_checkpoint)!r} reads at most 128 tokens but the "
+            "blocks hold 256; pass --block_size 128"
         )
     )
 
@@ -326,9 +331,10 @@ def test_an_older_teacher_run_whose_results_show_another_split_is_refused(
     assert train_in_process(argv, monkeypatch) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: --distill_from {str(teacher)!r} was trained on train/validation splits of "
-        f"{there['train']['tokens']:,} / {there['validation']['tokens']:,} tokens "
-        f"(its results.json) and this run has {here['train']['tokens']:,} / {here['validation']['tokens']:,}, so it "
-        f"may have trained on this run's held-out articles; {SPLIT_FIX}"
+        f"{there['train']['tokens']:,} / {there['validation']['tokens']:,} tokens (its "
+        f"results.json) and this run has {here['train']['tokens']:,} / "
+        f"{here['validation']['tokens']:,}, so it may have trained on this run's held-out "
+        f"articles; {SPLIT_FIX}"
     )
 
 

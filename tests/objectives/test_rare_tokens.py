@@ -1,6 +1,6 @@
-"""--rare_tokens_below (wikigpt/objectives/rare_tokens.py): the narrow head's loss and gradients are those of a GPT-2 whose tied
-rows are one shared parameter, the saved model's full softmax gives the training loss's probabilities, and
-train.py saves a plain GPT-2 whose tied rows are equal.
+"""--rare_tokens_below (wikigpt/objectives/rare_tokens.py): the narrow head's loss and gradients are
+those of a GPT-2 whose tied rows are one shared parameter, the saved model's full softmax gives the
+training loss's probabilities, and train.py saves a plain GPT-2 whose tied rows are equal.
 """
 
 import json
@@ -57,7 +57,8 @@ def tiny_model(seed=0) -> GPT2LMHeadModel:
 
 
 def batch(seed=1) -> torch.Tensor:
-    """Inputs and targets from the stream, with a token the stream never holds (25) and an ignored label."""
+    """Inputs and targets from the stream, with a token the stream never holds (25) and an ignored
+    label."""
     rng = torch.Generator().manual_seed(seed)
     ids = torch.as_tensor(STREAM)[torch.randint(0, len(STREAM), (3, 12), generator=rng)]
     ids[0, 5], ids[2, 0] = 25, 39
@@ -65,7 +66,8 @@ def batch(seed=1) -> torch.Tensor:
 
 
 def shared_parameter_loss(model, tied: TiedTokens, inputs, labels):
-    """The reference: a plain GPT-2 forward whose embedding is W[row], so each tied id reads the shared row."""
+    """The reference: a plain GPT-2 forward whose embedding is W[row], so each tied id reads the
+    shared row."""
     weight = model.transformer.wte.weight[tied.row]
     hidden = model.transformer(inputs_embeds=F.embedding(inputs, weight)).last_hidden_state
     logits = (hidden[:, :-1] @ weight.T).float()
@@ -254,7 +256,8 @@ def test_input_dropout_replaces_inputs_with_the_shared_row_and_keeps_the_targets
 
 
 def small_tokenizer(kind: str):
-    """A WordPiece, SentencePiece-style (Unigram with Metaspace) or word-level tokenizer trained on WikiText lines."""
+    """A WordPiece, SentencePiece-style (Unigram with Metaspace) or word-level tokenizer trained on
+    WikiText lines."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

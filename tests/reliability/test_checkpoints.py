@@ -1,4 +1,5 @@
-"""wikigpt/reliability/checkpoints.py: half-written checkpoints are found without loading them; resume picks the newest good one."""
+"""wikigpt/reliability/checkpoints.py: half-written checkpoints are found without loading them;
+resume picks the newest good one."""
 
 import json
 import logging
@@ -116,8 +117,8 @@ def test_latest_skips_incomplete_checkpoints_in_one_line_each_and_sets_them_asid
     assert plan.path == str(tmp_path / "checkpoint-4")
     assert [r.getMessage() for r in caplog.records] == [
         f"skipping incomplete checkpoint {tmp_path / 'checkpoint-8'}: optimizer.pt is missing",
-        f"skipping incomplete checkpoint {tmp_path / 'checkpoint-6'}: model.safetensors is truncated "
-        f"({(tmp_path / 'checkpoint-6' / 'model.safetensors').stat().st_size} of "
+        f"skipping incomplete checkpoint {tmp_path / 'checkpoint-6'}: model.safetensors is "
+        f"truncated ({(tmp_path / 'checkpoint-6' / 'model.safetensors').stat().st_size} of "
         f"{(tmp_path / 'checkpoint-4' / 'model.safetensors').stat().st_size} bytes)",
     ]
     plan.set_aside(is_main_process=True)
@@ -127,7 +128,8 @@ def test_latest_skips_incomplete_checkpoints_in_one_line_each_and_sets_them_asid
         "corrupt-checkpoint-6",
         "corrupt-checkpoint-8",
     ]
-    # The Trainer's rotation (save_total_limit) no longer counts them, so it cannot delete a good one for them.
+    # The Trainer's rotation (save_total_limit) no longer counts them, so it cannot delete a good
+    # one for them.
     assert sort_checkpoints(str(tmp_path)) == [
         str(tmp_path / "checkpoint-2"),
         str(tmp_path / "checkpoint-4"),
@@ -141,9 +143,10 @@ def test_no_good_checkpoint_is_an_error_and_changes_nothing(tmp_path):
     with pytest.raises(UsageError) as err:
         plan_resume(True, str(tmp_path))
     assert str(err.value) == (
-        f"--resume_from_checkpoint latest: no complete checkpoint in --output_dir {str(tmp_path)!r} (checkpoint-2: "
-        f"trainer_state.json is missing (the save was interrupted)); pass a complete checkpoint folder, or drop "
-        f"--resume_from_checkpoint and use a new --output_dir"
+        "--resume_from_checkpoint latest: no complete checkpoint in --output_dir "
+        f"{str(tmp_path)!r} (checkpoint-2: trainer_state.json is missing (the save was "
+        "interrupted)); pass a complete checkpoint folder, or drop --resume_from_checkpoint and "
+        "use a new --output_dir"
     )
     assert sorted(os.walk(tmp_path)) == before
 
@@ -154,12 +157,14 @@ def test_no_good_checkpoint_is_an_error_and_changes_nothing(tmp_path):
         (
             None,
             "latest",
-            r"--resume_from_checkpoint latest: --output_dir '.*' has no checkpoint-N folders to resume",
+            r"--resume_from_checkpoint latest: --output_dir '.*' has no checkpoint-N folders to "
+            r"resume",
         ),
         (
             None,
             "{tmp}/nope",
-            r"--resume_from_checkpoint '.*/nope' does not exist; pass a checkpoint-N folder, or 'latest'",
+            r"--resume_from_checkpoint '.*/nope' does not exist; pass a checkpoint-N folder, or "
+            r"'latest'",
         ),
         (
             "file",
@@ -169,7 +174,8 @@ def test_no_good_checkpoint_is_an_error_and_changes_nothing(tmp_path):
         (
             "run",
             "{tmp}",
-            r"--resume_from_checkpoint '.*' is a run folder, not a checkpoint; pass one of its checkpoint-N",
+            r"--resume_from_checkpoint '.*' is a run folder, not a checkpoint; pass one of its "
+            r"checkpoint-N",
         ),
         (
             "corrupt",
@@ -211,10 +217,11 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         )
 
 
-# Layouts as the Trainer writes them. FSDP and DeepSpeed cannot run on this CPU-only machine through the Trainer
-# (accelerate's FSDP plugin wants a GPU, DeepSpeed is not installed), so: FSDP's files come from accelerate's own
-# savers on an FSDP2 model in a one-process gloo group; DeepSpeed's from Trainer._save_checkpoint with a stand-in
-# for the engine's save_checkpoint that writes DeepSpeed's file names (ZeRO-3 without gathered weights).
+# Layouts as the Trainer writes them. FSDP and DeepSpeed cannot run on this CPU-only machine through
+# the Trainer (accelerate's FSDP plugin wants a GPU, DeepSpeed is not installed), so: FSDP's files
+# come from accelerate's own savers on an FSDP2 model in a one-process gloo group; DeepSpeed's from
+# Trainer._save_checkpoint with a stand-in for the engine's save_checkpoint that writes DeepSpeed's
+# file names (ZeRO-3 without gathered weights).
 
 
 def tiny_trainer(output_dir) -> Trainer:
@@ -238,7 +245,8 @@ def test_plain_checkpoint_written_by_the_trainer_is_complete(tmp_path):
 
 
 class DeepSpeedEngineStandIn(torch.nn.Module):
-    """What Trainer._save_checkpoint calls on a DeepSpeed engine; save_checkpoint writes DeepSpeed's layout."""
+    """What Trainer._save_checkpoint calls on a DeepSpeed engine; save_checkpoint writes DeepSpeed's
+    layout."""
 
     config = {"zero_optimization": {"stage": 3}}
 
@@ -304,9 +312,10 @@ def test_deepspeed_checkpoint_is_complete_and_resumable(tmp_path, monkeypatch):
 
 
 def save_fsdp_checkpoints(root: str) -> None:
-    """checkpoint-2 under root/FULL_STATE_DICT and root/SHARDED_STATE_DICT, as Trainer._save_checkpoint writes them
-    under FSDP: save_model (full state dict only), accelerate's save_fsdp_model and save_fsdp_optimizer, scheduler.pt,
-    rng_state.pth, trainer_state.json. Run in its own process: it starts a process group."""
+    """checkpoint-2 under root/FULL_STATE_DICT and root/SHARDED_STATE_DICT, as
+    Trainer._save_checkpoint writes them under FSDP: save_model (full state dict only), accelerate's
+    save_fsdp_model and save_fsdp_optimizer, scheduler.pt, rng_state.pth, trainer_state.json. Run in
+    its own process: it starts a process group."""
     import types
 
     import torch.distributed as dist
@@ -425,7 +434,8 @@ def test_half_written_fsdp_checkpoints_are_detected(fsdp_runs, tmp_path):
 
 if __name__ == "__main__":
     save_fsdp_checkpoints(sys.argv[1])
-    # Every file is written and closed; skip the interpreter's teardown, where destroying the process group's threads
-    # sometimes aborts (SIGABRT, "terminate called without an active exception") after the work is done.
+    # Every file is written and closed; skip the interpreter's teardown, where destroying the
+    # process group's threads sometimes aborts (SIGABRT, "terminate called without an active
+    # exception") after the work is done.
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(0)

@@ -1,4 +1,5 @@
-"""wikigpt/reliability/nan_guard.py: the first NaN/inf stops training with one line; no checkpoint of broken weights is saved."""
+"""wikigpt/reliability/nan_guard.py: the first NaN/inf stops training with one line; no checkpoint
+of broken weights is saved."""
 
 import functools
 import math
@@ -7,7 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from runs import make_checkpoint, micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
+
+# micro_files is a fixture
+from runs import make_checkpoint, micro_args, micro_files, train_in_process  # noqa: F401
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
@@ -42,20 +45,22 @@ def test_huge_learning_rate_stops_before_saving_nan_weights(
     assert code == EXIT_DIVERGED and len(errors) == 1, errors
     # Step 1 is warmup (lr 0); step 2's update at lr 1e38 overflows the weights.
     assert errors[0] == (
-        f"error: the weights became NaN/inf at step 2; training stopped and nothing from that step was saved. "
-        f"Likely cause: a too high --learning_rate (now 1e+38): lower it, or raise --warmup_steps; keep "
-        f"--max_grad_norm at 1.0 (now 1.0). The last good checkpoint, {out / 'checkpoint-1'}, is kept (resume "
-        f"with --resume_from_checkpoint {out / 'checkpoint-1'} after the fix)"
+        "error: the weights became NaN/inf at step 2; training stopped and nothing from that step "
+        "was saved. Likely cause: a too high --learning_rate (now 1e+38): lower it, or raise "
+        "--warmup_steps; keep --max_grad_norm at 1.0 (now 1.0). The last good checkpoint, "
+        f"{out / 'checkpoint-1'}, is kept (resume with --resume_from_checkpoint "
+        f"{out / 'checkpoint-1'} after the fix)"
     )
     assert sorted(os.listdir(out)) == ["checkpoint-1"] and all_finite(out / "checkpoint-1")
-    # Nothing after the last good step, no final model or results that would pass for a trained model.
+    # Nothing after the last good step: no final model or results that would pass for a trained one.
     assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
 
 
 def test_weights_between_saves_are_caught_by_the_next_loss(
     tmp_path, micro_files, monkeypatch, capsys
 ):
-    """The weights are read only before a save/evaluation/the end; in between, the next step's loss shows the NaN."""
+    """The weights are read only before a save/evaluation/the end; in between, the next step's loss
+    shows the NaN."""
     out = tmp_path / "run"
     code = train_in_process(
         micro_args(micro_files, out, "--learning_rate", 1e38, max_steps=6, save_steps=4),
@@ -63,7 +68,8 @@ def test_weights_between_saves_are_caught_by_the_next_loss(
     )
     errors = error_lines(capsys)
     assert code == EXIT_DIVERGED and len(errors) == 1, errors
-    # Step 2 overflows the weights (not a save step: not read); step 3's forward on them gives a NaN loss.
+    # Step 2 overflows the weights (not a save step: not read); step 3's forward on them gives a NaN
+    # loss.
     assert errors[0].startswith(
         "error: the training loss became NaN/inf at step 3; training stopped"
     ), errors[0]
@@ -86,7 +92,8 @@ def test_weights_broken_by_the_last_step_are_not_saved(tmp_path, micro_files, mo
 
 
 def test_nan_loss_at_a_known_step(tmp_path, micro_files, monkeypatch, capsys):
-    """A NaN training loss at step 3 (injected into the model's forward): checkpoints 1-2 stay, all finite."""
+    """A NaN training loss at step 3 (injected into the model's forward): checkpoints 1-2 stay, all
+    finite."""
     forward = GPT2LMHeadModel.forward
     calls = {"train": 0}
 
@@ -121,10 +128,11 @@ def test_fp16_message_points_to_bf16(tmp_path):
     with pytest.raises(TrainingDiverged) as err:
         guard.raise_if_diverged(args)
     assert str(err.value) == (
-        f"the training loss became NaN/inf at step 41; training stopped and nothing from that step was saved. "
-        f"Likely cause: fp16 overflow (fp16 tops out at 65504): use --bf16 instead of --fp16, or lower "
-        f"--learning_rate (now 0.0006). The last good checkpoint, {tmp_path / 'checkpoint-40'}, is kept "
-        f"(resume with --resume_from_checkpoint {tmp_path / 'checkpoint-40'} after the fix)"
+        "the training loss became NaN/inf at step 41; training stopped and nothing from that step "
+        "was saved. Likely cause: fp16 overflow (fp16 tops out at 65504): use --bf16 instead of "
+        "--fp16, or lower --learning_rate (now 0.0006). The last good checkpoint, "
+        f"{tmp_path / 'checkpoint-40'}, is kept (resume with --resume_from_checkpoint "
+        f"{tmp_path / 'checkpoint-40'} after the fix)"
     )
 
 

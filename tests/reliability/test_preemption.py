@@ -1,6 +1,8 @@
-"""wikigpt/reliability/preemption.py: a signal is noted, the next step end saves and stops, the exit says how to resume.
+"""wikigpt/reliability/preemption.py: a signal is noted, the next step end saves and stops, the exit
+says how to resume.
 
-The end-to-end SIGTERM run (checkpoint, exit 143, exact resume) is in tests/reliability/test_resume.py.
+The end-to-end SIGTERM run (checkpoint, exit 143, exact resume) is in
+tests/reliability/test_resume.py.
 """
 
 import os
@@ -18,7 +20,8 @@ ARGS = SimpleNamespace(device="cpu")
 
 @pytest.fixture
 def callback():
-    # Python's own SIGINT handler before training, whatever the test runner installed (an xdist worker may ignore it)
+    # Python's own SIGINT handler before training, whatever the test runner installed (an xdist
+    # worker may ignore it)
     runner_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     cb = PreemptionCallback()
     cb.on_train_begin(ARGS, TrainerState(), TrainerControl())
@@ -47,7 +50,7 @@ def test_sigint_saves_and_stops_at_the_next_step_end(callback):
 
 
 def test_second_signal_interrupts_at_once(callback):
-    # raise_signal runs the handler before it returns; two os.kill calls can merge into one pending signal
+    # raise_signal runs the handler before it returns; two os.kill calls can merge into one signal
     signal.raise_signal(signal.SIGINT)
     assert callback.signum == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
@@ -72,8 +75,9 @@ def test_exit_names_the_checkpoint_and_the_resume_flag(tmp_path, capsys):
         cb.exit_if_interrupted(str(tmp_path), is_main_process=True)
     assert exit_info.value.code == 143
     assert capsys.readouterr().err == (
-        f"wikigpt: training stopped by SIGTERM at step 7; checkpoint saved in {tmp_path / 'checkpoint-7'}. To "
-        f"continue, rerun the same command with --resume_from_checkpoint latest (or --resume_from_checkpoint "
+        "wikigpt: training stopped by SIGTERM at step 7; checkpoint saved in "
+        f"{tmp_path / 'checkpoint-7'}. To continue, rerun the same command with "
+        "--resume_from_checkpoint latest (or --resume_from_checkpoint "
         f"{tmp_path / 'checkpoint-7'})\n"
     )
 

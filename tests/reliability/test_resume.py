@@ -1,11 +1,12 @@
-"""Interrupted runs end where an uninterrupted run ends: SIGKILL + resume (skipping a half-written checkpoint),
-and SIGTERM (preemption) -> checkpoint, exit 143, resume.
+"""Interrupted runs end where an uninterrupted run ends: SIGKILL + resume (skipping a half-written
+checkpoint), and SIGTERM (preemption) -> checkpoint, exit 143, resume.
 
-All runs (tests/runs.py micro_args): a 16-wide tiny GPT-2, block 32, 10 optimizer steps, a checkpoint every
-4 steps, seed 42, dropout on. Resuming restores weights, AdamW moments, the LR scheduler, the RNG and the
-position in the shuffled data, so the resumed run must reproduce the reference: same global_step, and eval loss
-and per-step training losses equal within 1e-5 absolute, learning rates within 1e-12 (in practice all are
-bit-identical on CPU; resuming with --ignore_data_skip, which restarts the data order, fails by ~1e-3).
+All runs (tests/runs.py micro_args): a 16-wide tiny GPT-2, block 32, 10 optimizer steps, a
+checkpoint every 4 steps, seed 42, dropout on. Resuming restores weights, AdamW moments, the LR
+scheduler, the RNG and the position in the shuffled data, so the resumed run must reproduce the
+reference: same global_step, and eval loss and per-step training losses equal within 1e-5 absolute,
+learning rates within 1e-12 (in practice all are bit-identical on CPU; resuming with
+--ignore_data_skip, which restarts the data order, fails by ~1e-3).
 
 With the CPU recipe's levers (rare-token rows, Muon, the chunked loss, a teacher, calibrations),
 a resumed run ends where the uninterrupted one does, its saved model loads as plain GPT-2 with
@@ -20,7 +21,9 @@ import signal
 import pytest
 import torch
 from conftest import run_script
-from runs import micro_args, micro_files, start_paused, train_in_process  # noqa: F401 - micro_files is a fixture
+
+# micro_files is a fixture
+from runs import micro_args, micro_files, start_paused, train_in_process  # noqa: F401
 
 MAX_STEPS = 10
 TOLERANCE = 1e-5
@@ -45,7 +48,8 @@ def assert_same_run(out, reference, resumed_after):
         lr,
     ) in resumed.items():  # data order and LR schedule continue where they stopped
         assert abs(loss - full[step][0]) <= TOLERANCE and abs(lr - full[step][1]) <= 1e-12, step
-    # This call trained only the steps after the checkpoint (its train_loss averages those), not from scratch.
+    # This call trained only the steps after the checkpoint (its train_loss averages those), not
+    # from scratch.
     trained = range(resumed_after + 1, MAX_STEPS + 1)
     assert (
         abs(results["train"]["train_loss"] - sum(full[s][0] for s in trained) / len(trained))
@@ -104,8 +108,9 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes(
     assert proc.returncode == 143, output[-3000:]
     assert "received SIGTERM: saving a checkpoint at the end of this step" in output
     assert (
-        f"wikigpt: training stopped by SIGTERM at step 7; checkpoint saved in {out / 'checkpoint-7'}. "
-        f"To continue, rerun the same command with --resume_from_checkpoint latest"
+        "wikigpt: training stopped by SIGTERM at step 7; checkpoint saved in "
+        f"{out / 'checkpoint-7'}. To continue, rerun the same command with "
+        "--resume_from_checkpoint latest"
     ) in output
     assert "Traceback" not in output
     assert sorted(os.listdir(out)) == [
@@ -126,7 +131,8 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes(
 def test_overwrite_output_dir_never_resumes_or_names_the_earlier_run(
     tmp_path, micro_files, monkeypatch
 ):
-    # Run A leaves checkpoint-4 and checkpoint-6; run B, with --overwrite_output_dir, saves only checkpoint-2.
+    # Run A leaves checkpoint-4 and checkpoint-6; run B, with --overwrite_output_dir, saves only
+    # checkpoint-2.
     from wikigpt.reliability.checkpoints import last_good_checkpoint, plan_resume
 
     out = tmp_path / "run"

@@ -1,6 +1,7 @@
-"""A failed write (disk full, quota, file-size limit) ends train.py with one line and exit status 4, the partial
-write set aside and the last complete checkpoint named. The real runs hit a file-size limit (RLIMIT_FSIZE with
-SIGXFSZ ignored, so writes fail with EFBIG as on a full disk) in a subprocess."""
+"""A failed write (disk full, quota, file-size limit) ends train.py with one line and exit status 4,
+the partial write set aside and the last complete checkpoint named. The real runs hit a file-size
+limit (RLIMIT_FSIZE with SIGXFSZ ignored, so writes fail with EFBIG as on a full disk) in a
+subprocess."""
 
 import errno
 import os
@@ -10,7 +11,9 @@ import subprocess
 import sys
 
 import pytest
-from runs import THREADS, micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
+
+# micro_files is a fixture
+from runs import THREADS, micro_args, micro_files, train_in_process  # noqa: F401
 from conftest import REPO
 
 from wikigpt.reliability.checkpoints import checkpoint_problem
@@ -38,8 +41,8 @@ def train_with_file_size_limit(argv, limit_bytes: int) -> subprocess.CompletedPr
 
 
 def test_a_checkpoint_that_does_not_fit_ends_with_one_line(tmp_path, micro_files, monkeypatch):
-    """The micro model's checkpoint: model.safetensors 3.3 MB fits under 5 MB, optimizer.pt 6.5 MB does not
-    (torch's own error: "[enforce fail at inline_container.cc:672] . unexpected pos")."""
+    """The micro model's checkpoint: model.safetensors 3.3 MB fits under 5 MB, optimizer.pt 6.5 MB
+    does not (torch's own error: "[enforce fail at inline_container.cc:672] . unexpected pos")."""
     out = tmp_path / "run"
     assert (
         train_in_process(micro_args(micro_files, out, max_steps=4, save_steps=4), monkeypatch) == 0
@@ -68,7 +71,8 @@ def test_a_checkpoint_that_does_not_fit_ends_with_one_line(tmp_path, micro_files
 
 
 def test_a_final_model_that_does_not_fit_ends_with_one_line(tmp_path, micro_files):
-    """The final model.safetensors (3.3 MB) over a 2 MB limit: safetensors' "File too large (os error 27)"."""
+    """The final model.safetensors (3.3 MB) over a 2 MB limit: safetensors' "File too large (os
+    error 27)"."""
     out = tmp_path / "run"
     proc = train_with_file_size_limit(
         micro_args(micro_files, out, "--save_strategy", "no", max_steps=2), 2 * MB
@@ -81,7 +85,8 @@ def test_a_final_model_that_does_not_fit_ends_with_one_line(tmp_path, micro_file
     )
     assert "set aside as " in last and str(out / "corrupt-config.json") in last, last
     assert last.endswith("and rerun: no complete checkpoint to resume from"), last
-    # Nothing of the half-saved model is left to pass for a model: no weights, no config.json, no results.
+    # Nothing of the half-saved model is left to pass for a model: no weights, no config.json, no
+    # results.
     left = {p.name for p in out.iterdir()}
     assert not left & {"model.safetensors", "config.json", "results.json"}, (left, last)
     assert "corrupt-config.json" in left, (left, last)

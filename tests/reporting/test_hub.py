@@ -1,6 +1,8 @@
-"""--push_to_hub offline: training finishes, everything is saved locally, then one error line and a non-zero exit.
+"""--push_to_hub offline: training finishes, everything is saved locally, then one error line and a
+non-zero exit.
 
-The same run checks what every run leaves in its output dir: model card, training-curve PNG, throughput totals.
+The same run checks what every run leaves in its output dir: model card, training-curve PNG,
+throughput totals.
 """
 
 import json
@@ -49,8 +51,8 @@ def test_push_fails_offline_with_one_line_after_the_local_save(offline_push_run)
         f"nothing is lost: the model, results.json and README.md are saved in '{out}'" in errors[0]
     )
     assert (
-        f"`hf upload someone/wikigpt-tiny {out} --exclude '_*' --exclude 'checkpoint-*' --exclude 'corrupt-*' "
-        f"--exclude 'previous-run-*'`"
+        f"`hf upload someone/wikigpt-tiny {out} --exclude '_*' --exclude 'checkpoint-*' --exclude "
+        "'corrupt-*' --exclude 'previous-run-*'`"
     ) in errors[0]
     # nothing lost: the model loads, results and card are complete
     assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == 2
@@ -101,8 +103,8 @@ def test_defer_push_turns_the_trainer_push_off():
 
 
 def test_push_uploads_the_model_but_nothing_set_aside(tmp_path, monkeypatch):
-    # The Hub is offline: the repo creation and the commit are recorded instead of sent; the list of files is
-    # huggingface_hub's own, after upload_folder applied the ignore patterns.
+    # The Hub is offline: the repo creation and the commit are recorded instead of sent; the list of
+    # files is huggingface_hub's own, after upload_folder applied the ignore patterns.
     import torch
     from huggingface_hub import CommitInfo, HfApi, RepoUrl
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer

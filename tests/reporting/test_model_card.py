@@ -1,4 +1,5 @@
-"""The model card parses with huggingface_hub.ModelCard; its model-index holds the perplexities; base_model only when fine-tuned."""
+"""The model card parses with huggingface_hub.ModelCard; its model-index holds the perplexities;
+base_model only when fine-tuned."""
 
 import math
 
@@ -173,8 +174,8 @@ def test_local_files_are_named_as_wikitext_only_when_they_are_wikitext_raw_files
 
 
 def test_eval_py_metrics_on_another_file_keep_their_own_label(tmp_path):
-    """A model trained on WikiText, scored by eval.py on some other file: its numbers are labelled with that file,
-    and train.py's WikiText test perplexity stays."""
+    """A model trained on WikiText, scored by eval.py on some other file: its numbers are labelled
+    with that file, and train.py's WikiText test perplexity stays."""
     on_notes = {
         **EVAL_PY,
         "data": {
@@ -269,8 +270,8 @@ def test_a_run_states_its_levers_in_results_config_and_card(tmp_path, micro_file
     }
     card = (out / "README.md").read_text()
     assert (
-        f"- rare tokens: the {rare['tied']:,} tokens seen fewer than 2 times in the training text share 6 "
-        f"embedding rows (by spelling): as inputs they are indistinguishable"
+        f"- rare tokens: the {rare['tied']:,} tokens seen fewer than 2 times in the training text "
+        "share 6 embedding rows (by spelling): as inputs they are indistinguishable"
     ) in card
     assert "- Muon for the block matrices (learning rate 0.02), AdamW for the rest" in card
     assert (

@@ -1,5 +1,6 @@
-"""wikigpt/train/cpu_memory.py: with keep_freed_memory() a process reuses freed large blocks instead of faulting in fresh
-pages; WIKIGPT_KEEP_FREED_MEMORY=0 leaves glibc as it comes. Each case runs in a fresh interpreter."""
+"""wikigpt/train/cpu_memory.py: with keep_freed_memory() a process reuses freed large blocks instead
+of faulting in fresh pages; WIKIGPT_KEEP_FREED_MEMORY=0 leaves glibc as it comes. Each case runs in
+a fresh interpreter."""
 
 import json
 import os
@@ -42,7 +43,8 @@ def run_child(env_value: str | None) -> dict:
 def test_freed_blocks_are_reused_without_page_faults():
     kept, default = run_child(None), run_child("0")
     assert kept["took"] is True and default["took"] is False
-    # glibc maps every new block afresh and faults it in (~540 faults with transparent huge pages, ~16,000 without)
+    # glibc maps every new block afresh and faults it in (~540 faults with transparent huge pages,
+    # ~16,000 without)
     assert all(f > 100 for f in default["faults"])
     assert all(
         f < 10 for f in kept["faults"][1:]

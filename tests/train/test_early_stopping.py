@@ -1,4 +1,5 @@
-"""Early stopping and best-checkpoint selection from the command line (wikigpt/train/early_stopping.py)."""
+"""Early stopping and best-checkpoint selection from the command line
+(wikigpt/train/early_stopping.py)."""
 
 import json
 import logging
@@ -32,8 +33,9 @@ def _every_2_steps(*extra):
 def test_stops_after_patience_evaluations_and_ends_with_the_best_checkpoint(
     micro_files, tmp_path, monkeypatch
 ):
-    # Validation perplexity falls every evaluation on this run, so to get a best checkpoint that is not the last one
-    # the test ranks by *higher* perplexity: step 2 is the best, steps 4 and 6 fail to improve -> stop at 6.
+    # Validation perplexity falls every evaluation on this run, so to get a best checkpoint that is
+    # not the last one the test ranks by *higher* perplexity: step 2 is the best, steps 4 and 6 fail
+    # to improve -> stop at 6.
     out = tmp_path / "run"
     argv = micro_args(micro_files, out, max_steps=20) + _every_2_steps(
         "--early_stopping_patience",
@@ -57,7 +59,8 @@ def test_stops_after_patience_evaluations_and_ends_with_the_best_checkpoint(
         len(evals) == 3 and evals[0] > evals[1] > evals[2]
     )  # the premise: perplexity kept falling
     assert best["best_metric"] == pytest.approx(evals[0])
-    # The saved model is the best checkpoint's weights, and the final validation numbers are its numbers.
+    # The saved model is the best checkpoint's weights, and the final validation numbers are its
+    # numbers.
     final, kept = (
         load_file(out / "model.safetensors"),
         load_file(out / "checkpoint-2" / "model.safetensors"),
@@ -67,9 +70,10 @@ def test_stops_after_patience_evaluations_and_ends_with_the_best_checkpoint(
 
 
 def test_threshold_counts_only_large_improvements(micro_files, tmp_path, monkeypatch):
-    # No improvement is larger than 1e9 perplexity: the first evaluation sets the best, two more end the run.
-    # The run also reports a test split: its evaluation must not reach EarlyStoppingCallback, which would warn that
-    # it "did not find eval_perplexity" (and count the final validation evaluation as one more patience step).
+    # No improvement is larger than 1e9 perplexity: the first evaluation sets the best, two more end
+    # the run. The run also reports a test split: its evaluation must not reach
+    # EarlyStoppingCallback, which would warn that it "did not find eval_perplexity" (and count the
+    # final validation evaluation as one more patience step).
     out = tmp_path / "run"
     test = write_lines(
         tmp_path / "test.raw", WT2 / "wiki.test.raw", 40, 60
@@ -161,31 +165,33 @@ def test_flags_turn_on_the_trainers_best_model_machinery():
 BAD_FLAGS = [
     (
         ["--early_stopping_threshold", "0.5"],
-        "--early_stopping_threshold 0.5 has no effect without --early_stopping_patience; pass --early_stopping_patience N, "
-        "or drop --early_stopping_threshold",
+        "--early_stopping_threshold 0.5 has no effect without --early_stopping_patience; pass "
+        "--early_stopping_patience N, or drop --early_stopping_threshold",
     ),
     (
         ["--early_stopping_patience", "0"],
-        "--early_stopping_patience must be at least 1 (evaluations without improvement before stopping); got 0",
+        "--early_stopping_patience must be at least 1 (evaluations without improvement before "
+        "stopping); got 0",
     ),
     (
         ["--early_stopping_patience", "2", "--early_stopping_threshold", "-1"],
-        "--early_stopping_threshold must be 0 or more (the smallest improvement that counts); got -1.0",
+        "--early_stopping_threshold must be 0 or more (the smallest improvement that counts); got "
+        "-1.0",
     ),
     (
         ["--early_stopping_patience", "2", "--eval_strategy", "no"],
-        "--early_stopping_patience needs validation evaluations to compare: pass --eval_strategy epoch "
-        "(or --eval_strategy steps --eval_steps N), or drop --early_stopping_patience",
+        "--early_stopping_patience needs validation evaluations to compare: pass --eval_strategy "
+        "epoch (or --eval_strategy steps --eval_steps N), or drop --early_stopping_patience",
     ),
     (
         ["--early_stopping_patience", "2", "--save_strategy", "no"],
-        "--early_stopping_patience keeps the best checkpoint, so it needs checkpoints: pass --save_strategy epoch "
-        "(as --eval_strategy), or drop --early_stopping_patience",
+        "--early_stopping_patience keeps the best checkpoint, so it needs checkpoints: pass "
+        "--save_strategy epoch (as --eval_strategy), or drop --early_stopping_patience",
     ),
     (
         ["--early_stopping_patience", "2", "--eval_strategy", "steps", "--eval_steps", "50"],
-        "--early_stopping_patience needs --save_strategy equal to --eval_strategy (now epoch and steps) so every "
-        "evaluation has a checkpoint to return to: pass --save_strategy steps",
+        "--early_stopping_patience needs --save_strategy equal to --eval_strategy (now epoch and "
+        "steps) so every evaluation has a checkpoint to return to: pass --save_strategy steps",
     ),
     (
         [
@@ -200,8 +206,8 @@ BAD_FLAGS = [
             "--save_steps",
             "100",
         ],
-        "--early_stopping_patience with --eval_strategy steps needs --save_steps equal to --eval_steps "
-        "(now 100 and 50): pass --save_steps 50",
+        "--early_stopping_patience with --eval_strategy steps needs --save_steps equal to "
+        "--eval_steps (now 100 and 50): pass --save_steps 50",
     ),
 ]
 
@@ -228,9 +234,9 @@ def test_refused_by_train_py_with_nothing_written(micro_files, tmp_path, monkeyp
 
 
 def test_resume_keeps_counting_patience(micro_files, tmp_path, monkeypatch):
-    # As in the first test, higher perplexity ranks best, so every evaluation after step 2 counts against patience.
-    # Run 1 stops at max_steps 4 with one miss counted; resumed with room for 20 steps, the second miss (step 6)
-    # ends it. Counting from 0 again would run to step 8.
+    # As in the first test, higher perplexity ranks best, so every evaluation after step 2 counts
+    # against patience. Run 1 stops at max_steps 4 with one miss counted; resumed with room for 20
+    # steps, the second miss (step 6) ends it. Counting from 0 again would run to step 8.
     out = tmp_path / "run"
     flags = _every_2_steps(
         "--early_stopping_patience",

@@ -1,5 +1,6 @@
-"""train.py --hp_search: a 2-trial search on the tiny preset with micro data (tests/runs.py), its trials table,
-progress lines and best recipe. Bad search spaces are rows of tests/test_bad_input.py."""
+"""train.py --hp_search: a 2-trial search on the tiny preset with micro data (tests/runs.py), its
+trials table, progress lines and best recipe. Bad search spaces are rows of
+tests/test_bad_input.py."""
 
 import contextlib
 import csv
@@ -12,7 +13,9 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, TOKENIZER_DIR
-from runs import THREADS, micro_args, micro_files, train_in_process  # noqa: F401 - micro_files is a fixture
+
+# micro_files is a fixture
+from runs import THREADS, micro_args, micro_files, train_in_process  # noqa: F401
 
 import eval as eval_script
 from wikigpt.cli import parse_args
@@ -67,7 +70,8 @@ def search(tmp_path_factory, micro_files):
 
 
 def validation_perplexity(model_dir, files, block_size, tmp_path, monkeypatch) -> float:
-    """eval.py's own `blocks` perplexity of a saved model on the validation file (not the Trainer's loop)."""
+    """eval.py's own `blocks` perplexity of a saved model on the validation file (not the Trainer's
+    loop)."""
     report = tmp_path / f"eval-{model_dir.name}.json"
     monkeypatch.setattr(
         sys,
@@ -166,7 +170,8 @@ def test_best_recipe_trains_the_best_trial_again(search, tmp_path, monkeypatch):
 def test_trials_save_their_checkpoints_with_a_time_budget_and_weight_averaging(
     micro_files, tmp_path, monkeypatch
 ):
-    # Both callbacks add a file to each checkpoint-N the Trainer saves; in a search that folder is in run-N/.
+    # Both callbacks add a file to each checkpoint-N the Trainer saves; in a search that folder is
+    # in run-N/.
     space = tmp_path / "space.yaml"
     space.write_text("learning_rate: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n")
     out = tmp_path / "out"

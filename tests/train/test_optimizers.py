@@ -1,4 +1,5 @@
-"""--optim_matrices muon: Muon steps the block matrices, AdamW the rest, as one Trainer optimizer that trains and resumes."""
+"""--optim_matrices muon: Muon steps the block matrices, AdamW the rest, as one Trainer optimizer
+that trains and resumes."""
 
 import copy
 import json
@@ -40,18 +41,21 @@ def test_matrices_go_to_muon_embeddings_and_vectors_to_adamw():
 
 
 def test_steps_are_torchs_muon_and_fused_adamw_steps():
-    """Three steps (momentum included) match torch's Muon and fused AdamW to the bit, each matrix shape batched.
+    """Three steps (momentum included) match torch's Muon and fused AdamW to the bit, each matrix
+    shape batched.
 
-    GPT-2's Conv1D weights are (in, out); torch's Muon reads a shape as nn.Linear's (out, in). So torch steps the
-    transposed copies of the non-square ones, with transposed gradients: the same update in the layout its scale
-    rule is written for (a square matrix's scale is 1 either way, and transposing it would change the rounding)."""
+    GPT-2's Conv1D weights are (in, out); torch's Muon reads a shape as nn.Linear's (out, in). So
+    torch steps the transposed copies of the non-square ones, with transposed gradients: the same
+    update in the layout its scale rule is written for (a square matrix's scale is 1 either way, and
+    transposing it would change the rounding)."""
 
     def linear_layout(t):
         return t.T if t.size(0) != t.size(1) else t
 
     model = tiny_model()
     matrices, decayed, other = split_parameters(model)
-    # The same steps from the two torch optimizers on their own, on (out, in) copies of the parameters.
+    # The same steps from the two torch optimizers on their own, on (out, in) copies of the
+    # parameters.
     muon_copy = [linear_layout(p.detach()).clone().requires_grad_() for _, p in matrices]
     adamw_copy = [p.detach().clone().requires_grad_() for _, p in decayed]
     muon = torch.optim.Muon(muon_copy, lr=0.02, weight_decay=0.1)
@@ -100,7 +104,8 @@ def test_plain_matrices_step_as_torchs_muon():
 
 
 def test_gpt2_conv1d_matrices_are_scaled_by_out_over_in():
-    """c_attn (16 -> 48) and the MLP's up projection (16 -> 64) take sqrt(3) and 2; its down projection 1."""
+    """c_attn (16 -> 48) and the MLP's up projection (16 -> 64) take sqrt(3) and 2; its down
+    projection 1."""
     model = tiny_model()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():

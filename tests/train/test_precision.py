@@ -1,5 +1,5 @@
-"""wikigpt/train/precision.py: bf16 where the CPU multiplies bf16 natively, fp32 one flag away; the bf16 and compiled
-paths train to the fp32 eager losses."""
+"""wikigpt/train/precision.py: bf16 where the CPU multiplies bf16 natively, fp32 one flag away; the
+bf16 and compiled paths train to the fp32 eager losses."""
 
 import json
 
@@ -16,7 +16,8 @@ from wikigpt.train.optimizers import MuonAdamWFactory
 from wikigpt.train.arguments import WikiTrainingArguments
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
-# Largest relative gap between a bf16-autocast and an fp32 logged loss over the same 20 steps from the same seed.
+# Largest relative gap between a bf16-autocast and an fp32 logged loss over the same 20 steps from
+# the same seed.
 BF16_LOSS_RTOL = 5e-3
 
 
@@ -61,7 +62,8 @@ def test_fp32_is_one_flag_away_on_a_bf16_cpu(monkeypatch):
 @pytest.mark.parametrize("flags", [{"avx2"}, {"avx2", "avx512_bf16"}])
 @pytest.mark.parametrize("override, bf16", [("0", False), ("1", True)])
 def test_the_switch_makes_any_host_act_as_the_other_kind(flags, override, bf16, monkeypatch):
-    """WIKIGPT_CPU_BF16 overrides /proc/cpuinfo both ways: the bf16 default and the Muon dtype follow it."""
+    """WIKIGPT_CPU_BF16 overrides /proc/cpuinfo both ways: the bf16 default and the Muon dtype
+    follow it."""
     monkeypatch.setattr(wikigpt.train.precision, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setenv("WIKIGPT_CPU_BF16", override)
     args = training_args()

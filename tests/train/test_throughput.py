@@ -1,4 +1,5 @@
-"""MFU formula and peak table, and the callback's tokens/s arithmetic (with a fake clock: no timing asserted)."""
+"""MFU formula and peak table, and the callback's tokens/s arithmetic (with a fake clock: no timing
+asserted)."""
 
 import pytest
 import torch
@@ -22,8 +23,9 @@ def gpt2_on_meta():
 
 
 def test_gpt2_flops_per_token_by_hand():
-    # One GPT-2 small block: c_attn 768x2304+2304, attn c_proj 768x768+768, two LayerNorms 2x(2x768),
-    # c_fc 768x3072+3072, mlp c_proj 3072x768+768 = 7,087,872; x12 + final LayerNorm 1,536 = 85,056,000.
+    # One GPT-2 small block: c_attn 768x2304+2304, attn c_proj 768x768+768, two LayerNorms
+    # 2x(2x768), c_fc 768x3072+3072, mlp c_proj 3072x768+768 = 7,087,872; x12 + final LayerNorm
+    # 1,536 = 85,056,000.
     block = 768 * 2304 + 2304 + 768 * 768 + 768 + 2 * 2 * 768 + 768 * 3072 + 3072 + 3072 * 768 + 768
     assert block == 7_087_872
     non_embedding = 12 * block + 2 * 768
@@ -36,7 +38,8 @@ def test_gpt2_flops_per_token_by_hand():
     assert non_embedding_parameters(model) == non_embedding == 85_056_000
     assert matmul_parameters(model) == n
     assert model_flops_per_token(model, 1024) == flops_per_token(n, 12, 12, 64, 1024) == expected
-    # nanoGPT's published yardstick: nanoGPT at 455k tokens/s on one H100 SXM is ~40% MFU under this formula
+    # nanoGPT's published yardstick: nanoGPT at 455k tokens/s on one H100 SXM is ~40% MFU under this
+    # formula
     assert 455_000 * expected / 989e12 == pytest.approx(0.393, abs=0.001)
 
 

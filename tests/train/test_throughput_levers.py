@@ -1,9 +1,11 @@
-"""Correctness guard for the speed levers that run on CPU (--pad_vocab_multiple): same losses as the plain path,
-the padded width only inside the LM head's matmul, a saved model and checkpoints with the real vocabulary (what a plain
-from_pretrained scores is what eval.py and train.py report), exact resume, bad values refused.
+"""Correctness guard for the speed levers that run on CPU (--pad_vocab_multiple): same losses as the
+plain path, the padded width only inside the LM head's matmul, a saved model and checkpoints with
+the real vocabulary (what a plain from_pretrained scores is what eval.py and train.py report), exact
+resume, bad values refused.
 
-Tolerance: float32 on CPU, per-step training loss and final validation perplexity within relative 1e-5 of the
-unpadded run (measured on CPU: identical; the padded LM head is a wider matmul, whose rounding could differ elsewhere).
+Tolerance: float32 on CPU, per-step training loss and final validation perplexity within relative
+1e-5 of the unpadded run (measured on CPU: identical; the padded LM head is a wider matmul, whose
+rounding could differ elsewhere).
 """
 
 import json
@@ -35,7 +37,8 @@ def losses(out) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, micro_files):
-    """The same 20-step micro run, plain and with the vocabulary padded to a multiple of 64 (same seed)."""
+    """The same 20-step micro run, plain and with the vocabulary padded to a multiple of 64 (same
+    seed)."""
     monkeypatch = pytest.MonkeyPatch()
     out = {}
     try:
@@ -72,7 +75,8 @@ def blocks_of(micro_files, tokenizer, n=4, length=32):
 
 
 def perplexity(model, ids) -> float:
-    """The Trainer's eval path: logits -> per-block NLL sums (nll_and_count) -> corpus perplexity."""
+    """The Trainer's eval path: logits -> per-block NLL sums (nll_and_count) -> corpus
+    perplexity."""
     with torch.no_grad():
         logits = model(ids).logits
     stats = nll_and_count(logits, ids)
@@ -84,7 +88,8 @@ def perplexity(model, ids) -> float:
 
 
 def test_padded_head_multiplies_at_the_padded_width(micro_files, tokenizer):
-    """The padding is real in memory: the LM head's matmul is 50304 wide, its output and its weight 50257."""
+    """The padding is real in memory: the LM head's matmul is 50304 wide, its output and its weight
+    50257."""
     model, _ = load_model(
         ModelArguments(preset="tiny", config_overrides="n_embd=16", pad_vocab_multiple=64),
         tokenizer,
@@ -104,8 +109,8 @@ def test_padded_head_multiplies_at_the_padded_width(micro_files, tokenizer):
 
 
 def test_saved_padded_model_is_a_plain_real_vocabulary_model(runs, micro_files, tokenizer):
-    """lm-eval, pipelines and the Hub load the output folder with plain from_pretrained: 50257 logits, and the
-    perplexity eval.py and train.py report."""
+    """lm-eval, pipelines and the Hub load the output folder with plain from_pretrained: 50257
+    logits, and the perplexity eval.py and train.py report."""
     out = runs["padded"]
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == REAL_VOCAB and "real_vocab_size" not in config

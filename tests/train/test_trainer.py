@@ -1,4 +1,5 @@
-"""Schedules that end where training ends: warmup_stable_decay with a fractional decay, and --max_train_minutes."""
+"""Schedules that end where training ends: warmup_stable_decay with a fractional decay, and
+--max_train_minutes."""
 
 import json
 
@@ -35,14 +36,16 @@ def test_warmup_stable_decay_with_a_fraction_of_the_steps(tmp_path, micro_files,
         save_steps=10,
     )
     assert train_in_process(argv, monkeypatch) == 0
-    # The learning rate each step used: 2 warmup steps from 0, 4 stable, then linear decay over 4 towards 0.
+    # The learning rate each step used: 2 warmup steps from 0, 4 stable, then linear decay over 4
+    # towards 0.
     expected = [0, 0.5, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
     lrs = logged_learning_rates(out)
     assert [lrs[step] / PEAK for step in range(1, 11)] == pytest.approx(expected, abs=1e-9)
 
 
 def step_clock():
-    """A clock that advances one second each time the budget reads it (once per step): timing-free tests."""
+    """A clock that advances one second each time the budget reads it (once per step): timing-free
+    tests."""
     ticks = iter(range(1_000_000))
     return lambda: float(next(ticks))
 
@@ -88,8 +91,9 @@ def test_time_budget_stops_saves_evaluates_and_ends_the_schedule(
     assert any(
         e.get("step") == steps and "eval_loss" in e for e in state["log_history"]
     )  # evaluated at the stop
-    # The schedule was planned for the budget: the warmup (5% of the run) reached the peak and the cosine reached
-    # its end at the last step (a 100,000-step cosine would still be warming up, at ~0.0003 of the peak).
+    # The schedule was planned for the budget: the warmup (5% of the run) reached the peak and the
+    # cosine reached its end at the last step (a 100,000-step cosine would still be warming up, at
+    # ~0.0003 of the peak).
     lrs = logged_learning_rates(out)
     assert max(lrs.values()) > 0.95 * PEAK
     assert all(lrs[s + 1] < lrs[s] for s in range(6, 30))  # decaying from the peak to the end
@@ -113,7 +117,8 @@ def test_budget_longer_than_the_run_changes_nothing(tmp_path, micro_files, monke
 
 
 def test_reaching_the_plan_ends_the_run_by_the_budget(monkeypatch):
-    """A fast last step must not re-plan one more step after the Trainer stopped at the planned one."""
+    """A fast last step must not re-plan one more step after the Trainer stopped at the planned
+    one."""
     import torch
     from transformers import TrainerControl, TrainerState
 

@@ -1,8 +1,9 @@
-"""--ema_decay / --swa_start (wikigpt/train/weight_averaging.py): the saved model is the average of the raw weights, the
-raw weights train exactly as without averaging, and a resumed run ends with the same average.
+"""--ema_decay / --swa_start (wikigpt/train/weight_averaging.py): the saved model is the average of
+the raw weights, the raw weights train exactly as without averaging, and a resumed run ends with the
+same average.
 
-The reference average is computed here by hand from the raw weights a run WITHOUT averaging saved at every step
-(its checkpoint-k/model.safetensors), not with torch.optim.swa_utils.
+The reference average is computed here by hand from the raw weights a run WITHOUT averaging saved at
+every step (its checkpoint-k/model.safetensors), not with torch.optim.swa_utils.
 """
 
 import json
@@ -118,7 +119,8 @@ def test_swa_averages_only_the_last_steps(tmp_path, micro_files, raw_run, monkey
 
 
 def test_the_average_leaves_a_teacher_out_of_its_copy():
-    """A --distill_from teacher rides on the model; the averaged copy holds the student alone, once."""
+    """A --distill_from teacher rides on the model; the averaged copy holds the student alone,
+    once."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from wikigpt.train.weight_averaging import WeightAveragingCallback

@@ -1,4 +1,5 @@
-"""Calibration after training: train.py's flags that fit the saved model's softmax on the held-out split."""
+"""Calibration after training: train.py's flags that fit the saved model's softmax on the held-out
+split."""
 
 from dataclasses import dataclass, field
 
@@ -10,24 +11,26 @@ class CalibrationArguments:
     calibrate_temperature: bool = field(
         default=False,
         metadata={
-            "help": "After training, fit one softmax temperature on the held-out split and fold it into the "
-            "final LayerNorm of the saved model. GPT-2 models only. Default: off."
+            "help": "After training, fit one softmax temperature on the held-out split and fold it "
+            "into the final LayerNorm of the saved model. GPT-2 models only. Default: off."
         },
     )
     calibrate_token_offsets: bool = field(
         default=False,
         metadata={
-            "help": "After training (and --calibrate_temperature), fit a logit scale, offset and slope on "
-            "log(1 + token id) per class of training count on the held-out split, folded into the "
-            "final LayerNorm and an untied LM head. GPT-2 models only. Default: off."
+            "help": "After training (and --calibrate_temperature), fit a logit scale, offset and "
+            "slope on log(1 + token id) per class of training count on the held-out split, "
+            "folded into the final LayerNorm and an untied LM head. GPT-2 models only. "
+            "Default: off."
         },
     )
     calibrate_class_shares: str = field(
         default="held_out",
         metadata={
-            "help": "With --calibrate_token_offsets, how the held-out tokens are weighted: held_out (as they "
-            "are) or new_articles (each class of training count gets its share in a new article; "
-            "text without article headings falls back to held_out). Default: held_out.",
+            "help": "With --calibrate_token_offsets, how the held-out tokens are weighted: "
+            "held_out (as they are) or new_articles (each class of training count gets its "
+            "share in a new article; text without article headings falls back to "
+            "held_out). Default: held_out.",
             "choices": ["new_articles", "held_out"],
         },
     )

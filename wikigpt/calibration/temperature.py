@@ -1,14 +1,16 @@
-"""--calibrate_temperature: after training, fit one softmax temperature on the held-out blocks and fold it into ln_f.
+"""--calibrate_temperature: after training, fit one softmax temperature on the held-out blocks and
+fold it into ln_f.
 
-A model trained for many epochs on a small corpus is over-confident on new text: new articles hold more rare and
-unseen tokens than its training text, and a softmax temperature T > 1 (logits / T) gives them back probability.
-T is the one value that minimises the held-out NLL of the full-vocabulary softmax (the test split never chooses
-it): with b = 1 / T, NLL(b) = sum_i logsumexp(b z_i) - b z_i[y_i] is convex in b, so Newton's method on b finds it
-in a few passes (NLL'(b) = sum_i E_p[z] - z[y], NLL''(b) = sum_i Var_p[z]).
+A model trained for many epochs on a small corpus is over-confident on new text: new articles hold
+more rare and unseen tokens than its training text, and a softmax temperature T > 1 (logits / T)
+gives them back probability. T is the one value that minimises the held-out NLL of the
+full-vocabulary softmax (the test split never chooses it): with b = 1 / T, NLL(b) = sum_i
+logsumexp(b z_i) - b z_i[y_i] is convex in b, so Newton's method on b finds it in a few passes
+(NLL'(b) = sum_i E_p[z] - z[y], NLL''(b) = sum_i Var_p[z]).
 
-GPT-2's logits are ln_f(x) @ W.T with no bias, so dividing ln_f's weight and bias by T divides every logit by T:
-the saved model is a plain GPT2LMHeadModel whose own softmax is the calibrated one, for eval.py, generate.py and
-from_pretrained alike (the tied input embeddings are untouched).
+GPT-2's logits are ln_f(x) @ W.T with no bias, so dividing ln_f's weight and bias by T divides every
+logit by T: the saved model is a plain GPT2LMHeadModel whose own softmax is the calibrated one, for
+eval.py, generate.py and from_pretrained alike (the tied input embeddings are untouched).
 """
 
 import logging
@@ -33,8 +35,8 @@ def final_norm(model):
 
 
 def check_calibration_model(model, flag: str = FLAG) -> None:
-    """GPT-2's ln_f (with a bias) and a bias-free LM head: what --calibrate_temperature and --calibrate_token_offsets
-    fold into."""
+    """GPT-2's ln_f (with a bias) and a bias-free LM head: what --calibrate_temperature and
+    --calibrate_token_offsets fold into."""
     what = "the temperature" if flag == FLAG else "its scales and offsets"
     if not isinstance(final_norm(model), torch.nn.LayerNorm) or final_norm(model).bias is None:
         raise UsageError(
@@ -48,7 +50,8 @@ def check_calibration_model(model, flag: str = FLAG) -> None:
 
 @torch.no_grad()
 def held_out_logit_inputs(model, blocks, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states of every predicted position of `blocks` (rows of input_ids) and the tokens they predict."""
+    """Final hidden states of every predicted position of `blocks` (rows of input_ids) and the
+    tokens they predict."""
     device = next(model.parameters()).device
     hidden, targets = [], []
     for start in range(0, len(blocks), batch_size):
@@ -82,9 +85,11 @@ def nll_and_derivatives(
 def fit_temperature(
     hidden, targets, weight, steps: int = 20, tol: float = 1e-5
 ) -> tuple[float, float, float]:
-    """(T, held-out NLL at T = 1, held-out NLL at T): Newton's method on b = 1/T, kept within BOUNDS.
+    """(T, held-out NLL at T = 1, held-out NLL at T): Newton's method on b = 1/T, kept within
+    BOUNDS.
 
-    A step that raises the NLL (far from the minimum Newton can overshoot) is halved until it does not."""
+    A step that raises the NLL (far from the minimum Newton can overshoot) is halved until it does
+    not."""
     b = 1.0
     current = nll_and_derivatives(hidden, targets, weight, b)
     nll_at_1 = current[0]
@@ -110,7 +115,8 @@ def apply_temperature(model, temperature: float) -> None:
 
 
 def calibrate_temperature(model, blocks, batch_size: int) -> dict:
-    """Fit T on `blocks` (the held-out split), fold it into `model`; returns what results.json records."""
+    """Fit T on `blocks` (the held-out split), fold it into `model`; returns what results.json
+    records."""
     was_training = model.training
     model.eval()
     try:
@@ -129,7 +135,8 @@ def calibrate_temperature(model, blocks, batch_size: int) -> dict:
         "validation_perplexity_after": round(math.exp(nll_after), 4),
     }
     logger.info(
-        "%s: temperature %.4f fitted on %d held-out tokens (perplexity %.2f -> %.2f), folded into ln_f",
+        "%s: temperature %.4f fitted on %d held-out tokens (perplexity %.2f -> %.2f), "
+        "folded into ln_f",
         FLAG,
         temperature,
         len(targets),

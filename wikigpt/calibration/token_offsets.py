@@ -1,32 +1,37 @@
-"""--calibrate_token_offsets: after training, fit one logit scale, one logit offset and one slope on the token's rank
-per token-frequency class on the held-out split and fold them into the saved model.
+"""--calibrate_token_offsets: after training, fit one logit scale, one logit offset and one slope on
+the token's rank per token-frequency class on the held-out split and fold them into the saved model.
 
-A model trained for many epochs on a small corpus misjudges how likely a token is by how often it saw it: new
-articles bring tokens it never saw or saw once more often than the training text did, while its many-times-seen
-tokens are slightly over-predicted. One softmax temperature (--calibrate_temperature) cannot tell these apart; one
-scale and one offset per class of training count can. Tokens are grouped by their count in the training text
-(COUNT_EDGES: 0, 1, 2, 3-4, 5-9, 10-29, 30-99, 100-999, 1000+). Within a class, the tokens the model could not learn
-apart (those sharing one row under --rare_tokens_below get the same logit) still differ in how common they are in
-text at large, and GPT-2's vocabulary says so: its ids follow the BPE merge order, most frequent pairs first. So
-token t of group g gets the logit s_g z_t + o_g + a_g r_t, r_t = log(1 + t) (centred), and (s, o, a) are those
-that minimise the held-out NLL: a convex function of 27 numbers (the logits are linear in them), minimised by
-damped Newton steps over chunked passes of the held-out logits, with a small L2 pull towards s = 1, o = a = 0 for
-groups the held-out text barely holds. A tokenizer whose ids carry no such order gets slopes near 0. With
---calibrate_class_shares new_articles, each held-out token is weighted so that its group has the share it has in a
-new article (new_article_shares): a few held-out articles hold fewer never-seen tokens than new text does.
+A model trained for many epochs on a small corpus misjudges how likely a token is by how often it
+saw it: new articles bring tokens it never saw or saw once more often than the training text did,
+while its many-times-seen tokens are slightly over-predicted. One softmax temperature
+(--calibrate_temperature) cannot tell these apart; one scale and one offset per class of training
+count can. Tokens are grouped by their count in the training text (COUNT_EDGES: 0, 1, 2, 3-4, 5-9,
+10-29, 30-99, 100-999, 1000+). Within a class, the tokens the model could not learn apart (those
+sharing one row under --rare_tokens_below get the same logit) still differ in how common they are in
+text at large, and GPT-2's vocabulary says so: its ids follow the BPE merge order, most frequent
+pairs first. So token t of group g gets the logit s_g z_t + o_g + a_g r_t, r_t = log(1 + t)
+(centred), and (s, o, a) are those that minimise the held-out NLL: a convex function of 27 numbers
+(the logits are linear in them), minimised by damped Newton steps over chunked passes of the
+held-out logits, with a small L2 pull towards s = 1, o = a = 0 for groups the held-out text barely
+holds. A tokenizer whose ids carry no such order gets slopes near 0. With --calibrate_class_shares
+new_articles, each held-out token is weighted so that its group has the share it has in a new
+article (new_article_shares): a few held-out articles hold fewer never-seen tokens than new text
+does.
 
 Folding is exact too. GPT-2's logits are W h: the head is untied from the input embeddings
-(config.tie_word_embeddings = False; the input embeddings are unchanged) and row t of W is multiplied by s_t, its
-group's scale. h = gamma * n + beta from ln_f, and n sums to 0 (LayerNorm subtracts the mean), so h . (1 / gamma) =
-sum(beta / gamma) = C for every input: adding (o_t / C) / gamma to row t of W adds o_t = o_g + a_g r_t to token t's
-logit. C is whatever training left in beta, and can be near 0 (then the rows that carry the offsets grow huge and
-so do the logits' rounding errors), so beta first gains delta = k * gamma, which makes C' = C + k * width, and row t of W
-gains ((o_t - W_t . delta) / C') / gamma: the logits are W_t . h + W_t . delta + o_t - W_t . delta, exactly the
-scaled ones plus the offsets. k (in SHIFTS, signed like C) is the one whose folded logits have the smallest bfloat16
-rounding error on the held-out positions. The saved model is a plain GPT2LMHeadModel for eval.py, generate.py and
-from_pretrained alike. Where no k keeps a float32 logit within 1e-3 nats of s_t z_t + o_t and the bfloat16 rounding
-error of the logits under twice the plain model's, the calibration is skipped with a warning and the model is saved
-without it.
+(config.tie_word_embeddings = False; the input embeddings are unchanged) and row t of W is
+multiplied by s_t, its group's scale. h = gamma * n + beta from ln_f, and n sums to 0 (LayerNorm
+subtracts the mean), so h . (1 / gamma) = sum(beta / gamma) = C for every input: adding
+(o_t / C) / gamma to row t of W adds o_t = o_g + a_g r_t to token t's logit. C is whatever training
+left in beta, and can be near 0 (then the rows that carry the offsets grow huge and so do the
+logits' rounding errors), so beta first gains delta = k * gamma, which makes C' = C + k * width, and
+row t of W gains ((o_t - W_t . delta) / C') / gamma: the logits are
+W_t . h + W_t . delta + o_t - W_t . delta, exactly the scaled ones plus the offsets. k (in SHIFTS,
+signed like C) is the one whose folded logits have the smallest bfloat16 rounding error on the
+held-out positions. The saved model is a plain GPT2LMHeadModel for eval.py, generate.py and
+from_pretrained alike. Where no k keeps a float32 logit within 1e-3 nats of s_t z_t + o_t and the
+bfloat16 rounding error of the logits under twice the plain model's, the calibration is skipped with
+a warning and the model is saved without it.
 """
 
 import logging
@@ -53,7 +58,9 @@ COUNT_EDGES = (
     100,
     1000,
 )  # group g: COUNT_EDGES[g] <= training count < COUNT_EDGES[g + 1]
-L2 = 1e-3  # on the mean held-out NLL: a group the held-out text (almost) never holds keeps a finite scale and offset
+# on the mean held-out NLL: a group the held-out text (almost) never holds keeps a finite scale
+# and offset
+L2 = 1e-3
 FOLD_TOLERANCE = 1e-3  # largest float32 logit error of the fold (in nats) on the held-out positions
 BF16_TOLERANCE = (
     2.0  # the folded logits' mean bfloat16 rounding error, at most this many times the plain ones'
@@ -73,15 +80,16 @@ def count_groups(counts: np.ndarray) -> torch.Tensor:
 
 
 def new_article_shares(articles: list[np.ndarray], vocab_size: int) -> np.ndarray | None:
-    """Share of each count group among the tokens of a new article, estimated leave-one-article-out over the training
-    articles (each article's tokens grouped by their count in the other articles); None with fewer than 2 articles.
-    A held-out slice of a few articles is a small sample of new text: on WikiText-2 the 4 held-out articles hold
-    3.5% tokens never seen in training where the 56 training articles, each left out in turn, hold 7.1% (test: 6.6%)."""
+    """Share of each count group among the tokens of a new article, estimated leave-one-article-out
+    over the training articles (each article's tokens grouped by their count in the other articles);
+    None with fewer than 2 articles. A held-out slice of a few articles is a small sample of new
+    text: on WikiText-2 the 4 held-out articles hold 3.5% tokens never seen in training where the 56
+    training articles, each left out in turn, hold 7.1% (test: 6.6%)."""
     if len(articles) < 2:
         logger.warning(
             "--calibrate_class_shares new_articles: the training text holds %d article (WikiText's "
-            "' = Title = ' headings mark them), so there is no other to count against; the held-out "
-            "tokens are taken as they are (as --calibrate_class_shares held_out)",
+            "' = Title = ' headings mark them), so there is no other to count against; the "
+            "held-out tokens are taken as they are (as --calibrate_class_shares held_out)",
             len(articles),
         )
         return None
@@ -99,30 +107,34 @@ def new_article_shares(articles: list[np.ndarray], vocab_size: int) -> np.ndarra
 
 
 def check_rank_order(tokenizer, flag: str = "--calibrate_token_offsets") -> None:
-    """The rank slopes read a token's id as its frequency rank, which holds for BPE vocabularies (ids in merge
-    order, most frequent first: GPT-2's, SentencePiece BPE's); refuse a WordPiece, Unigram or word-level one."""
+    """The rank slopes read a token's id as its frequency rank, which holds for BPE vocabularies
+    (ids in merge order, most frequent first: GPT-2's, SentencePiece BPE's); refuse a WordPiece,
+    Unigram or word-level one."""
     model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
     kind = type(model).__name__ if model is not None else type(tokenizer).__name__
     if kind != "BPE":
         raise UsageError(
-            f"{flag} fits a slope on log(1 + token id), which follows a BPE vocabulary's merge order; "
-            f"tokenizer {tokenizer.name_or_path!r} is {kind}: use a BPE tokenizer or drop {flag}"
+            f"{flag} fits a slope on log(1 + token id), which follows a BPE vocabulary's merge "
+            f"order; tokenizer {tokenizer.name_or_path!r} is {kind}: use a BPE tokenizer or drop "
+            f"{flag}"
         )
 
 
 def rank_feature(vocab_size: int) -> torch.Tensor:
-    """log(1 + token id), centred on its vocabulary mean: GPT-2's ids follow the BPE merge order, most frequent pairs
-    first, so within a class of training count a low id marks a token common in the tokenizer's own text."""
+    """log(1 + token id), centred on its vocabulary mean: GPT-2's ids follow the BPE merge order,
+    most frequent pairs first, so within a class of training count a low id marks a token common in
+    the tokenizer's own text."""
     ranks = torch.log1p(torch.arange(vocab_size, dtype=torch.float64))
     return (ranks - ranks.mean()).float()
 
 
 def class_logits(z, token_scales, token_offsets):
-    """Logits of the calibrated softmax: s_t z_t + o_t (o_t = o_g + a_g r_t for token t of group g)."""
+    """Logits of the calibrated softmax: s_t z_t + o_t (o_t = o_g + a_g r_t, t in group g)."""
     return z * token_scales + token_offsets
 
 
-# the features of token t in its group's slots, as powers (of z_t, of r_t): the logit is s_g z_t + o_g + a_g r_t
+# the features of token t in its group's slots, as powers (of z_t, of r_t): the logit is
+# s_g z_t + o_g + a_g r_t
 FEATURES = ((1, 0), (0, 0), (0, 1))
 
 
@@ -139,10 +151,11 @@ def newton_terms(
     chunk: int = 1024,
     weights=None,
 ):
-    """Mean NLL of the logits s_t z_t + o_t and, given `groups` (each token's) and `ranks` (r_t), its gradient and
-    Hessian in (s_1..s_G, o_1..o_G, a_1..a_G). Token t's features are z_t, 1 and r_t in its group's slots, so the
-    softmax moments sum_t p_t z_t^i r_t^j over each group's tokens (i + j <= 2) give both. Chunked: a
-    vocabulary-wide row per position. `weights` (one per position): a weighted mean instead."""
+    """Mean NLL of the logits s_t z_t + o_t and, given `groups` (each token's) and `ranks` (r_t),
+    its gradient and Hessian in (s_1..s_G, o_1..o_G, a_1..a_G). Token t's features are z_t, 1 and
+    r_t in its group's slots, so the softmax moments sum_t p_t z_t^i r_t^j over each group's tokens
+    (i + j <= 2) give both. Chunked: a vocabulary-wide row per position. `weights` (one per
+    position): a weighted mean instead."""
     nll, sums = 0.0, {}
     if groups is not None:
         member = torch.nn.functional.one_hot(groups, n_groups).to(hidden.dtype)
@@ -163,7 +176,8 @@ def newton_terms(
         if groups is None:
             continue
         p = torch.exp(logits - lse[:, None])
-        moment = {}  # (i, j): positions x G; one product per power of z reads its vocabulary-wide rows once
+        # (i, j): positions x G; one product per power of z reads its vocabulary-wide rows once
+        moment = {}
         for i, p_z in enumerate((p, p * z, p * z * z)):
             sums_j = (p_z @ by_rank[:, : (3 - i) * n_groups]).double()
             moment.update(
@@ -205,9 +219,10 @@ def fit_class_calibration(
     tol: float = 1e-8,
     weights=None,
 ):
-    """(scales, offsets, rank slopes), one each per group (1, 0 and 0 for a group without tokens), minimising the
-    mean held-out NLL of s_g z_t + o_g + a_g r_t (weighted by `weights`, one per position, if given) plus
-    l2 * (|s - 1|^2 + |o|^2 + |a|^2): damped Newton steps on a convex function of 3 * n_groups numbers."""
+    """(scales, offsets, rank slopes), one each per group (1, 0 and 0 for a group without tokens),
+    minimising the mean held-out NLL of s_g z_t + o_g + a_g r_t (weighted by `weights`, one per
+    position, if given) plus l2 * (|s - 1|^2 + |o|^2 + |a|^2): damped Newton steps on a convex
+    function of 3 * n_groups numbers."""
     prior = torch.cat([torch.ones(n_groups), torch.zeros(2 * n_groups)]).double()
     ranks = ranks.to(groups.device)
 
@@ -250,8 +265,9 @@ def fit_class_calibration(
 
 
 def offset_fold(model, weight: torch.Tensor, token_offsets: torch.Tensor, shift: float):
-    """(ln_f bias, LM head weight) that add token t's offset to the logits of head `weight`: the bias gains delta =
-    k * gamma (k = `shift`, signed like C), row t of the head ((o_t - W_t . delta) / C') / gamma (see above)."""
+    """(ln_f bias, LM head weight) that add token t's offset to the logits of head `weight`: the
+    bias gains delta = k * gamma (k = `shift`, signed like C), row t of the head
+    ((o_t - W_t . delta) / C') / gamma (see above)."""
     norm = final_norm(model)
     gamma, beta, weight = (
         norm.weight.detach().double(),
@@ -271,9 +287,10 @@ def offset_fold(model, weight: torch.Tensor, token_offsets: torch.Tensor, shift:
 def fold_errors(
     hidden, weight, new_bias_shift, new_weight, token_scales, token_offsets, rows: int = 256
 ):
-    """How exact a fold is on `rows` held-out positions (ln_f outputs, which gain `new_bias_shift`): the largest
-    |folded logit - (s_t * logit + o_t)| in float32 (nats), and the mean bfloat16 rounding error of the folded
-    logits over that of the plain ones (the Trainer evaluates in bf16 autocast, and users load models in bf16)."""
+    """How exact a fold is on `rows` held-out positions (ln_f outputs, which gain `new_bias_shift`):
+    the largest |folded logit - (s_t * logit + o_t)| in float32 (nats), and the mean bfloat16
+    rounding error of the folded logits over that of the plain ones (the Trainer evaluates in bf16
+    autocast, and users load models in bf16)."""
     h = hidden[:rows].float()
     h_folded = (h.double() + new_bias_shift.double()).float()
     plain, folded = h @ weight.float().T, h_folded @ new_weight.float().T
@@ -286,8 +303,8 @@ def fold_errors(
 
 
 def fold_offsets(model, new_bias: torch.Tensor, new_weight: torch.Tensor) -> None:
-    """Give ln_f `new_bias`, untie the LM head from the input embeddings and give it `new_weight` (the input
-    embeddings are unchanged)."""
+    """Give ln_f `new_bias`, untie the LM head from the input embeddings and give it `new_weight`
+    (the input embeddings are unchanged)."""
     with torch.no_grad():
         final_norm(model).bias.copy_(new_bias)
     head = model.get_output_embeddings()
@@ -300,8 +317,8 @@ def fold_offsets(model, new_bias: torch.Tensor, new_weight: torch.Tensor) -> Non
 
 
 def share_weights(groups: torch.Tensor, targets: torch.Tensor, class_shares: np.ndarray):
-    """Per held-out target, the weight that gives its group the share `class_shares` holds: share / held-out share.
-    Returns (weights, held-out shares)."""
+    """Per held-out target, the weight that gives its group the share `class_shares` holds:
+    share / held-out share. Returns (weights, held-out shares)."""
     held = torch.bincount(groups[targets], minlength=len(class_shares)).double() / len(targets)
     ratio = torch.as_tensor(class_shares, dtype=torch.float64, device=held.device) / held.clamp_min(
         1e-12
@@ -312,9 +329,10 @@ def share_weights(groups: torch.Tensor, targets: torch.Tensor, class_shares: np.
 def calibrate_token_offsets(
     model, blocks, batch_size: int, counts: np.ndarray, class_shares: np.ndarray | None = None
 ) -> dict:
-    """Fit per-group scales and offsets on `blocks` (the held-out split) and fold them into `model`; returns what
-    results.json records (or why they were skipped). With `class_shares` (new_article_shares), each held-out target
-    is weighted so that its count group has that share of the fit."""
+    """Fit per-group scales and offsets on `blocks` (the held-out split) and fold them into `model`;
+    returns what results.json records (or why they were skipped). With `class_shares`
+    (new_article_shares), each held-out target is weighted so that its count group has that share of
+    the fit."""
     was_training = model.training
     model.eval()
     try:
@@ -383,17 +401,17 @@ def calibrate_token_offsets(
             else f"bfloat16 logit error {bf16_ratio:.3g}x the plain model's > {BF16_TOLERANCE}x"
         )
         logger.warning(
-            "%s: skipped, the final LayerNorm cannot carry the offsets exactly (%s); the model is saved "
-            "without them",
+            "%s: skipped, the final LayerNorm cannot carry the offsets exactly (%s); the model is "
+            "saved without them",
             FLAG,
             reason,
         )
         return {**summary, "skipped": reason}
     fold_offsets(model, new_bias, new_weight)
     logger.info(
-        "%s: scales %s, offsets %s and rank slopes %s for training counts from %s, fitted on %d held-out tokens%s "
-        "(perplexity %.2f -> %.2f), folded into the LM head (ln_f bias shift %s x its weight, bfloat16 logit error "
-        "%.2fx the plain model's)",
+        "%s: scales %s, offsets %s and rank slopes %s for training counts from %s, fitted on %d "
+        "held-out tokens%s (perplexity %.2f -> %.2f), folded into the LM head (ln_f bias shift %s "
+        "x its weight, bfloat16 logit error %.2fx the plain model's)",
         FLAG,
         summary["scales"],
         summary["offsets"],

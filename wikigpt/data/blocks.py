@@ -1,9 +1,10 @@
-"""Data: load WikiText (Hub or local files), tokenize with the GPT-2 tokenizer, group into fixed-length blocks.
+"""Data: load WikiText (Hub or local files), tokenize with the GPT-2 tokenizer, group into
+fixed-length blocks.
 
-Local `.raw`/`.txt` files give exactly the rows the Hub's `wikitext` gives (one row per line, newline kept,
-whitespace-only lines -> ""), so local and Hub runs tokenize to the same tokens. Every step is a `datasets`
-map with an explicit fingerprint, so a second identical run reads the cache and a changed tokenizer or
-block size recomputes.
+Local `.raw`/`.txt` files give exactly the rows the Hub's `wikitext` gives (one row per line,
+newline kept, whitespace-only lines -> ""), so local and Hub runs tokenize to the same tokens. Every
+step is a `datasets` map with an explicit fingerprint, so a second identical run reads the cache and
+a changed tokenizer or block size recomputes.
 """
 
 import logging
@@ -77,9 +78,9 @@ class DataArguments:
     validation_split_percentage: float = field(
         default=5.0,
         metadata={
-            "help": "Without a validation split, hold out whole articles (WikiText ' = Title = ' headings), "
-            "about this percent of the training text, chosen by --seed; text without article "
-            "headings holds out one contiguous slice of rows."
+            "help": "Without a validation split, hold out whole articles (WikiText ' = Title = ' "
+            "headings), about this percent of the training text, chosen by --seed; text without "
+            "article headings holds out one contiguous slice of rows."
         },
     )
     block_size: int | None = field(
@@ -92,18 +93,19 @@ class DataArguments:
     random_block_offset: bool = field(
         default=False,
         metadata={
-            "help": "Re-cut the training tokens into blocks at a new random offset in [0, block_size) every "
-            "epoch (drawn from --seed and the epoch), so epochs see different block boundaries; "
-            "validation and test blocks are unchanged."
+            "help": "Re-cut the training tokens into blocks at a new random offset in [0, "
+            "block_size) every epoch (drawn from --seed and the epoch), so epochs see different "
+            "block boundaries; validation and test blocks are unchanged."
         },
     )
 
     detokenize: bool = field(
         default=False,
         metadata={
-            "help": "Train, validate and test on WikiText as lm-evaluation-harness scores it: one row per "
-            "article (split at ' = Title = ' headings), detokenized (' @-@ ' -> '-', ' , ' -> ', ', ...) "
-            "with the harness's rules, the same as eval.py's documents method. train.py only."
+            "help": "Train, validate and test on WikiText as lm-evaluation-harness scores it: one "
+            "row per article (split at ' = Title = ' headings), detokenized (' @-@ ' -> '-', ' , ' "
+            "-> ', ', ...) with the harness's rules, the same as eval.py's documents method. "
+            "train.py only."
         },
     )
 
@@ -117,8 +119,8 @@ def resolve_block_size(block_size: int | None, n_positions: int) -> int:
         return min(1024, n_positions)
     if block_size <= 0 or block_size > n_positions:
         raise UsageError(
-            f"--block_size must be between 1 and the model's n_positions ({n_positions}); got {block_size}. "
-            f"Pass --block_size {min(1024, n_positions)} or less"
+            f"--block_size must be between 1 and the model's n_positions ({n_positions}); got "
+            f"{block_size}. Pass --block_size {min(1024, n_positions)} or less"
         )
     return block_size
 
@@ -171,8 +173,8 @@ def _load_local_split(flag: str, path: str, text_column: str) -> datasets.Datase
         ds = ds.map(_hub_rows, batched=True, desc=f"Hub-format rows of {os.path.basename(path)}")
     elif text_column not in ds.column_names:
         raise UsageError(
-            f"--text_column {text_column!r} is not a column of {flag} {path!r} (columns: {ds.column_names}); "
-            f"pass --text_column with one of them"
+            f"--text_column {text_column!r} is not a column of {flag} {path!r} (columns: "
+            f"{ds.column_names}); pass --text_column with one of them"
         )
     else:
         ds = ds.select_columns([text_column])
@@ -189,7 +191,8 @@ def _local_files(args: DataArguments) -> dict[str, tuple[str, str]]:
     if args.dataset_dir:
         if not os.path.isdir(args.dataset_dir):
             raise UsageError(
-                f"--dataset_dir {args.dataset_dir!r} is not a directory; pass the folder holding wiki.*.raw"
+                f"--dataset_dir {args.dataset_dir!r} is not a directory; pass the folder holding "
+                "wiki.*.raw"
             )
         for split, name in WIKITEXT_RAW_NAMES.items():
             path = os.path.join(args.dataset_dir, name)
@@ -205,12 +208,14 @@ def _local_files(args: DataArguments) -> dict[str, tuple[str, str]]:
 def hold_out(
     train: datasets.Dataset, percentage: float, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Hold out whole articles, about `percentage` % of the training text, chosen by `seed`; row order is kept.
+    """Hold out whole articles, about `percentage` % of the training text, chosen by `seed`; row
+    order is kept.
 
-    Articles start at WikiText's top-level ` = Title = ` headings. A held-out slice cut from the middle of articles
-    shares names and topics with the training rows around it and rates an over-fitted model far better than unseen
-    text (the test split) would; whole held-out articles track the test split. Text without two such headings falls
-    back to one contiguous slice of rows placed by `seed`.
+    Articles start at WikiText's top-level ` = Title = ` headings. A held-out slice cut from the
+    middle of articles shares names and topics with the training rows around it and rates an
+    over-fitted model far better than unseen text (the test split) would; whole held-out articles
+    track the test split. Text without two such headings falls back to one contiguous slice of rows
+    placed by `seed`.
     """
     if not 0 < percentage < 100:
         raise UsageError(f"--validation_split_percentage must be in (0, 100); got {percentage}")
@@ -234,7 +239,8 @@ def hold_out(
         k = max(1, round(n * percentage / 100))
         if k >= n:
             raise UsageError(
-                f"--validation_split_percentage {percentage} leaves no training rows out of {n}; lower it"
+                f"--validation_split_percentage {percentage} leaves no training rows out of {n}; "
+                "lower it"
             )
         start = random.Random(seed).randrange(0, n - k + 1)
         held_rows = list(range(start, start + k))
@@ -252,8 +258,9 @@ TEST_FILE_NAMES = ("wiki.test.raw", "wiki.test.tokens")
 
 
 def validation_is_test(args: DataArguments) -> str | None:
-    """Why the validation file is the test split (the same file, the same bytes, or WikiText's test file), else
-    None: validation perplexity is then test perplexity, and whatever it chooses is chosen on test."""
+    """Why the validation file is the test split (the same file, the same bytes, or WikiText's test
+    file), else None: validation perplexity is then test perplexity, and whatever it chooses is
+    chosen on test."""
     validation, test = args.validation_file, args.test_file
     if not validation or not os.path.isfile(validation):
         return None
@@ -297,7 +304,8 @@ def load_raw_splits(
         raw = datasets.DatasetDict({s: raw[s] for s in SPLITS if s in raw})
         if args.text_column not in raw[next(iter(raw))].column_names:
             raise UsageError(
-                f"--text_column {args.text_column!r} is not a column of --dataset_name {args.dataset_name!r}"
+                f"--text_column {args.text_column!r} is not a column of --dataset_name "
+                f"{args.dataset_name!r}"
             )
         if args.text_column != "text":
             raw = raw.select_columns([args.text_column]).rename_column(args.text_column, "text")
@@ -309,15 +317,16 @@ def load_raw_splits(
         if split not in raw:
             if args.dataset_dir:
                 raise UsageError(
-                    f"--dataset_dir {args.dataset_dir!r} has no {WIKITEXT_RAW_NAMES[split]} ({split} split); "
-                    f"add it or pass {SPLIT_FILE_FLAGS[split]}"
+                    f"--dataset_dir {args.dataset_dir!r} has no {WIKITEXT_RAW_NAMES[split]} "
+                    f"({split} split); add it or pass {SPLIT_FILE_FLAGS[split]}"
                 )
             raise UsageError(f"no {split} split: pass {SPLIT_FILE_FLAGS[split]} (or --dataset_dir)")
     return raw
 
 
 def detokenize_splits(raw: datasets.DatasetDict) -> datasets.DatasetDict:
-    """--detokenize: every split as one row per article, detokenized (wikigpt.data.wikitext, as eval.py's documents)."""
+    """--detokenize: every split as one row per article, detokenized (wikigpt.data.wikitext, as
+    eval.py's documents)."""
 
     def to_documents(batch):
         return {"text": [detokenize(page) for page in split_documents(batch["text"])]}
@@ -342,16 +351,19 @@ def detokenize_splits(raw: datasets.DatasetDict) -> datasets.DatasetDict:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of what decides the token ids: the full tokenizer definition, not the Python object."""
+    """A hash of what decides the token ids: the full tokenizer definition, not the Python
+    object."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return Hasher.hash(backend.to_str() if backend is not None else tokenizer)
 
 
 def tokenize(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -> datasets.Dataset:
-    """Token ids of every row, without special tokens: one text stream, as every evaluation method reads it.
+    """Token ids of every row, without special tokens: one text stream, as every evaluation method
+    reads it.
 
-    A tokenizer that adds BOS/EOS (add_special_tokens) would otherwise put one inside the stream per row, i.e.
-    per WikiText line; the sliding-window and document methods of eval.py tokenize without them too.
+    A tokenizer that adds BOS/EOS (add_special_tokens) would otherwise put one inside the stream per
+    row, i.e. per WikiText line; the sliding-window and document methods of eval.py tokenize without
+    them too.
     """
     fingerprint = Hasher.hash(["tokenize-v2", ds._fingerprint, tokenizer_fingerprint(tokenizer)])
 
@@ -380,7 +392,8 @@ def tokenize(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -> da
 
 
 def token_stream(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -> np.ndarray:
-    """`tokenize`'s rows concatenated into one array of token ids (read from the datasets cache when it holds them)."""
+    """`tokenize`'s rows concatenated into one array of token ids (read from the datasets cache when
+    it holds them)."""
     return pc.list_flatten(
         tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]
     ).to_numpy()
@@ -389,8 +402,9 @@ def token_stream(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -
 def article_token_ids(
     ds: datasets.Dataset, tokenizer, num_proc: int | None = None, rows_are_articles: bool = False
 ) -> list[np.ndarray]:
-    """Each article's token ids, from `tokenize`'s rows: WikiText's ` = Title = ` headings start them, or each row
-    is one (`rows_are_articles`: --detokenize's rows, whose headings no longer read as WikiText's)."""
+    """Each article's token ids, from `tokenize`'s rows: WikiText's ` = Title = ` headings start
+    them, or each row is one (`rows_are_articles`: --detokenize's rows, whose headings no longer
+    read as WikiText's)."""
     rows = tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]
     starts = np.concatenate(
         [[0], np.cumsum(pc.list_value_length(rows).to_numpy(zero_copy_only=False))]
@@ -405,7 +419,8 @@ def article_token_ids(
 
 
 def group_texts(tokenized: datasets.Dataset, block_size: int) -> datasets.Dataset:
-    """Concatenate the whole split and cut it into `block_size` blocks; only the split's final remainder is dropped.
+    """Concatenate the whole split and cut it into `block_size` blocks; only the split's final
+    remainder is dropped.
 
     One batch per split (batch_size=None) so no remainder is dropped in the middle, unlike run_clm's
     per-1,000-row grouping. Arrow in, Arrow out: no per-token Python objects.
@@ -456,8 +471,8 @@ def prepare_lm_splits(
         }
         if n_blocks == 0:
             raise UsageError(
-                f"the {split} split has {tokens} tokens, fewer than one block of --block_size {block_size}; "
-                f"pass more text or a smaller --block_size"
+                f"the {split} split has {tokens} tokens, fewer than one block of --block_size "
+                f"{block_size}; pass more text or a smaller --block_size"
             )
         logger.info(
             "%s: %d rows, %d tokens, %d blocks of %d (%d tokens dropped at the end)",

@@ -1,21 +1,23 @@
 """Interpolated modified Kneser-Ney n-gram language model over integer tokens (numpy only).
 
-Modified Kneser-Ney (Chen & Goodman 1998, "An Empirical Study of Smoothing Techniques", section 3.5), interpolated:
+Modified Kneser-Ney (Chen & Goodman 1998, "An Empirical Study of Smoothing Techniques",
+section 3.5), interpolated:
 
     p_k(w | h) = max(a(h w) - D_k(a(h w)), 0) / a(h .) + gamma_k(h) p_{k-1}(w | h')
     gamma_k(h) = (D_k1 N1(h .) + D_k2 N2(h .) + D_k3+ N3+(h .)) / a(h .)
     p_1(w)     = max(a(w) - D_1(a(w)), 0) / a(.) + gamma_1 / V
 
-where h' is h without its first token, a() is the raw count at the highest order and the continuation count
-N1+(. h w) (distinct tokens seen before h w) at every lower order, N_i(h .) counts the tokens that follow h with
-a() = i, and a context never seen at order k (a(h .) = 0) passes p_{k-1} through unchanged. The three discounts of
-each order come from that order's count-of-counts n_1..n_4 of a(): Y = n1 / (n1 + 2 n2), D1 = 1 - 2Y n2/n1,
-D2 = 2 - 3Y n3/n2, D3+ = 3 - 4Y n4/n3. On tiny corpora, where a count-of-count is zero and an estimate is undefined
-or outside (0, i], D_i falls back to Y (0.5 when Y is 0 or undefined); `discounts` holds the ones used.
+where h' is h without its first token, a() is the raw count at the highest order and the
+continuation count N1+(. h w) (distinct tokens seen before h w) at every lower order, N_i(h .)
+counts the tokens that follow h with a() = i, and a context never seen at order k (a(h .) = 0)
+passes p_{k-1} through unchanged. The three discounts of each order come from that order's
+count-of-counts n_1..n_4 of a(): Y = n1 / (n1 + 2 n2), D1 = 1 - 2Y n2/n1, D2 = 2 - 3Y n3/n2,
+D3+ = 3 - 4Y n4/n3. On tiny corpora, where a count-of-count is zero and an estimate is undefined or
+outside (0, i], D_i falls back to Y (0.5 when Y is 0 or undefined); `discounts` holds the ones used.
 
-n-grams are numpy int64 keys (id of the (k-1)-gram prefix x V + last token), counted with np.unique and looked up
-with np.searchsorted: order 5 fit on the 247k-token WikiText-2 validation split scores the test split in about a
-second on one core (benchmarks/ngram_baseline.py).
+n-grams are numpy int64 keys (id of the (k-1)-gram prefix x V + last token), counted with np.unique
+and looked up with np.searchsorted: order 5 fit on the 247k-token WikiText-2 validation split scores
+the test split in about a second on one core (benchmarks/ngram_baseline.py).
 """
 
 import math
@@ -46,8 +48,9 @@ class KneserNey:
             raise ValueError(f"tokens must be non-empty and in [0, {vocab_size})")
         self.order, self.vocab_size = order, vocab_size
         V = vocab_size
-        # Order k's distinct grams: sorted keys[k] (prefix id * V + last token); a gram's id is its index there,
-        # a 1-gram's id is its token. In the loop, gram_ids[i] is the id of the k-gram ending at position i + k - 1.
+        # Order k's distinct grams: sorted keys[k] (prefix id * V + last token); a gram's id is its
+        # index there, a 1-gram's id is its token. In the loop, gram_ids[i] is the id of the k-gram
+        # ending at position i + k - 1.
         self.keys = {1: np.arange(V, dtype=np.int64)}
         raw = {1: np.bincount(t, minlength=V)}
         suffix = {}  # k -> id of each k-gram's last k-1 tokens (a (k-1)-gram id)
@@ -93,7 +96,8 @@ class KneserNey:
             )
 
     def gram_ids(self, tokens) -> dict[int, np.ndarray]:
-        """For each order k: the id of the train k-gram ending at each position of `tokens`, -1 where unseen."""
+        """For each order k: the id of the train k-gram ending at each position of `tokens`, -1
+        where unseen."""
         t = np.asarray(tokens, dtype=np.int64)
         ids = {1: t}
         for k in range(2, self.order + 1):
@@ -109,7 +113,8 @@ class KneserNey:
         return ids
 
     def log_probs(self, tokens) -> np.ndarray:
-        """Natural-log probability of every token of the stream given the tokens before it (the first has none)."""
+        """Natural-log probability of every token of the stream given the tokens before it (the
+        first has none)."""
         t = np.asarray(tokens, dtype=np.int64)
         ids = self.gram_ids(t)
         p = self.scaled[1][t] + self.gamma[1][0] / self.vocab_size
@@ -128,7 +133,8 @@ class KneserNey:
         return np.log(p)
 
     def distribution(self, context) -> np.ndarray:
-        """p(w | context) for every w in the vocabulary (uses the last order-1 tokens of `context`)."""
+        """p(w | context) for every w in the vocabulary (uses the last order-1 tokens of
+        `context`)."""
         V = self.vocab_size
         p = self.scaled[1] + self.gamma[1][0] / V
         context = list(context)[max(0, len(context) - self.order + 1) :] if self.order > 1 else []

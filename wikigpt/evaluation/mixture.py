@@ -1,15 +1,18 @@
-"""eval.py --ngram_order N, --block_cache: the model interpolated with count-based models of the text.
+"""eval.py --ngram_order N, --block_cache: the model interpolated with count-based models of
+the text.
 
-    p(w | h) = w_model p_model(w | h) + w_ngram p_KN(w | the last N-1 tokens of h) + w_cache p_cache(w | h)
+    p(w | h) = w_model p_model(w | h) + w_ngram p_KN(w | the last N-1 tokens of h)
+               + w_cache p_cache(w | h)
 
-The n-gram is an interpolated modified Kneser-Ney model of the text the model trained on (the train split). The
-cache is a unigram model of the block so far (Kuhn & De Mori 1990; Grave et al. 2017's cache, on tokens rather
-than hidden states): p_cache(w | h) = how often w occurs in h / len(h). All are distributions over the model's
-vocabulary, so the mixture is one too, and each token's mixture probability needs only each component's
-probability of that token. On little data they are complementary: the n-gram remembers the exact short contexts
-of rare tokens that a small network smooths away, and the cache knows the names of the article at hand, which a
-model that never read the article cannot. The weights are fitted on the validation split, the held-out text that
-chose the model; the scored split chooses nothing. They are reported beside the model's own perplexity, never
+The n-gram is an interpolated modified Kneser-Ney model of the text the model trained on (the train
+split). The cache is a unigram model of the block so far (Kuhn & De Mori 1990; Grave et al. 2017's
+cache, on tokens rather than hidden states): p_cache(w | h) = how often w occurs in h / len(h). All
+are distributions over the model's vocabulary, so the mixture is one too, and each token's mixture
+probability needs only each component's probability of that token. On little data they are
+complementary: the n-gram remembers the exact short contexts of rare tokens that a small network
+smooths away, and the cache knows the names of the article at hand, which a model that never read
+the article cannot. The weights are fitted on the validation split, the held-out text that chose the
+model; the scored split chooses nothing. They are reported beside the model's own perplexity, never
 instead of it: the saved model is the network.
 """
 
@@ -26,11 +29,13 @@ from wikigpt.evaluation.kneser_ney import KneserNey
 def fit_weights(
     component_nll: list[np.ndarray], tolerance: float = 1e-7, max_iter: int = 1000
 ) -> np.ndarray:
-    """The mixture weights (summing to 1) that minimise the mixture's mean NLL over these tokens (EM).
+    """The mixture weights (summing to 1) that minimise the mixture's mean NLL over these tokens
+    (EM).
 
-    `component_nll`: each component's per-token NLL (inf where it gives the token no probability). The mean NLL is
-    convex in the weights, and each EM step (a weight becomes the mean posterior that its component produced the
-    token) lowers it, so the iteration converges to the minimum on the simplex.
+    `component_nll`: each component's per-token NLL (inf where it gives the token no probability).
+    The mean NLL is convex in the weights, and each EM step (a weight becomes the mean posterior
+    that its component produced the token) lowers it, so the iteration converges to the minimum on
+    the simplex.
     """
     log_p = -np.stack(component_nll)
     weights = np.full(len(component_nll), 1.0 / len(component_nll))
@@ -52,14 +57,15 @@ def mixture_nll(component_nll: list[np.ndarray], weights) -> np.ndarray:
 
 
 def ngram_block_nll(ngram: KneserNey, blocks) -> np.ndarray:
-    """The n-gram's NLL of every token the blocks method scores (each block's tokens but its first), each
-    predicted from the tokens before it in its block, as the model reads the block."""
+    """The n-gram's NLL of every token the blocks method scores (each block's tokens but its first),
+    each predicted from the tokens before it in its block, as the model reads the block."""
     return np.concatenate([-ngram.log_probs(block)[1:] for block in blocks if len(block) > 1])
 
 
 def block_cache_nll(blocks) -> np.ndarray:
-    """The block cache's NLL of every token the blocks method scores: -log(occurrences of the token among the
-    block's tokens before it / their number); inf for a token its block has not held yet."""
+    """The block cache's NLL of every token the blocks method scores: -log(occurrences of the token
+    among the block's tokens before it / their number); inf for a token its block has not held
+    yet."""
     nll = []
     for block in blocks:
         seen: dict[int, int] = {}
@@ -89,26 +95,28 @@ def split_tokens(counts: dict) -> dict:
 
 
 def check_run_split(model_dir: str, counts: dict, flag: str = "--ngram_order") -> None:
-    """Refuse a train/validation split that is not the one a train.py run folder trained and selected on."""
+    """Refuse a train/validation split that is not the one a train.py run folder trained and
+    selected on."""
     there = recorded_split_tokens(model_dir)
     here = split_tokens(counts)
     if there is not None and here != there:
         raise UsageError(
             f"{flag}: these data flags give train/validation splits of {here['train']:,} / "
-            f"{here['validation']:,} tokens, but {model_dir} trained on {there['train']:,} / {there['validation']:,} "
-            f"(its results.json); pass the data flags train.py ran with (--train_file, --validation_file or "
-            f"--validation_split_percentage, and --seed)"
+            f"{here['validation']:,} tokens, but {model_dir} trained on {there['train']:,} / "
+            f"{there['validation']:,} (its results.json); pass the data flags train.py ran with "
+            "(--train_file, --validation_file or --validation_split_percentage, and --seed)"
         )
 
 
 def mixture_metrics(
     blocks: tuple, model_nll: tuple, ngram_order: int, train_ids, vocab_size: int, block_cache: bool
 ) -> tuple[dict, dict]:
-    """eval.py's mixture metrics and details: weights fitted on the validation blocks, the split's blocks scored.
+    """eval.py's mixture metrics and details: weights fitted on the validation blocks, the split's
+    blocks scored.
 
-    `blocks`, `model_nll`: the (validation, split) blocks and the model's per-token NLLs of their scored tokens
-    (score_windows(keep_token_nll=True)). One mixture per component alone with the model ("ngram", "cache") and,
-    with both, one of all three ("ngram+cache")."""
+    `blocks`, `model_nll`: the (validation, split) blocks and the model's per-token NLLs of their
+    scored tokens (score_windows(keep_token_nll=True)). One mixture per component alone with the
+    model ("ngram", "cache") and, with both, one of all three ("ngram+cache")."""
     ppl = lambda nll: round(float(np.exp(np.mean(nll))), 4)  # noqa: E731
     details = {"validation_tokens": len(model_nll[0]), "validation_perplexity": ppl(model_nll[0])}
     components, described = {}, {}
@@ -145,8 +153,8 @@ def mixture_metrics(
         terms = " + ".join(f"{named[n]:.4f} x {described[n]}" for n in mixture)
         metrics["_".join(mixture) + "_mixture_perplexity"] = {
             "value": value,
-            "method": f"blocks as `perplexity`, each token's probability {named['model']:.4f} x the model's + "
-            f"{terms}; weights fitted on the validation split's blocks; a test-time mixture, not the "
-            f"saved model's own number",
+            "method": f"blocks as `perplexity`, each token's probability {named['model']:.4f} x "
+            f"the model's + {terms}; weights fitted on the validation split's blocks; a test-time "
+            "mixture, not the saved model's own number",
         }
     return metrics, details

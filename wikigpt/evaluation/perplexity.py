@@ -1,26 +1,31 @@
-"""Perplexity: cut text into token windows, score them with the model, sum through our `evaluate` metric.
+"""Perplexity: cut text into token windows, score them with the model, sum through our `evaluate`
+metric.
 
-One number, one path: every perplexity wikigpt reports is exp(sum NLL / count) computed by the `evaluate`
-module in wikigpt/evaluation/corpus_perplexity (corpus-level, not the Hub metric's mean of per-text perplexities).
+One number, one path: every perplexity wikigpt reports is exp(sum NLL / count) computed by the
+`evaluate` module in wikigpt/evaluation/corpus_perplexity (corpus-level, not the Hub metric's mean
+of per-text perplexities).
 
-Training (Trainer hooks): `Trainer(..., compute_metrics=compute_perplexity, preprocess_logits_for_metrics=
-nll_and_count)` adds {prefix}_perplexity, _token_loss, _tokens and _blocks to evaluate()'s metrics. The hook
-reduces each eval batch's logits to (summed NLL, token count) per sequence right away, so evaluation never keeps
-full-vocabulary logits beyond one batch, and `compute_metrics` turns the gathered sums into one perplexity.
+Training (Trainer hooks): `Trainer(..., compute_metrics=compute_perplexity,
+preprocess_logits_for_metrics=nll_and_count)` adds {prefix}_perplexity, _token_loss, _tokens and
+_blocks to evaluate()'s metrics. The hook reduces each eval batch's logits to (summed NLL, token
+count) per sequence right away, so evaluation never keeps full-vocabulary logits beyond one batch,
+and `compute_metrics` turns the gathered sums into one perplexity.
 
-eval.py (windows): every evaluation method is a list of windows. A window is a token sequence `ids` (at most
-context + 1 long) of which the last `n_scored` tokens are predicted: the model reads `ids[:-1]` and we sum
--log p(ids[i + 1] | ids[: i + 1]) over the scored positions. The methods only differ in how they cut the text:
+eval.py (windows): every evaluation method is a list of windows. A window is a token sequence `ids`
+(at most context + 1 long) of which the last `n_scored` tokens are predicted: the model reads
+`ids[:-1]` and we sum -log p(ids[i + 1] | ids[: i + 1]) over the scored positions. The methods only
+differ in how they cut the text:
 
 - `block_windows`: the disjoint training blocks; every token but each block's first is predicted
   (the Trainer's eval_loss).
-- `sliding_windows`: the HF guide "Perplexity of fixed-length models": windows of `context` tokens moved
-  by `stride`; only the tokens not scored by an earlier window are scored.
+- `sliding_windows`: the HF guide "Perplexity of fixed-length models": windows of `context` tokens
+  moved by `stride`; only the tokens not scored by an earlier window are scored.
 - `rolling_windows`: lm-evaluation-harness's `loglikelihood_rolling` (get_rolling_token_windows with
-  context_len=1 + make_disjoint_window): the first window is predicted from the prefix token; the last,
-  partial window re-reads earlier tokens as context.
+  context_len=1 + make_disjoint_window): the first window is predicted from the prefix token; the
+  last, partial window re-reads earlier tokens as context.
 
-`score_windows` feeds them through the model, batched and sharded by accelerate, and gathers the sums once.
+`score_windows` feeds them through the model, batched and sharded by accelerate, and gathers the
+sums once.
 """
 
 import math
@@ -43,8 +48,9 @@ def load_corpus_perplexity():
 
 
 def sequence_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL (float64) and count of scored targets per row; `targets[:, i]` is predicted by `logits[:, i]`,
-    -100 = not scored. Rows are upcast to fp32 one at a time, so the fp32 logits never exceed one sequence."""
+    """Summed NLL (float64) and count of scored targets per row; `targets[:, i]` is predicted by
+    `logits[:, i]`, -100 = not scored. Rows are upcast to fp32 one at a time, so the fp32 logits
+    never exceed one sequence."""
     nll = torch.stack(
         [
             F.cross_entropy(logits[row].float(), targets[row], ignore_index=-100, reduction="sum")
@@ -55,7 +61,8 @@ def sequence_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
 
 
 def nll_and_count(logits, labels) -> torch.Tensor:
-    """Trainer `preprocess_logits_for_metrics`: labels are the inputs (the model shifts), so shift here too."""
+    """Trainer `preprocess_logits_for_metrics`: labels are the inputs (the model shifts), so shift
+    here too."""
     if isinstance(logits, tuple):
         logits = logits[0]
     nll, count = sequence_nll(logits[:, :-1], labels[:, 1:])
@@ -63,7 +70,8 @@ def nll_and_count(logits, labels) -> torch.Tensor:
 
 
 def compute_perplexity(eval_pred) -> dict:
-    """Trainer `compute_metrics`: corpus perplexity = exp(sum NLL / sum tokens) over the whole eval set."""
+    """Trainer `compute_metrics`: corpus perplexity = exp(sum NLL / sum tokens) over the whole eval
+    set."""
     stats = np.asarray(eval_pred.predictions, dtype=np.float64).reshape(-1, 2)
     zeros = [0] * len(stats)
     metric = load_corpus_perplexity()
@@ -74,8 +82,8 @@ def compute_perplexity(eval_pred) -> dict:
         byte_count=zeros,
     )
     result = metric.compute()
-    # token_loss: mean NLL over real tokens, every sequence once (the Trainer's eval_loss is a mean of batch
-    # means and, on several processes, includes the copies that pad the last batch).
+    # token_loss: mean NLL over real tokens, every sequence once (the Trainer's eval_loss is a mean
+    # of batch means and, on several processes, includes the copies that pad the last batch).
     return {
         "perplexity": result["perplexity"],
         "token_loss": result["mean_nll"],
@@ -84,7 +92,7 @@ def compute_perplexity(eval_pred) -> dict:
     }
 
 
-# --- eval.py's windows ---------------------------------------------------------------------------------
+# --- eval.py's windows ----------------------------------------------------------------------------
 
 
 def block_windows(blocks: list[list[int]]) -> list[dict]:
@@ -149,12 +157,13 @@ def score_windows(
     desc: str = "scoring",
     keep_token_nll: bool = False,
 ) -> dict:
-    """Feed every window through the model once across all processes; add each window to `metric` once.
+    """Feed every window through the model once across all processes; add each window to `metric`
+    once.
 
-    `accelerator.prepare` shards the windows across processes; `gather_for_metrics` drops the samples
-    that even batching repeats at the end, so 1 and N processes add the same rows. Returns the metric's
-    result (on every process) plus throughput; with `keep_token_nll` (windows of one length, e.g. blocks),
-    also `token_nll`: every scored token's NLL, in window order.
+    `accelerator.prepare` shards the windows across processes; `gather_for_metrics` drops the
+    samples that even batching repeats at the end, so 1 and N processes add the same rows. Returns
+    the metric's result (on every process) plus throughput; with `keep_token_nll` (windows of one
+    length, e.g. blocks), also `token_nll`: every scored token's NLL, in window order.
     """
     loader = accelerator.prepare(
         DataLoader(

@@ -1,4 +1,5 @@
-"""eval.py's work: load a causal LM and one split, score it three ways, report every number with its method."""
+"""eval.py's work: load a causal LM and one split, score it three ways, report every number with its
+method."""
 
 import json
 import logging
@@ -121,7 +122,8 @@ def check_eval_args(args: EvalArguments) -> list[str]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UsageError(
-            f"--methods {args.methods!r} has unknown entries {unknown}; choose from {', '.join(METHODS)}"
+            f"--methods {args.methods!r} has unknown entries {unknown}; choose from "
+            f"{', '.join(METHODS)}"
         )
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1; got {args.batch_size}")
@@ -145,7 +147,8 @@ def check_eval_args(args: EvalArguments) -> list[str]:
             )
     if args.output_file and os.path.isdir(args.output_file):
         raise UsageError(
-            f"--output_file {args.output_file!r} is a directory; pass a file path such as results.json"
+            f"--output_file {args.output_file!r} is a directory; pass a file path such as "
+            "results.json"
         )
     if os.path.isdir(args.model) and not args.tokenizer_name:
         if not any(os.path.exists(os.path.join(args.model, f)) for f in TOKENIZER_FILES):
@@ -157,7 +160,8 @@ def check_eval_args(args: EvalArguments) -> list[str]:
 
 
 def run_block_size(model: str) -> int | None:
-    """The block size a train.py run recorded in its output folder (results.json), or None for any other model."""
+    """The block size a train.py run recorded in its output folder (results.json), or None for any
+    other model."""
     try:
         with open(os.path.join(model, "results.json"), encoding="utf-8") as f:
             block_size = json.load(f).get("block_size")
@@ -178,8 +182,8 @@ def resolve_stride(stride: int | None, context: int) -> int:
 
 
 def _encode_long(tokenizer, text: str) -> list[int]:
-    # A whole split is far longer than model_max_length; that warning is about feeding it to the model at
-    # once, which never happens here (it is cut into windows).
+    # A whole split is far longer than model_max_length; that warning is about feeding it to the
+    # model at once, which never happens here (it is cut into windows).
     tok_logger = logging.getLogger("transformers.tokenization_utils_base")
     level = tok_logger.level
     tok_logger.setLevel(logging.ERROR)
@@ -190,12 +194,13 @@ def _encode_long(tokenizer, text: str) -> list[int]:
 
 
 def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -> dict:
-    """Score one split with every requested method; returns the report (the same on every process)."""
+    """Score one split with every requested method; returns the report (the same on every
+    process)."""
     methods = check_eval_args(args)
     if data_args.detokenize:
         raise UsageError(
-            "--detokenize is a train.py flag; eval.py's documents method already scores detokenized "
-            "articles (--methods documents): drop --detokenize"
+            "--detokenize is a train.py flag; eval.py's documents method already scores "
+            "detokenized articles (--methods documents): drop --detokenize"
         )
     dtype = resolve_dtype(args.dtype, accelerator.device)
     model, tokenizer = load_pretrained(
@@ -209,12 +214,14 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
     )
     context = context_length(model.config)
     stride = resolve_stride(args.stride, context)
-    # A train.py run folder defaults to the run's own block size, so `perplexity` is train.py's number.
+    # A train.py run folder defaults to the run's own block size, so `perplexity` is train.py's
+    # number.
     block_size = resolve_block_size(data_args.block_size or run_block_size(args.model), context)
     with (
         accelerator.main_process_first()
     ):  # the main process fills the datasets cache, the others read it
-        # a mixture also needs the run's train split (the n-gram, the run's hold-out) and held-out split (weights)
+        # a mixture also needs the run's train split (the n-gram, the run's hold-out) and held-out
+        # split (weights)
         mixing = bool(args.ngram_order or args.block_cache)
         required = ("train", "validation", args.split) if mixing else (args.split,)
         raw = load_raw_splits(data_args, args.seed, required=required)
@@ -253,9 +260,9 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
         r = score(block_windows(blocks[args.split]["input_ids"]), "blocks", keep_token_nll=mixing)
         metrics["perplexity"] = {
             "value": r["perplexity"],
-            "method": f"disjoint blocks of {block_size} tokens as train.py groups them (split concatenated, final "
-            f"remainder dropped); every token but each block's first is predicted; exp(sum NLL / tokens) "
-            f"= exp(Trainer eval_loss)",
+            "method": f"disjoint blocks of {block_size} tokens as train.py groups them (split "
+            "concatenated, final remainder dropped); every token but each block's first "
+            "is predicted; exp(sum NLL / tokens) = exp(Trainer eval_loss)",
         }
         details["blocks"] = {
             **counts[args.split],
@@ -279,8 +286,9 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
         r = score(sliding_windows(ids, context, stride), "sliding windows")
         metrics["sliding_window_perplexity"] = {
             "value": r["perplexity"],
-            "method": f"HF guide 'Perplexity of fixed-length models': '\\n\\n'.join(rows), windows of {context} tokens, "
-            f"stride {stride}, only tokens not scored before are scored; exp(sum NLL / tokens)",
+            "method": "HF guide 'Perplexity of fixed-length models': '\\n\\n'.join(rows), windows "
+            f"of {context} tokens, stride {stride}, only tokens not scored before are "
+            "scored; exp(sum NLL / tokens)",
         }
         details["sliding_window"] = {
             "tokens": len(ids),
@@ -300,8 +308,9 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
             windows += doc_windows
         r = score(windows, "documents")
         harness = (
-            f"lm-evaluation-harness 'wikitext' task: {len(pages)} documents split at top-level headings, "
-            f"wikitext detokenizer, rolling windows of {context} tokens (first predicted from token {prefix})"
+            f"lm-evaluation-harness 'wikitext' task: {len(pages)} documents split at top-level "
+            f"headings, wikitext detokenizer, rolling windows of {context} tokens (first predicted "
+            f"from token {prefix})"
         )
         metrics["word_perplexity"] = {
             "value": r["word_perplexity"],
@@ -348,7 +357,8 @@ def evaluate_split(args: EvalArguments, data_args: DataArguments, accelerator) -
 
 
 def update_model_card(model_dir: str, report: dict) -> str | None:
-    """Add eval.py's metrics to a train.py run's model card; returns the card's path, None if not a run folder."""
+    """Add eval.py's metrics to a train.py run's model card; returns the card's path, None if not a
+    run folder."""
     results_path = os.path.join(model_dir, "results.json")
     if not os.path.isfile(results_path):
         return None

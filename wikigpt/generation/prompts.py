@@ -1,4 +1,5 @@
-"""Prompts in: read from --prompt, --prompt_file (text or JSONL) or stdin, and encoded to fit the model's context."""
+"""Prompts in: read from --prompt, --prompt_file (text or JSONL) or stdin, and encoded to fit the
+model's context."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def read_prompt_file(path: str) -> list[str]:
 
 
 def read_prompts(args, stdin=None) -> list[str]:
-    """--prompt (in order), then --prompt_file; else stdin when it is piped; else one unconditional sample."""
+    """--prompt (in order), then --prompt_file; else stdin when it is piped; else one unconditional
+    sample."""
     prompts = list(args.prompt)
     if args.prompt_file:
         prompts += read_prompt_file(args.prompt_file)
@@ -74,7 +76,7 @@ def start_token_id(tokenizer) -> int:
 def encode_prompts(
     tokenizer, prompts: list[str], max_prompt_tokens: int, context: int
 ) -> list[list[int]]:
-    """Token ids per prompt; "" becomes <|endoftext|> (bos); too long keeps its end, with a warning."""
+    """Token ids per prompt; "" becomes <|endoftext|> (bos); too long keeps its end and warns."""
     encoded = []
     for number, prompt in enumerate(prompts, start=1):
         ids = (
@@ -82,8 +84,8 @@ def encode_prompts(
         )
         if len(ids) > max_prompt_tokens:
             logger.warning(
-                "prompt %d has %d tokens; keeping its last %d so that prompt + --max_new_tokens fits "
-                "the model's context of %d tokens",
+                "prompt %d has %d tokens; keeping its last %d so that prompt + --max_new_tokens "
+                "fits the model's context of %d tokens",
                 number,
                 len(ids),
                 max_prompt_tokens,

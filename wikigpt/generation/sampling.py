@@ -1,9 +1,10 @@
-"""Sampling: settings -> GenerationConfig -> model.generate -> finished samples (stop strings cut, finish reason).
+"""Sampling: settings -> GenerationConfig -> model.generate -> finished samples (stop strings cut,
+finish reason).
 
-All decoding is `model.generate` with a `GenerationConfig` built from the settings of wikigpt.generation.settings.
-Batches are left-padded with an attention mask (GPT-2 has no pad token, so pad = eos); a prompt's greedy
-continuation is then the same whichever prompts share its batch. Also: streaming to stdout or to another thread
-(the web demo), and the JSONL file of records.
+All decoding is `model.generate` with a `GenerationConfig` built from the settings of
+wikigpt.generation.settings. Batches are left-padded with an attention mask (GPT-2 has no pad token,
+so pad = eos); a prompt's greedy continuation is then the same whichever prompts share its batch.
+Also: streaming to stdout or to another thread (the web demo), and the JSONL file of records.
 """
 
 import json
@@ -24,12 +25,13 @@ logger = logging.getLogger("wikigpt.generate")
 
 
 def for_batched_generation(tokenizer):
-    """The tokenizer from model.load_pretrained, set up for batched generation: pad = eos, left padding."""
+    """The tokenizer from model.load_pretrained, set up for batched generation: pad = eos, left
+    padding."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UsageError(
-                "--tokenizer_name has neither a pad nor an eos token, so prompts cannot be batched; "
-                "use a tokenizer that has one"
+                "--tokenizer_name has neither a pad nor an eos token, so prompts cannot be "
+                "batched; use a tokenizer that has one"
             )
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # new tokens must follow the prompt directly
@@ -47,13 +49,14 @@ def build_generation_config(
 ) -> GenerationConfig:
     """Unset fields fall back to the model's own generation_config inside generate().
 
-    transformers' own checks run too (validate, strict: what it would only warn about is an error). They come
-    after check_settings, which names the flag to change and catches what validate() lets through (a negative
-    temperature, greedy decoding asked for several sequences).
+    transformers' own checks run too (validate, strict: what it would only warn about is an error).
+    They come after check_settings, which names the flag to change and catches what validate() lets
+    through (a negative temperature, greedy decoding asked for several sequences).
     """
     values = {k: v for k, v in settings.items() if k in FALLBACKS}
     if not settings["do_sample"]:
-        # transformers' neutral values: otherwise generate() merges in the checkpoint's sampling knobs and warns.
+        # transformers' neutral values: otherwise generate() merges in the checkpoint's sampling
+        # knobs and warns.
         values.update({k: FALLBACKS[k] for k in SAMPLING_ONLY})
     config = GenerationConfig(
         **values,
@@ -79,7 +82,7 @@ def generate_batch(
     streamer=None,
     stopping_criteria=None,
 ) -> list[list[int]]:
-    """New token ids of every sample, prompt-major (prompt 0's sequences first), padding included."""
+    """New token ids of every sample, prompt-major (prompt 0's sequences first), with padding."""
     inputs = tokenizer.pad(
         {"input_ids": batch}, padding=True, padding_side="left", return_tensors="pt"
     )
@@ -96,8 +99,8 @@ def generate_batch(
 
 
 def find_stop(text: str, stops: list[str], before: str = "") -> int | None:
-    """Where `text` must be cut: the start of the first stop string in it. A stop string may begin in `before`
-    (the prompt): generation stops there too, and the cut is then at 0."""
+    """Where `text` must be cut: the start of the first stop string in it. A stop string may begin
+    in `before` (the prompt): generation stops there too, and the cut is then at 0."""
     cuts = []
     for stop in stops:
         lead = before[len(before) - len(stop) + 1 :] if len(stop) > 1 else ""
@@ -116,7 +119,8 @@ def finish_sample(
     max_new_tokens: int,
     prompt: str = "",
 ) -> tuple[str, int, str]:
-    """(completion, new tokens, finish reason) of one sample from its generated ids (padded to the batch's length)."""
+    """(completion, new tokens, finish reason) of one sample from its generated ids (padded to the
+    batch's length)."""
     end, hit_eos = len(new_ids), False
     for i, token in enumerate(new_ids):
         if token in eos_ids or token == tokenizer.pad_token_id:
@@ -133,7 +137,8 @@ def finish_sample(
 
 
 class StopStringStreamer(TextStreamer):
-    """TextStreamer that never prints a stop string: text that could start one is held back until it cannot."""
+    """TextStreamer that never prints a stop string: text that could start one is held back until it
+    cannot."""
 
     def __init__(self, tokenizer, stops: list[str], out=None):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -166,7 +171,8 @@ def sample(
     stream_to=None,
     stopping_criteria=None,
 ):
-    """Yield, per batch, one record per sample: prompt, completion, new_tokens, finish_reason, seconds (the batch's)."""
+    """Yield, per batch, one record per sample: prompt, completion, new_tokens, finish_reason,
+    seconds (the batch's)."""
     eos_ids = eos_token_ids(model, tokenizer)
     config = build_generation_config(settings, stop, tokenizer, eos_ids)
     sequences = settings["num_return_sequences"]
@@ -237,9 +243,10 @@ def stream_sample(
     stop: list[str],
     cancel: threading.Event | None = None,
 ):
-    """One prompt, one sequence, as a generator: yields the completion's text pieces as generate.py prints them
-    (stop strings held back), then sample()'s record (a dict). Setting `cancel`, or closing the generator, ends
-    generation at the next token. For callers that cannot read from a streamed stdout (e.g. a web page)."""
+    """One prompt, one sequence, as a generator: yields the completion's text pieces as generate.py
+    prints them (stop strings held back), then sample()'s record (a dict). Setting `cancel`, or
+    closing the generator, ends generation at the next token. For callers that cannot read from a
+    streamed stdout (e.g. a web page)."""
     cancel = cancel or threading.Event()
     out, finished, result = _QueueOut(), object(), {}
 
@@ -296,7 +303,8 @@ def public_settings(settings: dict, **extra) -> dict:
 
 
 class JsonlWriter:
-    """Records go to PATH.partial as they come (an interrupted run keeps them); renamed to PATH when done."""
+    """Records go to PATH.partial as they come (an interrupted run keeps them); renamed to PATH when
+    done."""
 
     def __init__(self, path: str):
         self.path, self.partial = path, path + ".partial"

@@ -1,8 +1,10 @@
-"""generate.py's flags and the decoding settings they resolve to, checked before and after the model loads.
+"""generate.py's flags and the decoding settings they resolve to, checked before and after the model
+loads.
 
-Settings are layered: the user's flags > the checkpoint's saved generation_config.json > FALLBACKS. Our own
-range and combination checks run first, so a bad value fails in one line naming its flag (transformers'
-GenerationConfig.validate() also runs, in wikigpt.generation.sampling, but lets e.g. a negative temperature through).
+Settings are layered: the user's flags > the checkpoint's saved generation_config.json > FALLBACKS.
+Our own range and combination checks run first, so a bad value fails in one line naming its flag
+(transformers' GenerationConfig.validate() also runs, in wikigpt.generation.sampling, but lets e.g.
+a negative temperature through).
 """
 
 import os
@@ -37,7 +39,8 @@ def _flag(help_text: str, **argparse_kwargs) -> dict:
 
 
 def _knob(help_text: str, key: str, **argparse_kwargs) -> dict:
-    """A decoding setting: unset (None) means the checkpoint's generation_config value, else FALLBACKS[key]."""
+    """A decoding setting: unset (None) means the checkpoint's generation_config value, else
+    FALLBACKS[key]."""
     return _flag(
         f"{help_text}. Unset: the checkpoint's generation_config value, else {FALLBACKS[key]}.",
         **argparse_kwargs,
@@ -66,13 +69,15 @@ class GenerateArguments:
     prompt_file: str | None = field(
         default=None,
         metadata=_flag(
-            'Prompts, one per line (blank lines skipped), or a .jsonl file with a "prompt" field per line.'
+            "Prompts, one per line (blank lines skipped), "
+            'or a .jsonl file with a "prompt" field per line.'
         ),
     )
     output_file: str | None = field(
         default=None,
         metadata=_flag(
-            "Write one JSON record per sample to this .jsonl file (an existing file is never overwritten)."
+            "Write one JSON record per sample to this .jsonl file (an existing file is never "
+            "overwritten)."
         ),
     )
     max_new_tokens: int | None = field(
@@ -121,14 +126,16 @@ class GenerateArguments:
     stop: list[str] = field(
         default_factory=list,
         metadata=_flag(
-            r"Stop at this string and cut it off; repeat for several. \n and \t are understood, e.g. --stop '\n\n'.",
+            r"Stop at this string and cut it off; repeat for several. \n and \t are understood, "
+            r"e.g. --stop '\n\n'.",
             action="append",
         ),
     )
     seed: int | None = field(
         default=None,
         metadata=_flag(
-            "Random seed; the same seed and flags give the same samples. Default: a fresh one, reported in the records."
+            "Random seed; the same seed and flags give the same samples. Default: a fresh one, "
+            "reported in the records."
         ),
     )
     batch_size: int = field(default=8, metadata=_flag("Prompts per model.generate call."))
@@ -144,13 +151,15 @@ class GenerateArguments:
     stream: bool = field(
         default=True,
         metadata=_flag(
-            "Print tokens as they come (one prompt, one sequence, no beams); --no_stream prints at the end."
+            "Print tokens as they come (one prompt, one sequence, no beams); "
+            "--no_stream prints at the end."
         ),
     )
     echo_prompt: bool = field(
         default=True,
         metadata=_flag(
-            "Print the prompt before its continuation; --no_echo_prompt prints the continuation only."
+            "Print the prompt before its continuation; "
+            "--no_echo_prompt prints the continuation only."
         ),
     )
     trust_remote_code: bool = field(
@@ -165,17 +174,19 @@ class GenerateArguments:
     )
 
     def __post_init__(self):
-        # action="append" with nargs="+" gives one list per flag; unquoted words of one flag form one prompt.
+        # action="append" with nargs="+" gives one list per flag; unquoted words of one flag form
+        # one prompt.
         self.prompt = [" ".join(p) if isinstance(p, list) else p for p in self.prompt]
         self.stop = [unescape(" ".join(s) if isinstance(s, list) else s) for s in self.stop]
 
 
 def unescape(text: str) -> str:
-    """Shell quoting keeps \\n literal; stop strings are nearly always newlines, so read \\n, \\t and \\\\."""
+    """Shell quoting keeps \\n literal; stop strings are nearly always newlines, so read \\n, \\t
+    and \\\\."""
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
-# --- checks ---------------------------------------------------------------------------------------------------
+# --- checks ---------------------------------------------------------------------------------------
 
 RANGES = {  # key: (is it valid, what to say)
     "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
@@ -202,7 +213,8 @@ def _check_ranges(values: dict, from_checkpoint: set = frozenset()) -> None:
             continue  # unused by greedy and beam search
         if value is not None and not ok(value):
             where = (
-                " (it comes from the checkpoint's generation_config.json; override it with the flag)"
+                " (it comes from the checkpoint's generation_config.json; "
+                "override it with the flag)"
                 if key in from_checkpoint
                 else ""
             )
@@ -217,11 +229,13 @@ def check_arguments(args: GenerateArguments) -> None:
     _check_ranges({**vars(args), "do_sample": do_sample})
     if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
         raise UsageError(
-            f"--prompt_file {args.prompt_file!r} does not exist or is not a file; {PROMPT_FILE_HINT}"
+            f"--prompt_file {args.prompt_file!r} does not exist or is not a file; "
+            f"{PROMPT_FILE_HINT}"
         )
     if args.output_file is not None and os.path.exists(args.output_file):
         raise UsageError(
-            f"--output_file {args.output_file!r} already exists; pass a new path (nothing is overwritten)"
+            f"--output_file {args.output_file!r} already exists; "
+            "pass a new path (nothing is overwritten)"
         )
     if any(s == "" for s in args.stop):
         raise UsageError(
@@ -230,7 +244,8 @@ def check_arguments(args: GenerateArguments) -> None:
 
 
 def resolve_settings(args: GenerateArguments, saved: GenerationConfig | None) -> tuple[dict, set]:
-    """Flags > the checkpoint's generation_config.json > FALLBACKS; returns (settings, keys from the checkpoint)."""
+    """Flags > the checkpoint's generation_config.json > FALLBACKS; returns (settings, keys from the
+    checkpoint)."""
     settings, from_checkpoint = {}, set()
     for key, fallback in FALLBACKS.items():
         user, stored = getattr(args, key), getattr(saved, key, None)
@@ -255,8 +270,9 @@ def check_settings(settings: dict, from_checkpoint: set, context: int) -> None:
     beams, sequences = settings["num_beams"], settings["num_return_sequences"]
     if beams > 1 and sequences > beams:
         raise UsageError(
-            f"--num_return_sequences {sequences} is more than --num_beams {beams}; beam search returns "
-            f"at most one sequence per beam: raise --num_beams or lower --num_return_sequences"
+            f"--num_return_sequences {sequences} is more than --num_beams {beams}; beam search "
+            "returns at most one sequence per beam: "
+            "raise --num_beams or lower --num_return_sequences"
         )
     if beams == 1 and not settings["do_sample"] and sequences > 1:
         raise UsageError(
@@ -265,8 +281,8 @@ def check_settings(settings: dict, from_checkpoint: set, context: int) -> None:
         )
     if settings["max_new_tokens"] >= context:
         raise UsageError(
-            f"--max_new_tokens {settings['max_new_tokens']} leaves no room for a prompt in the model's "
-            f"context of {context} tokens; use at most {context - 1}"
+            f"--max_new_tokens {settings['max_new_tokens']} leaves no room for a prompt in the "
+            f"model's context of {context} tokens; use at most {context - 1}"
         )
 
 

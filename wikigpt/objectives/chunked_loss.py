@@ -1,14 +1,16 @@
 """Chunked LM-head loss: training never materialises the fp32 logits of the whole batch.
 
-GPT-2's training loss goes hidden states -> logits (batch x block x 50257) -> fp32 upcast -> log-softmax -> CE,
-and autograd keeps the logits, their fp32 copy and the log-softmax for the backward pass: at 16 x 1024 tokens each
-fp32 copy is 3.3 GB. With `--chunked_loss_size N` the training forward computes the loss from the final hidden
-states N tokens at a time, and computes each chunk's gradients right there (softmax - one-hot, then the two LM-head
-matmuls), so only one chunk's logits are ever alive and nothing is recomputed in the backward pass (the same
-FLOPs as the plain path; a Liger-style fused linear cross-entropy written with plain torch ops).
+GPT-2's training loss goes hidden states -> logits (batch x block x 50257) -> fp32 upcast ->
+log-softmax -> CE, and autograd keeps the logits, their fp32 copy and the log-softmax for the
+backward pass: at 16 x 1024 tokens each fp32 copy is 3.3 GB. With `--chunked_loss_size N` the
+training forward computes the loss from the final hidden states N tokens at a time, and computes
+each chunk's gradients right there (softmax - one-hot, then the two LM-head matmuls), so only one
+chunk's logits are ever alive and nothing is recomputed in the backward pass (the same FLOPs as the
+plain path; a Liger-style fused linear cross-entropy written with plain torch ops).
 
-Only the training forward with labels changes (wikigpt.objectives.training_loss): it returns the loss and `logits=None`.
-Evaluation, generation and checkpoints are those of the plain GPT2LMHeadModel.
+Only the training forward with labels changes (wikigpt.objectives.training_loss): it returns the
+loss and `logits=None`. Evaluation, generation and checkpoints are those of the plain
+GPT2LMHeadModel.
 """
 
 import torch
@@ -25,19 +27,23 @@ IGNORE_INDEX = -100  # transformers' ForCausalLMLoss default, and what the Train
 def check_chunked_loss_args(size: int | None) -> None:
     if size is not None and size <= 0:
         raise UsageError(
-            f"{FLAG} must be a positive number of tokens such as 4096; got {size}. "
-            f"Pass e.g. {FLAG} 4096, or leave it out to compute the loss over the whole batch at once"
+            f"{FLAG} must be a positive number of tokens such as 4096; got {size}. Pass e.g. "
+            f"{FLAG} 4096, or leave it out to compute the loss over the whole batch at once"
         )
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Sum over tokens of CE(hidden @ weight.T, targets) and its gradients, computed chunk by chunk in forward.
+    """Sum over tokens of CE(hidden @ weight.T, targets) and its gradients, computed chunk by chunk
+    in forward.
 
-    `real_vocab` < weight rows (a padded vocabulary): the padded columns are set to -inf before the softmax, so
-    they get no probability and no gradient, while the matmuls keep the padded, tile-friendly width.
-    `class_offsets`: constants added to the last len(class_offsets) columns' logits (--rare_tokens_below's classes).
-    `teacher_logits(start, stop)` (--distill_from): the teacher's fp32 logits of those rows, in this head's columns;
-    the target is then (1 - teacher_share) x one-hot + teacher_share x their softmax (wikigpt.objectives.distillation).
+    `real_vocab` < weight rows (a padded vocabulary): the padded columns are set to -inf before the
+    softmax, so they get no probability and no gradient, while the matmuls keep the padded,
+    tile-friendly width.
+    `class_offsets`: constants added to the last len(class_offsets) columns' logits
+    (--rare_tokens_below's classes).
+    `teacher_logits(start, stop)` (--distill_from): the teacher's fp32 logits of those rows, in this
+    head's columns; the target is then (1 - teacher_share) x one-hot + teacher_share x their softmax
+    (wikigpt.objectives.distillation).
     """
 
     @staticmethod
@@ -75,7 +81,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 )  # padded columns: 0 x -inf
                 target_logit = (1 - teacher_share) * target_logit + teacher_share * expected
             total += ((log_norm.squeeze(1) - target_logit) * valid).sum()
-            # d(sum of CE)/d(logits) = softmax - target, zero for ignored tokens; reuses the logits' memory.
+            # d(sum of CE)/d(logits) = softmax - target, zero for ignored tokens; reuses the logits'
+            # memory.
             grad = logits.sub_(log_norm).exp_()
             grad.scatter_add_(
                 1, safe_t, torch.full_like(safe_t, -1 + teacher_share, dtype=grad.dtype)
@@ -118,11 +125,13 @@ def chunked_causal_lm_loss(
     shift_labels=None,
     teacher=None,
 ):
-    """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) without the whole batch's logits.
+    """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) without the whole batch's
+    logits.
 
-    Same shift (position i predicts label i+1, the last position predicts nothing), same -100 handling, mean over
-    real label tokens, or sum / num_items_in_batch when the Trainer passes it (gradient accumulation).
-    `teacher`: a wikigpt.objectives.distillation.Teacher whose distribution is mixed into the targets.
+    Same shift (position i predicts label i+1, the last position predicts nothing), same -100
+    handling, mean over real label tokens, or sum / num_items_in_batch when the Trainer passes it
+    (gradient accumulation). `teacher`: a wikigpt.objectives.distillation.Teacher whose distribution
+    is mixed into the targets.
     """
     if ignore_index != IGNORE_INDEX:
         labels = labels.masked_fill(labels == ignore_index, IGNORE_INDEX)

@@ -1,14 +1,16 @@
 """--distill_from: learn a teacher's next-token distribution along with the data's next token.
 
-233k training tokens give one observed next token per position; a teacher (an earlier run of the same recipe, or
-any GPT-2 model of the same tokenizer) gives a whole distribution there, which tells the student which other
-tokens were plausible. Training target per position: (1 - share) x one-hot + share x softmax(teacher logits), and
-the loss is the cross-entropy against it ("born-again" self-distillation when the teacher is the same recipe).
+233k training tokens give one observed next token per position; a teacher (an earlier run of the
+same recipe, or any GPT-2 model of the same tokenizer) gives a whole distribution there, which tells
+the student which other tokens were plausible. Training target per position: (1 - share) x one-hot +
+share x softmax(teacher logits), and the loss is the cross-entropy against it ("born-again"
+self-distillation when the teacher is the same recipe).
 
-The loss goes through wikigpt.objectives.chunked_loss, which forms softmax - target for its gradient anyway; the teacher's
-logits are made there a chunk at a time, never for the whole batch. The teacher is frozen, in eval mode (no
-dropout), reads the batch's real token ids (not --rare_input_dropout's), and is no submodule of the student:
-checkpoints and the saved model hold the student alone.
+The loss goes through wikigpt.objectives.chunked_loss, which forms softmax - target for its gradient
+anyway; the teacher's logits are made there a chunk at a time, never for the whole batch. The
+teacher is frozen, in eval mode (no dropout), reads the batch's real token ids (not
+--rare_input_dropout's), and is no submodule of the student: checkpoints and the saved model hold
+the student alone.
 
 A teacher that trained on the student's held-out articles leaks them into the student's targets
 and biases every held-out number of the run: a teacher whose record (wikigpt_run.json,
@@ -51,11 +53,14 @@ def check_distill_args(args) -> None:
 
 
 class Teacher:
-    """The frozen teacher model, its share of the targets, and its logits in the student's head columns."""
+    """The frozen teacher model, its share of the targets, and its logits in the student's head
+    columns."""
 
     def __init__(self, model: GPT2LMHeadModel, share: float):
         self.model, self.share = model, share
-        self.hidden = None  # the batch's final hidden states, set by the training forward (wikigpt.objectives.training_loss)
+        # the batch's final hidden states, set by the training forward
+        # (wikigpt.objectives.training_loss)
+        self.hidden = None
 
     @torch.no_grad()
     def read(self, input_ids: torch.Tensor, attention_mask=None) -> None:
@@ -67,7 +72,8 @@ class Teacher:
         self.hidden = hidden.reshape(-1, hidden.shape[-1])
 
     def full_logits(self, width: int, real_vocab: int):
-        """(start, stop) -> the teacher's fp32 logits over the vocabulary, -inf in padded columns up to `width`."""
+        """(start, stop) -> the teacher's fp32 logits over the vocabulary, -inf in padded columns up
+        to `width`."""
         weight = self.model.lm_head.weight
 
         def logits(start: int, stop: int) -> torch.Tensor:
@@ -78,12 +84,13 @@ class Teacher:
         return logits
 
     def class_logits(self, tied):
-        """(start, stop) -> the teacher's fp32 logits of `tied`'s kept tokens, then of each tied class as one
-        (wikigpt.objectives.rare_tokens.TiedTokens: the narrow head's columns).
+        """(start, stop) -> the teacher's fp32 logits of `tied`'s kept tokens, then of each tied
+        class as one (wikigpt.objectives.rare_tokens.TiedTokens: the narrow head's columns).
 
-        A class's logit is the log-sum-exp of its tokens' logits: the teacher's probability that the next token is
-        one of them. A teacher trained with the same --rare_tokens_below has equal rows within a class, so that is one
-        row's logit + log(n), without the product over all tied rows (which costs as much as a full-width head).
+        A class's logit is the log-sum-exp of its tokens' logits: the teacher's probability that the
+        next token is one of them. A teacher trained with the same --rare_tokens_below has equal
+        rows within a class, so that is one row's logit + log(n), without the product over all tied
+        rows (which costs as much as a full-width head).
         """
         weight = self.model.lm_head.weight
         kept_weight = weight[tied.kept.to(weight.device)]
@@ -180,7 +187,8 @@ def load_teacher(
     allow_pickle: bool = False,
     split: dict | None = None,
 ):
-    """Checkpoint `name`, frozen, once it is known to fit `model` and the blocks (before any data is prepared).
+    """Checkpoint `name`, frozen, once it is known to fit `model` and the blocks (before any data is
+    prepared).
 
     `split`: the student's (wikigpt.reliability.run_record.split_record), checked against the
     teacher's record."""
@@ -195,7 +203,8 @@ def load_teacher(
     if not isinstance(teacher, GPT2LMHeadModel) or teacher.lm_head.bias is not None:
         raise UsageError(
             f"{FLAG} {name!r} is a {type(teacher).__name__}; the teacher must be a GPT-2 model "
-            f"(GPT2LMHeadModel), e.g. the output folder or a checkpoint-N of an earlier train.py run"
+            "(GPT2LMHeadModel), e.g. the output folder or a checkpoint-N of an earlier train.py "
+            "run"
         )
     if teacher.config.vocab_size != model.config.vocab_size:
         raise UsageError(
@@ -204,8 +213,9 @@ def load_teacher(
         )
     if teacher.config.n_positions < block_size:
         raise UsageError(
-            f"{FLAG} {name!r} reads at most {teacher.config.n_positions} tokens but the blocks hold "
-            f"{block_size}; pass --block_size {teacher.config.n_positions} or a longer-context teacher"
+            f"{FLAG} {name!r} reads at most {teacher.config.n_positions} tokens but the blocks "
+            f"hold {block_size}; pass --block_size {teacher.config.n_positions} or a "
+            "longer-context teacher"
         )
     if split is not None:
         check_teacher_split(name, split)
@@ -218,9 +228,9 @@ def load_teacher(
 def attach_teacher(
     model, teacher: GPT2LMHeadModel, name: str, share: float, counts: dict | None = None
 ) -> dict:
-    """Train `model` on targets mixed with `teacher`'s distribution (after --rare_tokens_below has narrowed the
-    head). `counts`: the student's split sizes (prepare_lm_splits), checked against an older teacher
-    run's results.json. Returns results.json's summary."""
+    """Train `model` on targets mixed with `teacher`'s distribution (after --rare_tokens_below has
+    narrowed the head). `counts`: the student's split sizes (prepare_lm_splits), checked against an
+    older teacher run's results.json. Returns results.json's summary."""
     if counts is not None:
         check_teacher_tokens(name, counts)
     if (
@@ -229,8 +239,8 @@ def attach_teacher(
         use_chunked_loss(model, WHOLE_BATCH)
     object.__setattr__(model, "_teacher", Teacher(teacher, share))
     logger.info(
-        "%s %s: each training target is %.2f x the teacher's next-token distribution + %.2f x the data's "
-        "next token",
+        "%s %s: each training target is %.2f x the teacher's next-token distribution + %.2f x the "
+        "data's next token",
         FLAG,
         name,
         share,

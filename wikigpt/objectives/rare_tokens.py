@@ -1,30 +1,37 @@
 """--rare_tokens_below K: tokens the training data holds fewer than K times share one embedding row.
 
-A small model on a small corpus spends most of its compute in the LM head: at 8 x 128 on WikiText-2 the
-50,257-wide head is ~75% of a training step's FLOPs, while the training split holds only ~17,400 distinct tokens.
+A small model on a small corpus spends most of its compute in the LM head: at 8 x 128 on WikiText-2
+the 50,257-wide head is ~75% of a training step's FLOPs, while the training split holds only ~17,400
+distinct tokens.
 
-K = 1 ties the tokens the training data never contains. In full-softmax training their rows only ever get the
-same push down (sum over positions of p(u) * h) and nothing else, so tying them changes what the model can learn
-in nothing that the data could teach it, and the training loss no longer needs their logits one by one: it
-computes logits for the kept tokens plus one column for the shared row, h . e_shared + log(n_tied), which is the
-log-sum-exp of the n equal tied logits. That is 2.9x narrower on WikiText-2, and 1.5x faster CPU steps.
+K = 1 ties the tokens the training data never contains. In full-softmax training their rows only
+ever get the same push down (sum over positions of p(u) * h) and nothing else, so tying them changes
+what the model can learn in nothing that the data could teach it, and the training loss no longer
+needs their logits one by one: it computes logits for the kept tokens plus one column for the shared
+row, h . e_shared + log(n_tied), which is the log-sum-exp of the n equal tied logits. That is 2.9x
+narrower on WikiText-2, and 1.5x faster CPU steps.
 
-K = 2 or more also ties the rare tokens (seen once, ...): they become one class whose probability the model
-learns from their occurrences, spread evenly over its members. That is how word-level LMs learn <unk>, and it
-is what a model needs to give a sensible probability to tokens it has never seen: every token that first shows
-up in held-out or test text is a member of the class. Without it (K = 1), no training target ever belongs to the
-shared row, so training pushes its probability down for ever, and every unseen test token costs more each epoch.
+K = 2 or more also ties the rare tokens (seen once, ...): they become one class whose probability
+the model learns from their occurrences, spread evenly over its members. That is how word-level LMs
+learn <unk>, and it is what a model needs to give a sensible probability to tokens it has never
+seen: every token that first shows up in held-out or test text is a member of the class. Without it
+(K = 1), no training target ever belongs to the shared row, so training pushes its probability down
+for ever, and every unseen test token costs more each epoch.
 
-The shared row is one parameter: the training forward maps tied input ids to it and the loss reaches it through
-the shared column, so its gradient is the sum of every use. After each optimizer step the other tied rows are set
-to it again (weight decay alone moved them), so the saved, evaluated or sampled model is a plain GPT2LMHeadModel
-whose full 50,257-way softmax gives exactly the probabilities the training loss used: a tied token gets
-p(shared class) / n_tied. From scratch only: a pretrained checkpoint's rows carry what it learned.
-With --chunked_loss_size the narrow head's loss and gradients are computed in chunks (wikigpt.objectives.chunked_loss).
-With --rare_input_dropout P each training input token reads the shared row with probability P (the targets stay):
-new text holds more unknown tokens than the training text, and the model learns to read such contexts.
-With --rare_token_groups spelling the tied tokens share six rows, one per group of spelling (spelling_groups), each a
-column of the narrow head: the model then learns which kind of unknown token comes next, not only that one does.
+The shared row is one parameter: the training forward maps tied input ids to it and the loss reaches
+it through the shared column, so its gradient is the sum of every use. After each optimizer step the
+other tied rows are set to it again (weight decay alone moved them), so the saved, evaluated or
+sampled model is a plain GPT2LMHeadModel whose full 50,257-way softmax gives exactly the
+probabilities the training loss used: a tied token gets p(shared class) / n_tied. From scratch only:
+a pretrained checkpoint's rows carry what it learned.
+With --chunked_loss_size the narrow head's loss and gradients are computed in chunks
+(wikigpt.objectives.chunked_loss).
+With --rare_input_dropout P each training input token reads the shared row with probability P (the
+targets stay): new text holds more unknown tokens than the training text, and the model learns to
+read such contexts.
+With --rare_token_groups spelling the tied tokens share six rows, one per group of spelling
+(spelling_groups), each a column of the narrow head: the model then learns which kind of unknown
+token comes next, not only that one does.
 """
 
 import logging
@@ -48,7 +55,8 @@ IGNORE_INDEX = -100
 
 
 def check_rare_tokens_args(args, model_name_or_path: str | None = None) -> None:
-    """`args`: wikigpt.objectives.arguments.LeverArguments; `model_name_or_path`: the run's checkpoint, if any."""
+    """`args`: wikigpt.objectives.arguments.LeverArguments; `model_name_or_path`: the run's
+    checkpoint, if any."""
     below, dropout = args.rare_tokens_below, args.rare_input_dropout
     if not 0 <= dropout < 1:
         raise UsageError(
@@ -63,24 +71,25 @@ def check_rare_tokens_args(args, model_name_or_path: str | None = None) -> None:
             )
         if args.rare_token_groups != "one":
             raise UsageError(
-                f"{GROUPS_FLAG} {args.rare_token_groups} groups the tokens {FLAG} ties: add {FLAG} K "
-                f"(e.g. 3), or drop {GROUPS_FLAG}"
+                f"{GROUPS_FLAG} {args.rare_token_groups} groups the tokens {FLAG} ties: add {FLAG} "
+                f"K (e.g. 3), or drop {GROUPS_FLAG}"
             )
         return
     if below < 1:
         raise UsageError(
-            f"{FLAG} is a count of occurrences in the training data, 1 or more (1: only the tokens it "
-            f"never contains; 2: also those it holds once); got {below}"
+            f"{FLAG} is a count of occurrences in the training data, 1 or more (1: only the tokens "
+            f"it never contains; 2: also those it holds once); got {below}"
         )
     if model_name_or_path:
         raise UsageError(
-            f"{FLAG} only applies to a model built from scratch (a checkpoint's embedding rows hold "
-            f"what it learned); drop {FLAG}, or drop --model_name_or_path"
+            f"{FLAG} only applies to a model built from scratch (a checkpoint's embedding rows "
+            f"hold what it learned); drop {FLAG}, or drop --model_name_or_path"
         )
 
 
 def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
-    """How often each token id occurs in the training data (re-cut blocks' stream, or the fixed blocks)."""
+    """How often each token id occurs in the training data (re-cut blocks' stream, or the fixed
+    blocks)."""
     ids = getattr(
         train_set, "ids", None
     )  # wikigpt.data.block_offsets.RandomOffsetBlocks keeps the whole stream
@@ -89,8 +98,9 @@ def training_token_counts(train_set, vocab_size: int) -> np.ndarray:
     return np.bincount(ids, minlength=vocab_size)
 
 
-# Where a token says it starts a new word: GPT-2's byte-level BPE and SentencePiece mark a leading space, WordPiece
-# marks a word's continuation. A tokenizer with none of these gives the spelling groups nothing to read.
+# Where a token says it starts a new word: GPT-2's byte-level BPE and SentencePiece mark a leading
+# space, WordPiece marks a word's continuation. A tokenizer with none of these gives the spelling
+# groups nothing to read.
 WORD_MARKERS = {"Ġ": "byte-level BPE", "▁": "SentencePiece", "##": "WordPiece"}
 MARKED_SHARE = (
     0.05  # a convention is the tokenizer's when at least this share of its vocabulary carries it
@@ -98,7 +108,8 @@ MARKED_SHARE = (
 
 
 def word_marker(tokenizer) -> str:
-    """The tokenizer's word-boundary marker (a key of WORD_MARKERS), read from its vocabulary; UsageError if none."""
+    """The tokenizer's word-boundary marker (a key of WORD_MARKERS), read from its vocabulary;
+    UsageError if none."""
     vocab = tokenizer.get_vocab()
     shares = {
         marker: sum(token.startswith(marker) for token in vocab) / max(1, len(vocab))
@@ -115,10 +126,11 @@ def word_marker(tokenizer) -> str:
 
 
 def spelling_groups(tokenizer, vocab_size: int) -> np.ndarray:
-    """--rare_token_groups spelling: each token id's group, 3 x (starts a new word) + (upper-case first letter: 0,
-    lower-case: 1, anything else: 2), from the token's own text. A new name, a word's next piece and a number are
-    different kinds of unknown token, and the context tells which one comes next. A new word is a leading space
-    for byte-level BPE (GPT-2) and SentencePiece, and any token but a '##' continuation for WordPiece."""
+    """--rare_token_groups spelling: each token id's group, 3 x (starts a new word) + (upper-case
+    first letter: 0, lower-case: 1, anything else: 2), from the token's own text. A new name, a
+    word's next piece and a number are different kinds of unknown token, and the context tells which
+    one comes next. A new word is a leading space for byte-level BPE (GPT-2) and SentencePiece, and
+    any token but a '##' continuation for WordPiece."""
     marker = word_marker(tokenizer)
     groups = np.full(vocab_size, 2, dtype=np.int64)
     for token_id, token in enumerate(
@@ -142,10 +154,12 @@ def spelling_groups(tokenizer, vocab_size: int) -> np.ndarray:
 
 
 class TiedTokens:
-    """Kept and tied ids, each id's column in the narrow head, and each id's row in the training forward.
+    """Kept and tied ids, each id's column in the narrow head, and each id's row in the training
+    forward.
 
-    `groups` (--rare_token_groups): a group id per token; the tied tokens of each group share that group's row (its
-    first tied token's) and one column of the narrow head. None: all tied tokens share one."""
+    `groups` (--rare_token_groups): a group id per token; the tied tokens of each group share that
+    group's row (its first tied token's) and one column of the narrow head. None: all tied tokens
+    share one."""
 
     def __init__(
         self,
@@ -174,8 +188,8 @@ class TiedTokens:
         self.column[self.tied] += self.class_of
         self.row = torch.arange(len(counts))
         self.row[self.tied] = self.shared[self.class_of]
-        # --rare_input_dropout: a dropped input reads its own group's row (the largest group's if none of its group
-        # is tied), as an unknown token of that spelling would
+        # --rare_input_dropout: a dropped input reads its own group's row (the largest group's if
+        # none of its group is tied), as an unknown token of that spelling would
         position = np.searchsorted(names, groups).clip(max=len(names) - 1)
         own = names[position] == groups
         self.unknown_row = torch.as_tensor(
@@ -202,11 +216,14 @@ def narrow_head_loss(
     chunk_size: int | None = None,
     teacher=None,
 ):
-    """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) for a weight whose tied rows are equal.
+    """transformers' ForCausalLMLoss(hidden_states @ weight.T, labels) for a weight whose tied rows
+    are equal.
 
-    `chunk_size` (--chunked_loss_size): the narrow head's loss and gradients `chunk_size` tokens at a time.
-    `teacher` (--distill_from): its distribution over the narrow head's classes is mixed into the targets (the tied
-    class as one: the student spreads it evenly over the tied tokens whatever the target)."""
+    `chunk_size` (--chunked_loss_size): the narrow head's loss and gradients `chunk_size` tokens at
+    a time.
+    `teacher` (--distill_from): its distribution over the narrow head's classes is mixed into the
+    targets (the tied class as one: the student spreads it evenly over the tied tokens whatever the
+    target)."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden_states.device)
@@ -260,7 +277,8 @@ def _narrow_head_loss(model, hidden_states, labels, teacher=None, **loss_kwargs)
 
 
 def _shared_row_ids(model, input_ids):
-    # the same vectors (tied rows are equal); the gradient of every tied input goes to the shared row
+    # the same vectors (tied rows are equal); the gradient of every tied input goes to the shared
+    # row
     tied = model._tied_tokens
     ids = tied.row.to(input_ids.device)[input_ids]
     if tied.input_dropout:  # --rare_input_dropout: inputs only, the targets stay
@@ -270,7 +288,8 @@ def _shared_row_ids(model, input_ids):
 
 
 class TieTokensCallback(TrainerCallback):
-    """Sets the tied rows back to the shared row after each optimizer step (weight decay moved them)."""
+    """Sets the tied rows back to the shared row after each optimizer step (weight decay moved
+    them)."""
 
     def __init__(self, tied: TiedTokens):
         self.tied = tied
@@ -282,13 +301,16 @@ class TieTokensCallback(TrainerCallback):
 def share_rare_rows(
     model, train_set, below: int, input_dropout: float = 0.0, groups: np.ndarray | None = None
 ) -> tuple[list[TrainerCallback], dict | None]:
-    """Tie the rows of the tokens `train_set` holds fewer than `below` times; train on the narrow head.
+    """Tie the rows of the tokens `train_set` holds fewer than `below` times; train on the narrow
+    head.
 
-    `input_dropout` (--rare_input_dropout): the probability that a training input token reads the shared row.
-    `groups` (--rare_token_groups spelling): a group id per token; each group's tied tokens share their own row.
+    `input_dropout` (--rare_input_dropout): the probability that a training input token reads the
+    shared row.
+    `groups` (--rare_token_groups spelling): a group id per token; each group's tied tokens share
+    their own row.
 
-    Returns the callbacks that keep them tied and the summary results.json records (below, kept, tied), or
-    ([], None) when no two tokens are that rare."""
+    Returns the callbacks that keep them tied and the summary results.json records (below, kept,
+    tied), or ([], None) when no two tokens are that rare."""
     if (
         not isinstance(model, GPT2LMHeadModel)
         or model.lm_head.weight is not model.transformer.wte.weight
@@ -308,8 +330,8 @@ def share_rare_rows(
     model._tied_tokens = tied
     replace_training_loss(model, _narrow_head_loss, input_ids_map=_shared_row_ids)
     logger.info(
-        "%s %d: %d tokens keep their own row, %d share %s (%d of them occur in the training data); the "
-        "training LM head is %.1fx narrower",
+        "%s %d: %d tokens keep their own row, %d share %s (%d of them occur in the training data); "
+        "the training LM head is %.1fx narrower",
         FLAG,
         below,
         len(tied.kept),

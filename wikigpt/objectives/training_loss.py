@@ -1,11 +1,11 @@
-"""Replace a GPT2LMHeadModel's training loss, and only that: the shared wrap of --chunked_loss_size and
---rare_tokens_below.
+"""Replace a GPT2LMHeadModel's training loss, and only that: the shared wrap of --chunked_loss_size
+and --rare_tokens_below.
 
-Only the training forward with labels changes (model.training and labels given): it runs the transformer, hands
-its final hidden states to the new loss, and returns that loss with `logits=None`, which the Trainer's training
-step does not read. Evaluation, generation and anything else go through the unchanged GPT2LMHeadModel.forward.
-The wrap is on the instance's `forward` (no new class, no new weights), so checkpoints stay plain GPT2LMHeadModel
-folders.
+Only the training forward with labels changes (model.training and labels given): it runs the
+transformer, hands its final hidden states to the new loss, and returns that loss with
+`logits=None`, which the Trainer's training step does not read. Evaluation, generation and anything
+else go through the unchanged GPT2LMHeadModel.forward. The wrap is on the instance's `forward` (no
+new class, no new weights), so checkpoints stay plain GPT2LMHeadModel folders.
 """
 
 from types import MethodType
@@ -19,9 +19,9 @@ LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 def replace_training_loss(model, loss, input_ids_map=None):
     """Train `model` on `loss(model, hidden_states, labels, **loss_kwargs)`.
 
-    `input_ids_map(model, input_ids)`: the ids the transformer reads instead of the batch's (a batch without
-    input_ids then takes the plain forward). Both are kept on the model, so a deep copy (weight averaging) carries
-    them along.
+    `input_ids_map(model, input_ids)`: the ids the transformer reads instead of the batch's (a batch
+    without input_ids then takes the plain forward). Both are kept on the model, so a deep copy
+    (weight averaging) carries them along.
     """
     model._training_loss, model._training_input_ids_map = loss, input_ids_map
     model.forward = MethodType(
@@ -45,7 +45,8 @@ def _training_forward(
     logits_to_keep=0,
     **kwargs,
 ):
-    """GPT2LMHeadModel.forward's signature (the Trainer reads it: input columns, **kwargs for num_items_in_batch)."""
+    """GPT2LMHeadModel.forward's signature (the Trainer reads it: input columns, **kwargs for
+    num_items_in_batch)."""
     args = dict(
         past_key_values=past_key_values,
         attention_mask=attention_mask,

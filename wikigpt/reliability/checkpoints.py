@@ -1,17 +1,21 @@
-"""Trainer checkpoints: is a checkpoint-N folder complete, which one to resume from, does it fit the model.
+"""Trainer checkpoints: is a checkpoint-N folder complete, which one to resume from, does it fit the
+model.
 
-The Trainer saves a checkpoint in this order: the model, the optimizer and scheduler, rng_state*.pth, and
-trainer_state.json last, each file written in place. A save killed half-way therefore lacks
-trainer_state.json or has a truncated file; `checkpoint_problem` finds both without loading anything
-(safetensors: header vs file size; torch files: the zip directory at their end; torch.distributed.checkpoint
-folders: their .metadata, written after every shard), so a half-written checkpoint never passes for a complete one.
+The Trainer saves a checkpoint in this order: the model, the optimizer and scheduler,
+rng_state*.pth, and trainer_state.json last, each file written in place. A save killed half-way
+therefore lacks trainer_state.json or has a truncated file; `checkpoint_problem` finds both without
+loading anything (safetensors: header vs file size; torch files: the zip directory at their end;
+torch.distributed.checkpoint folders: their .metadata, written after every shard), so a half-written
+checkpoint never passes for a complete one.
 
-Three layouts, as Trainer._save_checkpoint writes them (transformers 5.24, accelerate's FSDP savers):
-- plain (one device, DDP): model.safetensors (or shards, or pytorch_model.bin), optimizer.pt, scheduler.pt;
-- FSDP: pytorch_model_fsdp*.bin or pytorch_model_fsdp_N/ (sharded: no model.safetensors), optimizer*.bin or
-  optimizer_N/, scheduler.pt;
-- DeepSpeed: a global_stepN/ folder holding the model, optimizer and scheduler states (scheduler.pt only with
-  a scheduler DeepSpeed does not manage).
+Three layouts, as Trainer._save_checkpoint writes them (transformers 5.24, accelerate's FSDP
+savers):
+- plain (one device, DDP): model.safetensors (or shards, or pytorch_model.bin), optimizer.pt,
+  scheduler.pt;
+- FSDP: pytorch_model_fsdp*.bin or pytorch_model_fsdp_N/ (sharded: no model.safetensors),
+  optimizer*.bin or optimizer_N/, scheduler.pt;
+- DeepSpeed: a global_stepN/ folder holding the model, optimizer and scheduler states
+  (scheduler.pt only with a scheduler DeepSpeed does not manage).
 All of them: rng_state.pth (rng_state_R.pth per process), then trainer_state.json.
 """
 
@@ -32,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 # checkpoint-N: the name the Trainer writes, as transformers' get_last_checkpoint matches it.
 CHECKPOINT_NAME = _re_checkpoint
-# Set-aside names: the Trainer's rotation, `latest` and the Hub upload all skip them (wikigpt.reporting.hub).
+# Set-aside names: the Trainer's rotation, `latest` and the Hub upload all skip them
+# (wikigpt.reporting.hub).
 CORRUPT_PREFIX = "corrupt-"  # an incomplete checkpoint skipped by `latest`, kept for inspection
 PREVIOUS_RUN_PREFIX = (
     "previous-run-"  # a checkpoint of the run an --overwrite_output_dir run replaced
@@ -87,7 +92,8 @@ def _safetensors_problem(path: str) -> str | None:
 
 
 def _torch_file_problem(path: str) -> str | None:
-    # torch.save writes a zip archive whose directory sits at the very end: a truncated file has none.
+    # torch.save writes a zip archive whose directory sits at the very end: a truncated file has
+    # none.
     if not zipfile.is_zipfile(path):
         return f"{os.path.basename(path)} is truncated or not a torch.save file"
     return None
@@ -102,7 +108,8 @@ def weights_present(path: str) -> bool:
 
 
 def weights_problem(path: str) -> str | None:
-    """Why the weights in model folder `path` are missing or truncated, or None (also usable for a final model)."""
+    """Why the weights in model folder `path` are missing or truncated, or None (also usable for a
+    final model)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
@@ -127,7 +134,8 @@ def weights_problem(path: str) -> str | None:
 
 
 def _dcp_problem(path: str) -> str | None:
-    # torch.distributed.checkpoint writes every shard, then .metadata: without it the save did not finish.
+    # torch.distributed.checkpoint writes every shard, then .metadata: without it the save did not
+    # finish.
     if not os.path.isfile(os.path.join(path, ".metadata")):
         return f"{os.path.basename(path)}/.metadata is missing (the sharded save did not finish)"
     return None
@@ -141,7 +149,8 @@ def _torch_files_problem(path: str, names: list[str]) -> str | None:
 
 
 def _deepspeed_problem(path: str, folders: list[str]) -> str | None:
-    """DeepSpeed's engine.save_checkpoint: global_stepN/ with *model_states.pt and *optim_states.pt."""
+    """DeepSpeed's engine.save_checkpoint: global_stepN/ with *model_states.pt and
+    *optim_states.pt."""
     for folder in folders:
         names = sorted(os.listdir(os.path.join(path, folder)))
         for kind in ("model_states.pt", "optim_states.pt"):
@@ -155,7 +164,8 @@ def _deepspeed_problem(path: str, folders: list[str]) -> str | None:
 
 
 def _fsdp_problem(path: str, names: list[str]) -> str | None:
-    """accelerate's save_fsdp_model/save_fsdp_optimizer: .bin files (full or per-rank) or DCP folders (sharded)."""
+    """accelerate's save_fsdp_model/save_fsdp_optimizer: .bin files (full or per-rank) or DCP
+    folders (sharded)."""
     is_dir = {n: os.path.isdir(os.path.join(path, n)) for n in names}
     model_files = [
         n for n in names if n.startswith(FSDP_MODEL_NAME) and n.endswith(".bin") and not is_dir[n]
@@ -172,7 +182,8 @@ def _fsdp_problem(path: str, names: list[str]) -> str | None:
 
 
 def checkpoint_problem(path: str) -> str | None:
-    """Why `path` is not a complete Trainer checkpoint to resume from (any layout above), or None when it is."""
+    """Why `path` is not a complete Trainer checkpoint to resume from (any layout above), or None
+    when it is."""
     if not os.path.isdir(path):
         return "not a directory"
     state_file = os.path.join(path, "trainer_state.json")
@@ -192,7 +203,8 @@ def checkpoint_problem(path: str) -> str | None:
         n for n in names if n.startswith("global_step") and os.path.isdir(os.path.join(path, n))
     ]
     fsdp = any(n.startswith(FSDP_MODEL_NAME) for n in names)
-    # FSDP (sharded) and DeepSpeed ZeRO-3 keep the weights in their own files; model.safetensors is then absent.
+    # FSDP (sharded) and DeepSpeed ZeRO-3 keep the weights in their own files; model.safetensors is
+    # then absent.
     if (not (fsdp or deepspeed) or weights_present(path)) and (problem := weights_problem(path)):
         return problem
     if deepspeed:
@@ -221,10 +233,12 @@ def checkpoint_problem(path: str) -> str | None:
 
 
 class WritesIntoCheckpoints:
-    """For callbacks that add a file to the checkpoint-N folder the Trainer has just saved (at `on_save`).
+    """For callbacks that add a file to the checkpoint-N folder the Trainer has just saved (at
+    `on_save`).
 
-    The Trainer saves into --output_dir, but into --output_dir/run-N/ for trial N of a hyper-parameter search, and
-    callbacks are not told which: wikigpt.train.hp_search sets `run_dir` on them for each trial."""
+    The Trainer saves into --output_dir, but into --output_dir/run-N/ for trial N of a
+    hyper-parameter search, and callbacks are not told which: wikigpt.train.hp_search sets `run_dir`
+    on them for each trial."""
 
     run_dir: str | None = None
 
@@ -235,7 +249,8 @@ class WritesIntoCheckpoints:
 def list_checkpoints(output_dir: str) -> list[str]:
     """checkpoint-N folders of `output_dir`, newest (highest N) first.
 
-    All of them, not only transformers' get_last_checkpoint: `latest` falls back past incomplete ones."""
+    All of them, not only transformers' get_last_checkpoint: `latest` falls back past incomplete
+    ones."""
     if not os.path.isdir(output_dir):
         return []
     found = [
@@ -256,7 +271,8 @@ def last_good_checkpoint(output_dir: str, before_step: int | None = None) -> str
 
 
 def set_aside(path: str, prefix: str = CORRUPT_PREFIX) -> str:
-    """Rename a folder (or file) to PREFIX+NAME (PREFIX2-NAME, ... if taken); returns the new path."""
+    """Rename a folder (or file) to PREFIX+NAME (PREFIX2-NAME, ... if taken); returns the new
+    path."""
     parent, name = os.path.split(os.path.normpath(path))
     target = os.path.join(parent, prefix + name)
     suffix = 1
@@ -276,20 +292,23 @@ def in_output_dir(checkpoint: str, output_dir: str) -> bool:
 
 @dataclass
 class ResumePlan:
-    """Where training resumes from (None: a fresh run), the incomplete checkpoints skipped to get there, and the
-    checkpoints of an earlier run in --output_dir that this run replaces (--overwrite_output_dir)."""
+    """Where training resumes from (None: a fresh run), the incomplete checkpoints skipped to get
+    there, and the checkpoints of an earlier run in --output_dir that this run replaces
+    (--overwrite_output_dir)."""
 
     path: str | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     previous_run: list[str] = field(default_factory=list)
 
     def check_model(self, config) -> None:
-        """The checkpoint's weights must fit `config`; otherwise loading them fails with a shape error."""
+        """The checkpoint's weights must fit `config`; otherwise loading them fails with a shape
+        error."""
         if self.path is None:
             return
         config_file = os.path.join(self.path, "config.json")
         if not os.path.exists(config_file) and not weights_present(self.path):
-            return  # FSDP sharded state (pytorch_model_fsdp_0/): the Trainer saves no config.json beside it
+            # FSDP sharded state (pytorch_model_fsdp_0/): the Trainer saves no config.json beside it
+            return
         try:
             with open(config_file, encoding="utf-8") as f:
                 saved = json.load(f)
@@ -306,15 +325,16 @@ class ResumePlan:
         ]
         if differences:
             raise UsageError(
-                f"{RESUME_FLAG} {self.path!r} holds a different model ({'; '.join(differences)}); resume with the "
-                f"original run's --preset/--config_overrides/--pad_vocab_multiple/--model_name_or_path/--tokenizer_name, "
-                f"or start a new run in a new --output_dir"
+                f"{RESUME_FLAG} {self.path!r} holds a different model ({'; '.join(differences)}); "
+                "resume with the original run's --preset/--config_overrides/--pad_vocab_multiple/"
+                "--model_name_or_path/--tokenizer_name, or start a new run in a new --output_dir"
             )
 
     def set_aside(self, is_main_process: bool) -> None:
-        """Rename skipped checkpoints to corrupt-checkpoint-N and an earlier run's to previous-run-checkpoint-N:
-        kept for inspection, but out of the Trainer's rotation (they would count against --save_total_limit), out
-        of `latest` and of the preemption and NaN messages, and out of the way of this run's own saves."""
+        """Rename skipped checkpoints to corrupt-checkpoint-N and an earlier run's to
+        previous-run-checkpoint-N: kept for inspection, but out of the Trainer's rotation (they
+        would count against --save_total_limit), out of `latest` and of the preemption and NaN
+        messages, and out of the way of this run's own saves."""
         if not is_main_process:
             return
         for path, _ in self.skipped:
@@ -328,7 +348,8 @@ class ResumePlan:
 
 
 def normalize_resume_value(value) -> str | None:
-    """--resume_from_checkpoint as given (bare flag, true/false from a config file, path) -> None, LATEST or a path."""
+    """--resume_from_checkpoint as given (bare flag, true/false from a config file, path) -> None,
+    LATEST or a path."""
     if value is None or value is False:
         return None
     if value is True:
@@ -342,11 +363,12 @@ def normalize_resume_value(value) -> str | None:
 
 
 def plan_resume(value, output_dir: str, overwrite_output_dir: bool = False) -> ResumePlan:
-    """Pick the checkpoint to resume from; incomplete ones are skipped for the previous good one (one log line each).
+    """Pick the checkpoint to resume from; incomplete ones are skipped for the previous good one
+    (one log line each).
 
-    A run that does not continue one of --output_dir's own checkpoints (a fresh start, or a checkpoint from
-    elsewhere) with --overwrite_output_dir replaces the earlier run there: its checkpoints are set aside, so that
-    this run never resumes from, rotates or names them.
+    A run that does not continue one of --output_dir's own checkpoints (a fresh start, or a
+    checkpoint from elsewhere) with --overwrite_output_dir replaces the earlier run there: its
+    checkpoints are set aside, so that this run never resumes from, rotates or names them.
     """
     plan = _choose_checkpoint(normalize_resume_value(value), output_dir)
     if overwrite_output_dir and not (plan.path and in_output_dir(plan.path, output_dir)):
@@ -403,6 +425,7 @@ def _choose_checkpoint(choice: str | None, output_dir: str) -> ResumePlan:
         skipped.append((path, problem))
     listing = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped)
     raise UsageError(
-        f"{RESUME_FLAG} {LATEST}: no complete checkpoint in --output_dir {output_dir!r} ({listing}); "
-        f"pass a complete checkpoint folder, or drop {RESUME_FLAG} and use a new --output_dir"
+        f"{RESUME_FLAG} {LATEST}: no complete checkpoint in --output_dir {output_dir!r} "
+        f"({listing}); pass a complete checkpoint folder, or drop {RESUME_FLAG} and use a new "
+        "--output_dir"
     )

@@ -1,17 +1,20 @@
-"""NaN guard: stop at the first NaN/inf loss or weight, before a checkpoint of a broken model is saved.
+"""NaN guard: stop at the first NaN/inf loss or weight, before a checkpoint of a broken model is
+saved.
 
-The Trainer's default `logging_nan_inf_filter` hides a NaN loss from the logs (it logs the running average
-instead) and keeps training and saving NaN weights. `NonFiniteGuard` checks every optimizer step: the training
-loss of each micro-batch (a forward hook, no extra sync) and, before anything reads the weights (a checkpoint save,
-an evaluation, the end of training), every weight. Non-finite weights between those moments show up in the next
-step's loss, so the weights are not read on every step (~150 kernels and 0.5 GB of reads per step for GPT-2 124M).
-On the first non-finite value it cancels that step's save and evaluation and stops; `raise_if_diverged` then ends
-the run with one line.
+The Trainer's default `logging_nan_inf_filter` hides a NaN loss from the logs (it logs the running
+average instead) and keeps training and saving NaN weights. `NonFiniteGuard` checks every optimizer
+step: the training loss of each micro-batch (a forward hook, no extra sync) and, before anything
+reads the weights (a checkpoint save, an evaluation, the end of training), every weight. Non-finite
+weights between those moments show up in the next step's loss, so the weights are not read on every
+step (~150 kernels and 0.5 GB of reads per step for GPT-2 124M). On the first non-finite value it
+cancels that step's save and evaluation and stops; `raise_if_diverged` then ends the run with one
+line.
 
-fp16 loss scaling: with --fp16 on a GPU, accelerate wraps the optimizer step in a torch.amp.GradScaler
-(dynamic scale, starting at 2**16; a step whose gradients overflow is skipped and the scale halved). That is
-normal and is not stopped here: only a non-finite *loss* or *weight* is. On CPU accelerate applies neither fp16
-autocast nor a scaler, so --fp16 there is refused rather than silently training in fp32.
+fp16 loss scaling: with --fp16 on a GPU, accelerate wraps the optimizer step in a
+torch.amp.GradScaler (dynamic scale, starting at 2**16; a step whose gradients overflow is skipped
+and the scale halved). That is normal and is not stopped here: only a non-finite *loss* or *weight*
+is. On CPU accelerate applies neither fp16 autocast nor a scaler, so --fp16 there is refused rather
+than silently training in fp32.
 """
 
 import logging
@@ -30,7 +33,8 @@ EXIT_DIVERGED = 3
 
 
 class TrainingDiverged(UsageError):
-    """Training produced NaN/inf; the fix is a flag (precision, learning rate), so it reads like a usage error."""
+    """Training produced NaN/inf; the fix is a flag (precision, learning rate), so it reads like a
+    usage error."""
 
     exit_code = EXIT_DIVERGED
 
@@ -64,8 +68,8 @@ def _likely_cause(args) -> str:
             f"or lower --learning_rate (now {args.learning_rate:g})"
         )
     return (
-        f"a too high --learning_rate (now {args.learning_rate:g}): lower it, or raise --warmup_steps; "
-        f"keep --max_grad_norm at 1.0 (now {args.max_grad_norm})"
+        f"a too high --learning_rate (now {args.learning_rate:g}): lower it, or raise "
+        f"--warmup_steps; keep --max_grad_norm at 1.0 (now {args.max_grad_norm})"
     )
 
 
@@ -97,7 +101,8 @@ class NonFiniteGuard(TrainerCallback):
 
     @staticmethod
     def _weights_about_to_be_used(state, control) -> bool:
-        # DefaultFlowCallback runs first and has already set this step's flags; every rank sees the same ones.
+        # DefaultFlowCallback runs first and has already set this step's flags; every rank sees the
+        # same ones.
         return (
             control.should_save
             or control.should_evaluate
@@ -151,7 +156,8 @@ class NonFiniteGuard(TrainerCallback):
             return
         good = last_good_checkpoint(args.output_dir, before_step=self.bad_step)
         kept = (
-            f"The last good checkpoint, {good}, is kept (resume with {RESUME_FLAG} {good} after the fix)"
+            f"The last good checkpoint, {good}, is kept (resume with {RESUME_FLAG} {good} after "
+            "the fix)"
             if good
             else "No checkpoint had been saved before it."
         )

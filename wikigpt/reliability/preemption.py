@@ -1,8 +1,9 @@
-"""Preemption: SIGTERM/SIGINT during training save a checkpoint at the end of the current step, then stop.
+"""Preemption: SIGTERM/SIGINT during training save a checkpoint at the end of the current step, then
+stop.
 
-Clusters send SIGTERM some seconds before they kill a job; Ctrl-C sends SIGINT. The first signal is only
-noted (a handler must not save from inside a step); the next step end asks the Trainer to save and stop.
-A second signal restores the default action, so a stuck job can still be interrupted.
+Clusters send SIGTERM some seconds before they kill a job; Ctrl-C sends SIGINT. The first signal is
+only noted (a handler must not save from inside a step); the next step end asks the Trainer to save
+and stop. A second signal restores the default action, so a stuck job can still be interrupted.
 """
 
 import logging
@@ -85,7 +86,8 @@ class PreemptionCallback(TrainerCallback):
         return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
     def exit_if_interrupted(self, output_dir: str, is_main_process: bool) -> None:
-        """After trainer.train(): if a signal stopped training, say how to resume and exit 128+signal."""
+        """After trainer.train(): if a signal stopped training, say how to resume and exit
+        128+signal."""
         if self.signum is None:
             return
         name = signal.Signals(self.signum).name
@@ -98,14 +100,16 @@ class PreemptionCallback(TrainerCallback):
             )
             if checkpoint:
                 print(
-                    f"wikigpt: training stopped by {name} {where}; checkpoint saved in {checkpoint}. To continue, "
-                    f"rerun the same command with {RESUME_FLAG} {LATEST} (or {RESUME_FLAG} {checkpoint})",
+                    f"wikigpt: training stopped by {name} {where}; checkpoint saved in "
+                    f"{checkpoint}. To continue, rerun the same command with {RESUME_FLAG} "
+                    f"{LATEST} (or {RESUME_FLAG} {checkpoint})",
                     file=sys.stderr,
                     flush=True,
                 )
             else:
                 print(
-                    f"wikigpt: training stopped by {name} {where}; no checkpoint was saved, rerun the command",
+                    f"wikigpt: training stopped by {name} {where}; no checkpoint was saved, "
+                    "rerun the command",
                     file=sys.stderr,
                     flush=True,
                 )

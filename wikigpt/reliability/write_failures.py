@@ -1,12 +1,14 @@
-"""A write that fails (disk full, quota, file-size limit) ends the run with one line, not a traceback.
+"""A write that fails (disk full, quota, file-size limit) ends the run with one line, not a
+traceback.
 
-Clusters fill up: torch's checkpoint writer then dies with "[enforce fail at inline_container.cc:672] .
-unexpected pos ...", safetensors with "I/O error: No space left on device (os error 28)", Python with OSError
-ENOSPC. Around each thing train.py writes (its checkpoints, the final model, results.json, the training-curves
-plot, the model card), `writing` turns such a failure into `WriteFailed`: one `error:` line naming the folder,
-what was being written and the free space there, exit status 4. What the failed write left behind is set aside
-(a half-written checkpoint-N becomes corrupt-checkpoint-N, a half-written file corrupt-NAME), so nothing
-half-written passes for good, and the line names the last complete checkpoint for --resume_from_checkpoint.
+Clusters fill up: torch's checkpoint writer then dies with "[enforce fail at
+inline_container.cc:672] . unexpected pos ...", safetensors with "I/O error: No space left on device
+(os error 28)", Python with OSError ENOSPC. Around each thing train.py writes (its checkpoints, the
+final model, results.json, the training-curves plot, the model card), `writing` turns such a failure
+into `WriteFailed`: one `error:` line naming the folder, what was being written and the free space
+there, exit status 4. What the failed write left behind is set aside (a half-written checkpoint-N
+becomes corrupt-checkpoint-N, a half-written file corrupt-NAME), so nothing half-written passes for
+good, and the line names the last complete checkpoint for --resume_from_checkpoint.
 """
 
 import contextlib
@@ -47,7 +49,8 @@ class WriteFailed(UsageError):
 
 
 def write_failure(err: BaseException) -> BaseException | None:
-    """The exception in `err`'s chain that is a failed write, or None (any other error is not ours to handle)."""
+    """The exception in `err`'s chain that is a failed write, or None (any other error is not ours
+    to handle)."""
     while err is not None:
         if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
             return err
@@ -87,7 +90,8 @@ def _files(folder: str) -> dict[str, tuple[int, int]]:
 
 
 def _set_aside_partial(output_dir: str, what: str, files_before: dict) -> tuple[str, list[str]]:
-    """Move what the failed write left aside; returns (the name of what was being written, where it went)."""
+    """Move what the failed write left aside; returns (the name of what was being written, where it
+    went)."""
     if what == CHECKPOINTS:
         partial = [
             path for path in list_checkpoints(output_dir) if checkpoint_problem(path) is not None
@@ -103,11 +107,12 @@ def _set_aside_partial(output_dir: str, what: str, files_before: dict) -> tuple[
 
 @contextlib.contextmanager
 def writing(output_dir: str, what: str, is_main_process: bool = True):
-    """Run the block; a failed write in it becomes one `WriteFailed` line (see the module docstring)."""
+    """Run the block; a failed write in it becomes one `WriteFailed` line (see module docstring)."""
     files_before = _files(output_dir) if what != CHECKPOINTS else {}
     try:
         yield
-    except Exception as err:  # noqa: BLE001 - only failed writes are turned into WriteFailed; the rest re-raise
+    # only failed writes are turned into WriteFailed; the rest re-raise
+    except Exception as err:
         cause = write_failure(err)
         if cause is None:
             raise
@@ -119,9 +124,10 @@ def writing(output_dir: str, what: str, is_main_process: bool = True):
         resume = (
             f"free some space (or pass another --output_dir), then resume with {RESUME_FLAG} {good}"
             if good
-            else "free some space (or pass another --output_dir) and rerun: no complete checkpoint to resume from"
+            else "free some space (or pass another --output_dir) and rerun: "
+            "no complete checkpoint to resume from"
         )
         raise WriteFailed(
-            f"writing {name} to {output_dir!r} failed ({_reason(cause)}; {_free_space(output_dir)}); "
-            f"{aside}{resume}"
+            f"writing {name} to {output_dir!r} failed ({_reason(cause)}; "
+            f"{_free_space(output_dir)}); {aside}{resume}"
         ) from err

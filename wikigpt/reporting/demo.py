@@ -1,9 +1,11 @@
-"""What the web demo (app.py) does, without the web page: load a checkpoint, sample from it, describe its run.
+"""What the web demo (app.py) does, without the web page: load a checkpoint, sample from it,
+describe its run.
 
-Sampling goes through wikigpt.generation.settings, wikigpt.generation.prompts and wikigpt.generation.sampling exactly as generate.py
-does (same settings layering, checks, prompt encoding, seed and stop strings), so a seed gives the page the text
-generate.py prints. Bad input never raises here: every function returns a message the page shows. gradio is
-imported only by app.py.
+Sampling goes through wikigpt.generation.settings, wikigpt.generation.prompts and
+wikigpt.generation.sampling exactly as generate.py does (same settings layering, checks, prompt
+encoding, seed and stop strings), so a seed gives the page the text generate.py prints. Bad input
+never raises here: every function returns a message the page shows. gradio is imported only by
+app.py.
 """
 
 import json
@@ -53,23 +55,25 @@ RUN_FILES = (
 EXAMPLES = [  # prompt, stop string, what it shows
     ["The history of the city began in", "", "free continuation"],
     [
-        "Q: What is the capital of France?\nA: Paris\nQ: Who wrote Hamlet?\nA: William Shakespeare\n"
-        "Q: What is the largest planet?\nA:",
+        "Q: What is the capital of France?\nA: Paris\nQ: Who wrote Hamlet?\nA: William "
+        "Shakespeare\nQ: What is the largest planet?\nA:",
         r"\n",
         "a Q/A pattern, stopped at the end of the line",
     ],
     [
-        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
-        "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.\nTL;DR:",
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+        "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+        "from 1887 to 1889.\nTL;DR:",
         r"\n",
         "TL;DR: summarisation",
     ],
 ]
 CAN_AND_CANNOT = (
-    "A small model trained on WikiText-2 (about two million words of Wikipedia articles) continues text in the "
-    "style of Wikipedia: headings, dates, battles, albums. It has not been taught to answer questions or follow "
-    "instructions, so a Q/A pattern or a *TL;DR:* only works as far as it imitates the pattern, and what it "
-    "writes is often fluent but false. A large model (GPT-2 and up) follows both patterns much better."
+    "A small model trained on WikiText-2 (about two million words of Wikipedia articles) continues "
+    "text in the style of Wikipedia: headings, dates, battles, albums. It has not been taught to "
+    "answer questions or follow instructions, so a Q/A pattern or a *TL;DR:* only works as far as "
+    "it imitates the pattern, and what it writes is often fluent but false. A large model (GPT-2 "
+    "and up) follows both patterns much better."
 )
 
 
@@ -130,7 +134,8 @@ class Request:
     stop: str = ""
 
     def arguments(self, model: str) -> GenerateArguments:
-        """generate.py's arguments for the same request: --prompt P [--greedy] --max_new_tokens N ... --stop S."""
+        """generate.py's arguments for the same request: --prompt P [--greedy] --max_new_tokens N
+        ... --stop S."""
         return GenerateArguments(
             model=model,
             prompt=[self.prompt or ""],
@@ -156,7 +161,8 @@ def _whole(name: str, value) -> str | None:
 
 
 def generate(demo: DemoModel, request: Request, cancel: threading.Event | None = None):
-    """Yield (text so far, status line) while sampling; bad input yields one ("", "error: ...") and stops."""
+    """Yield (text so far, status line) while sampling; bad input yields one ("", "error: ...") and
+    stops."""
     if demo.error:
         yield "", f"error: {page_message(demo.error)}"
         return
@@ -189,8 +195,9 @@ def generate(demo: DemoModel, request: Request, cancel: threading.Event | None =
         notes.append("Empty prompt: an unconditional sample, started from <|endoftext|>.")
     elif (full := len(demo.tokenizer(prompt, verbose=False)["input_ids"])) > len(prompt_ids):
         notes.append(
-            f"The prompt has {full} tokens; the model saw only its last {len(prompt_ids)}, so that prompt + "
-            f"{settings['max_new_tokens']} new tokens fit its context of {demo.context} tokens."
+            f"The prompt has {full} tokens; the model saw only its last {len(prompt_ids)}, so that "
+            f"prompt + {settings['max_new_tokens']} new tokens fit its context of {demo.context} "
+            "tokens."
         )
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     set_seed(seed)  # as generate.py: the same seed and settings give the same text
@@ -226,11 +233,12 @@ def generate(demo: DemoModel, request: Request, cancel: threading.Event | None =
     )
 
 
-# --- the model's facts ----------------------------------------------------------------------------------------
+# --- the model's facts ----------------------------------------------------------------------------
 
 
 def fetch_run_files(name: str) -> dict:
-    """Paths of the train.py / eval.py files next to the weights (local folder, or a Hub repo when reachable)."""
+    """Paths of the train.py / eval.py files next to the weights (local folder, or a Hub repo when
+    reachable)."""
     if os.path.isdir(name):
         return {
             f: os.path.join(name, f) for f in RUN_FILES if os.path.isfile(os.path.join(name, f))
@@ -243,7 +251,7 @@ def fetch_run_files(name: str) -> dict:
     for filename in RUN_FILES:
         try:
             found[filename] = hf_hub_download(name, filename)
-        except Exception:  # noqa: BLE001 - offline, no such repo or no such file: the fact is just not shown
+        except Exception:  # offline, no such repo or no such file: the fact is just not shown
             continue
     return found
 
@@ -289,8 +297,9 @@ def model_facts(demo: DemoModel) -> tuple[str, str | None, str]:
         lines += [f"**error:** {page_message(demo.error)}", ""]
     if not results:
         lines.append(
-            "No results.json in this checkpoint (train.py writes one into its --output_dir), so there are "
-            "no training facts to show." + ("" if demo.model is None else " From its config:")
+            "No results.json in this checkpoint (train.py writes one into its --output_dir), so "
+            "there are no training facts to show."
+            + ("" if demo.model is None else " From its config:")
         )
         if demo.model is not None:
             config = demo.model.config
@@ -298,7 +307,8 @@ def model_facts(demo: DemoModel) -> tuple[str, str | None, str]:
                 "",
                 f"- parameters: {fmt(demo.model.num_parameters())}",
                 f"- architecture: {config.model_type}, {config.num_hidden_layers} layers, "
-                f"{config.num_attention_heads} heads, width {config.hidden_size}, context {fmt(demo.context)}",
+                f"{config.num_attention_heads} heads, width {config.hidden_size}, context "
+                f"{fmt(demo.context)}",
             ]
         return (
             "\n".join(lines) + "\n",
@@ -325,12 +335,14 @@ def model_facts(demo: DemoModel) -> tuple[str, str | None, str]:
             + ")"
         )
     lines += [
-        f"- **parameters:** {fmt(model.get('parameters'))} ({fmt(model.get('non_embedding_parameters'))} without "
-        f"the embeddings); {arch.get('model_type')}, {arch.get('n_layer')} layers, {arch.get('n_head')} heads, "
+        f"- **parameters:** {fmt(model.get('parameters'))} "
+        f"({fmt(model.get('non_embedding_parameters'))} without the embeddings); "
+        f"{arch.get('model_type')}, {arch.get('n_layer')} layers, {arch.get('n_head')} heads, "
         f"width {arch.get('n_embd')}, context {fmt(arch.get('context_length'))} tokens",
         f"- **origin:** {model.get('description', 'n/a')}",
         f"- **data:** {source}; trained on {fmt(train.get('tokens_seen'))} tokens "
-        f"({fmt(train.get('global_step'))} steps, {fmt(train.get('wall_time_s'))} s on {hw.get('device', 'n/a')})",
+        f"({fmt(train.get('global_step'))} steps, {fmt(train.get('wall_time_s'))} s on "
+        f"{hw.get('device', 'n/a')})",
         "",
         "### Quality (lower perplexity is better)",
         "",
@@ -342,15 +354,16 @@ def model_facts(demo: DemoModel) -> tuple[str, str | None, str]:
         if f"{prefix}_perplexity" in metrics:
             lines.append(
                 f"| {split} | perplexity (token-level, {results.get('block_size')}-token blocks) | "
-                f"{fmt(metrics[f'{prefix}_perplexity'])} | train.py, {fmt(metrics.get(f'{prefix}_tokens'))} "
-                f"tokens |"
+                f"{fmt(metrics[f'{prefix}_perplexity'])} | train.py, "
+                f"{fmt(metrics.get(f'{prefix}_tokens'))} tokens |"
             )
     for split in ("validation", "test"):
         report = _read_json(files.get(f"eval_{split}.json"))
         for key, metric in (report.get("metrics") or {}).items():
             if isinstance(metric, dict) and isinstance(metric.get("value"), (int, float)):
                 lines.append(
-                    f"| {split} | {key.replace('_', ' ')} | {fmt(float(metric['value']), 4)} | eval.py |"
+                    f"| {split} | {key.replace('_', ' ')} | {fmt(float(metric['value']), 4)} | "
+                    "eval.py |"
                 )
     if not any(results.get(s) for s in ("validation", "test")):
         lines.append("| - | no perplexity in results.json | - | - |")

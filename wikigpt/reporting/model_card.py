@@ -1,8 +1,9 @@
-"""The Hub model card (README.md in the output dir): model-index metadata with perplexities, and a readable body.
+"""The Hub model card (README.md in the output dir): model-index metadata with perplexities, and a
+readable body.
 
-Written by every train.py run from its results.json content; eval.py's results (word-level perplexity,
-bits per byte, ...) are added when given. `huggingface_hub.ModelCard.load` parses it, and the Hub shows the
-model-index numbers as evaluation results.
+Written by every train.py run from its results.json content; eval.py's results (word-level
+perplexity, bits per byte, ...) are added when given. `huggingface_hub.ModelCard.load` parses it,
+and the Hub shows the model-index numbers as evaluation results.
 """
 
 import os
@@ -33,8 +34,8 @@ EVAL_METRICS = {
 
 def dataset_info(data_args) -> dict:
     """Which dataset the run used, as the card names it. Local files named like WikiText's raw files
-    (wiki.train.raw, ...) are labelled --dataset_name/--dataset_config_name (default wikitext-2-raw-v1);
-    other local files are "custom"."""
+    (wiki.train.raw, ...) are labelled --dataset_name/--dataset_config_name (default
+    wikitext-2-raw-v1); other local files are "custom"."""
     files = {split: path for split, (_, path) in _local_files(data_args).items()}
     if not files:
         return {
@@ -58,9 +59,9 @@ def dataset_info(data_args) -> dict:
 
 
 def split_dataset_info(data_args, split: str) -> dict:
-    """Which dataset eval.py's `split` came from, as the card names it: the Hub dataset, or a local file named as
-    WikiText's file of that split (wiki.test.raw for test); any other file is "custom", whatever the model was
-    trained on."""
+    """Which dataset eval.py's `split` came from, as the card names it: the Hub dataset, or a local
+    file named as WikiText's file of that split (wiki.test.raw for test); any other file is
+    "custom", whatever the model was trained on."""
     files = _local_files(data_args)
     if not files:
         return {
@@ -80,7 +81,8 @@ def split_dataset_info(data_args, split: str) -> dict:
 
 
 def precision(training_args) -> str:
-    # mixed_precision also holds what `accelerate launch` set (ACCELERATE_MIXED_PRECISION) without --bf16
+    # mixed_precision also holds what `accelerate launch` set (ACCELERATE_MIXED_PRECISION) without
+    # --bf16
     mixed = getattr(training_args, "mixed_precision", None)
     if mixed not in ("bf16", "fp16"):
         mixed = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
@@ -88,7 +90,8 @@ def precision(training_args) -> str:
 
 
 def describe_run(data_args, training_args, model, block_size: int) -> dict:
-    """What the card needs beyond train.py's metrics: dataset, architecture, hyper-parameters, hardware."""
+    """What the card needs beyond train.py's metrics: dataset, architecture, hyper-parameters,
+    hardware."""
     config = model.config
     global_batch_blocks = (
         training_args.per_device_train_batch_size
@@ -171,8 +174,8 @@ def levers_paragraph(levers: dict) -> list[str]:
     if rare := levers.get("rare_tokens"):
         rows = len(rare.get("groups") or [1])
         lines.append(
-            f"- rare tokens: the {rare['tied']:,} tokens seen fewer than {rare['below']} times in the "
-            f"training text share {rows} embedding row{'s' if rows > 1 else ''} "
+            f"- rare tokens: the {rare['tied']:,} tokens seen fewer than {rare['below']} times in "
+            f"the training text share {rows} embedding row{'s' if rows > 1 else ''} "
             f"(by {rare['groups_by']}): as inputs they are indistinguishable, and as outputs each "
             f"group's probability is spread evenly over its tokens"
         )
@@ -183,7 +186,8 @@ def levers_paragraph(levers: dict) -> list[str]:
         )
     if muon := levers.get("muon"):
         lines.append(
-            f"- Muon for the block matrices (learning rate {muon['learning_rate']}), AdamW for the rest"
+            f"- Muon for the block matrices (learning rate {muon['learning_rate']}), "
+            "AdamW for the rest"
         )
     if calibration := levers.get("calibration"):
         lines.append(
@@ -194,10 +198,10 @@ def levers_paragraph(levers: dict) -> list[str]:
     lines += [
         "",
         "Using it further: the calibrations live in the final LayerNorm (`ln_f`) and the LM head. "
-        "Fine-tuning `ln_f` or the head, or re-tying the head to the input embeddings, undoes them. "
-        "fp16 can overflow the scaled logits, and quantising the head rounds the per-class offsets: "
-        "measure perplexity again after either. The shared rare-token rows stay shared only while "
-        "nothing trains them apart.",
+        "Fine-tuning `ln_f` or the head, or re-tying the head to the input embeddings, undoes "
+        "them. fp16 can overflow the scaled logits, and quantising the head rounds the per-class "
+        "offsets: measure perplexity again after either. The shared rare-token rows stay shared "
+        "only while nothing trains them apart.",
     ]
     return lines
 
@@ -213,7 +217,8 @@ def _split_label(dataset: dict) -> tuple[str, str]:
 
 
 def eval_results_list(results: dict, eval_results: dict | None = None) -> list[EvalResult]:
-    """Token-level perplexity on validation/test from train.py; plus every metric of eval.py's results."""
+    """Token-level perplexity on validation/test from train.py; plus every metric of eval.py's
+    results."""
     dataset = results.get("dataset", {})
     block_size = results.get("block_size")
 
@@ -304,8 +309,8 @@ def _body(
         f"# {title}",
         "",
         f"A GPT-2-family causal language model ({_fmt(model.get('parameters'))} parameters, "
-        f"{_fmt(model.get('non_embedding_parameters'))} without embeddings; {arch.get('n_layer')} layers, "
-        f"{arch.get('n_head')} heads, width {arch.get('n_embd')}), {origin}, on "
+        f"{_fmt(model.get('non_embedding_parameters'))} without embeddings; {arch.get('n_layer')} "
+        f"layers, {arch.get('n_head')} heads, width {arch.get('n_embd')}), {origin}, on "
         f"{_split_label(dataset)[1]} with wikigpt {results.get('wikigpt_version', __version__)}.",
         "",
         "## Evaluation",
@@ -321,8 +326,9 @@ def _body(
     if eval_results:
         lines += [
             "",
-            f"eval.py results: model `{eval_results.get('model')}`, dataset `{eval_results.get('dataset')}`, "
-            f"split `{eval_results.get('split')}`, counts {eval_results.get('counts')}.",
+            f"eval.py results: model `{eval_results.get('model')}`, dataset "
+            f"`{eval_results.get('dataset')}`, split `{eval_results.get('split')}`, counts "
+            f"{eval_results.get('counts')}.",
         ]
     lines += ["", "## Training data", ""]
     source = (
@@ -332,30 +338,32 @@ def _body(
         + ", ".join(f"`{f}` ({s})" for s, f in dataset.get("files", {}).items())
     )
     lines.append(
-        f"Loaded {source}. Each split is tokenized with the GPT-2 tokenizer, concatenated and cut into "
-        f"{results.get('block_size')}-token blocks:"
+        f"Loaded {source}. Each split is tokenized with the GPT-2 tokenizer, concatenated and cut "
+        f"into {results.get('block_size')}-token blocks:"
     )
     lines += ["", "| split | rows | tokens | blocks |", "| --- | ---: | ---: | ---: |"]
     for split, c in data.items():
         lines.append(
-            f"| {split} | {_fmt(c.get('rows'))} | {_fmt(c.get('tokens'))} | {_fmt(c.get('blocks'))} |"
+            f"| {split} | {_fmt(c.get('rows'))} | {_fmt(c.get('tokens'))} | "
+            f"{_fmt(c.get('blocks'))} |"
         )
     lines += [
         "",
         "## Training procedure",
         "",
-        f"- training tokens: {_fmt(train.get('tokens_seen'))} ({_fmt(train.get('global_step'))} optimizer steps "
-        f"of {_fmt(hp.get('global_batch_tokens'))} tokens)",
+        f"- training tokens: {_fmt(train.get('tokens_seen'))} ({_fmt(train.get('global_step'))} "
+        f"optimizer steps of {_fmt(hp.get('global_batch_tokens'))} tokens)",
         f"- training time: {_fmt(train.get('wall_time_s'))} s",
-        f"- hardware: {hw.get('processes', 1)} x {hw.get('device', 'unknown')} (distributed: {hw.get('distributed')}), "
-        f"torch {hw.get('torch')}, transformers {hw.get('transformers')}",
+        f"- hardware: {hw.get('processes', 1)} x {hw.get('device', 'unknown')} (distributed: "
+        f"{hw.get('distributed')}), torch {hw.get('torch')}, transformers {hw.get('transformers')}",
     ]
     if calibration := results.get("calibration"):
         lines.append(
-            f"- softmax temperature {calibration['temperature']:.4f}, fitted on the held-out split after "
-            f"training and folded into the final LayerNorm (held-out perplexity "
+            f"- softmax temperature {calibration['temperature']:.4f}, fitted on the held-out split "
+            "after training and folded into the final LayerNorm (held-out perplexity "
             f"{_fmt(calibration['validation_perplexity_before'], 2)} -> "
-            f"{_fmt(calibration['validation_perplexity_after'], 2)}): the saved logits are divided by it"
+            f"{_fmt(calibration['validation_perplexity_after'], 2)}): "
+            "the saved logits are divided by it"
         )
     if offsets := results.get("token_offsets"):
         slopes = (
@@ -364,8 +372,8 @@ def _body(
             else ""
         )
         lines.append(
-            f"- logit scales {offsets['scales']}, offsets {offsets['offsets']}{slopes} for tokens seen "
-            f"{offsets['count_edges']} or more times "
+            f"- logit scales {offsets['scales']}, offsets {offsets['offsets']}{slopes} for tokens "
+            f"seen {offsets['count_edges']} or more times "
             f"in the training text, fitted on the held-out split"
             + (
                 " (weighted to each class's share in a new article)"
@@ -378,7 +386,8 @@ def _body(
             + (
                 f"skipped ({offsets['skipped']})"
                 if "skipped" in offsets
-                else "folded into the final LayerNorm and the LM head, which is untied from the input embeddings"
+                else "folded into the final LayerNorm and the LM head, "
+                "which is untied from the input embeddings"
             )
         )
     if levers := results.get("levers"):
@@ -395,8 +404,8 @@ def _body(
         "",
         "## Intended use",
         "",
-        "Research and teaching: studying language-model training, evaluation and perplexity on WikiText-2, "
-        "and as a baseline or starting point for further fine-tuning. Load it with",
+        "Research and teaching: studying language-model training, evaluation and perplexity on "
+        "WikiText-2, and as a baseline or starting point for further fine-tuning. Load it with",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -406,16 +415,19 @@ def _body(
         "",
         "## Limitations",
         "",
-        f"- Trained on {_fmt((data.get('train') or {}).get('tokens'))} tokens of English Wikipedia text; "
-        "it knows little beyond that, writes only English, and its output is often fluent but false.",
-        "- Not instruction-tuned and not safety-tuned: do not use it for facts, advice, or in products.",
+        f"- Trained on {_fmt((data.get('train') or {}).get('tokens'))} tokens of English Wikipedia "
+        "text; it knows little beyond that, writes only English, "
+        "and its output is often fluent but false.",
+        "- Not instruction-tuned and not safety-tuned: do not use it for facts, advice, "
+        "or in products.",
         "- It reproduces the topics, style and biases of the Wikipedia articles it was trained on.",
-        "- Perplexities are only comparable between models with the same tokenizer and the same method "
-        "(block size, stride, token vs word level); see the Evaluation table.",
+        "- Perplexities are only comparable between models with the same tokenizer and the same "
+        "method (block size, stride, token vs word level); see the Evaluation table.",
     ]
     if not fine_tuned and (train.get("tokens_seen") or 0) < 10_000_000:
         lines.append(
-            "- Trained from scratch on few tokens: a training-pipeline artefact, not a useful language model."
+            "- Trained from scratch on few tokens: a training-pipeline artefact, "
+            "not a useful language model."
         )
     return "\n".join(lines) + "\n"
 
@@ -440,7 +452,8 @@ def build_model_card(
     )
     load_from = results.get("hub_model_id") or f"path/to/{model_name}"
     return ModelCard(
-        f"---\n{data.to_yaml()}\n---\n\n{_body(results, evals, eval_results, model_name, load_from)}"
+        f"---\n{data.to_yaml()}\n---\n\n"
+        f"{_body(results, evals, eval_results, model_name, load_from)}"
     )
 
 

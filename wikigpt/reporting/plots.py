@@ -1,5 +1,6 @@
-"""Training curves and tracking: a PNG of loss, validation perplexity and learning rate against steps and tokens
-(from Trainer's log_history), and a check that the --report_to trackers are installed."""
+"""Training curves and tracking: a PNG of loss, validation perplexity and learning rate against
+steps and tokens (from Trainer's log_history), and a check that the --report_to trackers are
+installed."""
 
 import math
 
@@ -12,7 +13,8 @@ from wikigpt.errors import UsageError
 
 
 def check_report_to(training_args) -> None:
-    """Fail before any work when --report_to names a tracker whose package is missing (Trainer would fail later)."""
+    """Fail before any work when --report_to names a tracker whose package is missing (Trainer would
+    fail later)."""
     report_to = training_args.report_to or []
     report_to = [report_to] if isinstance(report_to, str) else report_to
     if "tensorboard" in report_to and not is_tensorboard_available():
@@ -23,7 +25,8 @@ def check_report_to(training_args) -> None:
 
 
 def _series(log_history: list[dict], key: str) -> tuple[list, list]:
-    # One point per step, the last logged (the final evaluation often repeats the last in-training one).
+    # One point per step, the last logged (the final evaluation often repeats the last in-training
+    # one).
     points = {e["step"]: e[key] for e in log_history if e.get(key) is not None and "step" in e}
     steps = sorted(points)
     return steps, [points[s] for s in steps]
@@ -40,7 +43,8 @@ def _perplexity_series(log_history: list[dict], prefix: str) -> tuple[list, list
 def plot_training_curves(
     log_history: list[dict], path: str, tokens_per_step: int | None = None, title: str | None = None
 ) -> str:
-    """Save a PNG with three panels sharing the step axis (tokens on the top axis when tokens_per_step is given)."""
+    """Save a PNG with three panels sharing the step axis (tokens on the top axis when
+    tokens_per_step is given)."""
     # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
     fig = Figure(figsize=(8, 8.5), layout="constrained")
     FigureCanvasAgg(fig)

@@ -17,7 +17,8 @@ from wikigpt.train.weight_averaging import check_weight_averaging_args
 
 @dataclass
 class WikiTrainingArguments(TrainingArguments):
-    """HF TrainingArguments with GPT-2/nanoGPT-style LM pre-training defaults, and wikigpt's own training flags."""
+    """HF TrainingArguments with GPT-2/nanoGPT-style LM pre-training defaults, and wikigpt's own
+    training flags."""
 
     _argument_group_name = "training"  # its title in --help (HfArgumentParser)
 
@@ -37,9 +38,9 @@ class WikiTrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(
         default="cosine",
         metadata={
-            "help": "Learning-rate schedule after warmup. Default: cosine. warmup_stable_decay needs "
-            "--lr_scheduler_kwargs '{\"num_decay_steps\": 0.2}' (a fraction of all steps, or a step "
-            "count)."
+            "help": "Learning-rate schedule after warmup. Default: cosine. warmup_stable_decay "
+            "needs --lr_scheduler_kwargs '{\"num_decay_steps\": 0.2}' (a fraction of all steps, or "
+            "a step count)."
         },
     )
     warmup_steps: float = field(
@@ -69,8 +70,8 @@ class WikiTrainingArguments(TrainingArguments):
     bf16: bool | None = field(
         default=None,
         metadata={
-            "help": "bf16 mixed precision. Default: on when training on a CPU with native bf16 matmuls "
-            "(AVX512-BF16 or AMX), off elsewhere; --bf16 false trains in fp32.",
+            "help": "bf16 mixed precision. Default: on when training on a CPU with native bf16 "
+            "matmuls (AVX512-BF16 or AMX), off elsewhere; --bf16 false trains in fp32.",
             "nargs": "?",
             "const": True,
         },
@@ -85,8 +86,8 @@ class WikiTrainingArguments(TrainingArguments):
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={
-            "help": "Continue a run: a checkpoint-N folder, or 'latest' (also the bare flag) for the newest "
-            "complete checkpoint in --output_dir.",
+            "help": "Continue a run: a checkpoint-N folder, or 'latest' (also the bare flag) for "
+            "the newest complete checkpoint in --output_dir.",
             "nargs": "?",
             "const": "latest",
         },
@@ -94,45 +95,50 @@ class WikiTrainingArguments(TrainingArguments):
     early_stopping_patience: int | None = field(
         default=None,
         metadata={
-            "help": "Stop after this many evaluations without a better validation perplexity and end with the "
-            "best checkpoint; needs --eval_strategy and --save_strategy equal. Default: off."
+            "help": "Stop after this many evaluations without a better validation perplexity and "
+            "end with the best checkpoint; needs --eval_strategy and --save_strategy equal. "
+            "Default: off."
         },
     )
     early_stopping_threshold: float = field(
         default=0.0,
         metadata={
-            "help": "With --early_stopping_patience: the smallest improvement that counts. Default: 0."
+            "help": "With --early_stopping_patience: the smallest improvement that counts. "
+            "Default: 0."
         },
     )
 
     ema_decay: float | None = field(
         default=None,
         metadata={
-            "help": "Evaluate and save an exponential moving average of the weights with this decay per step, "
-            "in (0, 1), e.g. 0.999; training continues from the raw weights. Default: off."
+            "help": "Evaluate and save an exponential moving average of the weights with this "
+            "decay per step, in (0, 1), e.g. 0.999; training continues from the raw weights. "
+            "Default: off."
         },
     )
     swa_start: float | None = field(
         default=None,
         metadata={
-            "help": "Evaluate and save the uniform average of the weights of every step after this fraction of "
-            "training, in [0, 1), e.g. 0.75; an alternative to --ema_decay. Default: off."
+            "help": "Evaluate and save the uniform average of the weights of every step after this "
+            "fraction of training, in [0, 1), e.g. 0.75; an alternative to --ema_decay. Default: "
+            "off."
         },
     )
 
     max_train_minutes: float | None = field(
         default=None,
         metadata={
-            "help": "Train for this many minutes of wall time, the learning-rate schedule planned for the "
-            "steps that fit; set --num_train_epochs high enough to fill it. Default: off."
+            "help": "Train for this many minutes of wall time, the learning-rate schedule planned "
+            "for the steps that fit; set --num_train_epochs high enough to fill it. Default: off."
         },
     )
 
     optim_matrices: str = field(
         default="adamw",
         metadata={
-            "help": "Optimizer of the 2-D weight matrices inside the blocks: adamw (--optim for everything) or "
-            "muon (at --muon_learning_rate; the rest stays on AdamW). Default: adamw.",
+            "help": "Optimizer of the 2-D weight matrices inside the blocks: adamw (--optim for "
+            "everything) or muon (at --muon_learning_rate; the rest stays on AdamW). Default: "
+            "adamw.",
             "choices": ["adamw", "muon"],
         },
     )
@@ -154,8 +160,9 @@ class WikiTrainingArguments(TrainingArguments):
         check_schedule_args(self)  # after the Trainer parsed --lr_scheduler_kwargs
 
     def __getstate__(self):
-        # The Trainer pickles these arguments into training_args.bin in every checkpoint and in the final
-        # model folder; a --hub_token must not travel with them (to_dict/to_json already mask it).
+        # The Trainer pickles these arguments into training_args.bin in every checkpoint and in the
+        # final model folder; a --hub_token must not travel with them (to_dict/to_json already mask
+        # it).
         state = dict(self.__dict__)
         for key in state:
             if key.endswith("_token") and isinstance(state[key], str):
@@ -164,10 +171,11 @@ class WikiTrainingArguments(TrainingArguments):
 
 
 def check_output_dir(args: WikiTrainingArguments) -> None:
-    """Refuse to write into a non-empty output dir unless the user continues its own run or allows overwriting.
+    """Refuse to write into a non-empty output dir unless the user continues its own run or allows
+    overwriting.
 
-    Called with --resume_from_checkpoint already resolved to a folder: a checkpoint from another folder does not
-    make a non-empty --output_dir safe to write into.
+    Called with --resume_from_checkpoint already resolved to a folder: a checkpoint from another
+    folder does not make a non-empty --output_dir safe to write into.
     """
     out, resume = args.output_dir, args.resume_from_checkpoint
     if os.path.isfile(out):
@@ -179,8 +187,8 @@ def check_output_dir(args: WikiTrainingArguments) -> None:
     if resume:
         raise UsageError(
             f"--output_dir {out!r} is not empty and {RESUME_FLAG} {resume!r} is not one of its "
-            f"checkpoints; continue that run in its own folder or a new (empty) --output_dir, or pass "
-            f"--overwrite_output_dir to write into {out!r}"
+            "checkpoints; continue that run in its own folder or a new (empty) --output_dir, or "
+            f"pass --overwrite_output_dir to write into {out!r}"
         )
     raise UsageError(
         f"--output_dir {out!r} is not empty; pass --overwrite_output_dir to write into it, "

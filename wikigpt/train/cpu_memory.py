@@ -1,11 +1,13 @@
-"""Keep freed memory in the process on Linux/glibc CPU training: no page faults for every step's large tensors.
+"""Keep freed memory in the process on Linux/glibc CPU training: no page faults for every step's
+large tensors.
 
-Every CPU training step allocates and frees the same large tensors (the logits, the attention scores, the
-gradients). glibc serves blocks over 32 MB with mmap and gives them back with munmap, so each step maps fresh
-pages and the kernel zeroes and faults in every one of them again. tcmalloc keeps freed memory instead and trains
-~1.3x faster (docs/speed.md), but it must be preloaded (LD_PRELOAD) before the process starts. glibc can do the
-same from inside the process: mallopt(M_MMAP_MAX, 0) serves every block from the heap, and a high
-M_TRIM_THRESHOLD keeps the freed heap for the next step. Set WIKIGPT_KEEP_FREED_MEMORY=0 to turn it off.
+Every CPU training step allocates and frees the same large tensors (the logits, the attention
+scores, the gradients). glibc serves blocks over 32 MB with mmap and gives them back with munmap, so
+each step maps fresh pages and the kernel zeroes and faults in every one of them again. tcmalloc
+keeps freed memory instead and trains ~1.3x faster (docs/speed.md), but it must be preloaded
+(LD_PRELOAD) before the process starts. glibc can do the same from inside the process:
+mallopt(M_MMAP_MAX, 0) serves every block from the heap, and a high M_TRIM_THRESHOLD keeps the freed
+heap for the next step. Set WIKIGPT_KEEP_FREED_MEMORY=0 to turn it off.
 """
 
 import ctypes

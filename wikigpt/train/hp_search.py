@@ -1,11 +1,12 @@
 """Hyper-parameter search: `train.py --hp_search N --hp_space configs/search_spaces/cpu.yaml`.
 
-`Trainer.hyperparameter_search` with the optuna backend (TPE sampler seeded by --seed, no pruning) runs N trials;
-each trains what train.py would train with the trial's values (same data, model builder and callbacks) and is
-scored by the held-out (validation) perplexity of the model it ends with: the best checkpoint under early
-stopping, else the last. Outputs in --output_dir: `trials.csv` (one row per trial), `best_recipe.yaml` (the
-run's own config file and flags plus the best values: `python train.py OUT/best_recipe.yaml` trains the best
-trial again) and `run-N/`, each trial's checkpoints and final model.
+`Trainer.hyperparameter_search` with the optuna backend (TPE sampler seeded by --seed, no pruning)
+runs N trials; each trains what train.py would train with the trial's values (same data, model
+builder and callbacks) and is scored by the held-out (validation) perplexity of the model it ends
+with: the best checkpoint under early stopping, else the last. Outputs in --output_dir: `trials.csv`
+(one row per trial), `best_recipe.yaml` (the run's own config file and flags plus the best values:
+`python train.py OUT/best_recipe.yaml` trains the best trial again) and `run-N/`, each trial's
+checkpoints and final model.
 
 The search-space file has one entry per key:
 
@@ -13,10 +14,11 @@ The search-space file has one entry per key:
     lr_scheduler_type: {type: categorical, choices: [cosine, linear]}
     n_layer: {type: int, low: 2, high: 6}
 
-Keys: any TrainingArguments field (values reach the Trainer through its own `_hp_search_setup`), any GPT2Config
-field `--config_overrides` takes (from-scratch models), `dropout` (resid_pdrop, embd_pdrop and attn_pdrop
-together), `block_size` (each block size's data is built once, from the datasets cache) and `train_tokens`
-(a token budget: max_steps = train_tokens / tokens per step). The whole file is checked before anything trains.
+Keys: any TrainingArguments field (values reach the Trainer through its own `_hp_search_setup`), any
+GPT2Config field `--config_overrides` takes (from-scratch models), `dropout` (resid_pdrop,
+embd_pdrop and attn_pdrop together), `block_size` (each block size's data is built once, from the
+datasets cache) and `train_tokens` (a token budget: max_steps = train_tokens / tokens per step). The
+whole file is checked before anything trains.
 """
 
 import dataclasses
@@ -38,7 +40,8 @@ from wikigpt.reliability.nan_guard import TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVE = "eval_perplexity"  # wikigpt.evaluation.perplexity: exp(summed NLL / tokens) over every held-out block
+# wikigpt.evaluation.perplexity: exp(summed NLL / tokens) over every held-out block
+OBJECTIVE = "eval_perplexity"
 DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 DATA_KEYS = {"block_size": int}
 BUDGET_KEYS = {"train_tokens": int}
@@ -47,7 +50,7 @@ SPEC_FIELDS = {
     "int": {"type", "low", "high", "log", "step"},
     "categorical": {"type", "choices"},
 }
-# Flags that describe the search itself, or cannot vary per trial; never searched, never in a recipe.
+# Flags that describe the search itself or cannot vary per trial; never searched, never in a recipe.
 NOT_SEARCHABLE = {
     "output_dir",
     "overwrite_output_dir",
@@ -77,8 +80,8 @@ class SearchArguments:
     hp_search: int | None = field(
         default=None,
         metadata={
-            "help": "Run a hyper-parameter search of this many trials (1 or more) over --hp_space instead of "
-            "one training run; writes trials.csv and best_recipe.yaml. Default: off."
+            "help": "Run a hyper-parameter search of this many trials (1 or more) over --hp_space "
+            "instead of one training run; writes trials.csv and best_recipe.yaml. Default: off."
         },
     )
     hp_space: str | None = field(
@@ -91,7 +94,8 @@ class SearchArguments:
 
 
 def model_fields() -> dict:
-    """GPT2Config fields `--config_overrides` accepts, with their defaults (wikigpt.model.parse_config_overrides)."""
+    """GPT2Config fields `--config_overrides` accepts, with their defaults
+    (wikigpt.model.parse_config_overrides)."""
     from wikigpt.model import NOT_OVERRIDABLE
 
     return {
@@ -103,7 +107,7 @@ def model_fields() -> dict:
 
 @dataclass
 class Param:
-    """One searched key: where its value goes (training/model/data/budget) and how optuna draws it."""
+    """One searched key: where its value goes (training/model/data/budget), how optuna draws it."""
 
     key: str
     kind: str  # "training", "model", "data", "budget"
@@ -120,7 +124,8 @@ class Param:
         return suggest(self.key, spec["low"], spec["high"], **kwargs)
 
     def values(self) -> list:
-        """Every value an int or categorical entry can take (for checks across keys); [] for a float range."""
+        """Every value an int or categorical entry can take (for checks across keys); [] for a float
+        range."""
         spec = self.spec
         if spec["type"] == "categorical":
             return list(spec["choices"])
@@ -136,7 +141,7 @@ class SearchSpace:
         self.params = params
 
     def suggest(self, trial) -> dict:
-        """The trial's value of every key (optuna returns the same value when a trial asks twice)."""
+        """The trial's value of every key (optuna returns the same value if a trial asks twice)."""
         return {key: param.suggest(trial) for key, param in self.params.items()}
 
     def of_kind(self, values: dict, kind: str) -> dict:
@@ -150,7 +155,8 @@ class SearchSpace:
         return overrides
 
     def training_values(self, values: dict, training_args, block_size: int) -> dict:
-        """TrainingArguments values of a trial; a token budget becomes max_steps at the trial's batch and block size."""
+        """TrainingArguments values of a trial; a token budget becomes max_steps at the trial's
+        batch and block size."""
         out = self.of_kind(values, "training")
         if "train_tokens" in values:
             batch = out.get(
@@ -225,7 +231,8 @@ def _check_value(where: str, key: str, value, value_type) -> None:
 def _check_spec(where: str, key: str, spec, value_type) -> dict:
     if not isinstance(spec, dict) or "type" not in spec:
         raise UsageError(
-            f"{where} must be a mapping with a type, e.g. {key}: {{type: float, low: 0.0, high: 0.2}} "
+            f"{where} must be a mapping with a type, e.g. "
+            f"{key}: {{type: float, low: 0.0, high: 0.2}} "
             f"or {key}: {{type: categorical, choices: [a, b]}}"
         )
     kind = spec["type"]
@@ -266,8 +273,8 @@ def _check_spec(where: str, key: str, spec, value_type) -> dict:
         raise UsageError(f"{where} has low {low} above high {high}; swap them")
     if low == high:
         raise UsageError(
-            f"{where} has an empty range (low = high = {low}); widen it, or put the fixed value in the "
-            f"run's config file instead"
+            f"{where} has an empty range (low = high = {low}); widen it, or put the fixed value in "
+            "the run's config file instead"
         )
     if spec.get("log") and low <= 0:
         raise UsageError(f"{where} has log: true with low {low}; a log range needs low > 0")
@@ -277,7 +284,8 @@ def _check_spec(where: str, key: str, spec, value_type) -> dict:
         step = spec["step"]
         if not _number(step) or step <= 0 or (kind == "int" and not isinstance(step, int)):
             raise UsageError(
-                f"{where} step must be a positive {'whole ' if kind == 'int' else ''}number; got {step!r}"
+                f"{where} step must be a positive {'whole ' if kind == 'int' else ''}number; "
+                f"got {step!r}"
             )
         if spec.get("log"):
             raise UsageError(f"{where} takes log or step, not both; drop one")
@@ -308,7 +316,8 @@ def _read_space_file(path: str) -> dict:
 def load_search_space(
     search_args: SearchArguments, model_args, data_args, training_args
 ) -> SearchSpace:
-    """Read and check the whole --hp_space file and the flags around it; every problem is a UsageError."""
+    """Read and check the whole --hp_space file and the flags around it; every problem is a
+    UsageError."""
     if search_args.hp_search is None:
         raise UsageError(
             "--hp_space needs --hp_search N (the number of trials); pass both, or drop --hp_space"
@@ -319,7 +328,8 @@ def load_search_space(
         )
     if not search_args.hp_space:
         raise UsageError(
-            "--hp_search needs --hp_space FILE, the search space (e.g. configs/search_spaces/cpu.yaml)"
+            "--hp_search needs --hp_space FILE, the search space (e.g. "
+            "configs/search_spaces/cpu.yaml)"
         )
     if training_args.resume_from_checkpoint:
         raise UsageError(
@@ -352,8 +362,8 @@ def load_search_space(
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {close[0]}?" if close else "check the spelling"
             raise UsageError(
-                f"{where} is not a searchable key (a training argument, a GPT2Config field, dropout, "
-                f"block_size or train_tokens); {hint}"
+                f"{where} is not a searchable key (a training argument, a GPT2Config field, "
+                f"dropout, block_size or train_tokens); {hint}"
             )
         kind, value_type = found
         params[key] = Param(key, kind, _check_spec(where, key, spec, value_type))
@@ -366,8 +376,8 @@ def _check_across_keys(path: str, params: dict, model_args, training_args, defau
     model_keys = [k for k, p in params.items() if p.kind == "model"]
     if model_keys and model_args.model_name_or_path:
         raise UsageError(
-            f"{where}: {model_keys} change the architecture, which only a model built from scratch can "
-            f"take; drop them, or drop --model_name_or_path"
+            f"{where}: {model_keys} change the architecture, which only a model built from scratch "
+            "can take; drop them, or drop --model_name_or_path"
         )
     if "dropout" in params and set(DROPOUT_FIELDS) & set(params):
         raise UsageError(
@@ -376,9 +386,9 @@ def _check_across_keys(path: str, params: dict, model_args, training_args, defau
         )
     if "lr_scheduler_type" in params and training_args.lr_scheduler_kwargs:
         raise UsageError(
-            f"{where}: lr_scheduler_kwargs {training_args.lr_scheduler_kwargs} belong to one schedule, "
-            f"but lr_scheduler_type is searched; drop lr_scheduler_type from the search space, or drop "
-            f"--lr_scheduler_kwargs"
+            f"{where}: lr_scheduler_kwargs {training_args.lr_scheduler_kwargs} belong to one "
+            "schedule, but lr_scheduler_type is searched; drop lr_scheduler_type from the search "
+            "space, or drop --lr_scheduler_kwargs"
         )
     if "train_tokens" in params and {"max_steps", "num_train_epochs"} & set(params):
         raise UsageError(
@@ -404,8 +414,8 @@ def _check_across_keys(path: str, params: dict, model_args, training_args, defau
         if bad:
             raise UsageError(
                 f"{where}: n_embd must be divisible by n_head, but n_embd {bad[0][0]} with n_head "
-                f"{bad[0][1]} is not; search n_embd as categorical choices (or with a step) that every "
-                f"n_head divides"
+                f"{bad[0][1]} is not; search n_embd as categorical choices (or with a step) that "
+                "every n_head divides"
             )
     if "block_size" in params:
         if any(b < 1 for b in _bounds(params["block_size"])):
@@ -414,8 +424,8 @@ def _check_across_keys(path: str, params: dict, model_args, training_args, defau
             context = min(candidates("n_positions"))
             if max(_bounds(params["block_size"])) > context:
                 raise UsageError(
-                    f"{where}: block_size reaches {max(_bounds(params['block_size']))}, more than the "
-                    f"model's n_positions ({context}); keep block_size at or below {context}"
+                    f"{where}: block_size reaches {max(_bounds(params['block_size']))}, more than "
+                    f"the model's n_positions ({context}); keep block_size at or below {context}"
                 )
     if "train_tokens" in params and min(_bounds(params["train_tokens"])) < 1:
         raise UsageError(f"{where}: train_tokens must be at least 1")
@@ -434,14 +444,16 @@ def searching(search_args: SearchArguments) -> bool:
 
 
 class SearchTrainer(Trainer):
-    """Trainer for `hyperparameter_search` whose `model_init` is wikigpt.train.run.build_run with the trial's values.
+    """Trainer for `hyperparameter_search` whose `model_init` is wikigpt.train.run.build_run with
+    the trial's values.
 
-    Each trial takes the built run's model, datasets and its Trainer's callback handler, so it trains with exactly
-    train.py's data, model builder and callbacks, fresh for every trial (some callbacks keep state across
-    `train()` calls, e.g. EarlyStoppingCallback's patience counter, and block size changes the data; the Trainer
-    reads both after `model_init`). The objective is the held-out perplexity of the model a trial ends with,
-    evaluated once after training: the Trainer's own is the last evaluation during training, not the best
-    checkpoint that early stopping loads at the end.
+    Each trial takes the built run's model, datasets and its Trainer's callback handler, so it
+    trains with exactly train.py's data, model builder and callbacks, fresh for every trial (some
+    callbacks keep state across `train()` calls, e.g. EarlyStoppingCallback's patience counter, and
+    block size changes the data; the Trainer reads both after `model_init`). The objective is the
+    held-out perplexity of the model a trial ends with, evaluated once after training: the Trainer's
+    own is the last evaluation during training, not the best checkpoint that early stopping loads at
+    the end.
     """
 
     def __init__(self, *, space: SearchSpace, build_trial, base_run, n_trials: int, **kwargs):
@@ -471,7 +483,8 @@ class SearchTrainer(Trainer):
         return self.run.model
 
     def trial_training_values(self, trial) -> dict:
-        """`hp_space` for the Trainer: the values it sets on TrainingArguments (token budget -> max_steps)."""
+        """`hp_space` for the Trainer: the values it sets on TrainingArguments (token budget ->
+        max_steps)."""
         return self.space.training_values(self.space.suggest(trial), self.args, self.run.block_size)
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
@@ -484,8 +497,8 @@ class SearchTrainer(Trainer):
         run = self.run
         if run.preemption.signum is not None:
             print(
-                f"wikigpt: search stopped by a signal during trial {trial.number}; no trials.csv or "
-                f"best_recipe.yaml written, rerun the command",
+                f"wikigpt: search stopped by a signal during trial {trial.number}; no trials.csv "
+                "or best_recipe.yaml written, rerun the command",
                 file=sys.stderr,
                 flush=True,
             )
@@ -497,8 +510,8 @@ class SearchTrainer(Trainer):
         ) as err:  # a failed trial, not a failed search: optuna records it (catch=)
             if self.is_world_process_zero():
                 print(
-                    f"trial {trial.number} ({trial.number + 1}/{self.n_trials}): {_params(trial)} -> diverged "
-                    f"(loss or weights not finite); the search goes on",
+                    f"trial {trial.number} ({trial.number + 1}/{self.n_trials}): {_params(trial)} "
+                    "-> diverged (loss or weights not finite); the search goes on",
                     flush=True,
                 )
             raise err
@@ -536,8 +549,8 @@ def progress_line(trial, objective: float, seconds: float, n_trials: int) -> str
         [(t.number, t.value) for t in done] + [(trial.number, objective)], key=lambda x: x[1]
     )
     return (
-        f"trial {trial.number} ({trial.number + 1}/{n_trials}): {_params(trial)} -> held-out perplexity "
-        f"{objective:.2f} (best {best:.2f}, trial {best_number}); {seconds:.1f} s"
+        f"trial {trial.number} ({trial.number + 1}/{n_trials}): {_params(trial)} -> held-out "
+        f"perplexity {objective:.2f} (best {best:.2f}, trial {best_number}); {seconds:.1f} s"
     )
 
 
@@ -606,8 +619,8 @@ def yaml_value(value):
 
 
 def given_settings(argv: list[str], parsed: tuple) -> dict:
-    """The settings a run was started with: its config files' keys, then the flags on its command line (under their
-    current names: an old name in OLD_NAMES is recorded under its new one)."""
+    """The settings a run was started with: its config files' keys, then the flags on its command
+    line (under their current names: an old name in OLD_NAMES is recorded under its new one)."""
     from wikigpt.cli import CONFIG_EXTENSIONS, OLD_NAMES, _read_config
 
     settings = {}
@@ -631,7 +644,8 @@ def given_settings(argv: list[str], parsed: tuple) -> dict:
 def best_recipe(
     settings: dict, space: SearchSpace, trial, training_args, model_args, output_dir: str
 ) -> dict:
-    """The run's settings with the best trial's values in place: what `train.py RECIPE` needs to train it again."""
+    """The run's settings with the best trial's values in place: what `train.py RECIPE` needs to
+    train it again."""
     values = dict(trial.params)
     recipe = dict(settings)
     block_size = trial.user_attrs["block_size"]
@@ -679,7 +693,8 @@ def trial_arguments(
     base_block_size: int,
     run_dir: str,
 ):
-    """The run arguments of one trial (RUN_ARGUMENTS' objects): the search's own with the trial's values in place."""
+    """The run arguments of one trial (RUN_ARGUMENTS' objects): the search's own with the trial's
+    values in place."""
     block_size = values.get("block_size", base_block_size)
     trial_model_args = dataclasses.replace(
         model_args,
@@ -702,7 +717,8 @@ def trial_arguments(
 def tune(
     argv: list[str], model_args, data_args, lever_args, calibration_args, training_args, search_args
 ) -> dict:
-    """train.py --hp_search: check the space and the run, run the trials, write trials.csv and best_recipe.yaml.
+    """train.py --hp_search: check the space and the run, run the trials, write trials.csv and
+    best_recipe.yaml.
 
     Takes RUN_ARGUMENTS' objects in their order, then SearchArguments."""
     from wikigpt.train.run import build_run
@@ -763,7 +779,7 @@ def tune(
 def write_search_outputs(
     study, space: SearchSpace, settings: dict, argv: list[str], model_args, training_args
 ) -> dict:
-    """trials.csv and best_recipe.yaml in --output_dir; returns where they are and the best trial."""
+    """trials.csv and best_recipe.yaml in --output_dir; returns their paths and the best trial."""
     out = training_args.output_dir
     table, recipe_path = os.path.join(out, "trials.csv"), os.path.join(out, "best_recipe.yaml")
     write_trials_table(study, table)

@@ -1,30 +1,34 @@
 """--optim_matrices muon: torch.optim.Muon for the 2-D hidden matrices, AdamW for everything else.
 
-Muon (orthogonalised momentum) only suits the weight matrices inside the blocks (GPT-2's attention and MLP
-Conv1D weights). Embeddings (wte, which is also the tied lm_head, and wpe), LayerNorm weights and biases stay on
-AdamW with the run's --learning_rate, betas, epsilon; AdamW decays the 2-D embeddings and not the 1-D
-parameters (nanoGPT's rule, the same split the Trainer's default makes for GPT-2). The two optimizers are one
-torch Optimizer to the Trainer (MuonWithAdamW shares their parameter groups and state), so the learning-rate
-schedule scales both (each from its own peak), and optimizer.pt checkpoints and resumes both.
+Muon (orthogonalised momentum) only suits the weight matrices inside the blocks (GPT-2's attention
+and MLP Conv1D weights). Embeddings (wte, which is also the tied lm_head, and wpe), LayerNorm
+weights and biases stay on AdamW with the run's --learning_rate, betas, epsilon; AdamW decays the
+2-D embeddings and not the 1-D parameters (nanoGPT's rule, the same split the Trainer's default
+makes for GPT-2). The two optimizers are one torch Optimizer to the Trainer (MuonWithAdamW shares
+their parameter groups and state), so the learning-rate schedule scales both (each from its own
+peak), and optimizer.pt checkpoints and resumes both.
 
-torch's Muon orthogonalises each update in bf16, which a CPU without native bf16 matmuls (AVX2 only) emulates: on
-an 8 x 128 GPT-2 one optimizer step took 2.0 s, over three times a whole fp32 training step. On such a CPU the same
-Newton-Schulz iteration runs in fp32: 0.16 s.
+torch's Muon orthogonalises each update in bf16, which a CPU without native bf16 matmuls (AVX2 only)
+emulates: on an 8 x 128 GPT-2 one optimizer step took 2.0 s, over three times a whole fp32 training
+step. On such a CPU the same Newton-Schulz iteration runs in fp32: 0.16 s.
 
-torch's Muon also steps one matrix at a time: for a small model on a CPU that is ~15 small matmuls and their
-dispatch per matrix, 48 matrices for a 12-layer GPT-2. BatchedMuon is torch's Muon (same state, groups, defaults
-and update, to the bit in bf16) stepping all matrices of one shape as one batch; AdamW is torch's fused kernel (the
-Trainer's default, adamw_torch_fused). Together: 24.8 ms a step instead of 69.7 for a 12 x 128 GPT-2 on 2 CPU
-cores (benchmarks/optimizer_step.py).
+torch's Muon also steps one matrix at a time: for a small model on a CPU that is ~15 small matmuls
+and their dispatch per matrix, 48 matrices for a 12-layer GPT-2. BatchedMuon is torch's Muon (same
+state, groups, defaults and update, to the bit in bf16) stepping all matrices of one shape as one
+batch; AdamW is torch's fused kernel (the Trainer's default, adamw_torch_fused). Together: 24.8 ms a
+step instead of 69.7 for a 12 x 128 GPT-2 on 2 CPU cores (benchmarks/optimizer_step.py).
 
-Muon scales each update by sqrt(max(1, out/in)) (torch's "original" rule, written for nn.Linear's (out, in)
-weights). GPT-2's Conv1D stores its weights as (in, out), so those matrices are scaled by their transpose's shape:
-c_attn and the MLP's up projection by sqrt(3) and 2 at width 128, the MLP's down projection by 1.
+Muon scales each update by sqrt(max(1, out/in)) (torch's "original" rule, written for nn.Linear's
+(out, in) weights). GPT-2's Conv1D stores its weights as (in, out), so those matrices are scaled by
+their transpose's shape: c_attn and the MLP's up projection by sqrt(3) and 2 at width 128, the MLP's
+down projection by 1.
 
 Muon: Keller Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"
-(kellerjordan.github.io/posts/muon); the Newton-Schulz coefficients are theirs, as in torch.optim.Muon.
+(kellerjordan.github.io/posts/muon); the Newton-Schulz coefficients are theirs, as in
+torch.optim.Muon.
 
-Handed to the Trainer through its `optimizer_cls_and_kwargs` hook as a factory (called with the model).
+Handed to the Trainer through its `optimizer_cls_and_kwargs` hook as a factory (called with the
+model).
 """
 
 import math
@@ -42,16 +46,19 @@ CHOICES = ("adamw", "muon")
 def check_optimizer_args(args) -> None:
     if args.optim_matrices not in CHOICES:
         raise UsageError(
-            f"--optim_matrices {args.optim_matrices!r} is unknown; choose one of {', '.join(CHOICES)}"
+            f"--optim_matrices {args.optim_matrices!r} is unknown; "
+            f"choose one of {', '.join(CHOICES)}"
         )
     if args.muon_learning_rate <= 0:
         raise UsageError(
-            f"--muon_learning_rate must be a positive number (e.g. 0.02); got {args.muon_learning_rate}"
+            "--muon_learning_rate must be a positive number (e.g. 0.02); got "
+            f"{args.muon_learning_rate}"
         )
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
-    """(Muon matrices, AdamW decayed, AdamW not decayed) as lists of (name, parameter); tied weights once."""
+    """(Muon matrices, AdamW decayed, AdamW not decayed) as lists of (name, parameter); tied weights
+    once."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     output = model.get_output_embeddings()
     if output is not None:
@@ -76,8 +83,8 @@ def orthogonalize(
     eps: float,
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """torch's Muon Newton-Schulz iteration (same coefficients, steps and scaling) on a batch of matrices [n, rows,
-    cols], in `dtype` (torch's: bf16)."""
+    """torch's Muon Newton-Schulz iteration (same coefficients, steps and scaling) on a batch of
+    matrices [n, rows, cols], in `dtype` (torch's: bf16)."""
     a, b, c = ns_coefficients
     x = updates.to(dtype)
     tall = x.size(-2) > x.size(-1)
@@ -91,7 +98,8 @@ def orthogonalize(
 
 
 def evaluate_closure(closure):
-    """torch optimizers' step(closure): the loss, recomputed with gradients on, where a closure is given."""
+    """torch optimizers' step(closure): the loss, recomputed with gradients on, where a closure is
+    given."""
     if closure is None:
         return None
     with torch.enable_grad():
@@ -104,9 +112,11 @@ def in_out_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 class BatchedMuon(Muon):
-    """torch.optim.Muon, stepping the matrices of one shape together (Newton-Schulz as batched matmuls).
+    """torch.optim.Muon, stepping the matrices of one shape together (Newton-Schulz as batched
+    matmuls).
 
-    `in_out`: parameters stored as (in, out) (Conv1D); their update scale reads the shape as (out, in).
+    `in_out`: parameters stored as (in, out) (Conv1D); their update scale reads the shape as (out,
+    in).
     """
 
     def __init__(self, params, *, orthogonalize_in_fp32: bool = False, in_out=(), **kwargs):
@@ -166,7 +176,8 @@ class BatchedMuon(Muon):
 
 
 class MuonWithAdamW(Optimizer):
-    """One Optimizer over a Muon and an AdamW: their parameter groups and per-parameter state are this one's."""
+    """One Optimizer over a Muon and an AdamW: their parameter groups and per-parameter state are
+    this one's."""
 
     def __init__(self, muon: Muon, adamw: AdamW):
         self.muon, self.adamw = muon, adamw
@@ -194,7 +205,8 @@ class MuonWithAdamW(Optimizer):
 
 
 class MuonAdamWFactory:
-    """The Trainer calls MuonAdamWFactory()(model, **kwargs) (transformers' optimizer-factory hook)."""
+    """The Trainer calls MuonAdamWFactory()(model, **kwargs) (transformers' optimizer-factory
+    hook)."""
 
     def __call__(
         self,
@@ -240,7 +252,7 @@ class MuonAdamWFactory:
 
 
 def optimizer_cls_and_kwargs(args):
-    """The Trainer's `optimizer_cls_and_kwargs` for --optim_matrices (None: the Trainer's own --optim)."""
+    """The Trainer's `optimizer_cls_and_kwargs` for --optim_matrices (None: its own --optim)."""
     if args.optim_matrices == "adamw":
         return None
     return MuonAdamWFactory, {

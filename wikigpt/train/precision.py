@@ -1,12 +1,13 @@
 """Training precision on CPU: bf16 autocast where the CPU multiplies bf16 natively, fp32 elsewhere.
 
-A CPU with AVX512-BF16 or AMX-BF16 runs bf16 matmuls faster than fp32 ones (oneDNN), and bf16 autocast halves the
-activation traffic; on a CPU without them (e.g. AVX2 only) bf16 matmuls fall back to slow conversion paths, so
-fp32 is faster there. `--bf16` left unset picks accordingly when no GPU is present; `--bf16 false` is exact fp32,
-`--bf16` forces bf16 (and on a machine without a GPU it no longer needs `--use_cpu`).
+A CPU with AVX512-BF16 or AMX-BF16 runs bf16 matmuls faster than fp32 ones (oneDNN), and bf16
+autocast halves the activation traffic; on a CPU without them (e.g. AVX2 only) bf16 matmuls fall
+back to slow conversion paths, so fp32 is faster there. `--bf16` left unset picks accordingly when
+no GPU is present; `--bf16 false` is exact fp32, `--bf16` forces bf16 (and on a machine without a
+GPU it no longer needs `--use_cpu`).
 
-WIKIGPT_CPU_BF16=0 makes wikigpt act as on a CPU without native bf16 (fp32 default, fp32 Muon), =1 as on one
-with it; unset, /proc/cpuinfo decides. Tests use it to cover both host paths on any host.
+WIKIGPT_CPU_BF16=0 makes wikigpt act as on a CPU without native bf16 (fp32 default, fp32 Muon), =1
+as on one with it; unset, /proc/cpuinfo decides. Tests use it to cover both host paths on any host.
 """
 
 import functools
@@ -35,7 +36,8 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU multiplies bf16 natively; WIKIGPT_CPU_BF16=0/1 overrides what /proc/cpuinfo says."""
+    """True where the CPU multiplies bf16 natively; WIKIGPT_CPU_BF16=0/1 overrides what
+    /proc/cpuinfo says."""
     override = os.environ.get(OVERRIDE, "")
     if override in ("0", "1"):
         return override == "1"
@@ -55,10 +57,12 @@ def no_accelerator() -> bool:
 
 
 def resolve_cpu_precision(args) -> None:
-    """Before TrainingArguments.__post_init__: resolve `bf16=None` (auto) and let bf16 on a CPU-only machine run.
+    """Before TrainingArguments.__post_init__: resolve `bf16=None` (auto) and let bf16 on a CPU-only
+    machine run.
 
-    transformers refuses bf16 without a bf16 GPU unless use_cpu is set ("Your setup doesn't support bf16/gpu");
-    with no accelerator at all the run is on the CPU anyway, so use_cpu only states that.
+    transformers refuses bf16 without a bf16 GPU unless use_cpu is set ("Your setup doesn't support
+    bf16/gpu"); with no accelerator at all the run is on the CPU anyway, so use_cpu only states
+    that.
     """
     cpu_run = args.use_cpu or no_accelerator()
     if args.bf16 is None:

@@ -1,8 +1,9 @@
-"""One training run, as train.py runs it: checked arguments -> tokenizer, model, data, callbacks, Trainer -> train
--> save, evaluate, results.json, model card, plot, push.
+"""One training run, as train.py runs it: checked arguments -> tokenizer, model, data, callbacks,
+Trainer -> train -> save, evaluate, results.json, model card, plot, push.
 
-train.py is `parse_run_args`, `build_run`, `train_run`, `finish_run`; benchmarks/train_throughput.py times
-`train_run` of a `build_run` from the same argument dataclasses, so what it measures is what users run.
+train.py is `parse_run_args`, `build_run`, `train_run`, `finish_run`; benchmarks/train_throughput.py
+times `train_run` of a `build_run` from the same argument dataclasses, so what it measures is what
+users run.
 """
 
 import logging
@@ -91,7 +92,8 @@ RUN_ARGUMENTS = (
 
 @dataclass
 class Run:
-    """Everything a built run holds: its arguments, the Trainer, the data, and the callbacks read after training."""
+    """Everything a built run holds: its arguments, the Trainer, the data, and the callbacks read
+    after training."""
 
     model_args: ModelArguments
     data_args: DataArguments
@@ -99,15 +101,16 @@ class Run:
     calibration_args: CalibrationArguments
     training_args: WikiTrainingArguments
     trainer: Trainer
-    model: object  # the model as built (trainer.model_wrapped may be a compiled or distributed wrapper of it)
+    # the model as built (trainer.model_wrapped may be a compiled or distributed wrapper of it)
+    model: object
     tokenizer: object
     source: dict  # where the weights came from (wikigpt.model.load_model)
     block_size: int
-    blocks: (
-        datasets.DatasetDict
-    )  # fixed blocks of every split (training may use re-cut ones: trainer.train_dataset)
+    # fixed blocks of every split (training may use re-cut ones: trainer.train_dataset)
+    blocks: datasets.DatasetDict
     counts: dict  # rows/tokens/blocks per split
-    class_shares: object  # --calibrate_class_shares new_articles: each count class's share in a new article, or None
+    # --calibrate_class_shares new_articles: each count class's share in a new article, or None
+    class_shares: object
     resume: ResumePlan
     push: bool  # --push_to_hub was given: pushed by finish_run, after the local save
     preemption: PreemptionCallback
@@ -121,8 +124,8 @@ class Run:
 
 
 def parse_run_args(argv: list[str] | None = None, description: str | None = None):
-    """(model_args, data_args, lever_args, calibration_args, training_args) from a command line (config files
-    first, then flags)."""
+    """(model_args, data_args, lever_args, calibration_args, training_args) from a command line
+    (config files first, then flags)."""
     return parse_args(RUN_ARGUMENTS, argv, description=description)
 
 
@@ -139,7 +142,8 @@ def check_validation_is_not_test(
     calibration_args: CalibrationArguments,
     training_args: WikiTrainingArguments,
 ) -> None:
-    """The test split chooses nothing: refuse a run that would select with it, and say so for one that reports it."""
+    """The test split chooses nothing: refuse a run that would select with it, and say so for one
+    that reports it."""
     why = validation_is_test(data_args)
     if not why:
         return
@@ -174,9 +178,9 @@ def check_levers_under_fsdp(
     calibration_args: CalibrationArguments,
     training_args: WikiTrainingArguments,
 ) -> None:
-    """FSDP shards every weight; the levers below read or rewrite whole weights (re-tied rare rows, the narrow
-    head, a teacher's logits, Muon's orthogonalised matrices, the calibrations folded into ln_f and the head). None
-    is tested sharded, so each is refused before anything is built."""
+    """FSDP shards every weight; the levers below read or rewrite whole weights (re-tied rare rows,
+    the narrow head, a teacher's logits, Muon's orthogonalised matrices, the calibrations folded
+    into ln_f and the head). None is tested sharded, so each is refused before anything is built."""
     if not fsdp_requested(training_args):
         return
     given = [
@@ -205,7 +209,8 @@ def build_run(
     calibration_args: CalibrationArguments,
     training_args: WikiTrainingArguments,
 ) -> Run:
-    """Check every argument, then build tokenizer, model, data and the Trainer with wikigpt's callbacks.
+    """Check every argument, then build tokenizer, model, data and the Trainer with wikigpt's
+    callbacks.
 
     Takes RUN_ARGUMENTS' objects in their order: `build_run(*parse_run_args(argv))`."""
     check_model_args(model_args)
@@ -225,7 +230,8 @@ def build_run(
     check_output_dir(training_args)
     check_report_to(training_args)
     set_seed(training_args.seed)
-    keep_freed_memory()  # glibc: reuse freed memory instead of faulting in fresh pages every step (cpu_memory.py)
+    # glibc: reuse freed memory instead of faulting in fresh pages every step (cpu_memory.py)
+    keep_freed_memory()
 
     tokenizer = load_tokenizer(tokenizer_for(model_args), model_args.trust_remote_code)
     model, source = load_model(model_args, tokenizer)
@@ -278,7 +284,8 @@ def build_run(
                 rows_are_articles=data_args.detokenize,
             )
             class_shares = new_article_shares(articles, model.get_output_embeddings().out_features)
-    # before the weight averaging callbacks: the tied rows are equal again before an average takes them in
+    # before the weight averaging callbacks: the tied rows are equal again before an average takes
+    # them in
     below = lever_args.rare_tokens_below
     groups = (
         spelling_groups(tokenizer, model.get_output_embeddings().out_features)
@@ -298,7 +305,8 @@ def build_run(
         )
 
     push = defer_push(training_args)  # push once at the end, after the local save
-    # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay (wikigpt/train/trainer.py)
+    # WikiTrainer: the Trainer, with fraction-of-the-run decay lengths for warmup_stable_decay
+    # (wikigpt/train/trainer.py)
     trainer = WikiTrainer(
         model=model,
         args=training_args,
@@ -306,7 +314,8 @@ def build_run(
         eval_dataset=blocks["validation"],
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored logits.
+        # Perplexity through wikigpt's `evaluate` module: per-sequence NLL sums, never stored
+        # logits.
         compute_metrics=compute_perplexity,
         preprocess_logits_for_metrics=nll_and_count,
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args),  # --optim_matrices
@@ -350,7 +359,8 @@ def build_run(
 
 
 def train_run(run: Run):
-    """Trainer.train(), then stop with one line on a diverged or interrupted run. Returns (TrainOutput, seconds)."""
+    """Trainer.train(), then stop with one line on a diverged or interrupted run. Returns
+    (TrainOutput, seconds)."""
     start = time.time()
     # full disk, quota: one line, exit 4 (wikigpt.reliability.write_failures)
     with writing(run.training_args.output_dir, CHECKPOINTS, run.trainer.is_world_process_zero()):
@@ -364,12 +374,14 @@ def train_run(run: Run):
 
 
 def finish_run(run: Run, train_result, train_seconds: float) -> dict:
-    """Save the model, evaluate validation/test, write results.json, the model card and the plot, push. Returns results."""
+    """Save the model, evaluate validation/test, write results.json, the model card and the plot,
+    push. Returns results."""
     trainer, training_args, block_size = run.trainer, run.training_args, run.block_size
     calibration_args = run.calibration_args
     output_dir, is_main = training_args.output_dir, trainer.is_world_process_zero()
     end_early_stopping(trainer)  # the evaluations below are reports, not patience steps
-    # --calibrate_temperature: the held-out split chooses T; saved, evaluated and pushed with the model
+    # --calibrate_temperature: the held-out split chooses T; saved, evaluated and pushed with the
+    # model
     calibration = (
         calibrate_temperature(
             trainer.model, run.blocks["validation"], training_args.per_device_eval_batch_size
@@ -377,7 +389,8 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
         if calibration_args.calibrate_temperature
         else None
     )
-    # --calibrate_token_offsets: then a logit scale and offset per class of training count, in ln_f and an untied head
+    # --calibrate_token_offsets: then a logit scale and offset per class of training count, in ln_f
+    # and an untied head
     token_offsets = (
         calibrate_token_offsets(
             trainer.model,
@@ -391,7 +404,8 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
         if calibration_args.calibrate_token_offsets
         else None
     )
-    # the saved model as it is: a calibrated head is untied, so it holds more parameters than the model built
+    # the saved model as it is: a calibrated head is untied, so it holds more parameters than the
+    # model built
     run.source["parameters"] = trainer.model.num_parameters()
     run.source["non_embedding_parameters"] = non_embedding_parameters(trainer.model)
     levers = describe_levers(run.lever_args, run.calibration_args, training_args, run.source)
@@ -400,7 +414,8 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
         "levers": levers,
     }  # in config.json
     with writing(output_dir, "the final model", is_main):
-        trainer.save_model()  # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
+        # model.safetensors + config + tokenizer, loadable with from_pretrained(output_dir)
+        trainer.save_model()
         trainer.save_state()
 
     results = {
@@ -431,7 +446,8 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
     for split in ("validation", "test"):
         if split in run.blocks:
             prefix = "eval" if split == "validation" else split
-            # {prefix}_perplexity = exp({prefix}_token_loss), every block once (wikigpt.evaluation.perplexity, corpus_perplexity)
+            # {prefix}_perplexity = exp({prefix}_token_loss), every block once
+            # (wikigpt.evaluation.perplexity, corpus_perplexity)
             metrics = trainer.evaluate(run.blocks[split], metric_key_prefix=prefix)
             results[split] = metrics
             logger.info(

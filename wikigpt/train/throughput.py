@@ -1,13 +1,16 @@
-"""Training throughput: tokens/s and model FLOPs utilisation (MFU), logged by a TrainerCallback during every run.
+"""Training throughput: tokens/s and model FLOPs utilisation (MFU), logged by a TrainerCallback
+during every run.
 
-MFU = achieved model FLOP/s / (peak bf16 dense FLOP/s per device x devices), with model FLOPs per token
+MFU = achieved model FLOP/s / (peak bf16 dense FLOP/s per device x devices), with model FLOPs
+per token
 
     6 N + 12 L H Q T        (forward + backward; PaLM appendix B, nanoGPT's estimate_mfu)
 
-N = parameters that do a matmul for every token: everything except the embedding lookups (token and position),
-plus the LM head (with GPT-2's tied weights the head *is* the token embedding, used a second time as a matmul).
-This is the convention of nanoGPT's estimate_mfu, so MFU numbers compare with nanoGPT's directly. L layers,
-H heads, Q head dim, T block size (the attention term: scores and weighted values for T positions).
+N = parameters that do a matmul for every token: everything except the embedding lookups (token and
+position), plus the LM head (with GPT-2's tied weights the head *is* the token embedding, used a
+second time as a matmul). This is the convention of nanoGPT's estimate_mfu, so MFU numbers compare
+with nanoGPT's directly. L layers, H heads, Q head dim, T block size (the attention term: scores and
+weighted values for T positions).
 """
 
 import logging
@@ -18,8 +21,9 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-# Peak dense bf16 tensor-core FLOP/s per device (no sparsity), from the vendors' data sheets. Matched in order
-# against torch.cuda.get_device_name(), case-insensitively, first hit wins: specific names before general ones.
+# Peak dense bf16 tensor-core FLOP/s per device (no sparsity), from the vendors' data sheets.
+# Matched in order against torch.cuda.get_device_name(), case-insensitively, first hit wins:
+# specific names before general ones.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
@@ -43,12 +47,14 @@ PEAK_BF16_FLOPS: list[tuple[str, float]] = [
 def flops_per_token(
     n_matmul_params: int, n_layer: int, n_head: int, head_dim: int, block_size: int
 ) -> int:
-    """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) + 12·L·H·Q·T for attention."""
+    """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) + 12·L·H·Q·T
+    for attention."""
     return 6 * n_matmul_params + 12 * n_layer * n_head * head_dim * block_size
 
 
 def matmul_parameters(model) -> int:
-    """N of the MFU formula: all parameters but the embedding lookups, plus the LM head's matmul (see module doc)."""
+    """N of the MFU formula: all parameters but the embedding lookups, plus the LM head's matmul
+    (see module doc)."""
     lookups = {
         id(p)
         for m in (
@@ -82,7 +88,8 @@ def model_flops_per_token(model, block_size: int) -> int:
 
 
 def device_peak_flops(device_name: str | None) -> float | None:
-    """Peak bf16 dense FLOP/s of one device from PEAK_BF16_FLOPS, or None for an unknown device (or CPU)."""
+    """Peak bf16 dense FLOP/s of one device from PEAK_BF16_FLOPS, or None for an unknown device (or
+    CPU)."""
     if not device_name:
         return None
     name = device_name.lower()
@@ -97,7 +104,8 @@ def current_device_name() -> str:
 
 
 def resolve_peak_flops(override: float | None, device_name: str) -> tuple[float | None, str | None]:
-    """(peak FLOP/s per device, where it came from). --peak_flops wins; else the table; else (None, None)."""
+    """(peak FLOP/s per device, where it came from). --peak_flops wins; else the table; else (None,
+    None)."""
     if override is not None:
         return float(override), "--peak_flops"
     peak = device_peak_flops(device_name) if device_name != "cpu" else None
@@ -107,10 +115,11 @@ def resolve_peak_flops(override: float | None, device_name: str) -> tuple[float 
 class ThroughputCallback(TrainerCallback):
     """Adds `tokens_per_second` (all devices together) and `mfu` to every training log line.
 
-    Each value covers the steps since the previous log, and time spent in evaluation and checkpoint saving is left
-    out, so the numbers describe training alone. Tokens per optimizer step = per-device batch x gradient
-    accumulation x processes x block size (every block is full; a short last batch of an epoch counts as full).
-    `summary` holds the totals for the whole run (for results.json).
+    Each value covers the steps since the previous log, and time spent in evaluation and checkpoint
+    saving is left out, so the numbers describe training alone. Tokens per optimizer step =
+    per-device batch x gradient accumulation x processes x block size (every block is full; a short
+    last batch of an epoch counts as full). `summary` holds the totals for the whole run (for
+    results.json).
     """
 
     def __init__(
@@ -213,12 +222,14 @@ class ThroughputCallback(TrainerCallback):
 def add_throughput_callback(
     trainer, block_size: int, tokens_per_step: int, peak_flops: float | None = None
 ) -> ThroughputCallback:
-    """Attach a ThroughputCallback first in line, so reporters (TensorBoard, W&B) and the progress bar get its numbers."""
+    """Attach a ThroughputCallback first in line, so reporters (TensorBoard, W&B) and the progress
+    bar get its numbers."""
     device_name = current_device_name()
     peak, source = resolve_peak_flops(peak_flops, device_name)
     callback = ThroughputCallback(
         tokens_per_step, model_flops_per_token(trainer.model, block_size), peak, source, device_name
     )
-    # Trainer puts callbacks passed to it after the reporting integrations, which would then log without our keys.
+    # Trainer puts callbacks passed to it after the reporting integrations, which would then log
+    # without our keys.
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

@@ -1,21 +1,24 @@
-"""--max_train_minutes M: plan the learning-rate schedule for the steps that fit in M minutes, then stop there.
+"""--max_train_minutes M: plan the learning-rate schedule for the steps that fit in M minutes, then
+stop there.
 
-The Trainer builds its schedule (cosine, linear, warmup_stable_decay, ...) for its own horizon H = the steps of
---num_train_epochs / --max_steps. This callback measures the wall time per optimizer step (after WARM_STEPS, which
-pay for compilation and allocator warm-up) and after every step re-plans the run's total T = the steps done + the
-steps the remaining minutes hold at the average pace so far (never more than H). The schedule is run on a
-stretched clock: the learning rate at step s is the Trainer's schedule at step s * H // T, so warmup, stable phase
-and decay keep their shares of the run, and the decay reaches its end exactly at step T. At step T training stops
-through the Trainer's own flow (state.max_steps = T): the final checkpoint is saved and evaluated as at the end of
-any run, and results.json says "stopped by --max_train_minutes after N steps".
+The Trainer builds its schedule (cosine, linear, warmup_stable_decay, ...) for its own horizon
+H = the steps of --num_train_epochs / --max_steps. This callback measures the wall time per
+optimizer step (after WARM_STEPS, which pay for compilation and allocator warm-up) and after every
+step re-plans the run's total T = the steps done + the steps the remaining minutes hold at the
+average pace so far (never more than H). The schedule is run on a stretched clock: the learning rate
+at step s is the Trainer's schedule at step s * H // T, so warmup, stable phase and decay keep their
+shares of the run, and the decay reaches its end exactly at step T. At step T training stops through
+the Trainer's own flow (state.max_steps = T): the final checkpoint is saved and evaluated as at the
+end of any run, and results.json says "stopped by --max_train_minutes after N steps".
 
-What counts against the budget: the wall time inside trainer.train() — optimizer steps, data loading, the
-evaluations and checkpoints during training (their cost is part of the measured pace). Not counted: loading and
-tokenizing the data before training, and the final save and validation/test evaluation after it.
+What counts against the budget: the wall time inside trainer.train() — optimizer steps, data
+loading, the evaluations and checkpoints during training (their cost is part of the measured pace).
+Not counted: loading and tokenizing the data before training, and the final save and validation/test
+evaluation after it.
 
-Resuming: each checkpoint gets BUDGET_FILE with the minutes spent and H; a resumed run continues the same budget.
-The planned total depends on the measured speed, so two runs need not stop at the same step; results.json records
-the step, and `--max_steps N` without a budget replays the same schedule.
+Resuming: each checkpoint gets BUDGET_FILE with the minutes spent and H; a resumed run continues the
+same budget. The planned total depends on the measured speed, so two runs need not stop at the same
+step; results.json records the step, and `--max_steps N` without a budget replays the same schedule.
 """
 
 import json
@@ -39,7 +42,8 @@ clock = time.monotonic  # seconds; read once per callback event (tests replace i
 def check_time_budget_args(args) -> None:
     if args.max_train_minutes is not None and not args.max_train_minutes > 0:
         raise UsageError(
-            f"--max_train_minutes must be a positive number of minutes; got {args.max_train_minutes}"
+            "--max_train_minutes must be a positive number of minutes; got "
+            f"{args.max_train_minutes}"
         )
     schedule = str(args.lr_scheduler_type).split(".")[-1].lower()
     if args.max_train_minutes is not None and schedule in UNPLANNED_SCHEDULES:
@@ -67,8 +71,8 @@ class TimeBudgetCallback(WritesIntoCheckpoints, TrainerCallback):
             path = os.path.join(self.resume_from, BUDGET_FILE)
             if not os.path.isfile(path):
                 raise UsageError(
-                    f"--resume_from_checkpoint {self.resume_from!r} has no {BUDGET_FILE} (it was saved "
-                    f"without --max_train_minutes); resume it without --max_train_minutes"
+                    f"--resume_from_checkpoint {self.resume_from!r} has no {BUDGET_FILE} (it was "
+                    "saved without --max_train_minutes); resume it without --max_train_minutes"
                 )
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
@@ -76,8 +80,9 @@ class TimeBudgetCallback(WritesIntoCheckpoints, TrainerCallback):
         self.first_step = state.global_step
         self.mark = None  # (time, step) where timing starts
         self.scheduler, self.optimizer = lr_scheduler, optimizer
-        # The schedule's clock: step s of the planned run is step s * H // T of the schedule the Trainer built.
-        # Plain functions: LambdaLR's state_dict saves no state for them (the plan lives in BUDGET_FILE).
+        # The schedule's clock: step s of the planned run is step s * H // T of the schedule the
+        # Trainer built. Plain functions: LambdaLR's state_dict saves no state for them (the plan
+        # lives in BUDGET_FILE).
         for i, schedule in enumerate(lr_scheduler.lr_lambdas):
             lr_scheduler.lr_lambdas[i] = self._stretched(schedule)
         logger.info(
@@ -101,15 +106,17 @@ class TimeBudgetCallback(WritesIntoCheckpoints, TrainerCallback):
             self.mark = (now, step)
         planned = self.planned
         if now_spent >= self.budget_s or step >= self.planned < self.horizon:
-            # Out of time, or at the end of the last plan: the Trainer stops there (state.max_steps), and a faster
-            # last step must not move the plan on by a step the run will not take.
+            # Out of time, or at the end of the last plan: the Trainer stops there
+            # (state.max_steps), and a faster last step must not move the plan on by a step the run
+            # will not take.
             planned = step
         elif self.mark is not None and step > self.mark[1]:
             pace = (now - self.mark[0]) / (step - self.mark[1])
             planned = min(self.horizon, step + int((self.budget_s - now_spent) / pace))
         if planned != self.planned:
             self.planned = state.max_steps = max(planned, step)
-            # The learning rate of the next step was computed on the old plan: recompute it on the new one.
+            # The learning rate of the next step was computed on the old plan: recompute it on the
+            # new one.
             for group, schedule in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
                 group["lr"] = group["initial_lr"] * schedule(self.scheduler.last_epoch)
             self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
@@ -161,8 +168,9 @@ class TimeBudgetCallback(WritesIntoCheckpoints, TrainerCallback):
             global_step < self.planned
         ):  # early stopping (or another callback) ended it before the plan did
             return (
-                f"ended after {global_step} of the {self.planned} steps planned for --max_train_minutes "
-                f"{self.minutes:g}, stopped before the budget (e.g. by early stopping)"
+                f"ended after {global_step} of the {self.planned} steps planned for "
+                f"--max_train_minutes {self.minutes:g}, stopped before the budget (e.g. by early "
+                "stopping)"
             )
         return f"finished its {global_step} steps within --max_train_minutes {self.minutes:g}"
 

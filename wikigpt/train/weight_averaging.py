@@ -1,17 +1,20 @@
-"""--ema_decay / --swa_start: evaluate and save an average of the weights, keep training the raw weights.
+"""--ema_decay / --swa_start: evaluate and save an average of the weights, keep training the raw
+weights.
 
 torch.optim.swa_utils.AveragedModel keeps the average (EMA through get_ema_multi_avg_fn, one
-torch._foreach_lerp_ per step; SWA through its default uniform running mean), updated after every optimizer step.
+torch._foreach_lerp_ per step; SWA through its default uniform running mean), updated after every
+optimizer step.
 
-Whenever the Trainer is about to evaluate or save a checkpoint (its DefaultFlowCallback has set should_evaluate or
-should_save in on_step_end / on_epoch_end), the averaged weights are copied into the model and the raw ones set
-aside; they come back at the next on_step_begin. So every evaluation during training, early stopping's metric, the
-best checkpoint it reloads, each checkpoint's model.safetensors, and (from on_train_end on) the final save and the
-final validation/test evaluation all see the averaged weights, while the optimizer keeps stepping the raw ones.
+Whenever the Trainer is about to evaluate or save a checkpoint (its DefaultFlowCallback has set
+should_evaluate or should_save in on_step_end / on_epoch_end), the averaged weights are copied into
+the model and the raw ones set aside; they come back at the next on_step_begin. So every evaluation
+during training, early stopping's metric, the best checkpoint it reloads, each checkpoint's
+model.safetensors, and (from on_train_end on) the final save and the final validation/test
+evaluation all see the averaged weights, while the optimizer keeps stepping the raw ones.
 
-Each checkpoint gets RAW_WEIGHTS_FILE: the raw weights and the count of averaged steps. Resuming loads the
-checkpoint's model.safetensors (the average) as the average, and RAW_WEIGHTS_FILE into the model, so a resumed run
-continues exactly where the uninterrupted one would be.
+Each checkpoint gets RAW_WEIGHTS_FILE: the raw weights and the count of averaged steps. Resuming
+loads the checkpoint's model.safetensors (the average) as the average, and RAW_WEIGHTS_FILE into the
+model, so a resumed run continues exactly where the uninterrupted one would be.
 """
 
 import logging
@@ -55,7 +58,8 @@ def check_weight_averaging_args(args) -> None:
 
 
 class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
-    """Keeps an AveragedModel of `model`; swaps it in for evaluations, checkpoints and the end of training."""
+    """Keeps an AveragedModel of `model`; swaps it in for evaluations, checkpoints and the end of
+    training."""
 
     def __init__(
         self,
@@ -98,8 +102,9 @@ class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         multi_avg_fn = get_ema_multi_avg_fn(self.ema_decay) if self.ema_decay is not None else None
-        # A copy that shares nothing with the model; tied weights (wte = lm_head) stay one tensor in it too. A
-        # --distill_from teacher rides on the model as a plain attribute: set aside, so it is not copied too.
+        # A copy that shares nothing with the model; tied weights (wte = lm_head) stay one tensor in
+        # it too. A --distill_from teacher rides on the model as a plain attribute: set aside, so it
+        # is not copied too.
         teacher = model.__dict__.pop(TEACHER_ATTRIBUTE, None)
         try:
             self.averaged = AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
@@ -111,13 +116,14 @@ class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
         path = os.path.join(self.resume_from, RAW_WEIGHTS_FILE)
         if not os.path.isfile(path):
             raise UsageError(
-                f"--resume_from_checkpoint {self.resume_from!r} has no {RAW_WEIGHTS_FILE} (it was saved "
-                f"without weight averaging, or its save was cut short); resume it without --ema_decay/"
-                f"--swa_start, or pass an earlier checkpoint"
+                f"--resume_from_checkpoint {self.resume_from!r} has no {RAW_WEIGHTS_FILE} (it was "
+                "saved without weight averaging, or its save was cut short); resume it without "
+                "--ema_decay/--swa_start, or pass an earlier checkpoint"
             )
         saved = load_file(path)
         n_averaged = saved.pop(N_AVERAGED)
-        # The Trainer loaded the checkpoint's model.safetensors (the average) into the model: that is the average.
+        # The Trainer loaded the checkpoint's model.safetensors (the average) into the model: that
+        # is the average.
         torch._foreach_copy_(self._params(self.averaged), self._params(model))
         self.averaged.n_averaged.copy_(n_averaged)
         named = dict(model.named_parameters())
@@ -157,7 +163,8 @@ class WeightAveragingCallback(WritesIntoCheckpoints, TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
-            self.raw = None  # the Trainer loaded the best checkpoint: its model.safetensors is already an average
+            # the Trainer loaded the best checkpoint: its model.safetensors is already an average
+            self.raw = None
             return
         self._swap_in(model)
         self.raw = None

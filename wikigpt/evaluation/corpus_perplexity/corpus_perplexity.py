@@ -1,10 +1,10 @@
 """Corpus-level perplexity as an `evaluate` module: sums of NLL and counts in, corpus ratios out.
 
 The Hub's `perplexity` metric averages per-text perplexities, which weights a 10-token text like a
-10,000-token one and disagrees with every paper. This module instead accumulates, over `add_batch` calls
-(one row per scored sequence: a block, a window or a document), the summed negative log-likelihood in nats
-and the number of predicted tokens — plus, optionally, the words and UTF-8 bytes that sequence stands for —
-and computes:
+10,000-token one and disagrees with every paper. This module instead accumulates, over `add_batch`
+calls (one row per scored sequence: a block, a window or a document), the summed negative
+log-likelihood in nats and the number of predicted tokens — plus, optionally, the words and UTF-8
+bytes that sequence stands for — and computes:
 
     perplexity      = exp(sum nll / sum tokens)
     word_perplexity = exp(sum nll / sum words)          (lm-evaluation-harness `word_perplexity`)
@@ -39,7 +39,9 @@ Returns:
     byte_perplexity, bits_per_byte, bytes when bytes were counted.
 Example:
     >>> metric = evaluate.load("wikigpt/evaluation/corpus_perplexity")
-    >>> metric.add_batch(nll_sum=[2.0, 4.0], token_count=[1, 2], word_count=[0, 0], byte_count=[0, 0])
+    >>> metric.add_batch(
+    ...     nll_sum=[2.0, 4.0], token_count=[1, 2], word_count=[0, 0], byte_count=[0, 0]
+    ... )
     >>> round(metric.compute()["perplexity"], 4)
     7.3891
 """
