@@ -58,6 +58,12 @@ def train_args(small_files, validation, out, per_device_train, per_device_eval):
     ]  # fp32 in both (bf16 autocast is the default on a bf16 CPU)
 
 
+# Two CPU processes as a GPU run starts them (torchrun); train.py's --use_cpu makes them pick gloo.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2]
+LAUNCH += ["--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH += ["--main_process_port", 0]
+
+
 def run(cmd, cache_dir):
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache_dir), "DATASETS_VERBOSITY": "info"}
     return subprocess.run(
@@ -76,20 +82,7 @@ def runs(tmp_path_factory, small_files):
     )
     two = run(
         [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            2,
-            "--num_machines",
-            1,
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            0,
+            *LAUNCH,
             REPO / "train.py",
             *train_args(small_files, validation, d / "two", 2, 4),
         ],

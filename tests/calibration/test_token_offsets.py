@@ -502,3 +502,44 @@ def test_train_skips_offsets_a_fresh_model_cannot_carry(tmp_path, micro_files, m
     assert "lm_head.weight" not in load_file(out / "model.safetensors")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert "): skipped (bfloat16 logit error " in (out / "README.md").read_text()
+
+
+def test_calibration_cv_script_scores_each_variant_out_of_sample(
+    tmp_path, micro_files, trained_size_checkpoint
+):
+    """scripts/calibration_cv.py: every variant fitted on one half of the held-out articles and
+    scored on the other; the uncalibrated model scores the same in and out of sample."""
+    from conftest import TOKENIZER_DIR, run_script
+
+    out = tmp_path / "cv.json"
+    proc = run_script(
+        "scripts/calibration_cv.py",
+        "--checkpoint",
+        trained_size_checkpoint,
+        "--tokenizer_name",
+        TOKENIZER_DIR,
+        "--train_file",
+        micro_files["train"],
+        "--validation_split_percentage",
+        40,
+        "--block_size",
+        32,
+        "--output_json",
+        out,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["held_out_articles"]["a"] >= 1 and report["held_out_articles"]["b"] >= 1
+    variants = report["variants"]
+    assert list(variants) == [
+        "none",
+        "temperature",
+        "offsets",
+        "temperature+offsets",
+        "temperature+offsets, new_articles",
+    ]
+    none = variants["none"]
+    assert none["in_sample_perplexity"] == none["out_of_sample_perplexity"]  # the same two halves
+    # a fit lowers the perplexity of the text it was fitted on
+    assert variants["temperature+offsets"]["in_sample_perplexity"] < none["in_sample_perplexity"]

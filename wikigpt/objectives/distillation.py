@@ -3,8 +3,9 @@
 233k training tokens give one observed next token per position; a teacher (an earlier run of the
 same recipe, or any GPT-2 model of the same tokenizer) gives a whole distribution there, which tells
 the student which other tokens were plausible. Training target per position: (1 - share) x one-hot +
-share x softmax(teacher logits), and the loss is the cross-entropy against it ("born-again"
-self-distillation when the teacher is the same recipe).
+share x softmax(teacher logits), and the loss is the cross-entropy against it: knowledge
+distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"), "born-again"
+when the teacher is the same recipe (Furlanello et al. 2018, "Born-Again Neural Networks").
 
 The loss goes through wikigpt.objectives.chunked_loss, which forms softmax - target for its gradient
 anyway; the teacher's logits are made there a chunk at a time, never for the whole batch. The

@@ -78,7 +78,7 @@ from wikigpt.reliability.run_record import (
 )
 from wikigpt.train.weight_averaging import weight_averaging_callbacks
 
-logger = logging.getLogger("wikigpt.train")
+logger = logging.getLogger(__name__)
 
 # The argument dataclasses of a run, in the order of their groups in `train.py --help`.
 RUN_ARGUMENTS = (
