@@ -1,15 +1,13 @@
 r"""Train a GPT-2-family causal LM on WikiText-2 (or any text) with the Hugging Face Trainer.
 
-    python train.py --preset tiny --train_file wiki.valid.raw --validation_file wiki.test.raw \
-        --tokenizer_name path/to/gpt2-tokenizer --output_dir out/tiny --max_steps 30
-    python train.py configs/some_recipe.yaml --learning_rate 3e-4      # config file + overrides
-    python train.py configs/some_recipe.yaml --hp_search 8 \
-        --hp_space configs/search_spaces/cpu.yaml                     # search: docs/tuning.md
+    python train.py configs/quickstart.yaml                  # offline, the bundled data, 5 minutes
+    python train.py configs/cpu/recipe.yaml configs/cpu/student.yaml --learning_rate 1e-3  # layered
+    python train.py --preset tiny --train_file wiki.valid.raw --tokenizer_name DIR --max_steps 30
+    python train.py configs/cpu/recipe.yaml --hp_search 8 --hp_space configs/search_spaces/cpu.yaml
 
-Every TrainingArguments flag works (see --help). Multi-GPU:
-    accelerate launch --config_file accelerate_config.yaml train.py ...
-Exit status: 0 done, 2 bad input, 3 diverged (NaN/inf), 4 a write failed (disk full, quota),
-128+N signal N.
+Every TrainingArguments flag works. Several GPUs or nodes: accelerate launch --config_file
+accelerate_config.yaml train.py ... Exit status: 0 done, 2 bad input, 3 diverged (NaN/inf),
+4 a write failed (disk full, quota), 128+N signal N.
 """
 
 import logging

@@ -72,8 +72,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all)",
+    )
     parser.add_argument("--output_json")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants {unknown} unknown; choose from {', '.join(VARIANTS)}")
     torch.manual_seed(0)
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
@@ -94,7 +103,8 @@ def main() -> None:
     shares = new_article_shares(article_token_ids(raw["train"], tokenizer), vocab)
 
     results = {}
-    for name, (temperature, offsets, class_shares) in VARIANTS.items():
+    for name in variants:
+        temperature, offsets, class_shares = VARIANTS[name]
         out_nll = out_tokens = in_nll = in_tokens = 0
         for fit, score in (("a", "b"), ("b", "a")):
             model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)

