@@ -44,7 +44,7 @@ VARIANTS = {
     "temperature": (True, False, None),
     "offsets": (False, True, "held_out"),
     "temperature+offsets": (True, True, "held_out"),
-    "temperature+offsets, new_articles": (True, True, "new_articles"),
+    "temperature+offsets+new_articles": (True, True, "new_articles"),
 }
 
 
