@@ -25,26 +25,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wikigpt.calibration.temperature import calibrate_temperature  # noqa: E402
-from wikigpt.calibration.token_offsets import (  # noqa: E402
-    calibrate_token_offsets,
-    new_article_shares,
-)
+from wikigpt.calibration.token_offsets import calibrate_token_offsets  # noqa: E402
 from wikigpt.data.blocks import (  # noqa: E402
     DataArguments,
-    article_token_ids,
     load_raw_splits,
     prepare_lm_splits,
     token_stream,
 )
 from wikigpt.data.wikitext import article_spans  # noqa: E402
 
-# name -> (temperature, token offsets, class shares)
+# name -> (temperature, token offsets)
 VARIANTS = {
-    "none": (False, False, None),
-    "temperature": (True, False, None),
-    "offsets": (False, True, "held_out"),
-    "temperature+offsets": (True, True, "held_out"),
-    "temperature+offsets+new_articles": (True, True, "new_articles"),
+    "none": (False, False),
+    "temperature": (True, False),
+    "offsets": (False, True),
+    "temperature+offsets": (True, True),
 }
 
 
@@ -100,21 +95,17 @@ def main() -> None:
     blocks, counts = prepare_lm_splits(halves, tokenizer, args.block_size)
     vocab = len(tokenizer)
     train_counts = np.bincount(token_stream(raw["train"], tokenizer), minlength=vocab)
-    shares = new_article_shares(article_token_ids(raw["train"], tokenizer), vocab)
 
     results = {}
     for name in variants:
-        temperature, offsets, class_shares = VARIANTS[name]
+        temperature, offsets = VARIANTS[name]
         out_nll = out_tokens = in_nll = in_tokens = 0
         for fit, score in (("a", "b"), ("b", "a")):
             model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
             if temperature:
                 calibrate_temperature(model, blocks[fit], args.batch_size)
             if offsets:
-                weights = shares if class_shares == "new_articles" else None
-                summary = calibrate_token_offsets(
-                    model, blocks[fit], args.batch_size, train_counts, weights
-                )
+                summary = calibrate_token_offsets(model, blocks[fit], args.batch_size, train_counts)
                 if "skipped" in summary:
                     raise SystemExit(f"{name}: the offsets were skipped ({summary['skipped']})")
             nll, n = nll_sum(model, blocks[score], args.batch_size)

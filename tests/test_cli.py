@@ -1,10 +1,12 @@
 """wikigpt/cli.py: config files first (several layer, a later one wins), then flags; unknown keys
-refused; renamed flags keep their old names (OLD_NAMES) with one notice each."""
+refused; renamed flags keep their old names (OLD_NAMES) with one notice each; removed flags
+(REMOVED) are dropped with a notice, or refused with the commit that had them."""
 
 import dataclasses
 
 import pytest
 
+from wikigpt.calibration.arguments import CalibrationArguments
 from wikigpt.cli import OLD_NAMES, parse_args
 from wikigpt.errors import UsageError
 from wikigpt.objectives.arguments import LeverArguments
@@ -91,3 +93,41 @@ def test_every_old_name_is_an_alias_of_its_new_flag():
     fields = {f.name: f for f in dataclasses.fields(LeverArguments)}
     for old, new in OLD_NAMES.items():
         assert f"--{old}" in fields[new].metadata["aliases"]
+
+
+# ---- removed flags (REMOVED): the value wikigpt now always uses is dropped with one notice ----
+
+REMOVED_NOTICE = (
+    "--calibrate_class_shares is gone; held_out is how wikigpt works now, so the setting is ignored"
+)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--calibrate_class_shares", "held_out"],
+        ["--calibrate-class-shares=held_out"],
+        ["CONFIG"],
+    ],
+)
+def test_a_removed_flag_with_the_kept_value_is_dropped_with_one_notice(given, tmp_path, caplog):
+    config = write(
+        tmp_path / "old.yaml", "calibrate_class_shares: held_out\ncalibrate_token_offsets: true\n"
+    )
+    argv = [config] if given == ["CONFIG"] else ["--calibrate_token_offsets", "true", *given]
+    (calibration,) = parse_args((CalibrationArguments,), argv)
+    assert calibration == CalibrationArguments(calibrate_token_offsets=True)
+    assert notices(caplog) == [REMOVED_NOTICE]
+
+
+@pytest.mark.parametrize("config", [False, True])
+def test_a_removed_flag_with_another_value_names_the_commit_that_had_it(config, tmp_path):
+    argv = ["--calibrate_class_shares", "new_articles"]
+    if config:
+        argv = [write(tmp_path / "old.yaml", "calibrate_class_shares: new_articles\n")]
+    with pytest.raises(UsageError) as err:
+        parse_args((CalibrationArguments,), argv)
+    assert str(err.value) == (
+        "--calibrate_class_shares new_articles was removed; drop it, or reproduce the old run "
+        "at commit 11728d8 (git checkout 11728d8)"
+    )

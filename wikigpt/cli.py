@@ -5,7 +5,9 @@ argument.
 command line override them; an unknown key in the file is an error that names it. Several files may
 come first (`configs/cpu/recipe.yaml configs/cpu/student.yaml`): a later file's keys override an
 earlier one's. Renamed flags (OLD_NAMES) keep working under their old names, on the command line and
-as config-file keys, with one warning line per old name.
+as config-file keys, with one warning line per old name. A removed flag (REMOVED) given the value
+that is now how wikigpt works is dropped with one warning line; any other value is an error that
+names the commit to reproduce the old run from.
 """
 
 import argparse
@@ -30,6 +32,13 @@ OLD_NAMES = {
     "tied_input_dropout": "rare_input_dropout",
 }
 OLD_NAME_NOTICE = "--{old} is now --{new}; the old name still works"
+# Removed flags, name -> (the value that is now how wikigpt works, the last commit that had it)
+REMOVED = {"calibrate_class_shares": ("held_out", "11728d8")}
+REMOVED_NOTICE = "--{name} is gone; {kept} is how wikigpt works now, so the setting is ignored"
+REMOVED_ERROR = (
+    "--{name} {value} was removed; drop it, or reproduce the old run at commit {commit} "
+    "(git checkout {commit})"
+)
 
 logger = logging.getLogger("wikigpt.cli")
 
@@ -89,6 +98,8 @@ def _read_config(path: str, renamed: list | None = None) -> dict:
         return {}
     if not isinstance(values, dict):
         raise UsageError(f"config file {path!r} must hold a mapping of argument names to values")
+    for name in REMOVED.keys() & values.keys():
+        drop_removed(name, values.pop(name))
     return _rename_old_keys(values, path, renamed)
 
 
@@ -103,6 +114,35 @@ def read_config(path: str, parser: HfArgumentParser, renamed: list | None = None
             f"(see --help for the accepted names)"
         )
     return values
+
+
+def drop_removed(name: str, value) -> None:
+    """One warning line for a removed flag given the value wikigpt now always uses; else
+    UsageError."""
+    kept, commit = REMOVED[name]
+    if value != kept:
+        raise UsageError(REMOVED_ERROR.format(name=name, value=value, commit=commit))
+    logger.warning(REMOVED_NOTICE.format(name=name, kept=kept))
+
+
+def removed_flags_dropped(argv: list[str]) -> list[str]:
+    """`argv` without the REMOVED flags (--name value, --name=value, dashes or underscores), each
+    checked by drop_removed."""
+    kept, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, equals, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if not arg.startswith("--") or name not in REMOVED:
+            kept.append(arg)
+            i += 1
+            continue
+        if not equals:
+            value = argv[i + 1] if i + 1 < len(argv) else None
+            i += 1
+        drop_removed(name, value)
+        i += 1
+    return kept
 
 
 def old_names_given(argv: list[str]) -> list[str]:
@@ -131,6 +171,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
             )
         values.update(read_config(path, parser, renamed))
         paths.append(path)
+    argv = removed_flags_dropped(argv)
     renamed += old_names_given(argv)
     known = {action.dest for action in parser._actions}
     for old in dict.fromkeys(renamed):  # one line per old name, however often it was given

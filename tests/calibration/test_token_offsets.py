@@ -21,11 +21,9 @@ from wikigpt.calibration.token_offsets import (
     fit_class_calibration,
     fold_errors,
     fold_offsets,
-    new_article_shares,
     newton_terms,
     offset_fold,
     rank_feature,
-    share_weights,
 )
 
 
@@ -37,34 +35,6 @@ def test_tokens_are_grouped_by_training_count():
 def test_rank_feature_is_log_one_plus_id_centred():
     expected = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     torch.testing.assert_close(rank_feature(4), expected - expected.mean())
-
-
-def test_new_article_shares_count_each_article_against_the_others(caplog):
-    # counts 0: 2, 1: 2, 2: 2, 3: 3. First article: 0 (twice) is in no other article, 1 in one
-    # other; second: 1 and 2 in one other each; third: 2 in one other, 3 (three times) in none. 5 of
-    # 9 tokens unseen elsewhere, 4 seen once
-    shares = new_article_shares(
-        [np.array([0, 0, 1]), np.array([1, 2]), np.array([2, 3, 3, 3])], vocab_size=6
-    )
-    np.testing.assert_allclose(shares, [5 / 9, 4 / 9, 0, 0, 0, 0, 0, 0, 0])
-    assert not caplog.records
-    assert (
-        new_article_shares([np.array([0, 1, 2])], vocab_size=6) is None
-    )  # one article: nothing to leave out
-    assert caplog.records[-1].levelname == "WARNING" and caplog.records[-1].getMessage().startswith(
-        "--calibrate_class_shares new_articles: the training text holds 1 article ("
-    )
-    assert caplog.records[-1].getMessage().endswith("(as --calibrate_class_shares held_out)")
-
-
-def test_share_weights_give_each_group_its_share():
-    groups = torch.tensor([0, 1, 2, 1])  # token -> group
-    targets = torch.tensor([0, 1, 3, 1])  # held-out groups 0, 1, 1, 1: shares 0.25 / 0.75 / 0
-    weights, held = share_weights(groups, targets, np.array([0.5, 0.25, 0.25]))
-    torch.testing.assert_close(held, torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(
-        weights, torch.tensor([2.0, 1 / 3, 1 / 3, 1 / 3], dtype=torch.float64)
-    )
 
 
 def drawn_with(
@@ -103,18 +73,6 @@ def fit(hidden, targets, weight, groups, n_groups, **kwargs):
     return fit_class_calibration(
         hidden, targets, weight, groups, n_groups, rank_feature(len(groups)), **kwargs
     )
-
-
-def test_a_weight_of_two_fits_as_a_repeated_position():
-    hidden, targets, weight, groups = drawn_with([0.8, 1.2], [0.0, 1.0], n=2_000)
-    twice = torch.arange(len(targets)) % 3 == 0
-    weighted = fit(hidden, targets, weight, groups, 2, weights=1.0 + twice.double())
-    repeated = torch.cat([torch.arange(len(targets)), torch.nonzero(twice)[:, 0]])
-    plain = fit(hidden[repeated], targets[repeated], weight, groups, 2)
-    unweighted = fit(hidden, targets, weight, groups, 2)
-    for got, want, other in zip(weighted, plain, unweighted):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-        assert not torch.allclose(got, other, atol=1e-3)
 
 
 def test_fit_recovers_the_scales_offsets_and_slopes_the_targets_were_drawn_with():
@@ -419,8 +377,6 @@ def test_train_saves_and_evaluates_the_offset_model(
                 out,
                 "--model_name_or_path",
                 trained_size_checkpoint,
-                "--calibrate_class_shares",
-                "new_articles",
             ),
             monkeypatch,
         )
@@ -460,18 +416,11 @@ def test_train_saves_and_evaluates_the_offset_model(
         f"- logit scales {offsets['scales']}, offsets {offsets['offsets']} and slopes "
         f"{offsets['rank_slopes']} on log(1 + token id) for tokens seen "
         f"[0, 1, 2, 3, 5, 10, 30, 100, 1000] or more times "
-        "in the training text, fitted on the held-out split (weighted to each class's share in a "
-        "new article) after training (held-out perplexity "
+        "in the training text, fitted on the held-out split after training (held-out perplexity "
         f"{offsets['validation_perplexity_before']:,.2f} -> "
         f"{offsets['validation_perplexity_after']:,.2f}): folded into the final LayerNorm and the "
         "LM head, which is untied from the input embeddings"
     ) in card
-    # --calibrate_class_shares new_articles: the training file's 5 articles, each left out in turn
-    shares = offsets["class_shares"]
-    assert sum(shares["new_articles"]) == pytest.approx(1) and sum(
-        shares["held_out"]
-    ) == pytest.approx(1)
-    assert shares["new_articles"][0] > shares["held_out"][0] > 0
 
 
 def test_train_skips_offsets_a_fresh_model_cannot_carry(tmp_path, micro_files, monkeypatch):
@@ -483,15 +432,12 @@ def test_train_skips_offsets_a_fresh_model_cannot_carry(tmp_path, micro_files, m
         "true",
         "--calibrate_token_offsets",
         "true",
-        "--calibrate_class_shares",
-        "held_out",
         max_steps=10,
         save_steps=10,
     )
     assert train_in_process(argv, monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
     offsets = results["token_offsets"]
-    assert "class_shares" not in offsets  # held_out: the held-out split as it is
     assert offsets["skipped"].startswith("bfloat16 logit error ") and offsets["skipped"].endswith(
         "x the plain model's > 2.0x"
     )

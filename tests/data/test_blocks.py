@@ -9,7 +9,6 @@ from conftest import WT2, write_lines
 
 from wikigpt.data.blocks import (
     DataArguments,
-    article_token_ids,
     count_tokens,
     group_texts,
     hold_out,
@@ -41,14 +40,6 @@ def test_local_raw_rows_are_hub_rows(wt2_raw):
 def test_token_counts_match_hub_rows(wt2_raw, tokenizer):
     assert count_tokens(tokenize(wt2_raw["validation"], tokenizer)) == 247_289
     assert count_tokens(tokenize(wt2_raw["test"], tokenizer)) == 283_287
-
-
-def test_article_token_ids_split_the_stream_at_headings(wt2_raw, tokenizer):
-    articles = article_token_ids(wt2_raw["validation"], tokenizer)
-    assert len(articles) == 60 and sum(map(len, articles)) == 247_289
-    assert tokenizer.decode(articles[0][:8]) == " = Homarus gammarus = "
-    assert tokenizer.decode(articles[1]).startswith(" = Frank Headlam = \n")
-    assert tokenizer.decode(articles[-1]).startswith(" = Rakie Ayola = \n")
 
 
 def test_grouping_drops_only_the_final_remainder(tmp_path, tokenizer):

@@ -52,23 +52,3 @@ def test_train_py_reports_the_detokenized_counts(tmp_path, micro_files, tokenize
     assert data["train"]["rows"] == len(
         split_documents(open(micro_files["train"], encoding="utf-8").read().split("\n"))
     )
-
-
-def test_detokenized_articles_keep_their_class_shares(micro_files, tokenizer):
-    """--detokenize's rows are the articles: the new-article class shares see as many as the raw
-    headings do."""
-    from wikigpt.data.blocks import article_token_ids
-
-    raw = load_raw_splits(
-        DataArguments(
-            train_file=str(micro_files["train"]), validation_file=str(micro_files["validation"])
-        ),
-        seed=0,
-    )
-    detokenized = detokenize_splits(raw)
-    from_headings = article_token_ids(raw["train"], tokenizer)
-    from_rows = article_token_ids(detokenized["train"], tokenizer, rows_are_articles=True)
-    assert len(from_rows) == len(from_headings) == len(detokenized["train"]) > 1
-    assert (
-        len(article_token_ids(detokenized["train"], tokenizer)) <= 1
-    )  # the headings no longer read as WikiText's

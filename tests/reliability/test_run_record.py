@@ -66,7 +66,6 @@ def test_the_record_round_trips_and_names_every_lever(checkpoint):
         "muon_learning_rate",
         "calibrate_temperature",
         "calibrate_token_offsets",
-        "calibrate_class_shares",
     }
     check_resume_record(str(checkpoint), record_of(rare_tokens_below=4))  # the same run: resumes
 

@@ -263,7 +263,7 @@ def test_a_run_states_its_levers_in_results_config_and_card(tmp_path, micro_file
     rare = levers["rare_tokens"]
     assert (rare["below"], rare["groups_by"], len(rare["groups"])) == (2, "spelling", 6)
     assert levers["muon"] == {"learning_rate": 0.02} and "teacher" not in levers
-    assert levers["calibration"] == {"fitted": ["temperature"], "class_shares": "held_out"}
+    assert levers["calibration"] == {"fitted": ["temperature"]}
     assert json.loads((out / "config.json").read_text())["wikigpt"] == {
         "parameters": results["model"]["parameters"],
         "levers": levers,

@@ -24,13 +24,3 @@ class CalibrationArguments:
             "Default: off."
         },
     )
-    calibrate_class_shares: str = field(
-        default="held_out",
-        metadata={
-            "help": "With --calibrate_token_offsets, how the held-out tokens are weighted: "
-            "held_out (as they are) or new_articles (each class of training count gets its "
-            "share in a new article; text without article headings falls back to "
-            "held_out). Default: held_out.",
-            "choices": ["new_articles", "held_out"],
-        },
-    )

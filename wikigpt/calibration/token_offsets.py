@@ -13,10 +13,7 @@ pairs first. So token t of group g gets the logit s_g z_t + o_g + a_g r_t, r_t =
 (centred), and (s, o, a) are those that minimise the held-out NLL: a convex function of 27 numbers
 (the logits are linear in them), minimised by damped Newton steps over chunked passes of the
 held-out logits, with a small L2 pull towards s = 1, o = a = 0 for groups the held-out text barely
-holds. A tokenizer whose ids carry no such order gets slopes near 0. With --calibrate_class_shares
-new_articles, each held-out token is weighted so that its group has the share it has in a new
-article (new_article_shares): a few held-out articles hold fewer never-seen tokens than new text
-does.
+holds. A tokenizer whose ids carry no such order gets slopes near 0.
 
 Folding is exact too. GPT-2's logits are W h: the head is untied from the input embeddings
 (config.tie_word_embeddings = False; the input embeddings are unchanged) and row t of W is
@@ -79,33 +76,6 @@ def count_groups(counts: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.searchsorted(COUNT_EDGES, counts, side="right") - 1, dtype=torch.long)
 
 
-def new_article_shares(articles: list[np.ndarray], vocab_size: int) -> np.ndarray | None:
-    """Share of each count group among the tokens of a new article, estimated leave-one-article-out
-    over the training articles (each article's tokens grouped by their count in the other articles);
-    None with fewer than 2 articles. A held-out slice of a few articles is a small sample of new
-    text: on WikiText-2 the 4 held-out articles hold 3.5% tokens never seen in training where the 56
-    training articles, each left out in turn, hold 7.1% (test: 6.6%)."""
-    if len(articles) < 2:
-        logger.warning(
-            "--calibrate_class_shares new_articles: the training text holds %d article (WikiText's "
-            "' = Title = ' headings mark them), so there is no other to count against; the "
-            "held-out tokens are taken as they are (as --calibrate_class_shares held_out)",
-            len(articles),
-        )
-        return None
-    counts = np.bincount(np.concatenate(articles), minlength=vocab_size)
-    totals = np.zeros(len(COUNT_EDGES))
-    for ids in articles:
-        tokens, own = np.unique(ids, return_counts=True)
-        elsewhere = counts[tokens] - own  # each distinct token's count in the other articles
-        totals += np.bincount(
-            np.searchsorted(COUNT_EDGES, elsewhere, side="right") - 1,
-            weights=own,
-            minlength=len(COUNT_EDGES),
-        )
-    return totals / totals.sum()
-
-
 def check_rank_order(tokenizer, flag: str = "--calibrate_token_offsets") -> None:
     """The rank slopes read a token's id as its frequency rank, which holds for BPE vocabularies
     (ids in merge order, most frequent first: GPT-2's, SentencePiece BPE's); refuse a WordPiece,
@@ -149,13 +119,11 @@ def newton_terms(
     n_groups: int = 0,
     ranks=None,
     chunk: int = 1024,
-    weights=None,
 ):
     """Mean NLL of the logits s_t z_t + o_t and, given `groups` (each token's) and `ranks` (r_t),
     its gradient and Hessian in (s_1..s_G, o_1..o_G, a_1..a_G). Token t's features are z_t, 1 and
     r_t in its group's slots, so the softmax moments sum_t p_t z_t^i r_t^j over each group's tokens
-    (i + j <= 2) give both. Chunked: a vocabulary-wide row per position. `weights` (one per
-    position): a weighted mean instead."""
+    (i + j <= 2) give both. Chunked: a vocabulary-wide row per position."""
     nll, sums = 0.0, {}
     if groups is not None:
         member = torch.nn.functional.one_hot(groups, n_groups).to(hidden.dtype)
@@ -165,14 +133,9 @@ def newton_terms(
     for start in range(0, len(targets), chunk):
         z = hidden[start : start + chunk] @ weight.T
         y = targets[start : start + chunk]
-        w = (
-            torch.ones(len(y), dtype=torch.float64, device=y.device)
-            if weights is None
-            else weights[start : start + chunk].double()
-        )[:, None]
         logits = class_logits(z, token_scales, token_offsets)
         lse = torch.logsumexp(logits, -1)
-        nll += float((w[:, 0] * (lse - logits.gather(-1, y[:, None])[:, 0]).double()).sum())
+        nll += float((lse - logits.gather(-1, y[:, None])[:, 0]).double().sum())
         if groups is None:
             continue
         p = torch.exp(logits - lse[:, None])
@@ -190,12 +153,12 @@ def newton_terms(
             [y_member * z_y**i * r_y**j for i, j in FEATURES], -1
         )  # the target's features
         chunk_sums = {
-            **{key: (w * m).sum(0) for key, m in moment.items()},
-            "grad": (w * (expected - target)).sum(0),
-            "outer": expected.T @ (w * expected),
+            **{key: m.sum(0) for key, m in moment.items()},
+            "grad": (expected - target).sum(0),
+            "outer": expected.T @ expected,
         }
         sums = {key: sums.get(key, 0) + value for key, value in chunk_sums.items()}
-    n = len(targets) if weights is None else float(weights.double().sum())
+    n = len(targets)
     if groups is None:
         return nll / n, None, None
     # the moments (i, j), the gradient, E[f] E[f]^T
@@ -217,12 +180,11 @@ def fit_class_calibration(
     l2: float = L2,
     steps: int = 30,
     tol: float = 1e-8,
-    weights=None,
 ):
     """(scales, offsets, rank slopes), one each per group (1, 0 and 0 for a group without tokens),
-    minimising the mean held-out NLL of s_g z_t + o_g + a_g r_t (weighted by `weights`, one per
-    position, if given) plus l2 * (|s - 1|^2 + |o|^2 + |a|^2): damped Newton steps on a convex
-    function of 3 * n_groups numbers."""
+    minimising the mean held-out NLL of s_g z_t + o_g + a_g r_t plus
+    l2 * (|s - 1|^2 + |o|^2 + |a|^2): damped Newton steps on a convex function of 3 * n_groups
+    numbers."""
     prior = torch.cat([torch.ones(n_groups), torch.zeros(2 * n_groups)]).double()
     ranks = ranks.to(groups.device)
 
@@ -232,7 +194,7 @@ def fit_class_calibration(
 
     def evaluate(theta):
         nll, grad, hess = newton_terms(
-            hidden, targets, weight, *per_token(theta), groups, n_groups, ranks, weights=weights
+            hidden, targets, weight, *per_token(theta), groups, n_groups, ranks
         )
         return (
             nll + l2 * float((theta - prior).square().sum()),
@@ -316,23 +278,9 @@ def fold_offsets(model, new_bias: torch.Tensor, new_weight: torch.Tensor) -> Non
         text_config.tie_word_embeddings = False
 
 
-def share_weights(groups: torch.Tensor, targets: torch.Tensor, class_shares: np.ndarray):
-    """Per held-out target, the weight that gives its group the share `class_shares` holds:
-    share / held-out share. Returns (weights, held-out shares)."""
-    held = torch.bincount(groups[targets], minlength=len(class_shares)).double() / len(targets)
-    ratio = torch.as_tensor(class_shares, dtype=torch.float64, device=held.device) / held.clamp_min(
-        1e-12
-    )
-    return torch.where(held > 0, ratio, 0.0)[groups[targets]], held
-
-
-def calibrate_token_offsets(
-    model, blocks, batch_size: int, counts: np.ndarray, class_shares: np.ndarray | None = None
-) -> dict:
+def calibrate_token_offsets(model, blocks, batch_size: int, counts: np.ndarray) -> dict:
     """Fit per-group scales and offsets on `blocks` (the held-out split) and fold them into `model`;
-    returns what results.json records (or why they were skipped). With `class_shares`
-    (new_article_shares), each held-out target is weighted so that its count group has that share of
-    the fit."""
+    returns what results.json records (or why they were skipped)."""
     was_training = model.training
     model.eval()
     try:
@@ -343,14 +291,9 @@ def calibrate_token_offsets(
     weight = model.get_output_embeddings().weight.detach().float()
     groups = count_groups(counts[: weight.shape[0]]).to(targets.device)
     ranks = rank_feature(weight.shape[0]).to(groups.device)
-    weights, held_shares = (
-        share_weights(groups, targets, class_shares) if class_shares is not None else (None, None)
-    )
     scales, offsets, slopes = (
         x.to(groups.device)
-        for x in fit_class_calibration(
-            hidden, targets, weight, groups, len(COUNT_EDGES), ranks, weights=weights
-        )
+        for x in fit_class_calibration(hidden, targets, weight, groups, len(COUNT_EDGES), ranks)
     )
     token_scales, token_offsets = scales[groups], offsets[groups] + slopes[groups] * ranks.double()
     nll_before = newton_terms(hidden, targets, weight, 1.0, 0.0)[0]
@@ -367,11 +310,6 @@ def calibrate_token_offsets(
         "validation_perplexity_before": round(math.exp(nll_before), 4),
         "validation_perplexity_after": round(math.exp(nll_after), 4),
     }
-    if weights is not None:
-        summary["class_shares"] = {
-            "new_articles": [round(float(x), 6) for x in class_shares],
-            "held_out": [round(float(x), 6) for x in held_shares],
-        }
     plain_weight, bias = (
         model.get_output_embeddings().weight.detach(),
         final_norm(model).bias.detach(),
@@ -410,7 +348,7 @@ def calibrate_token_offsets(
     fold_offsets(model, new_bias, new_weight)
     logger.info(
         "%s: scales %s, offsets %s and rank slopes %s for training counts from %s, fitted on %d "
-        "held-out tokens%s (perplexity %.2f -> %.2f), folded into the LM head (ln_f bias shift %s "
+        "held-out tokens (perplexity %.2f -> %.2f), folded into the LM head (ln_f bias shift %s "
         "x its weight, bfloat16 logit error %.2fx the plain model's)",
         FLAG,
         summary["scales"],
@@ -418,7 +356,6 @@ def calibrate_token_offsets(
         summary["rank_slopes"],
         list(COUNT_EDGES),
         len(targets),
-        "" if weights is None else " weighted to new articles' group shares",
         math.exp(nll_before),
         math.exp(nll_after),
         shift,

@@ -399,25 +399,6 @@ def token_stream(ds: datasets.Dataset, tokenizer, num_proc: int | None = None) -
     ).to_numpy()
 
 
-def article_token_ids(
-    ds: datasets.Dataset, tokenizer, num_proc: int | None = None, rows_are_articles: bool = False
-) -> list[np.ndarray]:
-    """Each article's token ids, from `tokenize`'s rows: WikiText's ` = Title = ` headings start
-    them, or each row is one (`rows_are_articles`: --detokenize's rows, whose headings no longer
-    read as WikiText's)."""
-    rows = tokenize(ds, tokenizer, num_proc).with_format("arrow")[:]["input_ids"]
-    starts = np.concatenate(
-        [[0], np.cumsum(pc.list_value_length(rows).to_numpy(zero_copy_only=False))]
-    )
-    ids = pc.list_flatten(rows).to_numpy()
-    spans = (
-        [slice(i, i + 1) for i in range(len(ds))]
-        if rows_are_articles
-        else article_spans(ds["text"])
-    )
-    return [ids[starts[span.start] : starts[span.stop]] for span in spans]
-
-
 def group_texts(tokenized: datasets.Dataset, block_size: int) -> datasets.Dataset:
     """Concatenate the whole split and cut it into `block_size` blocks; only the split's final
     remainder is dropped.

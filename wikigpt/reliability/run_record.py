@@ -32,7 +32,7 @@ LEVER_FLAGS = (
     "chunked_loss_size",
 )
 TRAINING_FLAGS = ("optim_matrices", "muon_learning_rate")  # levers that live in training args
-CALIBRATION_FLAGS = ("calibrate_temperature", "calibrate_token_offsets", "calibrate_class_shares")
+CALIBRATION_FLAGS = ("calibrate_temperature", "calibrate_token_offsets")
 MODEL_FLAGS = ("preset", "config_overrides")
 
 

@@ -161,10 +161,7 @@ def describe_levers(lever_args, calibration_args, training_args, source: dict) -
         if getattr(calibration_args, f"calibrate_{name}")
     ]
     if calibrations:
-        levers["calibration"] = {
-            "fitted": calibrations,
-            "class_shares": calibration_args.calibrate_class_shares,
-        }
+        levers["calibration"] = {"fitted": calibrations}
     return levers
 
 
@@ -375,11 +372,6 @@ def _body(
             f"- logit scales {offsets['scales']}, offsets {offsets['offsets']}{slopes} for tokens "
             f"seen {offsets['count_edges']} or more times "
             f"in the training text, fitted on the held-out split"
-            + (
-                " (weighted to each class's share in a new article)"
-                if "class_shares" in offsets
-                else ""
-            )
             + f" after training (held-out perplexity "
             f"{_fmt(offsets['validation_perplexity_before'], 2)} -> "
             f"{_fmt(offsets['validation_perplexity_after'], 2)}): "

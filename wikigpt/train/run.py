@@ -22,7 +22,6 @@ from wikigpt.train.cpu_memory import keep_freed_memory
 from wikigpt.data.blocks import (
     DataArguments,
     validation_is_test,
-    article_token_ids,
     check_data_args,
     detokenize_splits,
     load_raw_splits,
@@ -60,11 +59,7 @@ from wikigpt.objectives.arguments import LeverArguments, check_lever_args
 from wikigpt.objectives.chunked_loss import use_chunked_loss
 from wikigpt.objectives.distillation import attach_teacher, load_teacher
 from wikigpt.objectives.rare_tokens import share_rare_rows, spelling_groups, training_token_counts
-from wikigpt.calibration.token_offsets import (
-    calibrate_token_offsets,
-    check_rank_order,
-    new_article_shares,
-)
+from wikigpt.calibration.token_offsets import calibrate_token_offsets, check_rank_order
 from wikigpt.train.throughput import ThroughputCallback, add_throughput_callback
 from wikigpt.train.time_budget import TimeBudgetCallback, time_budget_callbacks
 from wikigpt.train.arguments import WikiTrainingArguments, check_output_dir, tokens_per_step
@@ -109,8 +104,6 @@ class Run:
     # fixed blocks of every split (training may use re-cut ones: trainer.train_dataset)
     blocks: datasets.DatasetDict
     counts: dict  # rows/tokens/blocks per split
-    # --calibrate_class_shares new_articles: each count class's share in a new article, or None
-    class_shares: object
     resume: ResumePlan
     push: bool  # --push_to_hub was given: pushed by finish_run, after the local save
     preemption: PreemptionCallback
@@ -272,18 +265,6 @@ def build_run(
         train_set, block_offsets = random_offset_training(
             data_args, raw["train"], blocks["train"], tokenizer, block_size, training_args
         )
-        class_shares = None
-        if (
-            calibration_args.calibrate_token_offsets
-            and calibration_args.calibrate_class_shares == "new_articles"
-        ):
-            articles = article_token_ids(
-                raw["train"],
-                tokenizer,
-                data_args.preprocessing_num_workers,
-                rows_are_articles=data_args.detokenize,
-            )
-            class_shares = new_article_shares(articles, model.get_output_embeddings().out_features)
     # before the weight averaging callbacks: the tied rows are equal again before an average takes
     # them in
     below = lever_args.rare_tokens_below
@@ -348,7 +329,6 @@ def build_run(
         block_size,
         blocks,
         counts,
-        class_shares,
         resume,
         push,
         preemption,
@@ -399,7 +379,6 @@ def finish_run(run: Run, train_result, train_seconds: float) -> dict:
             training_token_counts(
                 trainer.train_dataset, trainer.model.get_output_embeddings().out_features
             ),
-            run.class_shares,
         )
         if calibration_args.calibrate_token_offsets
         else None
