@@ -18,6 +18,7 @@ from wikigpt.errors import UsageError
 from wikigpt.objectives.chunked_loss import use_chunked_loss
 from wikigpt.objectives.rare_tokens import (
     TiedTokens,
+    dropout_mask,
     narrow_head_loss,
     share_rare_rows,
     spelling_groups,
@@ -231,10 +232,9 @@ def test_input_dropout_replaces_inputs_with_the_shared_row_and_keeps_the_targets
     reference.load_state_dict(model.state_dict())
     inputs = batch()
     model.train(), reference.train()
-    torch.manual_seed(7)
+    callback.tied.seed, callback.tied.step = 3, 5  # as the Trainer's callbacks set them
     loss = model(input_ids=inputs, labels=inputs).loss
-    torch.manual_seed(7)
-    dropped = torch.rand(inputs.shape) < 0.5
+    dropped = dropout_mask(inputs, 0.5, seed=3, step=5)
     assert 0 < dropped.sum() < dropped.numel()
     unknown = (
         callback.tied.shared[0] if groups is None else torch.as_tensor(groups)[inputs]
@@ -249,10 +249,26 @@ def test_input_dropout_replaces_inputs_with_the_shared_row_and_keeps_the_targets
     )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     model.eval(), reference.eval()  # evaluation reads every token
-    torch.manual_seed(7)
     assert model(input_ids=inputs, labels=inputs).loss.item() == pytest.approx(
         reference(input_ids=inputs, labels=inputs).loss.item(), rel=1e-6
     )
+
+
+def test_a_blocks_dropout_mask_depends_on_its_tokens_seed_and_step_only():
+    """2 processes of 2 blocks draw what 1 process of 4 draws; a resumed run redraws its step's."""
+    blocks = torch.randint(0, 50_000, (4, 256), generator=torch.Generator().manual_seed(0))
+    whole = dropout_mask(blocks, 0.1, seed=42, step=7)
+    halves = [dropout_mask(blocks[i : i + 2], 0.1, seed=42, step=7) for i in (0, 2)]
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)
+    torch.testing.assert_close(dropout_mask(blocks.flip(0), 0.1, 42, 7), whole.flip(0))
+    torch.manual_seed(1)  # no other generator takes part
+    torch.testing.assert_close(dropout_mask(blocks, 0.1, 42, 7), whole, rtol=0, atol=0)
+    assert whole.float().mean().item() == pytest.approx(0.1, abs=0.02)
+    for other in (dropout_mask(blocks, 0.1, 42, 8), dropout_mask(blocks, 0.1, 43, 7)):
+        assert 0.1 < (other != whole).float().mean().item() < 0.3  # independent draws: 0.18
+    shifted = blocks.clone()
+    shifted[:, 0] += 1  # another block: another mask
+    assert (dropout_mask(shifted, 0.1, 42, 7) != whole).any(dim=1).all()
 
 
 def small_tokenizer(kind: str):

@@ -28,12 +28,15 @@ With --chunked_loss_size the narrow head's loss and gradients are computed in ch
 (wikigpt.objectives.chunked_loss).
 With --rare_input_dropout P each training input token reads the shared row with probability P (the
 targets stay): new text holds more unknown tokens than the training text, and the model learns to
-read such contexts.
+read such contexts. A block's mask is drawn from (--seed, the optimizer step, the block's tokens)
+(dropout_mask), so 2 processes draw what 1 process draws, and a resumed run what the uninterrupted
+one drew.
 With --rare_token_groups spelling the tied tokens share six rows, one per group of spelling
 (spelling_groups), each a column of the narrow head: the model then learns which kind of unknown
 token comes next, not only that one does.
 """
 
+import hashlib
 import logging
 
 import numpy as np
@@ -171,6 +174,7 @@ class TiedTokens:
         groups = np.zeros(len(counts), dtype=np.int64) if groups is None else np.asarray(groups)
         tied = np.flatnonzero(counts < below)
         self.below, self.input_dropout = below, input_dropout
+        self.seed, self.step = 0, 0  # dropout_mask's key: --seed and the optimizer step
         self.kept = torch.as_tensor(np.flatnonzero(counts >= below), dtype=torch.long)
         self.tied = torch.as_tensor(tied, dtype=torch.long)
         names, index, sizes = np.unique(groups[tied], return_index=True, return_counts=True)
@@ -276,23 +280,43 @@ def _narrow_head_loss(model, hidden_states, labels, teacher=None, **loss_kwargs)
     )
 
 
+def dropout_mask(ids: torch.Tensor, p: float, seed: int, step: int) -> torch.Tensor:
+    """Which input tokens --rare_input_dropout replaces: each block (row of `ids`) draws its mask
+    from a generator keyed by (seed, step, its tokens), so the mask depends on neither the process
+    nor the batch position the block lands in, nor on any other random number drawn before."""
+    rows = ids.detach().reshape(-1, ids.shape[-1]).cpu().numpy().astype(np.int64)
+    key = np.array([seed, step], dtype=np.int64).tobytes()
+    masks = []
+    for row in rows:
+        digest = hashlib.blake2b(key + row.tobytes(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        masks.append(torch.rand(row.shape, generator=generator) < p)
+    return torch.stack(masks).reshape(ids.shape).to(ids.device)
+
+
 def _shared_row_ids(model, input_ids):
     # the same vectors (tied rows are equal); the gradient of every tied input goes to the shared
     # row
     tied = model._tied_tokens
     ids = tied.row.to(input_ids.device)[input_ids]
     if tied.input_dropout:  # --rare_input_dropout: inputs only, the targets stay
-        dropped = torch.rand(ids.shape, device=ids.device) < tied.input_dropout
+        dropped = dropout_mask(input_ids, tied.input_dropout, tied.seed, tied.step)
         ids = torch.where(dropped, tied.unknown_row.to(input_ids.device)[input_ids], ids)
     return ids
 
 
 class TieTokensCallback(TrainerCallback):
     """Sets the tied rows back to the shared row after each optimizer step (weight decay moved
-    them)."""
+    them), and gives dropout_mask the run's seed and the step."""
 
     def __init__(self, tied: TiedTokens):
         self.tied = tied
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tied.seed = args.seed
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.tied.step = state.global_step  # the same in every process, and after a resume
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.tied.tie(model.get_input_embeddings().weight)
